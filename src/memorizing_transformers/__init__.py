@@ -1,0 +1,16 @@
+"""Memorizing Transformers (Wu et al., ICLR 2022) in PyTorch."""
+
+from .config import MemorizingConfig
+from .memory.knn_memory import KNNMemory
+from .model.positions import relative_position_bucket
+from .model.state import MemorizingState
+from .model.transformer import MemorizingTransformer, MemorizingTransformerOutput
+
+__all__ = [
+    "KNNMemory",
+    "MemorizingConfig",
+    "MemorizingState",
+    "MemorizingTransformer",
+    "MemorizingTransformerOutput",
+    "relative_position_bucket",
+]

@@ -1,0 +1,134 @@
+"""Configuration of a Memorizing Transformer and its presets."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+
+MEMORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class MemorizingConfig:
+    """Hyper-parameters of a decoder-only Memorizing Transformer.
+
+    The defaults describe the `small` preset with the GPT-2 vocabulary of the
+    default tokenizer. Use `MemorizingConfig.preset(name, **overrides)` for
+    `tiny` (tests), `small` (trains on a CPU in minutes) and `paper`
+    (the final model of Wu et al., 2022).
+    """
+
+    vocab_size: int = 50257
+    d_model: int = 256
+    n_layers: int = 6
+    n_heads: int = 4
+    head_dim: int = 64
+    d_ff: int = 1024
+    dropout: float = 0.0
+    norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+
+    # Tokens per segment: a longer input is cut into segments fed in order.
+    segment_length: int = 256
+    # Keys/values of the last `xl_length` tokens kept as a Transformer-XL cache
+    # (0 disables it). The paper uses one previous segment.
+    xl_length: int = 256
+
+    # T5 relative position bias (causal).
+    num_buckets: int = 32
+    max_distance: int = 128
+
+    # Queries and keys are normalised to unit length; the softmax temperature
+    # is a learned per-head scale that starts at `qk_scale_init`
+    # (None: sqrt(head_dim), which gives unit-variance logits at init).
+    qk_norm_eps: float = 1e-6
+    qk_scale_init: float | None = None
+
+    # kNN memory: layer indices (negative counts from the top, like the paper's -4).
+    knn_layers: tuple[int, ...] = (-4,)
+    memory_size: int = 8192
+    knn_k: int = 32
+    memory_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # "gate": separate softmax over the retrieved entries, mixed with local
+    # attention by a learned per-head sigmoid gate (the paper). "joint_softmax":
+    # retrieved entries join the local softmax.
+    memory_combine: Literal["gate", "joint_softmax"] = "gate"
+
+    def __post_init__(self) -> None:
+        self.knn_layers = tuple(int(i) for i in self.knn_layers)
+        positive = {
+            "vocab_size": self.vocab_size, "d_model": self.d_model, "n_layers": self.n_layers,
+            "n_heads": self.n_heads, "head_dim": self.head_dim, "d_ff": self.d_ff,
+            "segment_length": self.segment_length, "num_buckets": self.num_buckets,
+            "max_distance": self.max_distance, "memory_size": self.memory_size, "knn_k": self.knn_k,
+        }
+        for name, value in positive.items():
+            if value <= 0:
+                raise ValueError(f"MemorizingConfig.{name} must be positive, got {value}")
+        if self.xl_length < 0:
+            raise ValueError(f"MemorizingConfig.xl_length must be >= 0, got {self.xl_length}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"MemorizingConfig.dropout must be in [0, 1), got {self.dropout}")
+        if self.memory_dtype not in MEMORY_DTYPES:
+            raise ValueError(f"MemorizingConfig.memory_dtype must be one of {sorted(MEMORY_DTYPES)}, got {self.memory_dtype!r}")
+        if self.memory_combine not in ("gate", "joint_softmax"):
+            raise ValueError(f"MemorizingConfig.memory_combine must be 'gate' or 'joint_softmax', got {self.memory_combine!r}")
+        if self.num_buckets < 2:
+            raise ValueError(f"MemorizingConfig.num_buckets must be at least 2, got {self.num_buckets}")
+        for i in self.knn_layers:
+            if not -self.n_layers <= i < self.n_layers:
+                raise ValueError(f"kNN layer index {i} is out of range for a model of {self.n_layers} layers")
+        if len(set(self.memory_layer_indices)) != len(self.knn_layers):
+            raise ValueError(f"knn_layers {self.knn_layers} name the same layer twice")
+
+    @property
+    def memory_layer_indices(self) -> tuple[int, ...]:
+        """The kNN layers as non-negative indices, in order."""
+        return tuple(sorted(i % self.n_layers for i in self.knn_layers))
+
+    @property
+    def initial_qk_scale(self) -> float:
+        return self.qk_scale_init if self.qk_scale_init is not None else math.sqrt(self.head_dim)
+
+    @property
+    def torch_memory_dtype(self) -> torch.dtype:
+        return MEMORY_DTYPES[self.memory_dtype]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "MemorizingConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"unknown MemorizingConfig fields: {unknown}")
+        return cls(**values)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "MemorizingConfig":
+        """A named preset (`tiny`, `small`, `paper`) with optional field overrides."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Seconds on a CPU: what the tests use.
+    "tiny": dict(
+        vocab_size=512, d_model=64, n_layers=4, n_heads=4, head_dim=16, d_ff=128,
+        segment_length=16, xl_length=16, knn_layers=(2,), memory_size=128, knn_k=4,
+    ),
+    # Minutes on a CPU.
+    "small": dict(),
+    # The final model of the paper: 12 layers, d 1024, 8 x 128 heads, FFN 4096,
+    # 512-token segments with an XL cache of one segment, memory 65,536 in layer -4, k 32.
+    "paper": dict(
+        vocab_size=32000, d_model=1024, n_layers=12, n_heads=8, head_dim=128, d_ff=4096,
+        segment_length=512, xl_length=512, knn_layers=(-4,), memory_size=65536, knn_k=32,
+    ),
+}

@@ -1,0 +1,246 @@
+"""KNNMemory: a fixed-capacity FIFO store of (key, value) pairs per (batch row, head).
+
+The store and the search index are the same tensors, addressed by one ring-buffer
+pointer per row, so eviction can never desynchronise keys from their values.
+Search is exact: inner products by chunked matmul with a running top-k, so the
+full (queries x memory) score matrix is never materialised for large memories.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+FORMAT_VERSION = "1"
+_SCORE_BLOCK_ELEMENTS = 1 << 25  # largest (rows, heads, queries, slots) score block searched at once
+
+
+class SearchResult(NamedTuple):
+    """Top-k entries per query, best first. Entries with `valid` False are padding."""
+
+    keys: torch.Tensor  # (batch, heads, queries, k, head_dim)
+    values: torch.Tensor  # (batch, heads, queries, k, head_dim)
+    scores: torch.Tensor  # (batch, heads, queries, k) float32 inner products, -inf where invalid
+    valid: torch.Tensor  # (batch, heads, queries, k) bool
+    slots: torch.Tensor  # (batch, heads, queries, k) long slot index in the ring buffer
+
+
+class KNNMemory:
+    """Per-row, per-head ring buffer of `capacity` (key, value) pairs with exact top-k search.
+
+    Interface: `add` (write, oldest entries evicted first), `search` (top-k by inner
+    product), `reset` (chosen rows), `state_dict`/`load_state_dict`, `save`/`load`.
+    Nothing here tracks gradients: stored tensors are always detached.
+    """
+
+    def __init__(
+        self,
+        batch_size: int,
+        num_heads: int,
+        head_dim: int,
+        capacity: int,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("head_dim", head_dim), ("capacity", capacity)):
+            if value <= 0:
+                raise ValueError(f"KNNMemory {name} must be positive, got {value}")
+        if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise ValueError(f"KNNMemory dtype must be float32, bfloat16 or float16, got {dtype}")
+        self.batch_size, self.num_heads, self.head_dim, self.capacity = batch_size, num_heads, head_dim, capacity
+        self.dtype = dtype
+        shape = (batch_size, num_heads, capacity, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # (batch, heads, capacity, head_dim)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)  # (batch, heads, capacity, head_dim)
+        self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)  # (batch, capacity)
+        self.next_slot = torch.zeros(batch_size, dtype=torch.long, device=device)  # (batch,) ring pointer
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def device(self) -> torch.device:
+        return self.keys.device
+
+    @property
+    def fill(self) -> torch.Tensor:
+        """Number of stored entries per row: (batch,) long."""
+        return self.valid.sum(dim=1)
+
+    def to(self, device: torch.device | str) -> "KNNMemory":
+        for name in ("keys", "values", "valid", "next_slot"):
+            setattr(self, name, getattr(self, name).to(device))
+        return self
+
+    def __repr__(self) -> str:
+        return (
+            f"KNNMemory(batch_size={self.batch_size}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
+            f"capacity={self.capacity}, dtype={self.dtype}, fill={self.fill.tolist()})"
+        )
+
+    # ------------------------------------------------------------------ checks
+    def _check_heads(self, name: str, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.num_heads or x.shape[3] != self.head_dim:
+            raise ValueError(
+                f"{name} must have shape (batch, heads={self.num_heads}, seq, head_dim={self.head_dim}), "
+                f"got {tuple(x.shape)}"
+            )
+        if x.shape[0] != self.batch_size:
+            raise ValueError(f"{name} have batch size {x.shape[0]} but this memory holds {self.batch_size} rows")
+
+    # ------------------------------------------------------------------ write
+    @torch.no_grad()
+    def add(self, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """Append (key, value) pairs in sequence order; the oldest entries are overwritten when full.
+
+        keys, values: (batch, heads, seq, head_dim). mask: (batch, seq) bool, False for
+        positions that must not be stored (padding). Stored detached, in this memory's dtype.
+        """
+        self._check_heads("keys", keys)
+        if values.shape != keys.shape:
+            raise ValueError(f"values must have the shape of keys {tuple(keys.shape)}, got {tuple(values.shape)}")
+        batch, _, seq, _ = keys.shape
+        if mask is None:
+            mask = torch.ones(batch, seq, dtype=torch.bool, device=keys.device)
+        if mask.shape != (batch, seq):
+            raise ValueError(f"mask must have shape (batch, seq) = {(batch, seq)}, got {tuple(mask.shape)}")
+        mask = mask.to(device=self.device, dtype=torch.bool)
+
+        rank = mask.long().cumsum(dim=1) - 1  # (batch, seq): index of each kept token among its row's writes
+        count = mask.sum(dim=1)  # (batch,)
+        # A write of more than `capacity` tokens keeps only its newest `capacity`:
+        # exactly what writing them one by one into the ring would leave, and no two
+        # writes hit one slot (index_put_ leaves the winner of a collision undefined).
+        keep = mask & (rank >= (count - self.capacity)[:, None])
+        rows, tokens = keep.nonzero(as_tuple=True)  # (n,), (n,)
+        slots = (self.next_slot[rows] + rank[rows, tokens]) % self.capacity  # (n,) distinct within a row
+        self.keys[rows, :, slots] = keys.detach()[rows, :, tokens].to(self.device, self.dtype)
+        self.values[rows, :, slots] = values.detach()[rows, :, tokens].to(self.device, self.dtype)
+        self.valid[rows, slots] = True
+        self.next_slot = (self.next_slot + count) % self.capacity
+
+    @torch.no_grad()
+    def reset(self, rows: torch.Tensor | Sequence[int] | None = None) -> None:
+        """Empty the chosen rows (all rows when None): a bool mask (batch,) or row indices."""
+        if rows is None:
+            rows = torch.ones(self.batch_size, dtype=torch.bool, device=self.device)
+        rows = torch.as_tensor(rows, device=self.device)
+        if rows.dtype == torch.bool:
+            if rows.shape != (self.batch_size,):
+                raise ValueError(f"a row mask must have shape ({self.batch_size},), got {tuple(rows.shape)}")
+        elif rows.numel() and (rows.min() < 0 or rows.max() >= self.batch_size):
+            raise ValueError(f"row indices {rows.tolist()} out of range for a memory of {self.batch_size} rows")
+        self.valid[rows] = False
+        self.next_slot[rows] = 0
+
+    # ------------------------------------------------------------------ read
+    @torch.no_grad()
+    def search(self, queries: torch.Tensor, k: int) -> SearchResult:
+        """Exact top-k stored entries by inner product for each query, per (row, head).
+
+        queries: (batch, heads, seq, head_dim). Returns min(k, capacity) entries per query,
+        best first; slots that are empty are never returned as valid.
+        """
+        self._check_heads("queries", queries)
+        if k <= 0:
+            raise ValueError(f"k must be positive, got {k}")
+        batch, heads, seq, dim = queries.shape
+        k = min(k, self.capacity)
+        q = queries.detach().to(self.device, self.dtype)
+        chunk = max(k, _SCORE_BLOCK_ELEMENTS // max(1, batch * heads * seq))
+        best_scores = best_slots = None
+        for start in range(0, self.capacity, chunk):
+            block = self.keys[:, :, start : start + chunk]  # (batch, heads, c, head_dim)
+            scores = torch.matmul(q, block.transpose(-1, -2)).float()  # (batch, heads, seq, c)
+            empty = ~self.valid[:, None, None, start : start + chunk]  # (batch, 1, 1, c)
+            scores.masked_fill_(empty, float("-inf"))
+            top_scores, top_slots = scores.topk(min(k, scores.shape[-1]), dim=-1)
+            top_slots += start
+            if best_scores is not None:
+                merged_scores = torch.cat([best_scores, top_scores], dim=-1)
+                merged_slots = torch.cat([best_slots, top_slots], dim=-1)
+                top_scores, order = merged_scores.topk(k, dim=-1)
+                top_slots = merged_slots.gather(-1, order)
+            best_scores, best_slots = top_scores, top_slots
+        valid = torch.isfinite(best_scores)  # (batch, heads, seq, k)
+
+        # Gather the winners once from the flattened store: (batch*heads*capacity, head_dim).
+        base = (torch.arange(batch * heads, device=self.device) * self.capacity).view(batch, heads, 1, 1)
+        flat = (base + best_slots).reshape(-1)
+        out_shape = (batch, heads, seq, k, dim)
+        keys = self.keys.reshape(-1, dim).index_select(0, flat).view(out_shape).to(queries.dtype)
+        values = self.values.reshape(-1, dim).index_select(0, flat).view(out_shape).to(queries.dtype)
+        return SearchResult(keys, values, best_scores, valid, best_slots)
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {"keys": self.keys, "values": self.values, "valid": self.valid, "next_slot": self.next_slot}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        expected = self.state_dict()
+        missing = sorted(set(expected) - set(state))
+        if missing:
+            raise ValueError(f"memory state is missing {missing}")
+        for name, target in expected.items():
+            if tuple(state[name].shape) != tuple(target.shape):
+                raise ValueError(
+                    f"memory state {name!r} has shape {tuple(state[name].shape)}, "
+                    f"but this memory expects {tuple(target.shape)}"
+                )
+            target.copy_(state[name].to(target.device, target.dtype))
+
+    def metadata(self) -> dict[str, str]:
+        return {
+            "format": "memorizing_transformers.KNNMemory",
+            "format_version": FORMAT_VERSION,
+            "batch_size": str(self.batch_size),
+            "num_heads": str(self.num_heads),
+            "head_dim": str(self.head_dim),
+            "capacity": str(self.capacity),
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write to a safetensors file atomically (temporary file, then rename)."""
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        write_atomically(Path(path), lambda tmp: save_file(tensors, tmp, metadata=self.metadata()))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> "KNNMemory":
+        """Read a memory written by `save`; refuses files that are not KNNMemory files."""
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no memory file at {path}")
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("format") != "memorizing_transformers.KNNMemory":
+            raise ValueError(f"{path} is not a KNNMemory file (metadata format={meta.get('format')!r})")
+        if meta.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{path} has memory format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+        memory = cls(
+            int(meta["batch_size"]), int(meta["num_heads"]), int(meta["head_dim"]), int(meta["capacity"]),
+            dtype=getattr(torch, meta["dtype"]), device=device,
+        )
+        memory.load_state_dict(load_file(str(path)))
+        return memory
+
+
+def write_atomically(path: Path, write) -> None:
+    """Call `write(tmp_path)` on a temporary file beside `path`, then rename it over `path`.
+
+    A crash mid-write leaves any previous file at `path` intact.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

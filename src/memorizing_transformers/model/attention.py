@@ -1,0 +1,104 @@
+"""Attention: local causal attention over [XL cache ; segment], and the kNN-augmented variant.
+
+Per head, queries and keys are normalised to unit length and a learned per-head
+scale is the softmax temperature, so keys written to the memory long ago stay
+comparable with today's queries. Local attention adds the T5 relative position
+bias; retrieved memories get none. In a memory layer the order is fixed:
+retrieve -> attend and combine -> write the segment's keys/values.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from ..config import MemorizingConfig
+from ..memory.knn_memory import KNNMemory
+from .positions import RelativePositionBias
+from .state import XLCache
+
+
+class Attention(nn.Module):
+    """Multi-head attention with T5 bias and an XL cache; with `use_memory`, also a kNN memory."""
+
+    def __init__(self, config: MemorizingConfig, use_memory: bool = False) -> None:
+        super().__init__()
+        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.eps = config.qk_norm_eps
+        self.knn_k = config.knn_k
+        self.combine = config.memory_combine
+        inner = config.n_heads * config.head_dim
+        self.qkv = nn.Linear(config.d_model, 3 * inner, bias=False)
+        self.out = nn.Linear(inner, config.d_model, bias=False)
+        self.log_scale = nn.Parameter(torch.full((config.n_heads,), math.log(config.initial_qk_scale)))
+        self.position_bias = RelativePositionBias(config.n_heads, config.num_buckets, config.max_distance)
+        self.use_memory = use_memory
+        if use_memory and self.combine == "gate":
+            # g = sigmoid(gate_bias): the share of memory in each head's output, 0.5 at init.
+            self.gate_bias = nn.Parameter(torch.zeros(config.n_heads))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        buckets: torch.Tensor,
+        allowed: torch.Tensor,
+        token_mask: torch.Tensor,
+        cache: XLCache | None,
+        memory: KNNMemory | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """One segment through the layer.
+
+        x: (batch, seq, d_model). buckets: (seq, cache_len + seq) T5 buckets.
+        allowed: (batch, 1, seq, cache_len + seq) bool, which keys each query may attend.
+        token_mask: (batch, seq) bool, False at padding (never written to memory).
+        Returns the output (batch, seq, d_model) and this segment's normalised keys and
+        values (batch, heads, seq, head_dim) for the XL cache.
+        """
+        if self.use_memory and memory is None:
+            raise ValueError("this attention layer has a kNN memory but no memory was passed")
+        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_heads)
+        q = F.normalize(q, dim=-1, eps=self.eps)  # (batch, heads, seq, head_dim)
+        k = F.normalize(k, dim=-1, eps=self.eps)
+        q_scaled = q * self.log_scale.exp()[None, :, None, None]
+        if cache is not None:
+            keys = torch.cat([cache.keys.to(k.dtype), k], dim=2)  # (batch, heads, cache_len + seq, head_dim)
+            values = torch.cat([cache.values.to(v.dtype), v], dim=2)
+        else:
+            keys, values = k, v
+        bias = self.position_bias(buckets)[None].to(q.dtype)  # (1, heads, seq, cache_len + seq)
+        local_bias = bias.masked_fill(~allowed, float("-inf"))  # (batch, heads, seq, cache_len + seq)
+
+        if not self.use_memory:
+            out = F.scaled_dot_product_attention(q_scaled, keys, values, attn_mask=local_bias, scale=1.0)
+        else:
+            # Retrieve before writing: a query never sees its own segment in memory.
+            found = memory.search(q, self.knn_k)  # entries (batch, heads, seq, k, head_dim)
+            mem_logits = torch.einsum("bhtd,bhtkd->bhtk", q_scaled, found.keys)  # no position bias
+            if self.combine == "gate":
+                out = self._gated(q_scaled, keys, values, local_bias, mem_logits, found.values, found.valid)
+            else:
+                out = self._joint(q_scaled, keys, values, local_bias, mem_logits, found.values, found.valid)
+            memory.add(k, v, mask=token_mask)
+        return self.out(rearrange(out, "b h t d -> b t (h d)")), k.detach(), v.detach()
+
+    def _gated(self, q, keys, values, local_bias, mem_logits, mem_values, mem_valid) -> torch.Tensor:
+        """Separate softmaxes, mixed per head by g = sigmoid(gate_bias); g = 0 where nothing was retrieved."""
+        local = F.scaled_dot_product_attention(q, keys, values, attn_mask=local_bias, scale=1.0)
+        # Empty slots get probability 0; a query with no valid entry gets a zero memory output.
+        probs = torch.softmax(mem_logits.masked_fill(~mem_valid, torch.finfo(mem_logits.dtype).min), dim=-1)
+        probs = probs * mem_valid
+        from_memory = torch.einsum("bhtk,bhtkd->bhtd", probs, mem_values)  # (batch, heads, seq, head_dim)
+        gate = torch.sigmoid(self.gate_bias)[None, :, None, None] * mem_valid.any(dim=-1, keepdim=True)
+        return gate * from_memory + (1 - gate) * local
+
+    def _joint(self, q, keys, values, local_bias, mem_logits, mem_values, mem_valid) -> torch.Tensor:
+        """Retrieved entries join the local softmax (no position bias on them)."""
+        local_logits = torch.matmul(q, keys.transpose(-1, -2)) + local_bias  # (batch, heads, seq, cache_len + seq)
+        logits = torch.cat([local_logits, mem_logits.masked_fill(~mem_valid, float("-inf"))], dim=-1)
+        probs = torch.softmax(logits.float(), dim=-1).to(q.dtype)
+        local_probs, mem_probs = probs.split([keys.shape[2], mem_logits.shape[-1]], dim=-1)
+        return torch.matmul(local_probs, values) + torch.einsum("bhtk,bhtkd->bhtd", mem_probs, mem_values)

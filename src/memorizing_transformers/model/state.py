@@ -1,0 +1,77 @@
+"""The stream state: everything that crosses a segment boundary.
+
+In the manner of Hugging Face's Cache classes, one object holds, for a batch of
+streams, the Transformer-XL cache of every layer and the kNN memory of every
+memory layer. `MemorizingTransformer.forward` takes it and returns it; the model
+itself holds no per-stream state, so training and evaluation streams never mix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from ..config import MemorizingConfig
+from ..memory.knn_memory import KNNMemory
+
+
+@dataclass
+class XLCache:
+    """Keys and values of the last tokens seen by one layer (detached)."""
+
+    keys: torch.Tensor  # (batch, heads, cache_len, head_dim), unit-normalised
+    values: torch.Tensor  # (batch, heads, cache_len, head_dim)
+    mask: torch.Tensor  # (batch, cache_len) bool, False for padding or a reset row
+
+
+class MemorizingState:
+    """XL caches (one per layer) and kNN memories (one per memory layer) for `batch_size` streams."""
+
+    def __init__(self, config: MemorizingConfig, batch_size: int, device: torch.device | str | None = None) -> None:
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        self.config = config
+        self.batch_size = batch_size
+        self.xl: list[XLCache | None] = [None] * config.n_layers
+        self.memories: dict[int, KNNMemory] = {
+            layer: KNNMemory(
+                batch_size, config.n_heads, config.head_dim, config.memory_size,
+                dtype=config.torch_memory_dtype, device=device,
+            )
+            for layer in config.memory_layer_indices
+        }
+
+    @property
+    def cache_length(self) -> int:
+        """Number of cached tokens per layer (the same for every layer)."""
+        cache = self.xl[0]
+        return 0 if cache is None else cache.keys.shape[2]
+
+    def memory_fill(self) -> dict[int, list[int]]:
+        """Stored entries per memory layer and row."""
+        return {layer: memory.fill.tolist() for layer, memory in self.memories.items()}
+
+    def reset(self, rows: torch.Tensor | Sequence[int] | None = None) -> None:
+        """Forget the chosen rows (bool mask (batch,) or indices; all when None): XL cache and memory."""
+        for memory in self.memories.values():
+            memory.reset(rows)
+        if rows is None:
+            self.xl = [None] * self.config.n_layers
+            return
+        for cache in self.xl:
+            if cache is not None:
+                cache.mask[torch.as_tensor(rows, device=cache.mask.device)] = False
+
+    def update_xl(self, layer: int, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
+        """Append a segment's keys/values (batch, heads, seq, head_dim) to a layer's cache, keeping the last xl_length."""
+        length = self.config.xl_length
+        if length == 0:
+            return
+        cache = self.xl[layer]
+        if cache is not None:
+            keys = torch.cat([cache.keys, keys], dim=2)
+            values = torch.cat([cache.values, values], dim=2)
+            mask = torch.cat([cache.mask, mask], dim=1)
+        self.xl[layer] = XLCache(keys[:, :, -length:].detach(), values[:, :, -length:].detach(), mask[:, -length:])

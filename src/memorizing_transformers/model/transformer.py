@@ -1,0 +1,216 @@
+"""The Memorizing Transformer: a decoder-only LM whose memory layers retrieve from a kNN memory."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.utils import ModelOutput
+
+from ..config import MemorizingConfig
+from .attention import Attention
+from .positions import relative_position_bucket, segment_relative_positions
+from .state import MemorizingState
+
+
+@dataclass
+class MemorizingTransformerOutput(ModelOutput):
+    """loss: mean next-token cross-entropy (when labels are given). logits: (batch, seq, vocab).
+    state: the stream state after this input, to pass to the next call."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    state: MemorizingState | None = None
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, config: MemorizingConfig, use_memory: bool) -> None:
+        super().__init__()
+        self.attn_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.attn = Attention(config, use_memory=use_memory)
+        self.mlp_norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mlp = nn.Sequential(
+            nn.Linear(config.d_model, config.d_ff, bias=False),
+            nn.GELU(),
+            nn.Linear(config.d_ff, config.d_model, bias=False),
+        )
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor, layer: int, state: MemorizingState, buckets, allowed, token_mask) -> torch.Tensor:
+        attended, keys, values = self.attn(
+            self.attn_norm(x), buckets, allowed, token_mask, state.xl[layer], state.memories.get(layer)
+        )
+        state.update_xl(layer, keys, values, token_mask)
+        x = x + self.dropout(attended)
+        return x + self.dropout(self.mlp(self.mlp_norm(x)))
+
+
+class MemorizingTransformer(nn.Module):
+    """Decoder-only transformer with Transformer-XL caches and kNN memory layers (Wu et al., 2022).
+
+    Example:
+        model = MemorizingTransformer()
+        tokenized = model.tokenizer("The quick brown fox jumps over the lazy dog")
+        output = model(tokenized)                 # output.logits: (1, seq, vocab)
+
+    Streaming a long document: pass the returned `state` back in; `start_of_document`
+    (batch,) bool clears the XL cache and memory of the rows that begin a new document.
+    """
+
+    def __init__(self, config: MemorizingConfig | None = None, tokenizer: Any = None) -> None:
+        super().__init__()
+        self.config = config = config or MemorizingConfig()
+        memory_layers = set(config.memory_layer_indices)
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.blocks = nn.ModuleList(Block(config, use_memory=i in memory_layers) for i in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model, eps=config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        self._tokenizer_source = tokenizer
+        self._tokenizer = None
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # GPT-2 style: N(0, 0.02), residual projections scaled down by depth.
+        for name, p in self.named_parameters():
+            if p.dim() == 2 and "position_bias" not in name:
+                std = 0.02 / math.sqrt(2 * self.config.n_layers) if name.endswith(("out.weight", "mlp.2.weight")) else 0.02
+                nn.init.normal_(p, mean=0.0, std=std)
+
+    # ------------------------------------------------------------------ conveniences
+    @property
+    def device(self) -> torch.device:
+        return self.embed.weight.device
+
+    @property
+    def tokenizer(self):
+        """A Hugging Face tokenizer (the offline GPT-2 BPE unless another was given), loaded on first use."""
+        if self._tokenizer is None:
+            from ..data.tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(self._tokenizer_source)
+            if len(tokenizer) > self.config.vocab_size:
+                raise ValueError(
+                    f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {self.config.vocab_size}"
+                )
+            self._tokenizer = tokenizer
+        return self._tokenizer
+
+    def new_state(self, batch_size: int) -> MemorizingState:
+        """An empty stream state (no cache, empty memories) for `batch_size` rows, on the model's device."""
+        return MemorizingState(self.config, batch_size, device=self.device)
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.Tensor | Mapping | list,
+        attention_mask: torch.Tensor | list | None = None,
+        labels: torch.Tensor | list | None = None,
+        state: MemorizingState | None = None,
+        start_of_document: torch.Tensor | list | None = None,
+    ) -> MemorizingTransformerOutput:
+        """Run tokens through the model, segment by segment, carrying the stream state.
+
+        input_ids: (batch, seq) or (seq,) token ids, or the tokenizer's output (a mapping
+            with `input_ids` and optionally `attention_mask`). Inputs longer than
+            `config.segment_length` are cut into segments processed in order, each one
+            reading the memory written by the ones before.
+        attention_mask: (batch, seq), 1 for tokens and 0 for padding; padding is masked
+            from attention, from the loss and from the memory.
+        labels: (batch, seq) token ids, shifted inside the model (labels[t+1] is the
+            target at t); -100 is ignored.
+        state: the `state` returned by the previous call of the same streams; None
+            starts from an empty state.
+        start_of_document: (batch,) bool; rows that are True forget their XL cache and
+            memory before this input.
+        """
+        input_ids, attention_mask, labels = self._prepare_inputs(input_ids, attention_mask, labels)
+        batch, seq = input_ids.shape
+        if state is None:
+            state = self.new_state(batch)
+        elif not isinstance(state, MemorizingState):
+            raise TypeError(f"state must be a MemorizingState returned by this model, got {type(state).__name__}")
+        elif state.batch_size != batch:
+            raise ValueError(f"state holds {state.batch_size} rows but input_ids has batch size {batch}")
+        elif state.config != self.config:
+            raise ValueError("state was made for a model with a different configuration")
+        if start_of_document is not None:
+            start = torch.as_tensor(start_of_document, device=self.device)
+            if start.shape != (batch,):
+                raise ValueError(f"start_of_document must have shape (batch,) = ({batch},), got {tuple(start.shape)}")
+            state.reset(start.bool())
+
+        L = self.config.segment_length
+        hidden = torch.cat(
+            [self._forward_segment(input_ids[:, s : s + L], attention_mask[:, s : s + L], state) for s in range(0, seq, L)],
+            dim=1,
+        )
+        logits = self.lm_head(self.norm(hidden))  # (batch, seq, vocab)
+        loss = None
+        if labels is not None:
+            targets = labels.masked_fill(~attention_mask, -100)[:, 1:]
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+        return MemorizingTransformerOutput(loss=loss, logits=logits, state=state)
+
+    def _forward_segment(self, input_ids: torch.Tensor, token_mask: torch.Tensor, state: MemorizingState) -> torch.Tensor:
+        """One segment (batch, seq <= segment_length) -> final hidden states (batch, seq, d_model)."""
+        seq = input_ids.shape[1]
+        cache_len = state.cache_length
+        relative = segment_relative_positions(seq, cache_len, device=self.device)  # (seq, cache_len + seq)
+        buckets = relative_position_bucket(relative, True, self.config.num_buckets, self.config.max_distance)
+        key_mask = token_mask if state.xl[0] is None else torch.cat([state.xl[0].mask, token_mask], dim=1)
+        # A query sees earlier valid keys and always itself (so no row is fully masked).
+        allowed = ((relative <= 0) & key_mask[:, None, None, :]) | (relative == 0)  # (batch, 1, seq, cache_len + seq)
+        x = self.embed(input_ids)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, layer, state, buckets, allowed, token_mask)
+        return x
+
+    def _prepare_inputs(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Validate and convert inputs to (batch, seq) tensors on the model's device."""
+        if isinstance(input_ids, Mapping):
+            if "input_ids" not in input_ids:
+                raise ValueError(f"the input mapping has no 'input_ids' (keys: {sorted(input_ids)})")
+            if attention_mask is None:
+                attention_mask = input_ids.get("attention_mask")
+            input_ids = input_ids["input_ids"]
+        input_ids = _as_2d("input_ids", input_ids, self.device)
+        if input_ids.numel() == 0:
+            raise ValueError("input_ids is empty: there are no tokens to run the model on (was the text empty?)")
+        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
+        input_ids = input_ids.long()
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            bad = low if low < 0 else high
+            raise ValueError(f"token id {bad} is out of range for vocab_size {self.config.vocab_size}")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        attention_mask = _as_2d("attention_mask", attention_mask, self.device).bool()
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}")
+        if labels is not None:
+            labels = _as_2d("labels", labels, self.device).long()
+            if labels.shape != input_ids.shape:
+                raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids has {tuple(input_ids.shape)}")
+        return input_ids, attention_mask, labels
+
+
+def _as_2d(name: str, value: Any, device: torch.device) -> torch.Tensor:
+    try:
+        tensor = torch.as_tensor(value, device=device)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"{name} must be a tensor or a (nested) list of equal-length rows: {err}") from None
+    if tensor.dim() == 1:
+        tensor = tensor.unsqueeze(0)
+    if tensor.dim() != 2:
+        raise ValueError(f"{name} must have shape (batch, seq) or (seq,), got shape {tuple(tensor.shape)}")
+    return tensor

@@ -1,0 +1,252 @@
+import dataclasses
+
+import pytest
+import torch
+
+from memorizing_transformers import MemorizingConfig, MemorizingTransformer
+from memorizing_transformers.model.attention import Attention
+from memorizing_transformers.model.state import MemorizingState
+
+
+def tiny(**overrides) -> MemorizingConfig:
+    return MemorizingConfig.preset("tiny", **overrides)
+
+
+def make_model(**overrides) -> MemorizingTransformer:
+    model = MemorizingTransformer(tiny(**overrides)).eval()
+    # Give the gate and position bias non-trivial values so tests exercise them.
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.position_bias.embedding.weight.normal_(0, 1)
+            if hasattr(block.attn, "gate_bias"):
+                block.attn.gate_bias.normal_(0, 1)
+    return model
+
+
+def test_seed_example():
+    model = MemorizingTransformer()
+    tokenized = model.tokenizer("The quick brown fox jumps over the lazy dog")
+    output = model(tokenized)
+    assert output.logits.shape == (1, 9, 50257)
+    assert torch.isfinite(output.logits).all()
+    assert output.state.memory_fill() == {2: [9]}
+
+
+def test_default_tokenizer_is_gpt2_and_a_local_folder_can_be_given(tmp_path):
+    model = MemorizingTransformer(tiny(vocab_size=50257))
+    assert model.tokenizer("Hello world")["input_ids"] == [15496, 995]
+    assert len(model.tokenizer) == 50257
+    model.tokenizer.save_pretrained(tmp_path / "tok")
+    other = MemorizingTransformer(tiny(vocab_size=50257), tokenizer=str(tmp_path / "tok"))
+    assert other.tokenizer("Hello world")["input_ids"] == [15496, 995]
+    too_small = MemorizingTransformer(tiny(vocab_size=1000), tokenizer=str(tmp_path / "tok"))
+    with pytest.raises(ValueError, match="tokenizer has 50257 tokens but the model's vocab_size is 1000"):
+        too_small.tokenizer
+    with pytest.raises(ValueError, match="neither 'gpt2' nor a local tokenizer folder"):
+        MemorizingTransformer(tiny(), tokenizer="no/such/dir").tokenizer
+
+
+def test_loss_matches_manual_cross_entropy_and_ignores_padding():
+    model = make_model()
+    ids = torch.randint(0, 512, (2, 40))
+    mask = torch.ones(2, 40, dtype=torch.bool)
+    mask[1, 30:] = False
+    out = model(ids, attention_mask=mask, labels=ids)
+    logits = out.logits[:, :-1]
+    targets = ids[:, 1:].clone()
+    targets[~mask[:, 1:]] = -100
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 512), targets.reshape(-1), ignore_index=-100)
+    assert torch.allclose(out.loss, expected)
+    # A right-padded row gives the same logits on its real tokens as that row alone.
+    alone = model(ids[1:, :30])
+    assert torch.allclose(out.logits[1, :30], alone.logits[0], atol=1e-5)
+    assert out.state.memory_fill() == {2: [40, 30]}  # padding never written
+
+
+@pytest.mark.parametrize("combine", ["gate", "joint_softmax"])
+def test_causal_within_and_across_segments(combine):
+    model = make_model(memory_combine=combine)
+    ids = torch.randint(0, 512, (2, 64))  # four segments of 16
+    base = model(ids).logits
+    for t in (5, 16, 33, 63):
+        changed = ids.clone()
+        changed[:, t:] = torch.randint(0, 512, (2, 64 - t))
+        logits = model(changed).logits
+        assert torch.allclose(logits[:, :t], base[:, :t], atol=1e-5), f"position {t} leaked backwards"
+        assert not torch.allclose(logits[:, t:], base[:, t:], atol=1e-5)
+
+
+def test_one_call_equals_streaming_segment_by_segment():
+    model = make_model()
+    ids = torch.randint(0, 512, (2, 48))
+    whole = model(ids)
+    state, parts = None, []
+    for s in range(0, 48, 16):
+        out = model(ids[:, s : s + 16], state=state)
+        state = out.state
+        parts.append(out.logits)
+    assert torch.allclose(torch.cat(parts, dim=1), whole.logits, atol=1e-5)
+    assert state.memory_fill() == whole.state.memory_fill() == {2: [48, 48]}
+
+
+def test_xl_cache_equals_one_pass_over_both_segments():
+    # Without memory layers, segment 2 with a one-segment XL cache attends to exactly
+    # what one causal pass over both segments attends to, at the same relative distances.
+    config = tiny(knn_layers=(), segment_length=16, xl_length=16, max_distance=64)
+    model = MemorizingTransformer(config).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.position_bias.embedding.weight.normal_(0, 1)
+    one_pass = MemorizingTransformer(dataclasses.replace(config, segment_length=32))
+    one_pass.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 512, (2, 32))
+    first = model(ids[:, :16])
+    second = model(ids[:, 16:], state=first.state)
+    reference = one_pass.eval()(ids).logits
+    assert first.state.cache_length == 16
+    assert torch.allclose(first.logits, reference[:, :16], atol=1e-5)
+    assert torch.allclose(second.logits, reference[:, 16:], atol=1e-5)
+    # Without the cache, segment 2 sees less and its logits differ.
+    no_cache = MemorizingTransformer(dataclasses.replace(config, xl_length=0))
+    no_cache.load_state_dict(model.state_dict())
+    alone = no_cache.eval()(ids[:, 16:], state=no_cache(ids[:, :16]).state).logits
+    assert not torch.allclose(alone, reference[:, 16:], atol=1e-3)
+
+
+def test_start_of_document_resets_only_its_row():
+    model = make_model()
+    a, b = torch.randint(0, 512, (2, 32)), torch.randint(0, 512, (2, 16))
+    state = model(a).state
+    out = model(b, state=state, start_of_document=torch.tensor([True, False]))
+    fresh = model(b[:1])  # row 0 as if the stream began here
+    continued = model(b[1:], state=model(a[1:]).state)  # row 1 continuing its document
+    assert torch.allclose(out.logits[0], fresh.logits[0], atol=1e-5)
+    assert torch.allclose(out.logits[1], continued.logits[0], atol=1e-5)
+    assert out.state.memory_fill() == {2: [16, 48]}
+    assert not torch.allclose(out.logits[0], model(b, state=model(a).state).logits[0], atol=1e-4)
+
+
+def test_memory_changes_later_segments_and_empty_memory_contributes_nothing():
+    model = make_model()
+    ids = torch.randint(0, 512, (1, 32))
+    with_memory = model(ids).logits
+    reference = MemorizingTransformer(tiny(knn_layers=()))
+    missing, unexpected = reference.load_state_dict(model.state_dict(), strict=False)
+    assert missing == [] and unexpected == ["blocks.2.attn.gate_bias"]
+    without = reference.eval()(ids).logits
+    # Segment 1: memory still empty, so the memory layer equals a plain layer.
+    assert torch.allclose(with_memory[:, :16], without[:, :16], atol=1e-6)
+    assert not torch.allclose(with_memory[:, 16:], without[:, 16:], atol=1e-4)
+
+
+def test_empty_memory_rows_contribute_nothing_in_a_batch():
+    model = make_model()
+    ids = torch.randint(0, 512, (2, 16))
+    state = model.new_state(2)
+    state.memories[2].add(torch.randn(2, 4, 8, 16), torch.randn(2, 4, 8, 16), mask=torch.tensor([[False] * 8, [True] * 8]))
+    out = model(ids, state=state)
+    plain = model(ids)  # empty state
+    assert torch.allclose(out.logits[0], plain.logits[0], atol=1e-6)
+    assert not torch.allclose(out.logits[1], plain.logits[1], atol=1e-4)
+
+
+def identity_attention(combine: str) -> Attention:
+    """One head of width 16 whose q, k, v and output are the input itself."""
+    config = tiny(d_model=16, n_heads=1, head_dim=16, memory_combine=combine, knn_k=4, qk_scale_init=50.0)
+    layer = Attention(config, use_memory=True)
+    with torch.no_grad():
+        layer.qkv.weight.copy_(torch.cat([torch.eye(16)] * 3))
+        layer.out.weight.copy_(torch.eye(16))
+        if combine == "gate":
+            layer.gate_bias.fill_(10.0)
+    return layer
+
+
+@pytest.mark.parametrize("combine", ["gate", "joint_softmax"])
+def test_attention_layer_retrieves_a_distinctive_earlier_key(combine):
+    from memorizing_transformers import KNNMemory
+    from memorizing_transformers.model.positions import relative_position_bucket, segment_relative_positions
+
+    layer = identity_attention(combine)
+    memory = KNNMemory(1, 1, 16, capacity=256)
+    relative = segment_relative_positions(8, 0)
+    buckets, allowed = relative_position_bucket(relative), (relative <= 0)[None, None]
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    first = torch.nn.functional.normalize(torch.randn(1, 8, 16), dim=-1) * 3
+    layer(first, buckets, allowed, mask, None, memory)
+    for _ in range(5):
+        layer(torch.randn(1, 8, 16), buckets, allowed, mask, None, memory)
+    probe = torch.randn(1, 8, 16)
+    probe[0, 6] = first[0, 3] / 3  # a later query equal (in direction) to an early key
+    found = memory.search(torch.nn.functional.normalize(probe, dim=-1)[:, None], 4)
+    assert found.slots[0, 0, 6, 0] == 3 and found.scores[0, 0, 6, 0] > 0.999
+    out, _, _ = layer(probe, buckets, allowed, mask, None, memory)
+    # The output at that query is (almost) the value stored with the distinctive key.
+    assert torch.nn.functional.cosine_similarity(out[0, 6], first[0, 3], dim=0) > 0.99
+
+
+def test_gradient_reaches_local_attention_and_gate_but_never_the_memory():
+    model = make_model().train()
+    ids = torch.randint(0, 512, (2, 16))
+    captured = []
+    handle = model.embed.register_forward_hook(lambda mod, args, out: captured.append(out))
+    first = model(ids, labels=ids)
+    second = model(torch.randint(0, 512, (2, 16)), labels=ids, state=first.state)
+    handle.remove()
+    attn = model.blocks[2].attn
+    grads = torch.autograd.grad(
+        second.loss, [attn.qkv.weight, attn.gate_bias, attn.log_scale, attn.position_bias.embedding.weight, captured[0]],
+        allow_unused=True,
+    )
+    for g in grads[:4]:
+        assert g is not None and g.abs().sum() > 0
+    assert grads[4] is None  # nothing of segment 1's graph is reachable from segment 2's loss
+    memory = second.state.memories[2]
+    assert not memory.keys.requires_grad and not memory.values.requires_grad
+    assert all(not c.keys.requires_grad and not c.values.requires_grad for c in second.state.xl)
+
+
+def test_memory_dtype_is_honoured():
+    model = make_model(memory_dtype="bfloat16")
+    out = model(torch.randint(0, 512, (1, 40)))
+    assert out.state.memories[2].keys.dtype == torch.bfloat16
+    assert torch.isfinite(out.logits).all()
+
+
+def test_presets():
+    paper = MemorizingConfig.preset("paper")
+    assert (paper.n_layers, paper.d_model, paper.n_heads, paper.head_dim, paper.d_ff) == (12, 1024, 8, 128, 4096)
+    assert (paper.segment_length, paper.knn_k, paper.memory_size, paper.memory_layer_indices) == (512, 32, 65536, (8,))
+    assert MemorizingConfig().memory_layer_indices == (2,)
+    assert MemorizingConfig.preset("small", memory_size=65536).memory_size == 65536
+    with pytest.raises(ValueError, match="unknown preset 'huge'"):
+        MemorizingConfig.preset("huge")
+
+
+def test_bad_input_gets_clear_errors():
+    model = make_model()
+    with pytest.raises(ValueError, match=r"input_ids must have shape \(batch, seq\) or \(seq,\), got shape \(1, 2, 3\)"):
+        model(torch.zeros(1, 2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="token id 512 is out of range for vocab_size 512"):
+        model(torch.tensor([[1, 512]]))
+    with pytest.raises(ValueError, match="token id -1 is out of range"):
+        model(torch.tensor([[-1, 5]]))
+    with pytest.raises(ValueError, match="input_ids is empty"):
+        model(MemorizingTransformer(tiny(vocab_size=50257)).tokenizer(""))
+    with pytest.raises(ValueError, match="input_ids must hold integer token ids"):
+        model(torch.zeros(1, 4))
+    with pytest.raises(ValueError, match="equal-length rows"):
+        model([[1, 2], [3]])
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 3\) but input_ids has \(1, 4\)"):
+        model(torch.ones(1, 4, dtype=torch.long), attention_mask=torch.ones(1, 3))
+    state = model(torch.ones(2, 4, dtype=torch.long)).state
+    with pytest.raises(ValueError, match="state holds 2 rows but input_ids has batch size 3"):
+        model(torch.ones(3, 4, dtype=torch.long), state=state)
+    with pytest.raises(ValueError, match=r"start_of_document must have shape \(batch,\) = \(2,\)"):
+        model(torch.ones(2, 4, dtype=torch.long), state=state, start_of_document=[True])
+    with pytest.raises(ValueError, match="different configuration"):
+        model(torch.ones(2, 4, dtype=torch.long), state=MemorizingState(tiny(memory_size=64), 2))
+    with pytest.raises(ValueError, match="kNN layer index 4 is out of range for a model of 4 layers"):
+        tiny(knn_layers=(4,))
+    with pytest.raises(ValueError, match="memory_dtype must be one of"):
+        tiny(memory_dtype="int8")
