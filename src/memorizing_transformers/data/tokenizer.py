@@ -8,11 +8,13 @@ import shutil
 import tempfile
 from importlib.resources import files
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
-from transformers import AutoTokenizer, PreTrainedTokenizerBase
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 DEFAULT_TOKENIZER = "gpt2"
+END_OF_TEXT = "<|endoftext|>"
 
 
 def cache_dir() -> Path:
@@ -37,9 +39,9 @@ def gpt2_tokenizer_dir() -> Path:
         shutil.copyfile(str(data / "vocab.bpe"), tmp / "merges.txt")
         config = {
             "tokenizer_class": "GPT2Tokenizer",
-            "bos_token": "<|endoftext|>",
-            "eos_token": "<|endoftext|>",
-            "unk_token": "<|endoftext|>",
+            "bos_token": END_OF_TEXT,
+            "eos_token": END_OF_TEXT,
+            "unk_token": END_OF_TEXT,
             "add_prefix_space": False,
             # The model reads inputs of any length segment by segment.
             "model_max_length": 1 << 60,
@@ -63,3 +65,36 @@ def load_tokenizer(source: Any = None) -> PreTrainedTokenizerBase:
     if not path.is_dir():
         raise ValueError(f"tokenizer {source!r} is neither 'gpt2' nor a local tokenizer folder")
     return AutoTokenizer.from_pretrained(path)
+
+
+def train_bpe(texts: Iterable[str], vocab_size: int, directory: str | Path) -> PreTrainedTokenizerBase:
+    """Train a byte-level BPE of `vocab_size` tokens on `texts` and save it as a Hugging Face
+    tokenizer folder (reloadable with `AutoTokenizer.from_pretrained(directory)`)."""
+    if vocab_size < 300:
+        raise ValueError(f"vocab_size must be at least 300 (256 bytes + merges), got {vocab_size}")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, unk_token=END_OF_TEXT,
+        model_max_length=1 << 60,
+    )
+    directory = Path(directory)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
+    try:
+        fast.save_pretrained(tmp)
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return AutoTokenizer.from_pretrained(directory)

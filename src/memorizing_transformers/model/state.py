@@ -75,3 +75,24 @@ class MemorizingState:
             values = torch.cat([cache.values, values], dim=2)
             mask = torch.cat([cache.mask, mask], dim=1)
         self.xl[layer] = XLCache(keys[:, :, -length:].detach(), values[:, :, -length:].detach(), mask[:, -length:])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """All tensors of the state, e.g. to checkpoint a training stream mid-document."""
+        tensors: dict[str, torch.Tensor] = {}
+        for layer, cache in enumerate(self.xl):
+            if cache is not None:
+                tensors.update({f"xl.{layer}.keys": cache.keys, f"xl.{layer}.values": cache.values, f"xl.{layer}.mask": cache.mask})
+        for layer, memory in self.memories.items():
+            tensors.update({f"memory.{layer}.{name}": t for name, t in memory.state_dict().items()})
+        return tensors
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        device = next(iter(self.memories.values())).device if self.memories else None
+        for layer in range(self.config.n_layers):
+            if f"xl.{layer}.keys" in tensors:
+                self.xl[layer] = XLCache(*(tensors[f"xl.{layer}.{name}"].to(device) for name in ("keys", "values", "mask")))
+            else:
+                self.xl[layer] = None
+        for layer, memory in self.memories.items():
+            prefix = f"memory.{layer}."
+            memory.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from safetensors.torch import load_model, save_model
 from transformers.utils import ModelOutput
 
 from ..config import MemorizingConfig
+from ..memory.knn_memory import write_atomically
 from .attention import Attention
 from .positions import relative_position_bucket, segment_relative_positions
 from .state import MemorizingState
@@ -103,6 +107,30 @@ class MemorizingTransformer(nn.Module):
                 )
             self._tokenizer = tokenizer
         return self._tokenizer
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write config.json, model.safetensors and (when loaded) the tokenizer into `directory`."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        write_atomically(directory / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(self.config.to_dict(), indent=2)))
+        # save_model (not save_file) because the embedding and output weights may be tied.
+        write_atomically(directory / "model.safetensors", lambda tmp: save_model(self, tmp))
+        if self._tokenizer is not None or self._tokenizer_source is not None:
+            self.tokenizer.save_pretrained(directory / "tokenizer")
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **overrides: Any) -> "MemorizingTransformer":
+        """Load a model written by `save_pretrained`. `overrides` change configuration fields that
+        have no weights (memory_size, knn_k, xl_length, segment_length, memory_dtype, ...)."""
+        directory = Path(directory)
+        if not (directory / "config.json").is_file():
+            raise FileNotFoundError(f"{directory} holds no config.json: not a saved MemorizingTransformer")
+        values = json.loads((directory / "config.json").read_text())
+        config = MemorizingConfig.from_dict({**values, **overrides})
+        tokenizer = directory / "tokenizer"
+        model = cls(config, tokenizer=str(tokenizer) if tokenizer.is_dir() else None)
+        load_model(model, directory / "model.safetensors", device=str(model.device))
+        return model
 
     def new_state(self, batch_size: int) -> MemorizingState:
         """An empty stream state (no cache, empty memories) for `batch_size` rows, on the model's device."""
