@@ -9,13 +9,14 @@ full (queries x memory) score matrix is never materialised for large memories.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+
+from ..atomic import write_atomically
 
 FORMAT_VERSION = "1"
 _SCORE_BLOCK_ELEMENTS = 1 << 25  # largest (rows, heads, queries, slots) score block searched at once
@@ -228,19 +229,3 @@ class KNNMemory:
         )
         memory.load_state_dict(load_file(str(path)))
         return memory
-
-
-def write_atomically(path: Path, write) -> None:
-    """Call `write(tmp_path)` on a temporary file beside `path`, then rename it over `path`.
-
-    A crash mid-write leaves any previous file at `path` intact.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

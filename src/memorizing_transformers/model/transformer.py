@@ -16,7 +16,7 @@ from safetensors.torch import load_model, save_model
 from transformers.utils import ModelOutput
 
 from ..config import MemorizingConfig
-from ..memory.knn_memory import write_atomically
+from ..atomic import write_atomically
 from .attention import Attention
 from .positions import relative_position_bucket, segment_relative_positions
 from .state import MemorizingState
@@ -129,7 +129,14 @@ class MemorizingTransformer(nn.Module):
         config = MemorizingConfig.from_dict({**values, **overrides})
         tokenizer = directory / "tokenizer"
         model = cls(config, tokenizer=str(tokenizer) if tokenizer.is_dir() else None)
-        load_model(model, directory / "model.safetensors", device=str(model.device))
+        # Not strict: with `knn_layers` overridden to fewer layers, their gates are left unused.
+        try:
+            missing, unexpected = load_model(model, directory / "model.safetensors", strict=False, device=str(model.device))
+        except RuntimeError as err:  # shape mismatches
+            raise ValueError(f"{directory} does not fit this configuration: {err}") from None
+        unexpected = [name for name in unexpected if not name.endswith("gate_bias")]
+        if missing or unexpected:
+            raise ValueError(f"{directory} does not fit this configuration: missing {missing}, unexpected {unexpected}")
         return model
 
     def new_state(self, batch_size: int) -> MemorizingState:

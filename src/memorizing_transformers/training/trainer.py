@@ -1,0 +1,213 @@
+"""Training: truncated back-propagation through segments, with memory, checkpoints and resume.
+
+Each step feeds one segment per row (rows pinned to documents by the streaming
+batcher), carries the training stream's state (XL caches and kNN memories) to the
+next step, and back-propagates through the current segment only. Validation streams
+the valid split with a state of its own, so training and evaluation memories never mix.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from ..data.streaming import StreamingBatcher, TokenizedDocument
+from ..evaluation.perplexity import evaluate
+from ..model.transformer import MemorizingTransformer
+from .checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 4
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # cosine decay to lr * min_lr_ratio
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    seed: int = 0
+    eval_every: int = 200  # 0: only at the end
+    eval_tokens: int = 20_000  # validation budget per evaluation
+    checkpoint_every: int = 200  # 0: only at the end
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    extra: dict[str, Any] = field(default_factory=dict)  # recorded with the run (e.g. corpus, preset)
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warm-up, then cosine decay to `min_lr_ratio` at the last step."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+    return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: MemorizingTransformer, config: TrainConfig) -> torch.optim.AdamW:
+    """AdamW; matrices decay, vectors (norms, scales, gates, biases) do not."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=False)
+
+
+def segment_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over scored targets; 0 (with a graph) when a batch scores none."""
+    scored = targets != -100
+    if not scored.any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits.float()[scored], targets[scored])
+
+
+class Trainer:
+    """Train `model` on `train_docs`, validate on `valid_docs`, checkpoint into `run_dir`."""
+
+    def __init__(
+        self,
+        model: MemorizingTransformer,
+        config: TrainConfig,
+        train_docs: list[TokenizedDocument],
+        valid_docs: list[TokenizedDocument] | None,
+        run_dir: str | Path,
+    ) -> None:
+        self.model, self.config, self.valid_docs = model, config, valid_docs
+        self.run_dir = Path(run_dir)
+        torch.manual_seed(config.seed)
+        random.seed(config.seed)
+        self.batcher = StreamingBatcher(train_docs, config.batch_size, model.config.segment_length, seed=config.seed, epochs=None)
+        self.optimizer = make_optimizer(model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, config))
+        self.state = model.new_state(config.batch_size)
+        self.step = 0
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        cuda = model.device.type == "cuda"
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
+
+    # ------------------------------------------------------------------ checkpoints
+    def training_state(self) -> dict[str, Any]:
+        return {
+            "step": self.step,
+            "train_config": asdict(self.config),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "batcher": self.batcher.state_dict(),
+            "stream_state": {k: v.cpu() for k, v in self.state.state_dict().items()},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                "python": random.getstate(),
+            },
+        }
+
+    def save(self) -> Path:
+        return save_checkpoint(self.run_dir, self.step, self.model, self.training_state(), keep=self.config.keep_checkpoints)
+
+    def resume(self) -> bool:
+        """Continue from the run's latest checkpoint; False when there is none."""
+        checkpoint = latest_checkpoint(self.run_dir)
+        if checkpoint is None:
+            return False
+        from safetensors.torch import load_model
+
+        load_model(self.model, checkpoint / "model.safetensors", device=str(self.model.device))
+        saved = load_training_state(checkpoint)
+        if saved["train_config"]["batch_size"] != self.config.batch_size or saved["train_config"]["seed"] != self.config.seed:
+            raise ValueError(f"cannot resume {checkpoint}: it was trained with another batch size or seed")
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        self.batcher.load_state_dict(saved["batcher"])
+        self.state.load_state_dict(saved["stream_state"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
+        random.setstate(saved["rng"]["python"])
+        self.step = saved["step"]
+        return True
+
+    # ------------------------------------------------------------------ loop
+    def train_step(self) -> dict[str, float]:
+        batch = next(self.batcher)
+        device = self.model.device
+        self.model.train()
+        with self.autocast:
+            out = self.model(
+                batch.input_ids.to(device),
+                attention_mask=batch.attention_mask.to(device),
+                state=self.state,
+                start_of_document=batch.start_of_document.to(device),
+            )
+        self.state = out.state
+        loss = segment_loss(out.logits, batch.targets.to(device))
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "targets": batch.num_targets, "tokens": int(batch.attention_mask.sum())}
+
+    def log(self, record: dict[str, Any]) -> None:
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        with self.metrics_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def validate(self) -> dict[str, float]:
+        result = evaluate(self.model, self.valid_docs, batch_size=1, max_tokens=self.config.eval_tokens)
+        return {"valid_loss": result.loss, "valid_perplexity": result.perplexity, "valid_tokens": result.tokens}
+
+    def train(self, max_seconds: float | None = None, progress: bool = True) -> dict[str, Any]:
+        """Run until `config.steps` (or `max_seconds` of wall time); returns the last logged record."""
+        config = self.config
+        began = time.perf_counter()
+        window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.perf_counter()
+        record: dict[str, Any] = {}
+        bar = tqdm(total=config.steps, initial=self.step, disable=not progress, desc="train", unit="step")
+        while self.step < config.steps:
+            stats = self.train_step()
+            window_tokens += stats["tokens"]
+            window_loss += stats["loss"]
+            window_steps += 1
+            last = self.step == config.steps or (max_seconds is not None and time.perf_counter() - began >= max_seconds)
+            if self.step % config.log_every == 0 or last:
+                elapsed = time.perf_counter() - window_start
+                fill = self.state.memory_fill()
+                record = {
+                    "step": self.step,
+                    "loss": window_loss / window_steps,
+                    "lr": self.scheduler.get_last_lr()[0],
+                    "grad_norm": stats["grad_norm"],
+                    "tokens_per_s": window_tokens / max(elapsed, 1e-9),
+                    "memory_fill": sum(sum(rows) for rows in fill.values()) / max(1, sum(len(rows) for rows in fill.values())),
+                    "time": time.time(),
+                }
+                if self.valid_docs and ((config.eval_every and self.step % config.eval_every == 0) or last):
+                    record.update(self.validate())
+                self.log(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", fill=f"{record['memory_fill']:.0f}")
+                window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.perf_counter()
+            if (config.checkpoint_every and self.step % config.checkpoint_every == 0) or last:
+                self.save()
+            bar.update(1)
+            if last:
+                break
+        bar.close()
+        return record

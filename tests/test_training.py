@@ -1,0 +1,97 @@
+import json
+import math
+
+import pytest
+import torch
+
+from memorizing_transformers import MemorizingConfig, MemorizingTransformer
+from memorizing_transformers.data.streaming import TokenizedDocument
+from memorizing_transformers.evaluation.perplexity import evaluate
+from memorizing_transformers.training import checkpoint
+from memorizing_transformers.training.checkpoint import latest_checkpoint, resolve_model_dir
+from memorizing_transformers.training.trainer import TrainConfig, Trainer
+
+
+def docs(n=6, length=70, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [TokenizedDocument(f"d{i}", torch.randint(0, 512, (length + 7 * i,), generator=g), num_bytes=300) for i in range(n)]
+
+
+def new_trainer(run_dir, steps=4, **overrides):
+    torch.manual_seed(0)
+    model = MemorizingTransformer(MemorizingConfig.preset("tiny"))
+    config = TrainConfig(steps=steps, batch_size=2, warmup_steps=2, lr=3e-3, eval_every=0, checkpoint_every=2, log_every=1, eval_tokens=50, **overrides)
+    return Trainer(model, config, docs(), docs(2, seed=1), run_dir)
+
+
+def logged_losses(run_dir):
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_resume_gives_bit_identical_losses(tmp_path):
+    uninterrupted = new_trainer(tmp_path / "a")
+    uninterrupted.train(progress=False)
+    reference = logged_losses(tmp_path / "a")
+    assert len(reference) == 4
+
+    first = new_trainer(tmp_path / "b")
+    early = [first.train_step()["loss"] for _ in range(2)]
+    first.save()
+    resumed = new_trainer(tmp_path / "b")
+    resumed.model.embed.weight.data.zero_()  # weights must come from the checkpoint
+    assert resumed.resume() and resumed.step == 2
+    resumed.train(progress=False)
+    assert early + logged_losses(tmp_path / "b") == reference  # bit-identical, not approximately equal
+    assert resumed.state.memory_fill() == uninterrupted.state.memory_fill()
+
+
+def test_interrupted_checkpoint_leaves_previous_intact(tmp_path, monkeypatch):
+    trainer = new_trainer(tmp_path)
+    trainer.train_step()
+    saved = trainer.save()
+    weights = (saved / "model.safetensors").read_bytes()
+    trainer.train_step()
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt("killed mid-write")
+
+    monkeypatch.setattr(checkpoint.torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save()
+    assert latest_checkpoint(tmp_path) == saved
+    assert (saved / "model.safetensors").read_bytes() == weights
+    monkeypatch.undo()
+    resumed = new_trainer(tmp_path)
+    assert resumed.resume() and resumed.step == 1
+    assert resumed.save().name == "step-0000001"  # stale temporary folders are cleaned up
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-0000001"]
+
+
+def test_validation_is_logged_and_checkpoints_rotate(tmp_path):
+    trainer = new_trainer(tmp_path, steps=6)
+    trainer.config.eval_every = 3
+    trainer.train(progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "valid_loss" in r] == [3, 6]
+    assert all(math.isfinite(r["valid_loss"]) for r in records if "valid_loss" in r)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-0000004", "step-0000006"]
+    assert resolve_model_dir(tmp_path).name == "step-0000006"
+
+
+def test_evaluation_is_finite_and_honours_memory_overrides(tmp_path):
+    model = MemorizingTransformer(MemorizingConfig.preset("tiny")).eval()
+    model.save_pretrained(tmp_path)
+    documents = docs(3, length=200)
+    result = evaluate(model, documents)
+    assert math.isfinite(result.loss) and result.tokens == sum(d.ids.numel() - 1 for d in documents)
+    assert result.bits_per_byte == pytest.approx(result.loss * result.tokens / math.log(2) / 900)
+    assert len(result.loss_by_segment) == math.ceil((200 + 14 - 1) / 16)
+    bigger = MemorizingTransformer.from_pretrained(tmp_path, memory_size=4096, knn_k=8)
+    assert bigger.config.memory_size == 4096 and bigger.new_state(1).memories[2].capacity == 4096
+    other = evaluate(bigger, documents)
+    assert other.loss != result.loss  # more memory and k change what is retrieved
+    without = MemorizingTransformer.from_pretrained(tmp_path, knn_layers=())
+    assert without.new_state(1).memories == {}
+    assert math.isfinite(evaluate(without, documents, max_tokens=100).loss)
+    with pytest.raises(ValueError, match="does not fit this configuration"):
+        MemorizingTransformer.from_pretrained(tmp_path, d_model=32)
