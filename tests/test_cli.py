@@ -1,13 +1,60 @@
+import json
+import random
+
+import pytest
+
 from memorizing_transformers.cli import main
 
 
-def test_demo_quick_streams_with_memory(capsys, tmp_path):
-    document = tmp_path / "doc.py"
-    document.write_text("def f(x):\n    return x + 1\n" * 200)
-    main(["demo", "--quick", "--preset", "tiny", "--file", str(document)])
+@pytest.fixture
+def corpus_folder(tmp_path):
+    """Eight small 'long documents' of pseudo-code, enough for three splits."""
+    rng = random.Random(0)
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    names = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
+    for i, name in enumerate(names):
+        lines = [f"def {rng.choice(names)}_{j}(x):\n    return x * {rng.randint(0, 99)} + {name}_{i}\n" for j in range(60)]
+        (folder / f"{name}.txt").write_text("".join(lines))
+    return folder
+
+
+def test_prepare_train_resume_evaluate(tmp_path, corpus_folder, capsys):
+    main(["data", "prepare", "files", "--source", str(corpus_folder)])
+    run = tmp_path / "run"
+    common = ["train", "--out", str(run), "--corpus", "files", "--preset", "tiny", "--vocab-size", "300",
+              "--eval-tokens", "64", "--eval-every", "2", "--checkpoint-every", "2", "--log-every", "1"]
+    main(common + ["--steps", "2"])
+    with pytest.raises(SystemExit, match="already holds a run"):
+        main(common + ["--steps", "4"])
+    main(common + ["--steps", "4", "--resume"])
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert (run / "checkpoints" / "latest").read_text() == "step-0000004"
+
+    main(["evaluate", str(run), "--corpus", "files", "--split", "test", "--memory-size", "512", "--knn-k", "2"])
+    report = json.loads((run / "eval-files-test" / "eval.json").read_text())
+    labels = [r["label"] for r in report["results"]]
+    assert labels == ["with memory", "memory off"]
+    assert report["results"][0]["memory_size"] == 512 and report["results"][0]["knn_k"] == 2
+    assert report["results"][1]["memory_size"] == 0
+    assert (run / "eval-files-test" / "loss_by_position.png").stat().st_size > 1000
     out = capsys.readouterr().out
-    rows = [line for line in out.splitlines() if line.startswith("| ") and line[2].isdigit()]
-    assert len(rows) == 4
-    fills = [int(row.split("|")[5].replace(",", "")) for row in rows]
-    assert fills == [16, 32, 48, 64]  # tiny: 16-token segments, memory of 128
-    assert "mean loss" in out
+    assert "| with memory |" in out and "| memory off |" in out
+
+
+def test_train_rejects_unknown_config_keys(tmp_path):
+    config = tmp_path / "c.json"
+    config.write_text(json.dumps({"presett": "tiny"}))
+    with pytest.raises(SystemExit, match="unknown keys"):
+        main(["train", "--config", str(config), "--out", str(tmp_path / "r")])
+
+
+def test_demo_quick_runs_every_stage(tmp_path, capsys):
+    main(["demo", "--quick", "--out", str(tmp_path), "--docs", str(tmp_path / "docs")])
+    out = capsys.readouterr().out
+    assert "| XL + kNN memory | 128 | 128 | 4,096 | 32 |" in out and "| XL only | 128 | 128 | - | - |" in out
+    report = json.loads((tmp_path / "quick" / "demo.json").read_text())
+    assert [r["label"] for r in report["code"]] == ["XL + kNN memory", "XL only"]
+    assert all(r["tokens"] == 512 for r in report["code"])
+    assert (tmp_path / "docs" / "demo.md").read_text().startswith("# Demo results")

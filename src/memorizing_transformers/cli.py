@@ -1,65 +1,185 @@
-"""The `mt` command."""
+"""The `mt` command: data, train, evaluate, demo."""
 
 from __future__ import annotations
 
 import argparse
-import math
-import sysconfig
+import json
+import sys
+from dataclasses import fields
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from .config import PRESETS, MemorizingConfig
-from .data.tokenizer import load_tokenizer
-from .evaluation.streaming import stream_document
-from .model.transformer import MemorizingTransformer
 
 
-def default_document() -> Path:
-    """A long document every Python install has: the standard library's typing module."""
-    return Path(sysconfig.get_paths()["stdlib"]) / "typing.py"
+def parse_value(text: str) -> Any:
+    """A --set value: JSON when it parses (numbers, lists, booleans), else the string itself."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text
 
 
-def cmd_demo(args: argparse.Namespace) -> None:
-    path = Path(args.file) if args.file else default_document()
-    if not path.is_file():
-        raise SystemExit(f"mt demo: no such file: {path}")
-    torch.manual_seed(args.seed)
-    tokenizer = load_tokenizer()
-    model = MemorizingTransformer(MemorizingConfig.preset(args.preset, vocab_size=len(tokenizer)), tokenizer).eval()
-    text = path.read_text(encoding="utf-8", errors="replace")
-    ids = torch.tensor(tokenizer(text)["input_ids"])
-    segments = 4 if args.quick else args.segments
-    if segments:
-        ids = ids[: segments * model.config.segment_length + 1]
-    config = model.config
-    print(f"document: {path} (streaming {ids.numel():,} tokens of GPT-2 BPE)")
-    print(
-        f"model: preset {args.preset!r}, {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M parameters "
-        f"(untrained), segment {config.segment_length}, XL cache {config.xl_length}, "
-        f"kNN memory {config.memory_size:,} per head in layer(s) {list(config.memory_layer_indices)}, k {config.knn_k}"
+def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
+    overrides = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--set expects KEY=VALUE, got {pair!r}")
+        value = parse_value(value)
+        overrides[key] = tuple(value) if isinstance(value, list) else value
+    return overrides
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------- data
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    from .data.corpora import prepare_corpus
+
+    directory = prepare_corpus(args.name, source=args.source, force=args.force)
+    meta = json.loads((directory / "meta.json").read_text())
+    print(f"{args.name}: {directory}")
+    print(json.dumps(meta, indent=2))
+
+
+def cmd_data_tokenizer(args: argparse.Namespace) -> None:
+    from .data.pipeline import corpus_tokenizer
+
+    print(corpus_tokenizer(args.name, args.vocab_size))
+
+
+# ---------------------------------------------------------------------- train
+def load_run_config(args: argparse.Namespace) -> dict[str, Any]:
+    """Merge a JSON config file with command-line flags (flags win)."""
+    run: dict[str, Any] = {"preset": "small", "corpus": "code", "vocab_size": 8192, "tokenizer": None, "model": {}, "train": {}}
+    if args.config:
+        loaded = json.loads(Path(args.config).read_text())
+        unknown = sorted(set(loaded) - set(run))
+        if unknown:
+            raise SystemExit(f"unknown keys in {args.config}: {unknown} (expected {sorted(run)})")
+        run.update(loaded)
+    for key in ("preset", "corpus", "vocab_size", "tokenizer"):
+        if getattr(args, key) is not None:
+            run[key] = getattr(args, key)
+    run["model"] = {**run["model"], **parse_overrides(args.set)}
+    from .training.trainer import TrainConfig
+
+    for f in fields(TrainConfig):
+        value = getattr(args, f.name, None)
+        if value is not None:
+            run["train"][f.name] = value
+    return run
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .data.pipeline import corpus_tokenizer, load_tokenized
+    from .data.tokenizer import load_tokenizer
+    from .model.transformer import MemorizingTransformer
+    from .training.trainer import TrainConfig, Trainer
+
+    run = load_run_config(args)
+    out = Path(args.out)
+    saved_run = out / "run_config.json"
+    if args.resume and saved_run.is_file():
+        previous = json.loads(saved_run.read_text())
+        if {k: v for k, v in previous.items() if k != "train"} != {k: v for k, v in run.items() if k != "train"}:
+            raise SystemExit(f"--resume: {saved_run} describes another model or corpus than these flags")
+    elif saved_run.is_file() and not args.resume:
+        raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+    tokenizer_dir = run["tokenizer"] or str(corpus_tokenizer(run["corpus"], run["vocab_size"]))
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = MemorizingConfig.preset(run["preset"], **{**run["model"], "vocab_size": len(tokenizer)})
+    train_config = TrainConfig(**run["train"], extra={"corpus": run["corpus"], "preset": run["preset"]})
+    train_docs = load_tokenized(run["corpus"], "train", tokenizer)
+    valid_docs = load_tokenized(run["corpus"], "valid", tokenizer)
+    torch.manual_seed(train_config.seed)
+    model = MemorizingTransformer(config, tokenizer=tokenizer).to(pick_device(args.device))
+    trainer = Trainer(model, train_config, train_docs, valid_docs, out)
+    if args.resume and not trainer.resume():
+        print(f"no checkpoint in {out}: starting from step 0", file=sys.stderr)
+    out.mkdir(parents=True, exist_ok=True)
+    saved_run.write_text(json.dumps(run, indent=2))
+    params = sum(p.numel() for p in model.parameters())
+    print(f"training {params / 1e6:.2f}M parameters on {run['corpus']} ({sum(d.ids.numel() for d in train_docs):,} tokens) into {out}")
+    record = trainer.train(max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+    print(json.dumps(record, indent=2))
+
+
+# ---------------------------------------------------------------------- evaluate
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .evaluation.report import evaluate_checkpoint
+
+    overrides = {k: v for k, v in (("memory_size", args.memory_size), ("knn_k", args.knn_k), ("xl_length", args.xl_length)) if v is not None}
+    report = evaluate_checkpoint(
+        args.checkpoint, args.corpus, args.split, overrides, out_dir=args.out,
+        max_tokens=args.max_tokens, compare_without_memory=not args.no_baseline, device=pick_device(args.device),
     )
-    print()
-    print("| segment | tokens | loss (nats) | perplexity | memory fill | seconds |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    total_loss = total_tokens = 0.0
-    for r in stream_document(model, ids):
-        total_loss += r.loss * r.tokens
-        total_tokens += r.tokens
-        print(f"| {r.index} | {r.tokens} | {r.loss:.3f} | {math.exp(r.loss):,.0f} | {r.memory_fill:,} | {r.seconds:.2f} |")
-    print()
-    print(f"mean loss {total_loss / total_tokens:.3f} nats over {int(total_tokens):,} tokens")
+    print(report["markdown"])
+    print(f"wrote {report['json']}, {report['plot']}")
+
+
+# ---------------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> None:
+    from .demo import run_demo
+
+    run_demo(quick=args.quick, out_dir=Path(args.out), docs_dir=Path(args.docs) if args.docs else None)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mt", description="Memorizing Transformers: language models with a kNN memory.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="stream a long standard-library document through a model with memory")
-    demo.add_argument("--file", help="text file to stream (default: the standard library's typing.py)")
-    demo.add_argument("--preset", default="small", choices=sorted(PRESETS))
-    demo.add_argument("--segments", type=int, default=0, help="stop after this many segments (0: whole document)")
-    demo.add_argument("--quick", action="store_true", help="only 4 segments (a smoke test)")
-    demo.add_argument("--seed", type=int, default=0)
+
+    data = sub.add_parser("data", help="build corpora and tokenizers").add_subparsers(dest="data_command", required=True)
+    prepare = data.add_parser("prepare", help="build a corpus (fetching its Debian package when needed)")
+    prepare.add_argument("name", help="code, proofs, metamath, books, tex, pg19 or files")
+    prepare.add_argument("--source", help="folder to read raw documents from instead of the default source")
+    prepare.add_argument("--force", action="store_true", help="rebuild even if cached")
+    prepare.set_defaults(func=cmd_data_prepare)
+    tok = data.add_parser("tokenizer", help="train (once) a byte-level BPE on a corpus's train split")
+    tok.add_argument("name")
+    tok.add_argument("--vocab-size", type=int, default=8192)
+    tok.set_defaults(func=cmd_data_tokenizer)
+
+    train = sub.add_parser("train", help="train a model on a corpus, with checkpoints")
+    train.add_argument("--config", help="JSON file: {preset, corpus, vocab_size, tokenizer, model: {...}, train: {...}}")
+    train.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
+    train.add_argument("--preset", choices=sorted(PRESETS))
+    train.add_argument("--corpus")
+    train.add_argument("--vocab-size", type=int, dest="vocab_size")
+    train.add_argument("--tokenizer", help="an existing Hugging Face tokenizer folder instead of a corpus BPE")
+    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="model configuration override, e.g. memory_size=65536")
+    for name, kind in (("steps", int), ("batch_size", int), ("lr", float), ("warmup_steps", int), ("eval_every", int),
+                       ("eval_tokens", int), ("checkpoint_every", int), ("seed", int), ("log_every", int)):
+        train.add_argument(f"--{name.replace('_', '-')}", type=kind, dest=name)
+    train.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this much wall time; --resume continues")
+    train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    train.add_argument("--device", default="auto")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("evaluate", help="perplexity over whole documents, streamed with memory")
+    ev.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a saved model folder")
+    ev.add_argument("--corpus", required=True)
+    ev.add_argument("--split", default="test", choices=["train", "valid", "test"])
+    ev.add_argument("--memory-size", type=int)
+    ev.add_argument("--knn-k", type=int)
+    ev.add_argument("--xl-length", type=int)
+    ev.add_argument("--max-tokens", type=int, help="stop after this many scored tokens")
+    ev.add_argument("--no-baseline", action="store_true", help="skip the same model evaluated without its memory")
+    ev.add_argument("--out", help="output folder (default: <checkpoint>/eval-<corpus>-<split>)")
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(func=cmd_evaluate)
+
+    demo = sub.add_parser("demo", help="train with and without memory on the embedded data, and compare")
+    demo.add_argument("--quick", action="store_true", help="a smoke test of every stage (about a minute)")
+    demo.add_argument("--out", default="runs/demo", help="where runs and results go")
+    demo.add_argument("--docs", help="also write the results table and plot into this folder (e.g. docs)")
     demo.set_defaults(func=cmd_demo)
     return parser
 

@@ -1,0 +1,55 @@
+"""From a corpus name to token-id documents: tokenizer per corpus, tokenization cache."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from ..atomic import write_atomically
+from .corpora import Document, load_corpus
+from .streaming import TokenizedDocument
+from .tokenizer import cache_dir, train_bpe
+
+SPLITS = ("train", "valid", "test")
+
+
+def corpus_tokenizer_dir(corpus: str, vocab_size: int) -> Path:
+    return cache_dir() / "tokenizers" / f"{corpus}-bpe{vocab_size}"
+
+
+def corpus_tokenizer(corpus: str, vocab_size: int) -> Path:
+    """The folder of a byte-level BPE trained on the corpus's train split (trained once, then cached)."""
+    directory = corpus_tokenizer_dir(corpus, vocab_size)
+    if not (directory / "tokenizer_config.json").is_file():
+        train_bpe((d.text for d in load_corpus(corpus, "train")), vocab_size, directory)
+    return directory
+
+
+def tokenize_documents(documents: list[Document], tokenizer: PreTrainedTokenizerBase) -> list[TokenizedDocument]:
+    encoded = tokenizer([d.text for d in documents], add_special_tokens=False)["input_ids"]
+    return [
+        TokenizedDocument(d.name, torch.tensor(ids, dtype=torch.long), num_bytes=len(d.text.encode("utf-8")))
+        for d, ids in zip(documents, encoded)
+    ]
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A short hash of a fast tokenizer's full definition (vocabulary, merges, normalisation)."""
+    return hashlib.sha1(tokenizer.backend_tokenizer.to_str().encode("utf-8")).hexdigest()[:12]
+
+
+def load_tokenized(corpus: str, split: str, tokenizer: PreTrainedTokenizerBase) -> list[TokenizedDocument]:
+    """A corpus split as token ids; cached on disk per (corpus, split, tokenizer)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    path = cache_dir() / "tokenized" / f"{corpus}-{tokenizer_fingerprint(tokenizer)}" / f"{split}.pt"
+    if path.is_file():
+        saved = torch.load(path, weights_only=True)
+        return [TokenizedDocument(name, ids, num_bytes=int(n)) for name, ids, n in zip(saved["names"], saved["ids"], saved["bytes"])]
+    documents = tokenize_documents(load_corpus(corpus, split), tokenizer)
+    payload = {"names": [d.name for d in documents], "ids": [d.ids for d in documents], "bytes": [d.num_bytes for d in documents]}
+    write_atomically(path, lambda tmp: torch.save(payload, tmp))
+    return documents

@@ -1,0 +1,99 @@
+"""Evaluate a checkpoint and write the results: JSON, a Markdown table, a loss-by-position plot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from ..atomic import write_atomically  # noqa: E402
+from ..data.pipeline import load_tokenized  # noqa: E402
+from ..model.transformer import MemorizingTransformer  # noqa: E402
+from ..training.checkpoint import resolve_model_dir  # noqa: E402
+from .perplexity import EvalResult, evaluate  # noqa: E402
+
+
+def describe(model: MemorizingTransformer) -> dict[str, Any]:
+    c = model.config
+    return {
+        "memory_size": c.memory_size if c.knn_layers else 0,
+        "knn_k": c.knn_k if c.knn_layers else 0,
+        "xl_length": c.xl_length,
+        "segment_length": c.segment_length,
+        "knn_layers": list(c.memory_layer_indices),
+    }
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| model | segment | XL | memory | k | tokens | loss (nats) | perplexity | bits/byte |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        bpb = "-" if r["bits_per_byte"] is None else f"{r['bits_per_byte']:.4f}"
+        memory = f"{r['memory_size']:,}" if r["memory_size"] else "-"
+        lines.append(
+            f"| {r['label']} | {r['segment_length']} | {r['xl_length'] or '-'} | {memory} | {r['knn_k'] or '-'} | "
+            f"{r['tokens']:,} | {r['loss']:.4f} | {r['perplexity']:.3f} | {bpb} |"
+        )
+    return "\n".join(lines)
+
+
+def plot_loss_by_position(results: dict[str, EvalResult], segment_length: int, path: Path, title: str) -> None:
+    """Mean loss of the targets in each segment of their document, against position."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, result in results.items():
+        positions = [(i + 0.5) * segment_length for i in range(len(result.loss_by_segment))]
+        ax.plot(positions, result.loss_by_segment, marker=".", label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("position in document (tokens)")
+    ax.set_ylabel("mean loss (nats)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def evaluate_checkpoint(
+    checkpoint: str | Path,
+    corpus: str,
+    split: str = "test",
+    overrides: dict[str, Any] | None = None,
+    out_dir: str | Path | None = None,
+    max_tokens: int | None = None,
+    compare_without_memory: bool = True,
+    device: torch.device | str = "cpu",
+) -> dict[str, Any]:
+    """Evaluate a model (with `overrides` of memory_size, knn_k, xl_length, ...) on a corpus split,
+    and, when it has memory layers, the same weights with the memory switched off."""
+    model_dir = resolve_model_dir(checkpoint)
+    overrides = dict(overrides or {})
+    out = Path(out_dir) if out_dir else Path(checkpoint) / f"eval-{corpus}-{split}"
+    variants = {"with memory": overrides}
+    model = MemorizingTransformer.from_pretrained(model_dir, **overrides)
+    if not model.config.knn_layers:
+        variants = {"no memory": overrides}
+    elif compare_without_memory:
+        variants["memory off"] = {**overrides, "knn_layers": ()}
+    documents = load_tokenized(corpus, split, model.tokenizer)
+    results: dict[str, EvalResult] = {}
+    rows = []
+    for label, variant in variants.items():
+        model = MemorizingTransformer.from_pretrained(model_dir, **variant).to(device)
+        results[label] = evaluate(model, documents, max_tokens=max_tokens, progress=True)
+        rows.append({"label": label, **describe(model), **results[label].to_dict()})
+    title = f"{model_dir.name} on {corpus}/{split}"
+    table = markdown_table(rows)
+    report = {"checkpoint": str(model_dir), "corpus": corpus, "split": split, "overrides": overrides, "results": rows}
+    write_atomically(out / "eval.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
+    write_atomically(out / "eval.md", lambda tmp: Path(tmp).write_text(f"# {title}\n\n{table}\n"))
+    plot_loss_by_position(results, model.config.segment_length, out / "loss_by_position.png", title)
+    return {**report, "markdown": table, "json": str(out / "eval.json"), "plot": str(out / "loss_by_position.png")}
