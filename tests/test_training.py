@@ -95,3 +95,13 @@ def test_evaluation_is_finite_and_honours_memory_overrides(tmp_path):
     assert math.isfinite(evaluate(without, documents, max_tokens=100).loss)
     with pytest.raises(ValueError, match="does not fit this configuration"):
         MemorizingTransformer.from_pretrained(tmp_path, d_model=32)
+
+
+def test_log_binned_loss_is_token_weighted():
+    from memorizing_transformers.evaluation.perplexity import EvalResult
+    from memorizing_transformers.evaluation.report import log_binned
+
+    result = EvalResult(1.0, 2.7, None, 0, 1, loss_by_segment=[1.0, 2.0, 3.0, 5.0, 1.0], tokens_by_segment=[10, 10, 10, 30, 10])
+    positions, losses = log_binned(result, segment_length=100)
+    assert positions == [50.0, 150.0, 300.0, 450.0]
+    assert losses == [1.0, 2.0, 4.5, 1.0]

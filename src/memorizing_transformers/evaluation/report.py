@@ -45,12 +45,25 @@ def markdown_table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def log_binned(result: EvalResult, segment_length: int) -> tuple[list[float], list[float]]:
+    """Token-weighted mean loss over segments [0], [1], [2, 3], [4, 7], ...: (mid positions, losses)."""
+    positions, losses = [], []
+    start = 0
+    while start < len(result.loss_by_segment):
+        stop = min(len(result.loss_by_segment), max(1, 2 * start))
+        counts = result.tokens_by_segment[start:stop]
+        total = sum(l * n for l, n in zip(result.loss_by_segment[start:stop], counts))
+        positions.append((start + stop) / 2 * segment_length)
+        losses.append(total / sum(counts))
+        start = stop
+    return positions, losses
+
+
 def plot_loss_by_position(results: dict[str, EvalResult], segment_length: int, path: Path, title: str) -> None:
-    """Mean loss of the targets in each segment of their document, against position."""
+    """Mean loss against position in the document, in log-spaced bins of segments."""
     fig, ax = plt.subplots(figsize=(7, 4))
     for label, result in results.items():
-        positions = [(i + 0.5) * segment_length for i in range(len(result.loss_by_segment))]
-        ax.plot(positions, result.loss_by_segment, marker=".", label=label)
+        ax.plot(*log_binned(result, segment_length), marker="o", label=label)
     ax.set_xscale("log")
     ax.set_xlabel("position in document (tokens)")
     ax.set_ylabel("mean loss (nats)")
