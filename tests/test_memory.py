@@ -107,6 +107,18 @@ def test_reset_rows_leaves_other_rows_untouched():
     memory.add(*entries_with_ids(3, 2, 4, torch.arange(1, 13).view(3, 4)))
     assert stored_ids(memory, 0) == {1, 2, 3, 4}
     assert memory.fill.tolist() == [4, 4, 10]
+    memory.reset()
+    assert memory.extent == 0 and not memory.search(unit(3, 2, 5, 4), 4).valid.any()
+
+
+def test_search_skips_slots_never_written():
+    memory = KNNMemory(2, 1, 4, capacity=1000)
+    keys = unit(2, 1, 7, 4)
+    memory.add(keys, keys, mask=torch.tensor([[True] * 7, [True] * 3 + [False] * 4]))
+    assert memory.extent == 7
+    found = memory.search(keys, k=5)
+    assert found.valid[0].sum(-1).eq(5).all() and found.valid[1].sum(-1).eq(3).all()
+    assert (found.slots[found.valid] < 7).all()
 
 
 def test_masked_positions_are_never_stored_or_returned():

@@ -61,6 +61,7 @@ class KNNMemory:
         self.values = torch.zeros(shape, dtype=dtype, device=device)  # (batch, heads, capacity, head_dim)
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)  # (batch, capacity)
         self.next_slot = torch.zeros(batch_size, dtype=torch.long, device=device)  # (batch,) ring pointer
+        self.extent = 0  # slots [extent, capacity) are empty in every row: search skips them
 
     # ------------------------------------------------------------------ properties
     @property
@@ -123,6 +124,8 @@ class KNNMemory:
         self.values[rows, :, slots] = values.detach()[rows, :, tokens].to(self.device, self.dtype)
         self.valid[rows, slots] = True
         self.next_slot = (self.next_slot + count) % self.capacity
+        if slots.numel():
+            self.extent = max(self.extent, int(slots.max()) + 1)
 
     @torch.no_grad()
     def reset(self, rows: torch.Tensor | Sequence[int] | None = None) -> None:
@@ -137,6 +140,11 @@ class KNNMemory:
             raise ValueError(f"row indices {rows.tolist()} out of range for a memory of {self.batch_size} rows")
         self.valid[rows] = False
         self.next_slot[rows] = 0
+        self._update_extent()
+
+    def _update_extent(self) -> None:
+        used = self.valid.any(dim=0).nonzero()
+        self.extent = int(used.max()) + 1 if used.numel() else 0
 
     # ------------------------------------------------------------------ read
     @torch.no_grad()
@@ -153,20 +161,18 @@ class KNNMemory:
         k = min(k, self.capacity)
         q = queries.detach().to(self.device, self.dtype)
         chunk = max(k, _SCORE_BLOCK_ELEMENTS // max(1, batch * heads * seq))
-        best_scores = best_slots = None
-        for start in range(0, self.capacity, chunk):
-            block = self.keys[:, :, start : start + chunk]  # (batch, heads, c, head_dim)
+        best_scores = torch.full((batch, heads, seq, k), float("-inf"), device=self.device)
+        best_slots = torch.zeros((batch, heads, seq, k), dtype=torch.long, device=self.device)
+        for start in range(0, self.extent, chunk):
+            block = self.keys[:, :, start : min(start + chunk, self.extent)]  # (batch, heads, c, head_dim)
             scores = torch.matmul(q, block.transpose(-1, -2)).float()  # (batch, heads, seq, c)
-            empty = ~self.valid[:, None, None, start : start + chunk]  # (batch, 1, 1, c)
+            empty = ~self.valid[:, None, None, start : start + block.shape[2]]  # (batch, 1, 1, c)
             scores.masked_fill_(empty, float("-inf"))
             top_scores, top_slots = scores.topk(min(k, scores.shape[-1]), dim=-1)
-            top_slots += start
-            if best_scores is not None:
-                merged_scores = torch.cat([best_scores, top_scores], dim=-1)
-                merged_slots = torch.cat([best_slots, top_slots], dim=-1)
-                top_scores, order = merged_scores.topk(k, dim=-1)
-                top_slots = merged_slots.gather(-1, order)
-            best_scores, best_slots = top_scores, top_slots
+            merged_scores = torch.cat([best_scores, top_scores], dim=-1)
+            merged_slots = torch.cat([best_slots, top_slots + start], dim=-1)
+            best_scores, order = merged_scores.topk(k, dim=-1)
+            best_slots = merged_slots.gather(-1, order)
         valid = torch.isfinite(best_scores)  # (batch, heads, seq, k)
 
         # Gather the winners once from the flattened store: (batch*heads*capacity, head_dim).
@@ -194,6 +200,7 @@ class KNNMemory:
                     f"but this memory expects {tuple(target.shape)}"
                 )
             target.copy_(state[name].to(target.device, target.dtype))
+        self._update_extent()
 
     def metadata(self) -> dict[str, str]:
         return {
