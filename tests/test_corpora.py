@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import struct
+import subprocess
+import zlib
 from pathlib import Path
 
 import pytest
@@ -146,6 +149,7 @@ def test_cache_is_reused_unless_forced_or_source_changes(stdlib, tmp_path):
     other = write(tmp_path / "other", {"json/__init__.py": "JSON = 8\n"})
     assert prepare_corpus("code", other) == target
     assert list(all_documents("code")) == ["json"]
+    assert [p.name for p in target.parent.iterdir()] == ["code"]  # the replaced corpus is gone
 
 
 def test_unknown_corpus_and_split():
@@ -153,3 +157,264 @@ def test_unknown_corpus_and_split():
         load_corpus("nope", "train")
     with pytest.raises(ValueError, match="train, valid, test"):
         load_corpus("code", "validation")
+
+
+# --- proofs ------------------------------------------------------------------------------
+
+
+def test_proofs_documents_follow_require_order(tmp_path):
+    theories = write(
+        tmp_path / "theories",
+        {
+            "Arith/Alpha.v": "From Coq Require Export Coq.Arith.Mid.\nLemma alpha : True.\n",
+            "Arith/Beta.v": "Require Import\n  Zeta Coq.Init.Datatypes.\nLemma beta : True.\n",
+            "Arith/Gamma.v": "Lemma gamma : True.\n",
+            "Arith/Mid.v": "(* Require Import Zeta. (* nested *) *)\nLemma mid : True.\n",
+            "Arith/Zeta.v": "Require Import Alpha.\nLemma zeta : True.\n",
+            "Init/Datatypes.v": b"Inductive unit := tt. (* \xff *)\n",
+            "Init/Empty.v": "",
+            "Sets/Blank.v": "  \n",
+            "Top.v": "Lemma top : True.\n",
+        },
+    )
+    documents = all_documents("proofs", theories)
+    assert sorted(documents) == ["Coq", "Coq/Arith", "Coq/Init"]
+    headers = [line for line in documents["Coq/Arith"].splitlines() if line.startswith("(* file:")]
+    assert headers == [f"(* file: Arith/{stem}.v *)" for stem in ["Gamma", "Mid", "Alpha", "Zeta", "Beta"]]
+    assert documents["Coq/Init"] == "(* file: Init/Datatypes.v *)\nInductive unit := tt. (* \ufffd *)\n"
+    assert documents["Coq"] == "(* file: Top.v *)\nLemma top : True.\n"
+
+
+def test_proofs_dependency_cycles_are_broken_by_name():
+    from memorizing_transformers.data.corpora.proofs import dependency_order, required_modules
+
+    assert required_modules("Require Import A B.C. (* Require D. *) From X Require Export E.\nImport F.") == {"A", "C", "E"}
+    assert dependency_order({"C": "Require A.", "B": "Require C.", "A": "Require Import B."}) == ["A", "C", "B"]
+    assert dependency_order({"B": "", "A": "Require B.", "C": "Require A."}) == ["B", "A", "C"]
+
+
+# --- metamath ----------------------------------------------------------------------------
+
+
+def test_metamath_is_cut_into_contiguous_parts(tmp_path):
+    bar = "#" * 79
+    header = "$(\n{bar}\n   {title}\n{bar}\n$)\n"
+    text = (
+        "$( set.mm front matter $)\n"
+        + header.format(bar=bar, title="CLASSICAL LOGIC")
+        + "$c ( ) $.\n"
+        + header.format(bar=bar, title="ZF SET\n   THEORY")
+        + "$( caf\xe9 $)\n"
+    )
+    folder = write(tmp_path / "databases", {"set.mm": text.encode("latin-1"), "iset.mm": "ignored"})
+    documents = all_documents("metamath", folder)
+    assert sorted(documents) == ["set.mm/00 front matter", "set.mm/01 CLASSICAL LOGIC", "set.mm/02 ZF SET THEORY"]
+    assert "".join(documents[name] for name in sorted(documents)) == text.replace("\xe9", "\ufffd")
+    assert documents["set.mm/01 CLASSICAL LOGIC"].endswith("$c ( ) $.\n")
+
+
+# --- books: the R lazy-load database -------------------------------------------------------
+
+
+def xdr_character_vector(lines: list[str | None], version: int = 3, latin1: bool = False) -> bytes:
+    """R's serialize() of a character vector in XDR format."""
+    out = b"X\n" + struct.pack(">iii", version, 0x040201, 0x030500)
+    if version == 3:
+        out += struct.pack(">i", 5) + b"UTF-8"
+    out += struct.pack(">ii", 16, len(lines))  # STRSXP, length
+    for line in lines:
+        if line is None:
+            out += struct.pack(">ii", 9, -1)  # NA_character_
+        else:
+            data = line.encode("latin-1" if latin1 else "utf-8")
+            out += struct.pack(">ii", 9 | ((4 if latin1 else 8) << 12), len(data)) + data  # CHARSXP, LATIN1/UTF8
+    return out
+
+
+def xdr_integer_vector(values: list[int]) -> bytes:
+    return b"X\n" + struct.pack(">iii", 2, 0x040201, 0x020300) + struct.pack(f">ii{len(values)}i", 13, len(values), *values)
+
+
+def rdb(*payloads: bytes) -> bytes:
+    return b"".join(struct.pack(">I", len(p)) + zlib.compress(p) for p in payloads)
+
+
+def test_rdb_parser():
+    from memorizing_transformers.data.corpora.books import read_rdb
+
+    data = rdb(
+        xdr_character_vector(["EMMA", "", "caf\u00e9 \u2014 fin", None]),
+        xdr_integer_vector([1, 2, 3]),
+        xdr_character_vector(["na\u00efve"], version=2, latin1=True),
+    )
+    assert read_rdb(data) == [["EMMA", "", "caf\u00e9 \u2014 fin", None], ["na\u00efve"]]
+    with pytest.raises(ValueError, match="truncated"):
+        read_rdb(data[:-3])
+    with pytest.raises(ValueError, match="zlib"):
+        read_rdb(struct.pack(">I", 4) + b"not zlib at all")
+
+
+def test_books_one_document_per_novel(tmp_path):
+    novels = {
+        "PRIDE AND PREJUDICE": ["", "PRIDE AND PREJUDICE", "", "It is a truth universally acknowledged"],
+        "Persuasion": ["Persuasion", None, "Sir Walter Elliot"],
+        "SENSE AND SENSIBILITY": ["SENSE AND SENSIBILITY", "by Jane Austen"],
+    }
+    data = rdb(*(xdr_character_vector(lines) for lines in novels.values()), xdr_character_vector(["", "  "]))
+    folder = write(tmp_path / "janeaustenr/data", {"Rdata.rdb": data})
+    splits = {split: load_corpus("books", split, folder) for split in common.SPLITS}
+    assert all(len(documents) == 1 for documents in splits.values())  # 3 novels: one in each split
+    documents = {d.name: d.text for docs in splits.values() for d in docs}
+    assert sorted(documents) == ["Persuasion", "Pride and Prejudice", "Sense and Sensibility"]
+    assert documents["Pride and Prejudice"] == "\nPRIDE AND PREJUDICE\n\nIt is a truth universally acknowledged"
+    assert documents["Persuasion"] == "Persuasion\n\nSir Walter Elliot"
+
+
+# --- tex, and Debian packages --------------------------------------------------------------
+
+TEX_FILES = {
+    "usr/share/pari/doc/users.tex": "\\input usersch1\n\\bye\n",
+    "usr/share/pari/doc/usersch1.tex": "\\chapter{Overview}\n",
+    "usr/share/pari/doc/sub/appendix.tex": "\\section{More}\n",
+    "usr/share/pari/doc/latin.tex": b"Erd\xf6s\n",
+    "usr/share/pari/doc/empty.tex": "",
+    "usr/share/pari/doc/users.pdf": "not tex",
+}
+
+
+def test_tex_documents_from_an_unpacked_package(tmp_path):
+    package = write(tmp_path / "pari-doc", TEX_FILES)
+    documents = all_documents("tex", package)
+    assert sorted(documents) == ["latin.tex", "sub/appendix.tex", "users.tex", "usersch1.tex"]
+    assert documents["users.tex"] == "\\input usersch1\n\\bye\n"
+    assert documents["latin.tex"] == "Erd\ufffds\n"
+
+
+def fake_apt(calls: list[list[str]], files: dict[str, str | bytes]):
+    """A stand-in for apt-get download / dpkg-deb that 'unpacks' `files`."""
+
+    def run_tool(command: list[str], cwd: Path | None = None) -> str:
+        calls.append(command)
+        if command[:2] == ["apt-get", "download"]:
+            (cwd / f"{command[2]}_1.0-1_all.deb").write_bytes(b"deb")
+        elif command[:2] == ["dpkg-deb", "-x"]:
+            write(Path(command[3]), files)
+        elif command[:2] == ["dpkg-deb", "-f"]:
+            return "1.0-1\n"
+        return ""
+
+    return run_tool
+
+
+def test_debian_package_is_fetched_once_and_unpacked_into_the_cache(monkeypatch):
+    calls: list[list[str]] = []
+    monkeypatch.setattr(common, "run_tool", fake_apt(calls, TEX_FILES))
+    monkeypatch.setattr(common.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    target = prepare_corpus("tex")
+    assert [c[:2] for c in calls] == [["apt-get", "download"], ["dpkg-deb", "-x"], ["dpkg-deb", "-f"]]
+    meta = json.loads((target / "meta.json").read_text())
+    assert meta["source"].startswith("Debian package pari-doc 1.0-1 (")
+    assert sum(s["documents"] for s in meta["splits"].values()) == 4
+    assert (common.cache_dir() / "debian/pari-doc/usr/share/pari/doc/users.tex").is_file()
+    prepare_corpus("tex", force=True)
+    assert len(calls) == 3  # unpacked package reused
+    assert sorted(p.name for p in (common.cache_dir() / "debian").iterdir()) == ["pari-doc"]
+
+
+def test_unavailable_debian_package_says_what_to_run(monkeypatch):
+    def apt_fails(command, cwd=None):
+        raise subprocess.CalledProcessError(100, command, stderr="E: Unable to locate package libcoq-stdlib")
+
+    monkeypatch.setattr(common, "run_tool", apt_fails)
+    monkeypatch.setattr(common.shutil, "which", lambda tool: f"/usr/bin/{tool}")
+    with pytest.raises(CorpusUnavailable) as error:
+        load_corpus("proofs", "train")  # not prepared: never fetches by itself
+    assert "run `mt data prepare proofs`" in str(error.value)
+    with pytest.raises(CorpusUnavailable) as error:
+        prepare_corpus("proofs")
+    message = str(error.value)
+    assert "apt-get download libcoq-stdlib" in message and "apt-get update" in message
+    assert "mt data prepare proofs --source DIR" in message
+    assert [p.name for p in (common.cache_dir() / "debian").iterdir()] == []  # nothing half-unpacked
+    monkeypatch.setattr(common.shutil, "which", lambda tool: None)
+    with pytest.raises(CorpusUnavailable, match="apt-get and dpkg-deb cannot be found"):
+        prepare_corpus("books")
+
+
+# --- files and pg19 (through the datasets library) -----------------------------------------
+
+
+def test_files_corpus_from_txt_and_jsonl(tmp_path):
+    rows = [{"text": "first row", "name": "row-one"}, {"text": "second row"}, {"text": ""}]
+    folder = write(
+        tmp_path / "mine",
+        {
+            "a.txt": "alpha\nbeta\n",
+            "deep/b.txt": "gamma",
+            "empty.txt": "",
+            "latin.txt": b"na\xefve",
+            "notes.md": "ignored",
+            "rows.jsonl": "".join(json.dumps(r) + "\n" for r in rows),
+        },
+    )
+    with pytest.raises(CorpusUnavailable, match="--source DIR"):
+        load_corpus("files", "train")
+    documents = all_documents("files", folder)
+    assert documents == {
+        "a.txt": "alpha\nbeta\n",
+        "deep/b.txt": "gamma",
+        "latin.txt": "na\ufffdve",
+        "row-one": "first row",
+        "rows.jsonl#1": "second row",
+    }
+    assert all(load_corpus("files", split) for split in common.SPLITS)  # cached: no source needed now
+    with pytest.raises(CorpusUnavailable, match="--source DIR"):
+        prepare_corpus("files", force=True)
+
+
+def test_pg19_keeps_its_own_splits(tmp_path):
+    folder = write(
+        tmp_path / "pg19",
+        {
+            "train/10.txt": "book ten",
+            "train/11.txt": "book eleven",
+            "validation/20.txt": "book twenty",
+            "test/30.txt": "book thirty",
+            "test/31.txt": "",
+        },
+    )
+    assert {s: [(d.name, d.text) for d in load_corpus("pg19", s, folder)] for s in common.SPLITS} == {
+        "train": [("10", "book ten"), ("11", "book eleven")],
+        "valid": [("20", "book twenty")],
+        "test": [("30", "book thirty")],
+    }
+    assert "own splits" in json.loads((common.corpus_dir("pg19") / "meta.json").read_text())["split_rule"]
+    with pytest.raises(CorpusUnavailable, match="validation/"):
+        prepare_corpus("pg19", write(tmp_path / "partial", {"train/1.txt": "x", "test/2.txt": "y"}))
+
+
+def test_pg19_from_the_hub_names_books_by_gutenberg_id(monkeypatch):
+    from memorizing_transformers.data.corpora import pg19
+
+    def fake_hub(path, **kwargs):
+        assert path == pg19.HUB_ID
+        book = {"short_book_title": "T", "publication_date": 1900, "url": "http://www.gutenberg.org/ebooks/{}"}
+        return {
+            "train": [dict(book, url=book["url"].format(1), text="one")],
+            "validation": [dict(book, url=book["url"].format(2), text="two"), dict(book, url="u/3", text=" ")],
+            "test": [dict(book, url=book["url"].format(4), text="four")],
+        }
+
+    monkeypatch.setattr(pg19, "stream_dataset", fake_hub)
+    with pytest.raises(CorpusUnavailable, match="run `mt data prepare pg19`"):
+        load_corpus("pg19", "valid")  # never downloads by itself
+    prepare_corpus("pg19")
+    assert [(d.name, d.text) for d in load_corpus("pg19", "valid")] == [("2", "two")]
+    assert [d.name for d in load_corpus("pg19", "test")] == ["4"]
+
+    def offline(path, **kwargs):
+        raise ConnectionError("Couldn't reach 'emozilla/pg19' on the Hub (OfflineModeIsEnabled)")
+
+    monkeypatch.setattr(pg19, "stream_dataset", offline)
+    with pytest.raises(CorpusUnavailable, match="OfflineModeIsEnabled.*--source DIR"):
+        prepare_corpus("pg19", force=True)

@@ -28,7 +28,10 @@ def build(source: Path | None) -> Built:
     root = source if source is not None else Path(sysconfig.get_paths()["stdlib"])
     if not root.is_dir():
         raise CorpusUnavailable(f"corpus 'code': source folder {root} does not exist")
-    description = str(root.resolve()) if source is not None else f"Python {platform.python_version()} standard library ({root})"
+    if source is not None:
+        description = str(root.resolve())
+    else:
+        description = f"Python {platform.python_version()} standard library ({root})"
     return Built(source=description, splits=split_documents(documents(root)))
 
 

@@ -12,6 +12,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..tokenizer import cache_dir
 
@@ -23,7 +24,7 @@ BUILD_VERSION = 1
 SPLIT_RULE = (
     "by document: u = first 8 bytes of SHA-256(document name) / 2**64; test if u < 0.05, "
     "valid if u < 0.10, train otherwise; with 3 or more documents, while a split is empty "
-    "the lowest-u document of the largest split moves into it (test first, then valid, then train)"
+    "the lowest-u document of the largest split (train on ties) moves into it, filling test, then valid, then train"
 )
 
 
@@ -77,7 +78,7 @@ def split_documents(documents: Iterable[Document]) -> dict[str, list[Document]]:
     Within each split the documents keep the order they came in. Empty documents
     (whitespace only) are dropped; duplicate names are an error.
     """
-    documents = [d for d in documents if d.text.strip()]
+    documents = list(non_empty(documents))
     names = [d.name for d in documents]
     if len(set(names)) != len(names):
         duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -93,6 +94,11 @@ def split_documents(documents: Iterable[Document]) -> dict[str, list[Document]]:
                 largest = max(("train", "valid", "test"), key=lambda split: len(members[split]))
                 assigned[members[largest][0]] = empty
     return {split: [d for d in documents if assigned[d.name] == split] for split in SPLITS}
+
+
+def non_empty(documents: Iterable[Document]) -> Iterator[Document]:
+    """The documents that are not empty or whitespace only."""
+    return (d for d in documents if d.text.strip())
 
 
 def read_text(path: Path) -> str:
@@ -112,22 +118,21 @@ def concatenate(files: Iterable[tuple[str, str]], header: str) -> str:
     return "\n".join(parts)
 
 
+def stream_dataset(path: str, **kwargs: Any) -> Any:
+    """`datasets.load_dataset(path, ...)` streamed (no Arrow copy), its cache under cache_dir()."""
+    import datasets
+
+    return datasets.load_dataset(path, streaming=True, cache_dir=str(cache_dir() / "hf-datasets"), **kwargs)
+
+
 def text_files(paths: list[Path]) -> Iterator[tuple[Path, str]]:
     """Each file's whole text, read through the `datasets` text loader (one example per file)."""
     if not paths:
         return
-    import datasets
-
-    dataset = datasets.load_dataset(
-        "text",
-        data_files=[str(p) for p in paths],
-        sample_by="document",
-        encoding_errors="replace",
-        split="train",
-        streaming=True,
-        cache_dir=str(cache_dir() / "hf-datasets"),
+    rows = stream_dataset(
+        "text", data_files=[str(p) for p in paths], sample_by="document", encoding_errors="replace", split="train"
     )
-    yield from zip(paths, (row["text"] for row in dataset), strict=True)
+    yield from zip(paths, (row["text"] for row in rows), strict=True)
 
 
 def debian_package(package: str, corpus: str) -> Path:
