@@ -16,6 +16,7 @@ from safetensors.torch import load_model, save_model
 from transformers.utils import ModelOutput
 
 from ..config import MemorizingConfig
+from ..data.tokenizer import load_tokenizer
 from ..atomic import write_atomically
 from .attention import Attention
 from .positions import relative_position_bucket, segment_relative_positions
@@ -98,8 +99,6 @@ class MemorizingTransformer(nn.Module):
     def tokenizer(self):
         """A Hugging Face tokenizer (the offline GPT-2 BPE unless another was given), loaded on first use."""
         if self._tokenizer is None:
-            from ..data.tokenizer import load_tokenizer
-
             tokenizer = load_tokenizer(self._tokenizer_source)
             if len(tokenizer) > self.config.vocab_size:
                 raise ValueError(
