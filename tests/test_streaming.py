@@ -29,6 +29,7 @@ def replay(batcher):
             if batch.start_of_document[row]:
                 current[row] = None
             if n == 0:
+                assert batch.document_index[row] == -1
                 continue
             ids = batch.input_ids[row, :n]
             if current[row] is None:
@@ -38,6 +39,7 @@ def replay(batcher):
                 streamed[current[row]] = {"inputs": [], "targets": [], "positions": [], "row": row}
             else:
                 assert not batch.start_of_document[row]
+            assert batch.document_index[row] == current[row]
             record = streamed[current[row]]
             assert record["row"] == row  # a document never changes rows
             record["inputs"].append(ids)

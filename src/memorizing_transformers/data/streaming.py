@@ -38,6 +38,7 @@ class Batch:
     attention_mask: torch.Tensor  # (batch, seq) bool, False at padding
     positions: torch.Tensor  # (batch, seq) long, position of each target in its document
     start_of_document: torch.Tensor  # (batch,) bool, True where the row's document begins here
+    document_index: torch.Tensor  # (batch,) long, index of each row's document in the batcher's list, -1 if idle
 
     @property
     def num_targets(self) -> int:
@@ -102,6 +103,7 @@ class StreamingBatcher:
         attention_mask = torch.zeros(B, L, dtype=torch.bool)
         positions = torch.zeros(B, L, dtype=torch.long)
         start = torch.zeros(B, dtype=torch.bool)
+        document_index = torch.full((B,), -1, dtype=torch.long)
         for row in range(B):
             if self.rows[row] is None:
                 document = self._next_document()
@@ -110,6 +112,7 @@ class StreamingBatcher:
                     continue
                 self.rows[row] = (document, 0)
             document, offset = self.rows[row]
+            document_index[row] = document
             doc = self.documents[document]
             n = min(L, doc.ids.numel() - 1 - offset)  # inputs that have a target
             input_ids[row, :n] = doc.ids[offset : offset + n]
@@ -123,7 +126,7 @@ class StreamingBatcher:
             self.rows[row] = None if offset >= doc.ids.numel() - 1 else (document, offset)
         if not attention_mask.any():
             raise StopIteration
-        return Batch(input_ids, targets, attention_mask, positions, start)
+        return Batch(input_ids, targets, attention_mask, positions, start, document_index)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "queue_position": self.queue_position, "rows": list(self.rows), "seed": self.seed}
