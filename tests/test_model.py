@@ -250,3 +250,14 @@ def test_bad_input_gets_clear_errors():
         tiny(knn_layers=(4,))
     with pytest.raises(ValueError, match="memory_dtype must be one of"):
         tiny(memory_dtype="int8")
+
+
+def test_initialisation_options():
+    model = MemorizingTransformer(tiny(memory_gate_init=-3.0, previous_token_bias_init=5.0))
+    assert torch.allclose(torch.sigmoid(model.blocks[2].attn.gate_bias), torch.full((4,), 0.0474), atol=1e-4)
+    bias = model.blocks[0].attn.position_bias.embedding.weight  # (buckets, heads)
+    assert bias[1].eq(5.0).all() and bias[0].eq(0).all() and bias[2:].eq(0).all()
+    assert model.blocks[1].attn.position_bias.embedding.weight.eq(0).all()
+    default = MemorizingTransformer(tiny())
+    assert default.blocks[2].attn.gate_bias.eq(0).all()
+    assert default.blocks[0].attn.position_bias.embedding.weight.eq(0).all()

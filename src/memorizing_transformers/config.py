@@ -57,6 +57,12 @@ class MemorizingConfig:
     # attention by a learned per-head sigmoid gate (the paper). "joint_softmax":
     # retrieved entries join the local softmax.
     memory_combine: Literal["gate", "joint_softmax"] = "gate"
+    # Initial gate bias b_g (gate = sigmoid(b_g)): 0 in the paper. A negative value starts
+    # with the memory nearly shut, which lets local copy circuits form first.
+    memory_gate_init: float = 0.0
+    # Added at initialisation to the first layer's position bias at distance 1 (every head),
+    # so that layer starts out attending to the previous token. 0: no such prior.
+    previous_token_bias_init: float = 0.0
 
     def __post_init__(self) -> None:
         self.knn_layers = tuple(int(i) for i in self.knn_layers)

@@ -38,8 +38,8 @@ class Attention(nn.Module):
         self.position_bias = RelativePositionBias(config.n_heads, config.num_buckets, config.max_distance)
         self.use_memory = use_memory
         if use_memory and self.combine == "gate":
-            # g = sigmoid(gate_bias): the share of memory in each head's output, 0.5 at init.
-            self.gate_bias = nn.Parameter(torch.zeros(config.n_heads))
+            # g = sigmoid(gate_bias): the share of memory in each head's output (0.5 at the paper's init).
+            self.gate_bias = nn.Parameter(torch.full((config.n_heads,), config.memory_gate_init))
 
     def forward(
         self,

@@ -89,6 +89,8 @@ class MemorizingTransformer(nn.Module):
             if p.dim() == 2 and "position_bias" not in name:
                 std = 0.02 / math.sqrt(2 * self.config.n_layers) if name.endswith(("out.weight", "mlp.2.weight")) else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
+        with torch.no_grad():  # causal T5 bucket 1 is exactly distance 1
+            self.blocks[0].attn.position_bias.embedding.weight[1] += self.config.previous_token_bias_init
 
     # ------------------------------------------------------------------ conveniences
     @property

@@ -38,6 +38,7 @@ class TrainConfig:
     betas: tuple[float, float] = (0.9, 0.95)
     grad_clip: float = 1.0
     seed: int = 0
+    shuffle: bool = True  # document order shuffled per epoch; False keeps the given order (a curriculum)
     eval_every: int = 200  # 0: only at the end
     eval_tokens: int = 20_000  # validation budget per evaluation
     checkpoint_every: int = 200  # 0: only at the end
@@ -93,7 +94,9 @@ class Trainer:
         self.run_dir = Path(run_dir)
         torch.manual_seed(config.seed)
         random.seed(config.seed)
-        self.batcher = StreamingBatcher(train_docs, config.batch_size, model.config.segment_length, seed=config.seed, epochs=None)
+        self.batcher = StreamingBatcher(
+            train_docs, config.batch_size, model.config.segment_length, seed=config.seed, shuffle=config.shuffle, epochs=None
+        )
         self.optimizer = make_optimizer(model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, config))
         self.state = model.new_state(config.batch_size)
