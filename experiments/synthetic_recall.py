@@ -24,7 +24,8 @@ thread (each can be switched off to see it stall at chance):
   use once answers lie beyond the XL window;
 - layer 0 starts as a previous-token layer (`previous_token_bias`), so the key
   written at a value token can encode the name before it.
-All three are emulated by setting parameters after construction.
+The gate and the previous-token prior are the model options `memory_gate_init` and
+`previous_token_bias_init`; the curriculum is in the training documents.
 
     python experiments/synthetic_recall.py --quick            # < 1 minute, a smoke test
     python experiments/synthetic_recall.py                    # about 5 minutes
@@ -105,19 +106,16 @@ def stack(documents: list[RecallDocument]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def build_model(settings: Settings, task: RecallTask, memory: bool) -> MemorizingTransformer:
     """The model of `settings`, with its memory layers or none, initialised from `settings.seed`."""
-    fields = {**settings.model, "vocab_size": task.vocab_size}
+    fields = {
+        **settings.model,
+        "vocab_size": task.vocab_size,
+        "memory_gate_init": settings.memory_gate_init,
+        "previous_token_bias_init": settings.previous_token_bias,
+    }
     if not memory:
         fields["knn_layers"] = ()
     torch.manual_seed(settings.seed)
-    model = MemorizingTransformer(MemorizingConfig(**fields))
-    attn = model.blocks[0].attn
-    with torch.no_grad():
-        for block in model.blocks:
-            if block.attn.use_memory:
-                block.attn.gate_bias.fill_(settings.memory_gate_init)
-        # T5 bucket 1 is exactly distance 1 (causal buckets are exact below num_buckets // 2).
-        attn.position_bias.embedding.weight[1] += settings.previous_token_bias
-    return model
+    return MemorizingTransformer(MemorizingConfig(**fields))
 
 
 def segment_loss(

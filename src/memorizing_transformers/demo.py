@@ -64,7 +64,7 @@ class DemoScale:
     recall_eval_documents: int
 
 
-FULL = DemoScale(vocab_size=4096, steps=1000, batch_size=4, max_documents=None, test_tokens=None, recall_steps=2000, recall_eval_documents=64)
+FULL = DemoScale(vocab_size=4096, steps=2500, batch_size=4, max_documents=None, test_tokens=None, recall_steps=2000, recall_eval_documents=64)
 QUICK = DemoScale(vocab_size=512, steps=3, batch_size=2, max_documents=3, test_tokens=512, recall_steps=20, recall_eval_documents=8)
 
 
@@ -161,6 +161,7 @@ def recall_stage(scale: DemoScale, out: Path) -> tuple[list[dict[str, Any]], str
 
 
 def run_demo(quick: bool = False, out_dir: Path = Path("runs/demo"), docs_dir: Path | None = None) -> dict[str, Any]:
+    began = time.perf_counter()
     scale = QUICK if quick else FULL
     out = out_dir / ("quick" if quick else "full")
     print(f"== Memorizing Transformers demo ({'quick' if quick else 'full'}) -> {out}")
@@ -172,6 +173,7 @@ def run_demo(quick: bool = False, out_dir: Path = Path("runs/demo"), docs_dir: P
         "recall": {"task": dataclasses.asdict(RECALL_TASK), "model": RECALL_MODEL, "results": recall_rows},
         "code": {"model": DEMO_MODEL, "results": code_rows},
         "machine": {"platform": platform.platform(), "torch": torch.__version__, "threads": torch.get_num_threads()},
+        "wall_seconds": time.perf_counter() - began,
     }
     write_atomically(out / "demo.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
     print()
@@ -181,7 +183,7 @@ def run_demo(quick: bool = False, out_dir: Path = Path("runs/demo"), docs_dir: P
     print()
     print(f"Code corpus, held-out documents, same seed and {scale.steps} steps each:")
     print(code_table)
-    print(f"\nplot: {plot}\nresults: {out / 'demo.json'}")
+    print(f"\nplot: {plot}\nresults: {out / 'demo.json'}\ndemo took {report['wall_seconds'] / 60:.1f} minutes")
     if docs_dir is not None:
         publish(report, recall_table, code_table, plot, docs_dir)
     return report
@@ -195,7 +197,8 @@ def publish(report: dict[str, Any], recall_table: str, code_table: str, plot: Pa
     machine = report["machine"]
     text = (
         f"# Demo results\n\nMade by `{report['command']} --docs {docs_dir}` "
-        f"({machine['platform']}, torch {machine['torch']}, {machine['threads']} threads); raw numbers in demo.json.\n\n"
+        f"({machine['platform']}, torch {machine['torch']}, {machine['threads']} threads, "
+        f"{report['wall_seconds'] / 60:.1f} minutes in all); raw numbers in demo.json.\n\n"
         f"## Recall task: answer accuracy by where the binding lies\n\n{recall_table}\n\n"
         f"## Code corpus: held-out standard-library packages\n\n{code_table}\n\n![loss by position]({plot.name})\n"
     )
