@@ -1,0 +1,45 @@
+"""Shared pieces of the benchmarks: timing, machine description, output."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memorizing_transformers.atomic import write_atomically
+
+
+def device_description(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+
+
+def median_seconds(run: Callable[[], Any], repeats: int, warmup: int = 1, device: torch.device | None = None) -> float:
+    """Median wall time of `run()` over `repeats` calls after `warmup` calls (synchronising CUDA)."""
+    def timed() -> float:
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        began = time.perf_counter()
+        run()
+        if device is not None and device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter() - began
+
+    for _ in range(warmup):
+        timed()
+    return statistics.median(timed() for _ in range(repeats))
+
+
+def write_results(name: str, results: dict[str, Any], table: str, out_dir: Path) -> None:
+    """Write NAME.json (raw) and NAME.md (the table and the command) into `out_dir`."""
+    results = {**results, "machine": {"platform": platform.platform(), "torch": torch.__version__}}
+    write_atomically(out_dir / f"{name}.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+    header = f"Made by `{results['command']}` on {results['device']} ({results['machine']['platform']}).\n\n"
+    write_atomically(out_dir / f"{name}.md", lambda tmp: Path(tmp).write_text(header + table + "\n"))

@@ -1,0 +1,98 @@
+"""Training-step time with and without memory, as ratios to the XL-only model of the same run.
+
+Reference configuration (the one the popular PyTorch implementation was measured at):
+vocab 8,192, d_model 256, 6 layers, 4 heads x 64, kNN in the 4th layer, k 32, batch 4 x
+256-token segments, one AdamW step per segment. Memories are filled to capacity before
+timing, so every search covers the whole memory (steady state).
+
+    python -m benchmarks.train_step            # the reference configuration
+    python -m benchmarks.train_step --quick    # a tiny configuration, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from memorizing_transformers import MemorizingConfig, MemorizingTransformer
+from memorizing_transformers.training.trainer import segment_loss
+
+from .common import device_description, median_seconds, write_results
+
+REFERENCE = MemorizingConfig(
+    vocab_size=8192, d_model=256, n_layers=6, n_heads=4, head_dim=64, d_ff=1024,
+    segment_length=256, xl_length=256, knn_layers=(3,), memory_size=8192, knn_k=32,
+)
+QUICK = dataclasses.replace(REFERENCE, vocab_size=512, d_model=64, n_layers=2, n_heads=2, head_dim=32, d_ff=128,
+                            segment_length=32, xl_length=32, knn_layers=(1,), memory_size=512, knn_k=8)
+
+
+def size_label(n: int) -> str:
+    return f"{n // 1024}K" if n % 1024 == 0 else f"{n:,}"
+
+
+def variants(base: MemorizingConfig, large_memory: int) -> dict[str, MemorizingConfig]:
+    small, large = size_label(base.memory_size), size_label(large_memory)
+    return {
+        "vanilla": dataclasses.replace(base, xl_length=0, knn_layers=()),
+        "XL only": dataclasses.replace(base, knn_layers=()),
+        f"memory {small}": dataclasses.replace(base, xl_length=0),
+        f"memory {large}": dataclasses.replace(base, xl_length=0, memory_size=large_memory),
+        f"memory {large} + XL": dataclasses.replace(base, memory_size=large_memory),
+    }
+
+
+def step_seconds(config: MemorizingConfig, batch: int, repeats: int, device: torch.device) -> float:
+    torch.manual_seed(0)
+    model = MemorizingTransformer(config).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    state = model.new_state(batch)
+    for memory in state.memories.values():  # steady state: a full memory
+        shape = (batch, config.n_heads, config.memory_size, config.head_dim)
+        memory.add(F.normalize(torch.randn(shape, device=device), dim=-1), torch.randn(shape, device=device))
+    ids = torch.randint(0, config.vocab_size, (batch, config.segment_length), device=device)
+
+    def step() -> None:
+        nonlocal state
+        out = model(ids, state=state)
+        state = out.state
+        loss = segment_loss(out.logits, ids)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return median_seconds(step, repeats, warmup=2, device=device)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="docs/benchmarks")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    base, large, batch, repeats = (QUICK, 2048, 2, 3) if args.quick else (REFERENCE, 65536, 4, 7)
+    rows = []
+    for label, config in variants(base, large).items():
+        seconds = step_seconds(config, batch, repeats, device)
+        rows.append({"variant": label, "seconds": seconds, "tokens_per_s": batch * config.segment_length / seconds})
+        print(f"{label:>18}: {seconds:.3f} s/step")
+    xl = next(r["seconds"] for r in rows if r["variant"] == "XL only")
+    lines = ["| variant | s / step | tokens / s | ratio to XL only |", "|---|---:|---:|---:|"]
+    for r in rows:
+        r["ratio_to_xl"] = r["seconds"] / xl
+        lines.append(f"| {r['variant']} | {r['seconds']:.3f} | {r['tokens_per_s']:,.0f} | {r['ratio_to_xl']:.2f}x |")
+    text = "\n".join(lines)
+    print(text)
+    command = "python -m benchmarks.train_step" + (" --quick" if args.quick else "")
+    results = {"command": command, "device": device_description(device), "config": base.to_dict(),
+               "batch_size": batch, "repeats": repeats, "rows": rows}
+    write_results("train_step-quick" if args.quick else "train_step", results, text, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
