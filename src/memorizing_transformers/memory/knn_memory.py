@@ -159,15 +159,20 @@ class KNNMemory:
             raise ValueError(f"k must be positive, got {k}")
         batch, heads, seq, dim = queries.shape
         k = min(k, self.capacity)
-        q = queries.detach().to(self.device, self.dtype)
+        # CPUs without bf16/fp16 matrix units multiply low precision several times slower
+        # than fp32: there, blocks are widened to fp32 before the product.
+        compute_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
+        q = queries.detach().to(self.device, compute_dtype)
         chunk = max(k, _SCORE_BLOCK_ELEMENTS // max(1, batch * heads * seq))
         best_scores = torch.full((batch, heads, seq, k), float("-inf"), device=self.device)
         best_slots = torch.zeros((batch, heads, seq, k), dtype=torch.long, device=self.device)
+        all_valid = bool(self.valid[:, : self.extent].all())  # the steady state: no slot to mask
         for start in range(0, self.extent, chunk):
             block = self.keys[:, :, start : min(start + chunk, self.extent)]  # (batch, heads, c, head_dim)
-            scores = torch.matmul(q, block.transpose(-1, -2)).float()  # (batch, heads, seq, c)
-            empty = ~self.valid[:, None, None, start : start + block.shape[2]]  # (batch, 1, 1, c)
-            scores.masked_fill_(empty, float("-inf"))
+            scores = torch.matmul(q, block.to(compute_dtype).transpose(-1, -2)).float()  # (batch, heads, seq, c)
+            if not all_valid:
+                empty = ~self.valid[:, None, None, start : start + block.shape[2]]  # (batch, 1, 1, c)
+                scores.masked_fill_(empty, float("-inf"))
             top_scores, top_slots = scores.topk(min(k, scores.shape[-1]), dim=-1)
             merged_scores = torch.cat([best_scores, top_scores], dim=-1)
             merged_slots = torch.cat([best_slots, top_slots + start], dim=-1)
