@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import statistics
@@ -43,3 +44,13 @@ def write_results(name: str, results: dict[str, Any], table: str, out_dir: Path)
     write_atomically(out_dir / f"{name}.json", lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
     header = f"Made by `{results['command']}` on {results['device']} ({results['machine']['platform']}).\n\n"
     write_atomically(out_dir / f"{name}.md", lambda tmp: Path(tmp).write_text(header + table + "\n"))
+
+
+def parse_arguments(description: str, argv: list[str] | None) -> tuple[argparse.Namespace, torch.device]:
+    """The flags every benchmark takes: --quick, --out, --device."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a tiny configuration, seconds")
+    parser.add_argument("--out", default="docs/benchmarks", help="where NAME.json and NAME.md go")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    return args, torch.device(args.device)

@@ -11,7 +11,6 @@ same shape (the FLOP ceiling of exact search).
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import faiss
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 
 from memorizing_transformers import KNNMemory
 
-from .common import device_description, median_seconds, write_results
+from .common import device_description, median_seconds, parse_arguments, write_results
 
 
 def run(sizes: list[int], heads: int, queries: int, dim: int, k: int, repeats: int, device: torch.device) -> list[dict]:
@@ -68,12 +67,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="docs/benchmarks")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    args, device = parse_arguments(__doc__, argv)
     sizes = [1024, 4096] if args.quick else [8192, 65536, 262144, 1048576]
     settings = dict(heads=4, queries=64 if args.quick else 256, dim=64, k=32, repeats=2 if args.quick else 3)
     rows = run(sizes, device=device, **settings)

@@ -11,7 +11,6 @@ timing, so every search covers the whole memory (steady state).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from pathlib import Path
 
@@ -21,7 +20,7 @@ import torch.nn.functional as F
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
 from memorizing_transformers.training.trainer import segment_loss
 
-from .common import device_description, median_seconds, write_results
+from .common import device_description, median_seconds, parse_arguments, write_results
 
 REFERENCE = MemorizingConfig(
     vocab_size=8192, d_model=256, n_layers=6, n_heads=4, head_dim=64, d_ff=1024,
@@ -69,12 +68,7 @@ def step_seconds(config: MemorizingConfig, batch: int, repeats: int, device: tor
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--out", default="docs/benchmarks")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
-    device = torch.device(args.device)
+    args, device = parse_arguments(__doc__, argv)
     base, large, batch, repeats = (QUICK, 2048, 2, 3) if args.quick else (REFERENCE, 65536, 4, 7)
     rows = []
     for label, config in variants(base, large).items():
