@@ -28,7 +28,7 @@ from .data.synthetic import DISTANCE_CATEGORIES, RecallTask
 from .data.tokenizer import load_tokenizer, train_bpe
 from .evaluation.perplexity import EvalResult, evaluate
 from .evaluation.recall import recall_accuracy
-from .evaluation.report import markdown_table, plot_loss_by_position
+from .evaluation.report import describe, markdown_table, plot_loss_by_position
 from .model.transformer import MemorizingTransformer
 from .training.trainer import TrainConfig, Trainer
 
@@ -111,9 +111,7 @@ def code_stage(scale: DemoScale, out: Path) -> tuple[list[dict[str, Any]], str, 
         began = time.perf_counter()
         results[label] = result = evaluate(model, test_docs, max_tokens=scale.test_tokens, progress=True)
         print(f"  {label}: test perplexity {result.perplexity:.2f} ({result.tokens:,} tokens), trained {train_seconds:.0f} s")
-        rows.append({"label": label, "memory_size": config.memory_size if config.knn_layers else 0,
-                     "knn_k": config.knn_k if config.knn_layers else 0, "xl_length": config.xl_length,
-                     "segment_length": config.segment_length, **result.to_dict(),
+        rows.append({"label": label, **describe(model), **result.to_dict(),
                      "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - began})
     plot = out / "code_loss_by_position.png"
     plot_loss_by_position(results, base.segment_length, plot, f"code corpus, test split, {scale.steps} training steps")

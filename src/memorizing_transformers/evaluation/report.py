@@ -90,17 +90,14 @@ def evaluate_checkpoint(
     model_dir = resolve_model_dir(checkpoint)
     overrides = dict(overrides or {})
     out = Path(out_dir) if out_dir else Path(checkpoint) / f"eval-{corpus}-{split}"
-    variants = {"with memory": overrides}
-    model = MemorizingTransformer.from_pretrained(model_dir, **overrides)
-    if not model.config.knn_layers:
-        variants = {"no memory": overrides}
-    elif compare_without_memory:
-        variants["memory off"] = {**overrides, "knn_layers": ()}
+    model = MemorizingTransformer.from_pretrained(model_dir, **overrides).to(device)
+    variants = {"with memory" if model.config.knn_layers else "no memory": model}
+    if model.config.knn_layers and compare_without_memory:
+        variants["memory off"] = MemorizingTransformer.from_pretrained(model_dir, **{**overrides, "knn_layers": ()}).to(device)
     documents = load_tokenized(corpus, split, model.tokenizer)
     results: dict[str, EvalResult] = {}
     rows = []
-    for label, variant in variants.items():
-        model = MemorizingTransformer.from_pretrained(model_dir, **variant).to(device)
+    for label, model in variants.items():
         results[label] = evaluate(model, documents, max_tokens=max_tokens, progress=True)
         rows.append({"label": label, **describe(model), **results[label].to_dict()})
     title = f"{model_dir.name} on {corpus}/{split}"
