@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_model
 from tqdm.auto import tqdm
 
 from ..data.streaming import StreamingBatcher, TokenizedDocument
@@ -129,8 +130,6 @@ class Trainer:
         checkpoint = latest_checkpoint(self.run_dir)
         if checkpoint is None:
             return False
-        from safetensors.torch import load_model
-
         load_model(self.model, checkpoint / "model.safetensors", device=str(self.model.device))
         saved = load_training_state(checkpoint)
         if saved["train_config"]["batch_size"] != self.config.batch_size or saved["train_config"]["seed"] != self.config.seed:
