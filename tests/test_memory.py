@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from memorizing_transformers import KNNMemory
-from memorizing_transformers.memory import knn_memory
+from memorizing_transformers.memory import exact, knn_memory
 
 
 def unit(*shape):
@@ -20,7 +20,7 @@ def brute_force_topk(keys: np.ndarray, queries: np.ndarray, k: int):
 
 @pytest.mark.parametrize("block_elements", [1 << 25, 3 * 7 * 50])  # one block, and many small blocks
 def test_search_equals_brute_force_and_faiss(monkeypatch, block_elements):
-    monkeypatch.setattr(knn_memory, "_SCORE_BLOCK_ELEMENTS", block_elements)
+    monkeypatch.setattr(exact, "_SCORE_BLOCK_ELEMENTS", block_elements)
     batch, heads, dim, capacity, k = 2, 3, 16, 300, 10
     memory = KNNMemory(batch, heads, dim, capacity)
     keys, values = unit(batch, heads, capacity, dim), torch.randn(batch, heads, capacity, dim)

@@ -9,6 +9,8 @@ from typing import Any, Literal
 
 import torch
 
+from .memory.backend import BACKENDS
+
 MEMORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -53,6 +55,12 @@ class MemorizingConfig:
     memory_size: int = 8192
     knn_k: int = 32
     memory_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # How the memory is searched: "exact" (torch, on the model's device), "faiss_flat"
+    # (exact, faiss IndexFlatIP) or "faiss_ivf" (approximate, faiss IndexIVFFlat with
+    # memory_size / ivf_list_size lists, ivf_nprobe of them searched per query).
+    memory_backend: Literal["exact", "faiss_flat", "faiss_ivf"] = "exact"
+    ivf_list_size: int = 256
+    ivf_nprobe: int = 16
     # "gate": separate softmax over the retrieved entries, mixed with local
     # attention by a learned per-head sigmoid gate (the paper). "joint_softmax":
     # retrieved entries join the local softmax.
@@ -71,6 +79,7 @@ class MemorizingConfig:
             "n_heads": self.n_heads, "head_dim": self.head_dim, "d_ff": self.d_ff,
             "segment_length": self.segment_length, "num_buckets": self.num_buckets,
             "max_distance": self.max_distance, "memory_size": self.memory_size, "knn_k": self.knn_k,
+            "ivf_list_size": self.ivf_list_size, "ivf_nprobe": self.ivf_nprobe,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -81,6 +90,8 @@ class MemorizingConfig:
             raise ValueError(f"MemorizingConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.memory_dtype not in MEMORY_DTYPES:
             raise ValueError(f"MemorizingConfig.memory_dtype must be one of {sorted(MEMORY_DTYPES)}, got {self.memory_dtype!r}")
+        if self.memory_backend not in BACKENDS:
+            raise ValueError(f"MemorizingConfig.memory_backend must be one of {list(BACKENDS)}, got {self.memory_backend!r}")
         if self.memory_combine not in ("gate", "joint_softmax"):
             raise ValueError(f"MemorizingConfig.memory_combine must be 'gate' or 'joint_softmax', got {self.memory_combine!r}")
         if self.num_buckets < 2:

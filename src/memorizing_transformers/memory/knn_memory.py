@@ -1,9 +1,9 @@
 """KNNMemory: a fixed-capacity FIFO store of (key, value) pairs per (batch row, head).
 
-The store and the search index are the same tensors, addressed by one ring-buffer
-pointer per row, so eviction can never desynchronise keys from their values.
-Search is exact: inner products by chunked matmul with a running top-k, so the
-full (queries x memory) score matrix is never materialised for large memories.
+The stored keys and values are addressed by one ring-buffer pointer per row, so
+eviction can never desynchronise keys from their values. Search is delegated to a
+backend (`memory/backend.py`): exact torch search over the store itself by default,
+or faiss indices that mirror the store; the memory gathers the winners either way.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..atomic import write_atomically
+from .backend import SearchBackend, make_backend
 
 FORMAT_VERSION = "1"
-_SCORE_BLOCK_ELEMENTS = 1 << 25  # largest (rows, heads, queries, slots) score block searched at once
 
 
 class SearchResult(NamedTuple):
@@ -33,7 +33,7 @@ class SearchResult(NamedTuple):
 
 
 class KNNMemory:
-    """Per-row, per-head ring buffer of `capacity` (key, value) pairs with exact top-k search.
+    """Per-row, per-head ring buffer of `capacity` (key, value) pairs with top-k search.
 
     Interface: `add` (write, oldest entries evicted first), `search` (top-k by inner
     product), `reset` (chosen rows), `state_dict`/`load_state_dict`, `save`/`load`.
@@ -48,6 +48,7 @@ class KNNMemory:
         capacity: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        backend: str | SearchBackend = "exact",
     ) -> None:
         for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("head_dim", head_dim), ("capacity", capacity)):
             if value <= 0:
@@ -62,6 +63,7 @@ class KNNMemory:
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)  # (batch, capacity)
         self.next_slot = torch.zeros(batch_size, dtype=torch.long, device=device)  # (batch,) ring pointer
         self.extent = 0  # slots [extent, capacity) are empty in every row: search skips them
+        self.backend = make_backend(backend) if isinstance(backend, str) else backend
 
     # ------------------------------------------------------------------ properties
     @property
@@ -81,7 +83,7 @@ class KNNMemory:
     def __repr__(self) -> str:
         return (
             f"KNNMemory(batch_size={self.batch_size}, num_heads={self.num_heads}, head_dim={self.head_dim}, "
-            f"capacity={self.capacity}, dtype={self.dtype}, fill={self.fill.tolist()})"
+            f"capacity={self.capacity}, dtype={self.dtype}, backend={self.backend!r}, fill={self.fill.tolist()})"
         )
 
     # ------------------------------------------------------------------ checks
@@ -126,6 +128,7 @@ class KNNMemory:
         self.next_slot = (self.next_slot + count) % self.capacity
         if slots.numel():
             self.extent = max(self.extent, int(slots.max()) + 1)
+            self.backend.written(self, rows, slots)
 
     @torch.no_grad()
     def reset(self, rows: torch.Tensor | Sequence[int] | None = None) -> None:
@@ -138,9 +141,12 @@ class KNNMemory:
                 raise ValueError(f"a row mask must have shape ({self.batch_size},), got {tuple(rows.shape)}")
         elif rows.numel() and (rows.min() < 0 or rows.max() >= self.batch_size):
             raise ValueError(f"row indices {rows.tolist()} out of range for a memory of {self.batch_size} rows")
+        else:
+            rows = torch.zeros(self.batch_size, dtype=torch.bool, device=self.device).index_fill_(0, rows.long(), True)
         self.valid[rows] = False
         self.next_slot[rows] = 0
         self._update_extent()
+        self.backend.reset(self, rows)
 
     def _update_extent(self) -> None:
         used = self.valid.any(dim=0).nonzero()
@@ -149,35 +155,18 @@ class KNNMemory:
     # ------------------------------------------------------------------ read
     @torch.no_grad()
     def search(self, queries: torch.Tensor, k: int) -> SearchResult:
-        """Exact top-k stored entries by inner product for each query, per (row, head).
+        """Top-k stored entries by inner product for each query, per (row, head).
 
         queries: (batch, heads, seq, head_dim). Returns min(k, capacity) entries per query,
-        best first; slots that are empty are never returned as valid.
+        best first; slots that are empty are never returned as valid. Exact with the
+        "exact" and "faiss_flat" backends, approximate with "faiss_ivf".
         """
         self._check_heads("queries", queries)
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
         batch, heads, seq, dim = queries.shape
         k = min(k, self.capacity)
-        # CPUs without bf16/fp16 matrix units multiply low precision several times slower
-        # than fp32: there, blocks are widened to fp32 before the product.
-        compute_dtype = torch.float32 if self.device.type == "cpu" else self.dtype
-        q = queries.detach().to(self.device, compute_dtype)
-        chunk = max(k, _SCORE_BLOCK_ELEMENTS // max(1, batch * heads * seq))
-        best_scores = torch.full((batch, heads, seq, k), float("-inf"), device=self.device)
-        best_slots = torch.zeros((batch, heads, seq, k), dtype=torch.long, device=self.device)
-        all_valid = bool(self.valid[:, : self.extent].all())  # the steady state: no slot to mask
-        for start in range(0, self.extent, chunk):
-            block = self.keys[:, :, start : min(start + chunk, self.extent)]  # (batch, heads, c, head_dim)
-            scores = torch.matmul(q, block.to(compute_dtype).transpose(-1, -2)).float()  # (batch, heads, seq, c)
-            if not all_valid:
-                empty = ~self.valid[:, None, None, start : start + block.shape[2]]  # (batch, 1, 1, c)
-                scores.masked_fill_(empty, float("-inf"))
-            top_scores, top_slots = scores.topk(min(k, scores.shape[-1]), dim=-1)
-            merged_scores = torch.cat([best_scores, top_scores], dim=-1)
-            merged_slots = torch.cat([best_slots, top_slots + start], dim=-1)
-            best_scores, order = merged_scores.topk(k, dim=-1)
-            best_slots = merged_slots.gather(-1, order)
+        best_scores, best_slots = self.backend.search(self, queries.detach().to(self.device), k)
         valid = torch.isfinite(best_scores)  # (batch, heads, seq, k)
 
         # Gather the winners once from the flattened store: (batch*heads*capacity, head_dim).
@@ -206,6 +195,7 @@ class KNNMemory:
                 )
             target.copy_(state[name].to(target.device, target.dtype))
         self._update_extent()
+        self.backend.rebuild(self)
 
     def metadata(self) -> dict[str, str]:
         return {
@@ -224,8 +214,10 @@ class KNNMemory:
         write_atomically(Path(path), lambda tmp: save_file(tensors, tmp, metadata=self.metadata()))
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: torch.device | str | None = None) -> "KNNMemory":
-        """Read a memory written by `save`; refuses files that are not KNNMemory files."""
+    def load(
+        cls, path: str | os.PathLike, device: torch.device | str | None = None, backend: str | SearchBackend = "exact"
+    ) -> "KNNMemory":
+        """Read a memory written by `save` (its index, if any, is rebuilt); refuses other files."""
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"no memory file at {path}")
@@ -237,7 +229,7 @@ class KNNMemory:
             raise ValueError(f"{path} has memory format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
         memory = cls(
             int(meta["batch_size"]), int(meta["num_heads"]), int(meta["head_dim"]), int(meta["capacity"]),
-            dtype=getattr(torch, meta["dtype"]), device=device,
+            dtype=getattr(torch, meta["dtype"]), device=device, backend=backend,
         )
         memory.load_state_dict(load_file(str(path)))
         return memory

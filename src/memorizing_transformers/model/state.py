@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 
 from ..config import MemorizingConfig
+from ..memory.backend import make_backend
 from ..memory.knn_memory import KNNMemory
 
 
@@ -39,6 +40,7 @@ class MemorizingState:
             layer: KNNMemory(
                 batch_size, config.n_heads, config.head_dim, config.memory_size,
                 dtype=config.torch_memory_dtype, device=device,
+                backend=make_backend(config.memory_backend, config.ivf_list_size, config.ivf_nprobe),
             )
             for layer in config.memory_layer_indices
         }

@@ -1,0 +1,78 @@
+"""Exact top-k search in torch, batched over rows and heads, on the memory's device.
+
+Inner products are computed block by block with one matmul per block, and a running
+top-k is merged across blocks, so the (queries x memory) score matrix is never
+materialised for a large memory.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from .knn_memory import KNNMemory
+
+_SCORE_BLOCK_ELEMENTS = 1 << 25  # largest (rows, heads, queries, slots) score block searched at once
+_GROUP = 32  # slots per group in the two-stage top-k
+
+
+def block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(scores, k) over the last dim, best first, in two cheaper stages.
+
+    The scores are cut into groups of 32; only the k groups with the largest maxima can
+    hold a top-k entry (a group holding one has its maximum >= the k-th score, and at most
+    k - 1 groups have a maximum above it), so the final top-k runs over k * 32 candidates
+    instead of every slot. Equal to torch.topk up to the order of tied scores.
+    """
+    *lead, width = scores.shape
+    groups = width // _GROUP
+    if width % _GROUP or groups < 4 * k:
+        return scores.topk(k, dim=-1)
+    grouped = scores.view(*lead, groups, _GROUP)
+    top_groups = grouped.amax(dim=-1).topk(k, dim=-1).indices  # (..., k)
+    candidates = grouped.gather(-2, top_groups[..., None].expand(*lead, k, _GROUP)).flatten(-2)  # (..., k * 32)
+    values, index = candidates.topk(k, dim=-1)
+    return values, top_groups.gather(-1, index // _GROUP) * _GROUP + index % _GROUP
+
+
+class ExactSearch:
+    """Brute-force search over the store itself: no index to keep in sync."""
+
+    def __repr__(self) -> str:
+        return "ExactSearch()"
+
+    def search(self, memory: "KNNMemory", queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        batch, heads, seq, _ = queries.shape
+        # CPUs without bf16/fp16 matrix units multiply low precision several times slower
+        # than fp32: there, blocks are widened to fp32 before the product.
+        compute_dtype = torch.float32 if memory.device.type == "cpu" else memory.dtype
+        q = queries.to(compute_dtype)
+        chunk = max(k, _SCORE_BLOCK_ELEMENTS // max(1, batch * heads * seq))
+        if chunk > _GROUP:
+            chunk -= chunk % _GROUP  # whole groups per block, for block_topk
+        best_scores = torch.full((batch, heads, seq, k), float("-inf"), device=memory.device)
+        best_slots = torch.zeros((batch, heads, seq, k), dtype=torch.long, device=memory.device)
+        all_valid = bool(memory.valid[:, : memory.extent].all())  # the steady state: no slot to mask
+        for start in range(0, memory.extent, chunk):
+            block = memory.keys[:, :, start : min(start + chunk, memory.extent)]  # (batch, heads, c, head_dim)
+            scores = torch.matmul(q, block.to(compute_dtype).transpose(-1, -2)).float()  # (batch, heads, seq, c)
+            if not all_valid:
+                empty = ~memory.valid[:, None, None, start : start + block.shape[2]]  # (batch, 1, 1, c)
+                scores.masked_fill_(empty, float("-inf"))
+            top_scores, top_slots = block_topk(scores, min(k, scores.shape[-1]))
+            merged_scores = torch.cat([best_scores, top_scores], dim=-1)
+            merged_slots = torch.cat([best_slots, top_slots + start], dim=-1)
+            best_scores, order = merged_scores.topk(k, dim=-1)
+            best_slots = merged_slots.gather(-1, order)
+        return best_scores, best_slots
+
+    def written(self, memory: "KNNMemory", rows: torch.Tensor, slots: torch.Tensor) -> None:
+        pass
+
+    def reset(self, memory: "KNNMemory", rows: torch.Tensor) -> None:
+        pass
+
+    def rebuild(self, memory: "KNNMemory") -> None:
+        pass

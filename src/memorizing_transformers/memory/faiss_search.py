@@ -1,0 +1,124 @@
+"""faiss indices that mirror a KNNMemory's ring buffer, one per (row, head).
+
+Each index holds the row's valid keys for one head, with the ring-buffer slot as the
+faiss id. A write first removes the ids of the slots it overwrites and then adds the
+new keys under the same ids, so the index always holds exactly the store's entries:
+FIFO eviction never desynchronises ids, and there is no periodic wipe. faiss offers no
+batched search over many indices, hence the loop over (row, head); each call searches
+all of a segment's queries at once and runs multi-threaded inside faiss.
+
+kinds:
+- "flat": IndexFlatIP behind IndexIDMap2, exact;
+- "ivf": IndexIVFFlat (inner product) with capacity / list_size lists, `nprobe` of them
+  searched per query. Its coarse quantizer is trained, once per (row, head), on the first
+  min(capacity, 64 x lists) keys that row stores; until then that index is flat (exact,
+  and small). A reset empties the lists and keeps the trained quantizer.
+faiss computes in float32 on the CPU: queries are copied to the host and results back.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+try:
+    import faiss
+except ImportError as error:  # pragma: no cover - faiss is an optional extra
+    raise ImportError(
+        "the faiss memory backends need faiss: pip install 'memorizing-transformers[faiss]' (or faiss-cpu)"
+    ) from error
+
+if TYPE_CHECKING:
+    from .knn_memory import KNNMemory
+
+
+class FaissSearch:
+    def __init__(self, kind: str = "ivf", list_size: int = 256, nprobe: int = 16) -> None:
+        if kind not in ("flat", "ivf"):
+            raise ValueError(f"faiss index kind must be 'flat' or 'ivf', got {kind!r}")
+        if list_size <= 0 or nprobe <= 0:
+            raise ValueError(f"ivf list_size and nprobe must be positive, got {list_size} and {nprobe}")
+        self.kind, self.list_size, self.nprobe = kind, list_size, nprobe
+        self.indices: list[list[faiss.Index]] = []  # [row][head]
+        self.trained: list[bool] = []  # per row: IVF in use (False: flat, until enough keys)
+
+    def __repr__(self) -> str:
+        extra = f", list_size={self.list_size}, nprobe={self.nprobe}" if self.kind == "ivf" else ""
+        return f"FaissSearch(kind={self.kind!r}{extra})"
+
+    def _lists(self, memory: "KNNMemory") -> int:
+        return max(1, memory.capacity // self.list_size)
+
+    def _train_size(self, memory: "KNNMemory") -> int:
+        return min(memory.capacity, 64 * self._lists(memory))
+
+    def _flat(self, memory: "KNNMemory") -> faiss.Index:
+        return faiss.IndexIDMap2(faiss.IndexFlatIP(memory.head_dim))
+
+    def _ensure(self, memory: "KNNMemory") -> None:
+        if len(self.indices) != memory.batch_size:
+            self.indices = [[self._flat(memory) for _ in range(memory.num_heads)] for _ in range(memory.batch_size)]
+            self.trained = [False] * memory.batch_size
+
+    @staticmethod
+    def _host(x: torch.Tensor) -> np.ndarray:
+        return np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+
+    def _train(self, memory: "KNNMemory", row: int) -> None:
+        """Replace a row's flat indices by IVF indices trained on, and holding, its stored keys."""
+        slots = memory.valid[row].nonzero().squeeze(1)  # (n,)
+        keys = memory.keys[row][:, slots]  # (heads, n, head_dim)
+        for head in range(memory.num_heads):
+            data = self._host(keys[head])
+            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(memory.head_dim), memory.head_dim, self._lists(memory), faiss.METRIC_INNER_PRODUCT)
+            index.train(data)
+            index.nprobe = self.nprobe
+            index.add_with_ids(data, slots.cpu().numpy())
+            self.indices[row][head] = index
+        self.trained[row] = True
+
+    def written(self, memory: "KNNMemory", rows: torch.Tensor, slots: torch.Tensor) -> None:
+        self._ensure(memory)
+        rows, slots = rows.cpu(), slots.cpu()
+        for row in rows.unique().tolist():
+            row_slots = slots[rows == row]  # (n,)
+            ids = row_slots.numpy()
+            keys = memory.keys[row][:, row_slots.to(memory.device)]  # (heads, n, head_dim)
+            for head, index in enumerate(self.indices[row]):
+                index.remove_ids(faiss.IDSelectorBatch(ids))  # the overwritten entries, if any
+                index.add_with_ids(self._host(keys[head]), ids)
+            if self.kind == "ivf" and not self.trained[row] and self.indices[row][0].ntotal >= self._train_size(memory):
+                self._train(memory, row)
+
+    def reset(self, memory: "KNNMemory", rows: torch.Tensor) -> None:
+        self._ensure(memory)
+        for row in rows.nonzero().squeeze(1).tolist():
+            for index in self.indices[row]:
+                index.reset()
+
+    def rebuild(self, memory: "KNNMemory") -> None:
+        self.indices, self.trained = [], []
+        self._ensure(memory)
+        for row in range(memory.batch_size):
+            if self.kind == "ivf" and int(memory.valid[row].sum()) >= self._train_size(memory):
+                self._train(memory, row)
+                continue
+            slots = memory.valid[row].nonzero().squeeze(1)
+            for head, index in enumerate(self.indices[row]):
+                index.add_with_ids(self._host(memory.keys[row, head, slots]), slots.cpu().numpy())
+
+    def search(self, memory: "KNNMemory", queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._ensure(memory)
+        batch, heads, seq, _ = queries.shape
+        scores = np.empty((batch, heads, seq, k), dtype=np.float32)
+        ids = np.empty((batch, heads, seq, k), dtype=np.int64)
+        host = self._host(queries)
+        for row in range(batch):
+            for head in range(heads):
+                scores[row, head], ids[row, head] = self.indices[row][head].search(host[row, head], k)
+        ids_t = torch.from_numpy(ids)
+        missing = ids_t < 0  # faiss pads with id -1 when fewer than k entries are found
+        scores_t = torch.from_numpy(scores).masked_fill_(missing, float("-inf"))
+        return scores_t.to(memory.device), ids_t.clamp_(min=0).to(memory.device)

@@ -1,0 +1,142 @@
+"""Search backends: the same neighbours as brute force, FIFO kept identical across backends."""
+
+import faiss
+import pytest
+import torch
+import torch.nn.functional as F
+
+from memorizing_transformers import KNNMemory, MemorizingConfig, MemorizingTransformer
+from memorizing_transformers.memory.backend import make_backend
+from memorizing_transformers.memory.exact import block_topk
+from memorizing_transformers.memory.faiss_search import FaissSearch
+
+
+def unit(*shape):
+    return F.normalize(torch.randn(*shape), dim=-1)
+
+
+# "faiss_ivf" with nprobe >= lists searches every list: exact, so it must agree exactly too.
+EXACT_BACKENDS = {
+    "exact": lambda: make_backend("exact"),
+    "faiss_flat": lambda: make_backend("faiss_flat"),
+    "faiss_ivf_all_lists": lambda: FaissSearch("ivf", list_size=4, nprobe=1000),
+}
+
+
+@pytest.mark.parametrize("width", [64 * 32, 64 * 32 + 5, 100])
+def test_block_topk_equals_topk(width):
+    scores = torch.randn(3, 2, 5, width)
+    scores[0, 0, 0, : width // 2] = float("-inf")  # masked slots, as after a reset
+    values, index = block_topk(scores, 8)
+    ref = scores.topk(8, dim=-1)
+    assert torch.equal(values, ref.values)
+    assert torch.equal(index, ref.indices)
+
+
+def brute_force(keys, valid, queries, k):
+    """Reference top-k over the valid entries of one (row, head): scores, slots."""
+    scores = (queries @ keys.T).masked_fill(~valid, float("-inf"))
+    return scores.topk(k, dim=-1)
+
+
+@pytest.mark.parametrize("backend", sorted(EXACT_BACKENDS))
+def test_exact_backends_return_brute_force_neighbours(backend):
+    batch, heads, dim, capacity, k = 2, 3, 16, 96, 6
+    memory = KNNMemory(batch, heads, dim, capacity, backend=EXACT_BACKENDS[backend]())
+    for _ in range(5):  # 5 x 40 writes into 96 slots: wraps around, partly masked
+        memory.add(unit(batch, heads, 40, dim), torch.randn(batch, heads, 40, dim), mask=torch.rand(batch, 40) > 0.2)
+    queries = unit(batch, heads, 7, dim)
+    found = memory.search(queries, k)
+    for b in range(batch):
+        for h in range(heads):
+            ref = brute_force(memory.keys[b, h], memory.valid[b], queries[b, h], k)
+            torch.testing.assert_close(found.scores[b, h], ref.values, rtol=1e-5, atol=1e-5)
+            assert torch.equal(found.slots[b, h], ref.indices)
+            assert torch.equal(found.values[b, h], memory.values[b, h][ref.indices])
+
+
+def index_sizes(memory):
+    return [[index.ntotal for index in row] for row in memory.backend.indices]
+
+
+@pytest.mark.parametrize("backend", ["faiss_flat", "faiss_ivf_all_lists"])
+def test_fifo_wrap_around_and_resets_identical_across_backends(backend):
+    batch, heads, dim, capacity, k = 3, 2, 8, 64, 5
+    reference = KNNMemory(batch, heads, dim, capacity)
+    other = KNNMemory(batch, heads, dim, capacity, backend=EXACT_BACKENDS[backend]())
+    events = [("add", 30), ("add", 50), ("reset", [1]), ("add", 7), ("add", 130), ("reset", [0, 2]), ("add", 64), ("add", 20)]
+    for kind, arg in events:
+        if kind == "add":
+            keys, values, mask = unit(batch, heads, arg, dim), torch.randn(batch, heads, arg, dim), torch.rand(batch, arg) > 0.25
+            reference.add(keys, values, mask=mask)
+            other.add(keys, values, mask=mask)
+        else:
+            reference.reset(arg)
+            other.reset(arg)
+        # The index holds exactly the stored entries: nothing stale, nothing missing.
+        assert index_sizes(other) == [[int(n)] * heads for n in reference.fill]
+        queries = unit(batch, heads, 9, dim)
+        a, b = reference.search(queries, k), other.search(queries, k)
+        assert torch.equal(a.valid, b.valid)
+        assert torch.equal(a.slots[a.valid], b.slots[b.valid])
+        torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+        assert torch.equal(a.values[a.valid], b.values[b.valid])
+
+
+def clustered(n, dim, centres, generator):
+    """Unit vectors around `centres` (c, dim): the shape of real attention keys, unlike uniform noise."""
+    pick = torch.randint(0, centres.shape[0], (n,), generator=generator)
+    return F.normalize(centres[pick] + torch.randn(n, dim, generator=generator) / dim**0.5, dim=-1)
+
+
+def test_ivf_recall_on_clustered_keys_stays_high_through_fifo_eviction():
+    generator = torch.Generator().manual_seed(0)
+    heads, dim, capacity, k = 2, 32, 4096, 32
+    centres = F.normalize(torch.randn(64, dim, generator=generator), dim=-1)
+    exact_memory = KNNMemory(1, heads, dim, capacity)
+    ivf = KNNMemory(1, heads, dim, capacity, backend=FaissSearch("ivf", list_size=128, nprobe=8))  # 32 lists
+    for _ in range(24):  # 6,144 writes: the ring wraps, the index follows
+        keys = clustered(heads * 256, dim, centres, generator).view(1, heads, 256, dim)
+        exact_memory.add(keys, keys)
+        ivf.add(keys, keys)
+    assert all(isinstance(index, faiss.IndexIVFFlat) for index in ivf.backend.indices[0])
+    assert index_sizes(ivf) == [[capacity] * heads]
+    queries = clustered(heads * 64, dim, centres, generator).view(1, heads, 64, dim)
+    a, b = exact_memory.search(queries, k), ivf.search(queries, k)
+    recall = (a.slots[..., :, None] == b.slots[..., None, :]).any(-1).float().mean()
+    assert recall >= 0.9, recall
+    assert recall < 1.0  # it is approximate: 8 of 32 lists were searched
+    # Whatever it returns is a real entry, with its own key and value.
+    torch.testing.assert_close(b.scores, torch.einsum("bhqd,bhqkd->bhqk", queries, b.keys))
+
+
+def test_faiss_index_is_rebuilt_on_load(tmp_path):
+    memory = KNNMemory(2, 2, 8, capacity=300, dtype=torch.bfloat16, backend="faiss_ivf")
+    memory.add(unit(2, 2, 400, 8), torch.randn(2, 2, 400, 8), mask=torch.rand(2, 400) > 0.3)
+    memory.save(tmp_path / "m.safetensors")
+    loaded = KNNMemory.load(tmp_path / "m.safetensors", backend="faiss_ivf")
+    assert index_sizes(loaded) == index_sizes(memory)
+    queries = unit(2, 2, 5, 8)
+    assert torch.equal(loaded.search(queries, 4).slots, memory.search(queries, 4).slots)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_model_gives_the_same_logits_with_every_exact_backend(dtype):
+    config = MemorizingConfig.preset("tiny", memory_dtype=str(dtype).removeprefix("torch."))
+    torch.manual_seed(0)
+    model = MemorizingTransformer(config).eval()
+    ids = torch.randint(0, config.vocab_size, (2, config.segment_length * 12))  # memory of 128 overflows
+    logits = {}
+    for backend in ("exact", "faiss_flat"):
+        reconfigured = MemorizingTransformer(MemorizingConfig.from_dict({**config.to_dict(), "memory_backend": backend}))
+        reconfigured.load_state_dict(model.state_dict())
+        with torch.no_grad():
+            logits[backend] = reconfigured(ids).logits
+    torch.testing.assert_close(logits["faiss_flat"], logits["exact"], rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ValueError, match="memory_backend must be one of"):
+        MemorizingConfig(memory_backend="annoy")
+    with pytest.raises(ValueError, match="unknown memory backend 'annoy'"):
+        KNNMemory(1, 1, 4, 8, backend="annoy")
