@@ -46,11 +46,15 @@ def write_results(name: str, results: dict[str, Any], table: str, out_dir: Path)
     write_atomically(out_dir / f"{name}.md", lambda tmp: Path(tmp).write_text(header + table + "\n"))
 
 
-def parse_arguments(description: str, argv: list[str] | None) -> tuple[argparse.Namespace, torch.device]:
-    """The flags every benchmark takes: --quick, --out, --device."""
+def parse_arguments(description: str, argv: list[str] | None, model_keys: bool = False) -> tuple[argparse.Namespace, torch.device]:
+    """The flags every benchmark takes: --quick, --out, --device; with `model_keys`, also
+    --checkpoint and --corpus (a trained model whose memory-layer keys to measure on)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a tiny configuration, seconds")
     parser.add_argument("--out", default="docs/benchmarks", help="where NAME.json and NAME.md go")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    if model_keys:
+        parser.add_argument("--checkpoint", help="a trained checkpoint or run directory: also measure on its keys")
+        parser.add_argument("--corpus", default="code", help="the corpus streamed through --checkpoint")
     args = parser.parse_args(argv)
     return args, torch.device(args.device)

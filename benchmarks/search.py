@@ -1,37 +1,79 @@
-"""Exact top-k search: KNNMemory against faiss IndexFlatIP and the machine's matmul speed.
+"""Top-k search: KNNMemory's exact and approximate backends, faiss IndexFlatIP, and matmul.
 
-One segment's queries (heads x queries x head_dim) searched against M stored keys per
-head, top-32, on the same random unit vectors. Every time is compared with a baseline
-measured in the same run: faiss IndexFlatIP on the same data, and a plain matmul of the
-same shape (the FLOP ceiling of exact search).
+Exact: one segment's queries (heads x queries x head_dim) searched against M stored keys
+per head, top-32, on random unit vectors; compared in the same run with faiss
+IndexFlatIP on the same data and with a plain matmul of the same shape (the FLOP ceiling
+of exact search).
 
-    python -m benchmarks.search            # M = 8K, 65K, 262K, 1M
-    python -m benchmarks.search --quick    # small sizes, seconds
+Approximate: the `faiss_ivf` backend against the exact backend on the same memory:
+speed-up and recall@32 (the share of the exact top-32 that it returns), on random unit
+vectors and, with --checkpoint, on the keys and queries of a trained model's memory layer
+(real keys cluster; uniform random vectors in 64 dimensions are the worst case of IVF).
+
+    python -m benchmarks.search                                   # random vectors
+    python -m benchmarks.search --checkpoint runs/demo/full/code-memory --corpus code
+    python -m benchmarks.search --quick                           # small sizes, seconds
 """
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
-from memorizing_transformers import KNNMemory
+from memorizing_transformers import KNNMemory, MemorizingTransformer
+from memorizing_transformers.data.pipeline import load_tokenized
 
 from .common import device_description, median_seconds, parse_arguments, write_results
 
 
-def run(sizes: list[int], heads: int, queries: int, dim: int, k: int, repeats: int, device: torch.device) -> list[dict]:
+def random_unit(heads: int, n: int, dim: int, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(heads, n, dim, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+@torch.no_grad()
+def model_keys(checkpoint: str, corpus: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unit keys of a checkpoint's first memory layer over `size` tokens of a corpus's train
+    split (documents back to back), and the queries of the segment after them.
+
+    A memory layer's keys and queries depend only on the layers below it, never on what
+    its memory holds, so the stream needs no large memory. Returns (heads, size, head_dim)
+    and (heads, segment_length, head_dim).
+    """
+    model = MemorizingTransformer.from_pretrained(checkpoint).eval()
+    config, layer = model.config, model.config.memory_layer_indices[0]
+    length = config.segment_length
+    ids = torch.cat([d.ids for d in load_tokenized(corpus, "train", model.tokenizer)])[: size + length]
+    if ids.numel() < size + length:
+        raise ValueError(f"the {corpus} train split holds {ids.numel():,} tokens, fewer than {size + length:,}")
+    captured: list[torch.Tensor] = []
+    hook = model.blocks[layer].attn.qkv.register_forward_hook(lambda module, inputs, output: captured.append(output[0]))
+    state = model.new_state(1)
+    for start in range(0, ids.numel(), length):
+        state = model(ids[None, start : start + length], state=state).state
+    hook.remove()
+    q, k, _ = rearrange(torch.cat(captured), "t (three h d) -> three h t d", three=3, h=config.n_heads)
+    return F.normalize(k[:, :size], dim=-1), F.normalize(q[:, size:], dim=-1)
+
+
+def filled(keys: torch.Tensor, backend: str, device: torch.device) -> KNNMemory:
+    heads, size, dim = keys.shape
+    memory = KNNMemory(1, heads, dim, size, device=device, backend=backend)
+    memory.add(keys[None].to(device), keys[None].to(device))
+    return memory
+
+
+def exact_rows(sizes: list[int], heads: int, queries: int, dim: int, k: int, repeats: int, device: torch.device) -> list[dict]:
     rows = []
     for size in sizes:
-        torch.manual_seed(0)
-        keys = F.normalize(torch.randn(1, heads, size, dim), dim=-1)
-        q = F.normalize(torch.randn(1, heads, queries, dim), dim=-1)
-        memory = KNNMemory(1, heads, dim, size, device=device)
-        memory.add(keys.to(device), keys.to(device))
-        q_device = q.to(device)
+        keys, q = random_unit(heads, size, dim, 0), random_unit(heads, queries, dim, 1)
+        memory = filled(keys, "exact", device)
+        q_device = q[None].to(device)
         flops = 2.0 * heads * queries * size * dim
         ours = median_seconds(lambda: memory.search(q_device, k), repeats, device=device)
         # The FLOP ceiling: the same product in one matmul, without top-k or masking.
@@ -39,8 +81,8 @@ def run(sizes: list[int], heads: int, queries: int, dim: int, k: int, repeats: i
         matmul = median_seconds(lambda: torch.matmul(q_device, keys_t), repeats, device=device)
         indices = [faiss.IndexFlatIP(dim) for _ in range(heads)]
         for h, index in enumerate(indices):
-            index.add(keys[0, h].numpy())
-        q_np = [np.ascontiguousarray(q[0, h].numpy()) for h in range(heads)]
+            index.add(keys[h].numpy())
+        q_np = [np.ascontiguousarray(q[h].numpy()) for h in range(heads)]
         flat = median_seconds(lambda: [index.search(q_np[h], k) for h, index in enumerate(indices)], repeats)
         found = memory.search(q_device, k).slots.cpu()
         same = np.mean([np.array_equal(np.sort(indices[h].search(q_np[h], k)[1], axis=1), np.sort(found[0, h].numpy(), axis=1)) for h in range(heads)])
@@ -49,31 +91,73 @@ def run(sizes: list[int], heads: int, queries: int, dim: int, k: int, repeats: i
             "speedup_vs_faiss_flat": flat / ours, "ours_gflops": flops / ours / 1e9, "matmul_gflops": flops / matmul / 1e9,
             "fraction_of_matmul": matmul / ours, "same_neighbours_as_faiss": float(same),
         })
-        print(f"M={size:>9,}: ours {ours * 1e3:8.1f} ms, faiss flat {flat * 1e3:8.1f} ms, matmul {matmul * 1e3:8.1f} ms")
+        print(f"exact M={size:>9,}: ours {ours * 1e3:8.1f} ms, faiss flat {flat * 1e3:8.1f} ms, matmul {matmul * 1e3:8.1f} ms")
     return rows
 
 
-def table(rows: list[dict]) -> str:
+def approximate_rows(data: str, keys: torch.Tensor, queries: torch.Tensor, sizes: list[int], k: int, repeats: int, device: torch.device) -> list[dict]:
+    rows = []
+    q = queries[None].to(device)  # (1, heads, queries, head_dim)
+    for size in sizes:
+        exact = filled(keys[:, -size:], "exact", device)
+        began = time.perf_counter()
+        ivf = filled(keys[:, -size:], "faiss_ivf", device)
+        build = time.perf_counter() - began
+        exact_s = median_seconds(lambda: exact.search(q, k), repeats, device=device)
+        ivf_s = median_seconds(lambda: ivf.search(q, k), repeats, device=device)
+        truth, found = exact.search(q, k).slots, ivf.search(q, k).slots
+        recall = float((truth[..., :, None] == found[..., None, :]).any(-1).float().mean())
+        rows.append({"data": data, "memory_size": size, "exact_s": exact_s, "ivf_s": ivf_s, "speedup": exact_s / ivf_s,
+                     "recall_at_k": recall, "ivf_build_s": build, "ivf": repr(ivf.backend)})
+        print(f"{data} M={size:>9,}: exact {exact_s * 1e3:8.1f} ms, ivf {ivf_s * 1e3:8.1f} ms, recall@{k} {recall:.3f}, build {build:.1f} s")
+    return rows
+
+
+def tables(exact: list[dict], approximate: list[dict], settings: dict) -> str:
     lines = [
+        f"Exact top-{settings['k']} of {settings['heads']} heads x {settings['queries']} queries x {settings['dim']} dims, random unit vectors:",
+        "",
         "| memory size | ours (ms) | faiss IndexFlatIP (ms) | ours / faiss speed-up | ours GFLOP/s | matmul GFLOP/s | ours / matmul | same neighbours |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for r in rows:
+    for r in exact:
         lines.append(
             f"| {r['memory_size']:,} | {r['ours_s'] * 1e3:.1f} | {r['faiss_flat_s'] * 1e3:.1f} | {r['speedup_vs_faiss_flat']:.2f}x | "
             f"{r['ours_gflops']:.1f} | {r['matmul_gflops']:.1f} | {r['fraction_of_matmul']:.0%} | {r['same_neighbours_as_faiss']:.0%} |"
+        )
+    lines += [
+        "",
+        f"Approximate (`faiss_ivf` backend) against exact on the same memory, top-{settings['k']}:",
+        "",
+        f"| data | memory size | exact (ms) | IVF (ms) | IVF speed-up | recall@{settings['k']} | IVF build (s) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in approximate:
+        lines.append(
+            f"| {r['data']} | {r['memory_size']:,} | {r['exact_s'] * 1e3:.1f} | {r['ivf_s'] * 1e3:.1f} | {r['speedup']:.1f}x | "
+            f"{r['recall_at_k']:.3f} | {r['ivf_build_s']:.1f} |"
         )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, device = parse_arguments(__doc__, argv)
+    args, device = parse_arguments(__doc__, argv, model_keys=True)
     sizes = [1024, 4096] if args.quick else [8192, 65536, 262144, 1048576]
     settings = dict(heads=4, queries=64 if args.quick else 256, dim=64, k=32, repeats=2 if args.quick else 3)
-    rows = run(sizes, device=device, **settings)
+    exact = exact_rows(sizes, device=device, **settings)
+    heads, queries, dim, k, repeats = (settings[n] for n in ("heads", "queries", "dim", "k", "repeats"))
+    approximate_sizes = sizes[1:]
+    approximate = approximate_rows(
+        "random unit vectors", random_unit(heads, max(approximate_sizes), dim, 0), random_unit(heads, queries, dim, 1),
+        approximate_sizes, k, repeats, device,
+    )
     command = "python -m benchmarks.search" + (" --quick" if args.quick else "")
-    results = {"command": command, "device": device_description(device), "settings": settings, "rows": rows}
-    text = table(rows)
+    if args.checkpoint:
+        keys, model_queries = model_keys(args.checkpoint, args.corpus, max(approximate_sizes))
+        approximate += approximate_rows(f"model keys ({args.corpus})", keys, model_queries, approximate_sizes, k, repeats, device)
+        command += f" --checkpoint {args.checkpoint} --corpus {args.corpus}"
+    results = {"command": command, "device": device_description(device), "settings": settings, "exact": exact, "approximate": approximate}
+    text = tables(exact, approximate, settings)
     print(text)
     write_results("search-quick" if args.quick else "search", results, text, Path(args.out))
 

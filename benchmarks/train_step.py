@@ -2,8 +2,10 @@
 
 Reference configuration (the one the popular PyTorch implementation was measured at):
 vocab 8,192, d_model 256, 6 layers, 4 heads x 64, kNN in the 4th layer, k 32, batch 4 x
-256-token segments, one AdamW step per segment. Memories are filled to capacity before
-timing, so every search covers the whole memory (steady state).
+256-token segments, one AdamW step per segment; then the `small` preset (the same with
+the GPT-2 vocabulary of 50,257). Memories are filled to capacity before timing, so every
+search covers the whole memory (steady state). Rows marked IVF use the approximate
+`faiss_ivf` backend; the others search exactly.
 
     python -m benchmarks.train_step            # the reference configuration
     python -m benchmarks.train_step --quick    # a tiny configuration, seconds
@@ -36,12 +38,15 @@ def size_label(n: int) -> str:
 
 def variants(base: MemorizingConfig, large_memory: int) -> dict[str, MemorizingConfig]:
     small, large = size_label(base.memory_size), size_label(large_memory)
+    ivf = dict(memory_size=large_memory, memory_backend="faiss_ivf")
     return {
         "vanilla": dataclasses.replace(base, xl_length=0, knn_layers=()),
         "XL only": dataclasses.replace(base, knn_layers=()),
         f"memory {small}": dataclasses.replace(base, xl_length=0),
         f"memory {large}": dataclasses.replace(base, xl_length=0, memory_size=large_memory),
         f"memory {large} + XL": dataclasses.replace(base, memory_size=large_memory),
+        f"memory {large} IVF": dataclasses.replace(base, xl_length=0, **ivf),
+        f"memory {large} IVF + XL": dataclasses.replace(base, **ivf),
     }
 
 
@@ -67,24 +72,40 @@ def step_seconds(config: MemorizingConfig, batch: int, repeats: int, device: tor
     return median_seconds(step, repeats, warmup=2, device=device)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args, device = parse_arguments(__doc__, argv)
-    base, large, batch, repeats = (QUICK, 2048, 2, 3) if args.quick else (REFERENCE, 65536, 4, 7)
+def measure(base: MemorizingConfig, large: int, batch: int, repeats: int, device: torch.device) -> list[dict]:
     rows = []
     for label, config in variants(base, large).items():
         seconds = step_seconds(config, batch, repeats, device)
         rows.append({"variant": label, "seconds": seconds, "tokens_per_s": batch * config.segment_length / seconds})
-        print(f"{label:>18}: {seconds:.3f} s/step")
+        print(f"{label:>24}: {seconds:.3f} s/step")
     xl = next(r["seconds"] for r in rows if r["variant"] == "XL only")
-    lines = ["| variant | s / step | tokens / s | ratio to XL only |", "|---|---:|---:|---:|"]
     for r in rows:
         r["ratio_to_xl"] = r["seconds"] / xl
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| variant | s / step | tokens / s | ratio to XL only |", "|---|---:|---:|---:|"]
+    for r in rows:
         lines.append(f"| {r['variant']} | {r['seconds']:.3f} | {r['tokens_per_s']:,.0f} | {r['ratio_to_xl']:.2f}x |")
-    text = "\n".join(lines)
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, device = parse_arguments(__doc__, argv)
+    if args.quick:
+        configs, large, batch, repeats = {"quick": QUICK}, 2048, 2, 3
+    else:
+        configs, large, batch, repeats = {"reference": REFERENCE, "small": MemorizingConfig.preset("small")}, 65536, 4, 7
+    results = {"command": "python -m benchmarks.train_step" + (" --quick" if args.quick else ""),
+               "device": device_description(device), "batch_size": batch, "repeats": repeats, "configs": {}}
+    sections = []
+    for name, base in configs.items():
+        rows = measure(base, large, batch, repeats, device)
+        results["configs"][name] = {"config": base.to_dict(), "rows": rows}
+        sections.append(f"### {name} configuration (vocab {base.vocab_size:,}), batch {batch} x {base.segment_length}\n\n{table(rows)}")
+    text = "\n\n".join(sections)
     print(text)
-    command = "python -m benchmarks.train_step" + (" --quick" if args.quick else "")
-    results = {"command": command, "device": device_description(device), "config": base.to_dict(),
-               "batch_size": batch, "repeats": repeats, "rows": rows}
     write_results("train_step-quick" if args.quick else "train_step", results, text, Path(args.out))
 
 

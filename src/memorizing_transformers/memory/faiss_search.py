@@ -10,9 +10,10 @@ all of a segment's queries at once and runs multi-threaded inside faiss.
 kinds:
 - "flat": IndexFlatIP behind IndexIDMap2, exact;
 - "ivf": IndexIVFFlat (inner product) with capacity / list_size lists, `nprobe` of them
-  searched per query. Its coarse quantizer is trained, once per (row, head), on the first
-  min(capacity, 64 x lists) keys that row stores; until then that index is flat (exact,
-  and small). A reset empties the lists and keeps the trained quantizer.
+  searched per query. Its coarse quantizer is trained, once per (row, head), when that row
+  first holds min(capacity, 64 x lists) keys (k-means, 10 iterations on a sample of 40 keys
+  per list); until then that index is flat (exact, and small). A reset empties the lists
+  and keeps the trained quantizer.
 faiss computes in float32 on the CPU: queries are copied to the host and results back.
 """
 
@@ -73,6 +74,7 @@ class FaissSearch:
         for head in range(memory.num_heads):
             data = self._host(keys[head])
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(memory.head_dim), memory.head_dim, self._lists(memory), faiss.METRIC_INNER_PRODUCT)
+            index.cp.niter, index.cp.max_points_per_centroid = 10, 40  # k-means on a fixed-seed sample
             index.train(data)
             index.nprobe = self.nprobe
             index.add_with_ids(data, slots.cpu().numpy())

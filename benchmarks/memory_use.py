@@ -1,0 +1,87 @@
+"""Peak memory per stored token: KNNMemory filled to capacity and searched, per dtype and backend.
+
+Each case runs in a fresh process. On the CPU the figure is the growth of the process's
+peak resident memory (VmHWM, reset before the case) over its resident memory before it;
+on CUDA it is torch's peak allocated memory. The baseline of every row is the least a
+store can take: keys and values at storage precision for every head (2 x heads x
+head_dim x bytes per token), measured against the same case's figure.
+
+    python -m benchmarks.memory_use            # 64K and 256K tokens, 4 heads x 64 dims
+    python -m benchmarks.memory_use --quick
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from memorizing_transformers import KNNMemory
+
+from .common import device_description, parse_arguments, write_results
+
+HEADS, DIM, SEGMENT = 4, 64, 256
+
+
+def _status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no {field} in /proc/self/status")
+
+
+def measure_one(capacity: int, dtype: str, backend: str, device: str) -> int:
+    """Peak bytes taken by filling a memory of `capacity` tokens segment by segment, then searching it."""
+    torch.manual_seed(0)
+    device_t = torch.device(device)
+    if device_t.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device_t)
+        before = torch.cuda.memory_allocated(device_t)
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        before = _status_kib("VmRSS") * 1024
+    memory = KNNMemory(1, HEADS, DIM, capacity, dtype=getattr(torch, dtype), device=device_t, backend=backend)
+    for _ in range(capacity // SEGMENT):
+        keys = F.normalize(torch.randn(1, HEADS, SEGMENT, DIM, device=device_t), dim=-1)
+        memory.add(keys, keys)
+    memory.search(keys, 32)
+    if device_t.type == "cuda":
+        return torch.cuda.max_memory_allocated(device_t) - before
+    return _status_kib("VmHWM") * 1024 - before
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, device = parse_arguments(__doc__, argv)
+    sizes = [4096] if args.quick else [65536, 262144]
+    rows = []
+    spawn = multiprocessing.get_context("spawn")
+    for capacity in sizes:
+        for dtype in ("float32", "bfloat16"):
+            for backend in ("exact", "faiss_ivf"):
+                with spawn.Pool(1) as pool:
+                    peak = pool.apply(measure_one, (capacity, dtype, backend, str(device)))
+                store = 2 * HEADS * DIM * torch.finfo(getattr(torch, dtype)).bits // 8
+                rows.append({"memory_size": capacity, "dtype": dtype, "backend": backend, "peak_bytes": peak,
+                             "bytes_per_token": peak / capacity, "store_bytes_per_token": store,
+                             "ratio_to_store": peak / capacity / store})
+                print(f"M={capacity:>8,} {dtype:>8} {backend:>9}: {peak / capacity:8.0f} B/token (store {store} B)")
+    lines = [
+        f"One layer's memory, {HEADS} heads x {DIM} dims, filled {SEGMENT} tokens at a time, then searched:",
+        "",
+        "| memory size | dtype | backend | peak (MiB) | bytes / token | keys + values alone | ratio |",
+        "|---:|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['memory_size']:,} | {r['dtype']} | {r['backend']} | {r['peak_bytes'] / 2**20:,.1f} | "
+                     f"{r['bytes_per_token']:,.0f} | {r['store_bytes_per_token']:,} | {r['ratio_to_store']:.2f}x |")
+    text = "\n".join(lines)
+    print(text)
+    command = "python -m benchmarks.memory_use" + (" --quick" if args.quick else "")
+    results = {"command": command, "device": device_description(device), "rows": rows}
+    write_results("memory_use-quick" if args.quick else "memory_use", results, text, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
