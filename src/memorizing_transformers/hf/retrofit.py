@@ -1,0 +1,274 @@
+"""add_memory: a kNN memory in chosen attention layers of a pretrained Hugging Face causal LM.
+
+The retrofit goes through Hugging Face's own extension point for attention, the
+`AttentionInterface`: `add_memory` registers an attention function named "memorizing"
+and switches the model to it. Layers without memory run PyTorch's SDPA exactly as
+before; a memory layer receives the queries, keys and values the model has already
+projected (and, under RoPE, rotated), searches its memory, combines, and then writes
+the keys and values of the tokens of this call. Nothing of the model's code is
+patched, and its weights are untouched (the gate, when used, is a new parameter).
+
+Choices, each tested:
+- RoPE (Llama family): keys are stored rotated at their true positions, exactly as a
+  KV cache holds them, and queries search rotated at theirs; a retrieved score is then
+  the very logit full attention would give that pair. Feed absolute `position_ids`
+  when streaming (`MemoryHandle.stream` does); within the model's trained range
+  (`max_position_embeddings`), retrieval approximates full attention over the prefix.
+- GPT-2 family (learned absolute positions): keys are stored as the layer makes them.
+- Grouped-query attention: one memory head per key/value head; the query heads of a
+  group search their key/value head's memory together.
+- Combining: "joint" (retrieved entries join the layer's own softmax, scaled like any
+  other key: works with zero training, as in Unlimiformer) or "gate" (the paper: a
+  separate softmax over the retrieved entries, mixed per head by sigmoid(gate), a new
+  parameter initialised to `gate_init`, for fine-tuning). While a memory is empty or
+  disabled, the layer's output is the original model's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from safetensors import safe_open
+from torch import nn
+from transformers import AttentionInterface, PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+from ..atomic import write_atomically
+from ..memory.knn_memory import KNNMemory
+
+ATTENTION_NAME = "memorizing"
+MEMORY_FILE_FORMAT = "memorizing_transformers.RetrofitMemory"
+
+
+@dataclass
+class LayerMemory:
+    """The memory of one attention layer, attached to the attention module as `knn_memory`."""
+
+    layer: int
+    capacity: int
+    k: int
+    num_kv_heads: int
+    head_dim: int
+    combine: Literal["joint", "gate"]
+    dtype: torch.dtype
+    backend: str
+    memory: KNNMemory | None = None  # created at the first call, for its batch size
+    enabled: bool = True
+
+    def shape(self, batch_size: int) -> dict[str, int | str]:
+        return {"batch_size": batch_size, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
+                "capacity": self.capacity, "dtype": str(self.dtype).removeprefix("torch.")}
+
+    def ensure(self, batch_size: int, device: torch.device) -> KNNMemory:
+        if self.memory is None or self.memory.batch_size != batch_size:
+            self.memory = KNNMemory(batch_size, self.num_kv_heads, self.head_dim, self.capacity,
+                                    dtype=self.dtype, device=device, backend=self.backend)
+        return self.memory
+
+
+class MemoryHandle:
+    """What `add_memory` returns: the memories of the chosen layers, and what to do with them."""
+
+    def __init__(self, model: PreTrainedModel, layers: dict[int, LayerMemory], original_attention: str) -> None:
+        self.model = model
+        self.layers = layers
+        self.original_attention = original_attention
+        self.write_mask: torch.Tensor | None = None  # (batch, seq) bool for the next call: False = not stored
+
+    def reset(self, rows: Sequence[int] | torch.Tensor | None = None) -> None:
+        """Empty the memories of the chosen rows (all when None)."""
+        for layer in self.layers.values():
+            if layer.memory is not None:
+                layer.memory.reset(rows)
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Within this block the memory layers neither read nor write: the original model."""
+        before = {i: layer.enabled for i, layer in self.layers.items()}
+        for layer in self.layers.values():
+            layer.enabled = False
+        try:
+            yield
+        finally:
+            for i, layer in self.layers.items():
+                layer.enabled = before[i]
+
+    def fill(self) -> dict[int, list[int]]:
+        """Stored entries per layer and row."""
+        return {i: ([] if l.memory is None else l.memory.fill.tolist()) for i, l in self.layers.items()}
+
+    @torch.no_grad()
+    def stream(self, input_ids: torch.Tensor, window: int, labels: bool = False) -> torch.Tensor:
+        """Run a long input window by window, each window reading the memory of all earlier
+        ones and then writing its own. input_ids: (batch, seq). Positions are absolute.
+        Returns per-token next-token losses (batch, seq - 1) when `labels`, else the logits
+        (batch, seq, vocab)."""
+        if window <= 0:
+            raise ValueError(f"window must be positive, got {window}")
+        outputs = []
+        for start in range(0, input_ids.shape[1], window):
+            chunk = input_ids[:, start : start + window]
+            positions = torch.arange(start, start + chunk.shape[1], device=chunk.device).expand_as(chunk)
+            outputs.append(self.model(input_ids=chunk, position_ids=positions).logits)
+        logits = torch.cat(outputs, dim=1)
+        if not labels:
+            return logits
+        return F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), input_ids[:, 1:], reduction="none")
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write every layer's memory to one safetensors file (atomically), with the shapes and
+        the model's identity, so that a model it does not fit refuses it."""
+        from safetensors.torch import save_file
+
+        tensors, metadata = {}, {"format": MEMORY_FILE_FORMAT, "model": model_identity(self.model)}
+        for i, layer in self.layers.items():
+            if layer.memory is None:
+                raise ValueError(f"layer {i} has no memory yet: run the model on some input first")
+            tensors.update({f"layer.{i}.{name}": t.contiguous().cpu() for name, t in layer.memory.state_dict().items()})
+            metadata[f"layer.{i}"] = json.dumps(layer.shape(layer.memory.batch_size))
+        write_atomically(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Read memories written by `save`; refuses a file made for another model or other shapes."""
+        from safetensors.torch import load_file
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no memory file at {path}")
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        if metadata.get("format") != MEMORY_FILE_FORMAT:
+            raise ValueError(f"{path} is not a memory file of add_memory (format={metadata.get('format')!r})")
+        if metadata.get("model") != model_identity(self.model):
+            raise ValueError(f"{path} was made for the model {metadata.get('model')}, not {model_identity(self.model)}")
+        saved_layers = sorted(int(key.split(".")[1]) for key in metadata if key.startswith("layer."))
+        if saved_layers != sorted(self.layers):
+            raise ValueError(f"{path} holds memories of layers {saved_layers}, but this model has memory in {sorted(self.layers)}")
+        tensors = load_file(str(path))
+        device = next(self.model.parameters()).device
+        for i, layer in self.layers.items():
+            saved = json.loads(metadata[f"layer.{i}"])
+            if saved != layer.shape(saved["batch_size"]):
+                raise ValueError(f"{path}: the memory of layer {i} is {saved}, but this model's is {layer.shape(saved['batch_size'])}")
+            memory = layer.ensure(saved["batch_size"], device)
+            memory.load_state_dict({name.split(".", 2)[2]: t for name, t in tensors.items() if name.startswith(f"layer.{i}.")})
+
+
+def model_identity(model: PreTrainedModel) -> str:
+    """A short description that tells models apart: architecture, name or path, and shape."""
+    config = model.config
+    return (f"{type(model).__name__}:{getattr(config, '_name_or_path', '') or 'unnamed'}:"
+            f"layers={config.num_hidden_layers}:hidden={config.hidden_size}:vocab={config.vocab_size}")
+
+
+def _attention_modules(model: PreTrainedModel) -> list[nn.Module]:
+    """The self-attention module of every decoder layer, in order (Llama and GPT-2 families)."""
+    modules = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+    if not modules:
+        raise ValueError(f"{type(model).__name__}: no attention layers with a layer_idx found (Llama- and GPT-2-family models are supported)")
+    return sorted(modules, key=lambda m: m.layer_idx)
+
+
+def add_memory(
+    model: PreTrainedModel,
+    layers: Sequence[int] = (-4,),
+    memory_size: int = 65536,
+    k: int = 32,
+    combine: Literal["joint", "gate"] = "joint",
+    gate_init: float = -3.0,
+    memory_dtype: torch.dtype = torch.float32,
+    backend: str = "exact",
+) -> MemoryHandle:
+    """Give the chosen layers (negative indices count from the top) a kNN memory over their
+    own keys and values. Returns the handle that resets, disables, streams, saves and loads."""
+    if combine not in ("joint", "gate"):
+        raise ValueError(f"combine must be 'joint' or 'gate', got {combine!r}")
+    if getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME:
+        raise ValueError("this model already has memory: add_memory was called on it before")
+    modules = _attention_modules(model)
+    config = model.config
+    num_heads = config.num_attention_heads
+    num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    chosen = sorted({i % len(modules) for i in layers})
+    for i in layers:
+        if not -len(modules) <= i < len(modules):
+            raise ValueError(f"layer {i} is out of range for a model of {len(modules)} layers")
+    handle_layers = {}
+    for i in chosen:
+        module = modules[i]
+        module.knn_memory = LayerMemory(i, memory_size, k, num_kv_heads, head_dim, combine, memory_dtype, backend)
+        if combine == "gate":
+            device = next(module.parameters()).device
+            module.memory_gate = nn.Parameter(torch.full((num_heads,), float(gate_init), device=device))
+        handle_layers[i] = module.knn_memory
+    original = config._attn_implementation
+    AttentionInterface.register(ATTENTION_NAME, memorizing_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, eager_mask)  # additive float masks
+    model.set_attn_implementation(ATTENTION_NAME)
+    handle = MemoryHandle(model, handle_layers, original)
+    for module in modules:
+        module.memory_handle = handle
+    return handle
+
+
+def memorizing_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """The "memorizing" attention function. query: (batch, heads, seq, head_dim); key, value:
+    (batch, kv_heads, kv_len, head_dim), the cache included; attention_mask: additive
+    (batch, 1, seq, kv_len). Returns (batch, seq, heads, head_dim), as HF's functions do."""
+    layer: LayerMemory | None = getattr(module, "knn_memory", None)
+    if layer is None or not layer.enabled:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    batch, heads, seq, dim = query.shape
+    scaling = dim**-0.5 if scaling is None else scaling
+    groups = heads // key.shape[1]
+    memory = layer.ensure(batch, query.device)
+
+    # Retrieve: the query heads of a group search their key/value head's memory together.
+    grouped = rearrange(query, "b (h g) s d -> b h (g s) d", g=groups)
+    found = memory.search(grouped, layer.k)
+    mem_keys, mem_values = (rearrange(t, "b h (g s) k d -> b (h g) s k d", g=groups) for t in (found.keys, found.values))
+    mem_valid = rearrange(found.valid, "b h (g s) k -> b (h g) s k", g=groups)
+    mem_logits = torch.einsum("bhsd,bhskd->bhsk", query, mem_keys.to(query.dtype)) * scaling
+
+    keys_all = key.repeat_interleave(groups, dim=1)  # (batch, heads, kv_len, head_dim)
+    values_all = value.repeat_interleave(groups, dim=1)
+    local_logits = torch.matmul(query, keys_all.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        local_logits = local_logits + attention_mask[..., : key.shape[2]]
+    if layer.combine == "joint":
+        logits = torch.cat([local_logits, mem_logits.masked_fill(~mem_valid, float("-inf"))], dim=-1)
+        probs = torch.softmax(logits.float(), dim=-1).to(query.dtype)
+        local_probs, mem_probs = probs.split([key.shape[2], mem_logits.shape[-1]], dim=-1)
+        out = torch.matmul(local_probs, values_all) + torch.einsum("bhsk,bhskd->bhsd", mem_probs, mem_values.to(query.dtype))
+    else:
+        local = torch.matmul(torch.softmax(local_logits.float(), dim=-1).to(query.dtype), values_all)
+        probs = torch.softmax(mem_logits.float().masked_fill(~mem_valid, torch.finfo(torch.float32).min), dim=-1) * mem_valid
+        from_memory = torch.einsum("bhsk,bhskd->bhsd", probs.to(query.dtype), mem_values.to(query.dtype))
+        gate = torch.sigmoid(module.memory_gate)[None, :, None, None] * mem_valid.any(dim=-1, keepdim=True)
+        out = gate * from_memory + (1 - gate) * local
+
+    # Write this call's tokens (the last `seq` keys; earlier ones came from the cache).
+    handle = getattr(module, "memory_handle", None)
+    write_mask = None if handle is None else handle.write_mask
+    memory.add(key[:, :, -seq:], value[:, :, -seq:], mask=write_mask)
+    return out.transpose(1, 2).contiguous(), None

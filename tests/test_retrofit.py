@@ -1,0 +1,107 @@
+"""add_memory on tiny random Llama and GPT-2 models from transformers."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+from memorizing_transformers.hf.retrofit import add_memory
+
+
+def tiny_llama(kv_heads: int = 2) -> LlamaForCausalLM:
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
+                         initializer_range=0.3)  # sharp attention: small logit errors show
+    return LlamaForCausalLM(config).eval()
+
+
+def tiny_gpt2() -> GPT2LMHeadModel:
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=3, n_head=4, n_positions=256, initializer_range=0.3)).eval()
+
+
+MODELS = {"llama-gqa": lambda: tiny_llama(2), "llama-mha": lambda: tiny_llama(4), "gpt2": tiny_gpt2}
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("combine", ["joint", "gate"])
+def test_empty_or_disabled_memory_leaves_the_logits_unchanged(name, combine):
+    model = MODELS[name]()
+    ids = torch.randint(0, 97, (2, 24))
+    with torch.no_grad():
+        reference = model(ids).logits
+        handle = add_memory(model, layers=[-1, 0], memory_size=64, k=4, combine=combine, gate_init=0.0)
+        first = model(ids).logits  # memory empty: nothing to retrieve, then this call is written
+        assert handle.fill() == {0: [24, 24], 2: [24, 24]}
+        with handle.disabled():
+            disabled = model(ids).logits
+        second = model(ids).logits  # now the memory holds this very input: the output changes
+    torch.testing.assert_close(first, reference, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(disabled, reference, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(second, reference, atol=1e-3)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_streaming_with_a_memory_of_the_whole_prefix_equals_full_attention(name):
+    # Every layer retrieves every earlier token (k >= all of them) into its own softmax:
+    # window-by-window streaming must then equal one causal pass over the whole input.
+    # Under RoPE this holds only because keys are stored rotated at their true positions.
+    model = MODELS[name]()
+    ids = torch.randint(0, 97, (1, 40))
+    with torch.no_grad():
+        full = model(ids).logits
+        handle = add_memory(model, layers=[0, 1, 2], memory_size=64, k=32, combine="joint")
+        streamed = handle.stream(ids, window=8)
+    torch.testing.assert_close(streamed, full, rtol=1e-4, atol=1e-4)
+
+
+def test_gate_is_a_trainable_parameter_and_only_opens_with_memory():
+    model = tiny_llama()
+    handle = add_memory(model, layers=[1], memory_size=64, k=4, combine="gate", gate_init=-3.0)
+    gate = model.model.layers[1].self_attn.memory_gate
+    assert gate.shape == (4,) and torch.equal(gate.detach(), torch.full((4,), -3.0))
+    assert "model.layers.1.self_attn.memory_gate" in dict(model.named_parameters())
+    ids = torch.randint(0, 97, (1, 16))
+    with torch.no_grad():
+        model(ids)
+    loss = model(ids, labels=ids).loss
+    loss.backward()
+    assert gate.grad is not None and gate.grad.abs().sum() > 0
+    handle.reset()
+    assert handle.fill() == {1: [0]}
+
+
+def test_memory_file_round_trip_and_refusals(tmp_path):
+    model = tiny_llama()
+    handle = add_memory(model, layers=[1], memory_size=32, k=4)
+    ids = torch.randint(0, 97, (1, 20))
+    with torch.no_grad():
+        model(ids)
+        handle.save(tmp_path / "kb.safetensors")
+        after_save = model(ids).logits
+    fresh = tiny_llama()
+    fresh_handle = add_memory(fresh, layers=[1], memory_size=32, k=4)
+    fresh_handle.load(tmp_path / "kb.safetensors")
+    assert fresh_handle.fill() == {1: [20]}
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(ids).logits, after_save)
+    other_layers = add_memory(tiny_llama(), layers=[2], memory_size=32, k=4)
+    with pytest.raises(ValueError, match=r"holds memories of layers \[1\]"):
+        other_layers.load(tmp_path / "kb.safetensors")
+    other_size = add_memory(tiny_llama(), layers=[1], memory_size=64, k=4)
+    with pytest.raises(ValueError, match="the memory of layer 1 is"):
+        other_size.load(tmp_path / "kb.safetensors")
+    other_model = add_memory(tiny_gpt2(), layers=[1], memory_size=32, k=4)
+    with pytest.raises(ValueError, match="was made for the model LlamaForCausalLM"):
+        other_model.load(tmp_path / "kb.safetensors")
+
+
+def test_clear_errors():
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="layer 5 is out of range for a model of 3 layers"):
+        add_memory(model, layers=[5])
+    with pytest.raises(ValueError, match="combine must be 'joint' or 'gate'"):
+        add_memory(model, combine="sum")
+    add_memory(model, layers=[0])
+    with pytest.raises(ValueError, match="already has memory"):
+        add_memory(model, layers=[1])
