@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from memorizing_transformers import MemorizingConfig, MemorizingState, MemorizingTransformer
 from memorizing_transformers.data.pipeline import load_tokenized
@@ -41,7 +42,7 @@ def stream(
     """Stream `ids` (one document) segment by segment: the wall time of each segment, and the final state."""
     state = state or model.new_state(1)
     length, times = model.config.segment_length, []
-    for start in range(0, ids.numel(), length):
+    for start in tqdm(range(0, ids.numel(), length), unit="segment", leave=False):
         began = time.perf_counter()
         state = model(ids[None, start : start + length].to(device), state=state).state
         if device.type == "cuda":
@@ -60,8 +61,10 @@ def peak_resident_bytes() -> int:
 def main(argv: list[str] | None = None) -> None:
     args, device = parse_arguments(__doc__, argv)
     capacity = 4096 if args.quick else 1 << 20
+    # 1,024 keys per IVF list (1,024 lists at 2^20): the lists train once the memory holds
+    # 65,536 keys (exact search until then) and each query scans 16 of them.
     config = MemorizingConfig.preset(
-        "small", memory_size=capacity, memory_dtype="bfloat16", memory_backend="faiss_ivf", knn_layers=(-4,),
+        "small", memory_size=capacity, memory_dtype="bfloat16", memory_backend="faiss_ivf", ivf_list_size=1024,
         **(dict(vocab_size=512, d_model=64, d_ff=128) if args.quick else {}),
     )
     torch.manual_seed(0)
@@ -101,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
     }
     lines = [
         f"{tokens:,} tokens of one document, batch 1, segments of {length}, memory {capacity:,} tokens per head "
-        f"({config.n_heads} heads x {config.head_dim}, bf16, `faiss_ivf`), filled to {results['memory_fill']:,}; "
+        f"({config.n_heads} heads x {config.head_dim}, bf16, `faiss_ivf` with {config.ivf_list_size} keys per list, "
+        f"nprobe {config.ivf_nprobe}), filled to {results['memory_fill']:,}; "
         f"{total:.0f} s in all ({results['tokens_per_s']:,.0f} tokens/s).",
         "",
         "| memory holds (tokens) | median s / segment | max s / segment | ratio to XL only |",

@@ -1,10 +1,12 @@
-"""Peak memory per stored token: KNNMemory filled to capacity and searched, per dtype and backend.
+"""Memory per stored token: KNNMemory filled to capacity, then searched, per dtype and backend.
 
-Each case runs in a fresh process. On the CPU the figure is the growth of the process's
-peak resident memory (VmHWM, reset before the case) over its resident memory before it;
-on CUDA it is torch's peak allocated memory. The baseline of every row is the least a
-store can take: keys and values at storage precision for every head (2 x heads x
-head_dim x bytes per token), measured against the same case's figure.
+Each case runs in a fresh process and reports two figures, both as growth over the
+memory in use before the case: what stays resident once the memory is full (store,
+index), per stored token; and the peak while filling and running one search (which
+adds the search's transient score blocks). On the CPU these are VmRSS and VmHWM (reset
+before the case); on CUDA, torch's allocated and peak allocated memory. The baseline of
+every row is the least a store can take: keys and values at storage precision for every
+head (2 x heads x head_dim x bytes per token).
 
     python -m benchmarks.memory_use            # 64K and 256K tokens, 4 heads x 64 dims
     python -m benchmarks.memory_use --quick
@@ -32,8 +34,9 @@ def _status_kib(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def measure_one(capacity: int, dtype: str, backend: str, device: str) -> int:
-    """Peak bytes taken by filling a memory of `capacity` tokens segment by segment, then searching it."""
+def measure_one(capacity: int, dtype: str, backend: str, device: str) -> tuple[int, int]:
+    """Bytes resident after filling a memory of `capacity` tokens segment by segment, and
+    peak bytes once it has also been searched."""
     torch.manual_seed(0)
     device_t = torch.device(device)
     if device_t.type == "cuda":
@@ -46,10 +49,12 @@ def measure_one(capacity: int, dtype: str, backend: str, device: str) -> int:
     for _ in range(capacity // SEGMENT):
         keys = F.normalize(torch.randn(1, HEADS, SEGMENT, DIM, device=device_t), dim=-1)
         memory.add(keys, keys)
-    memory.search(keys, 32)
+    del keys
+    resident = (torch.cuda.memory_allocated(device_t) if device_t.type == "cuda" else _status_kib("VmRSS") * 1024) - before
+    memory.search(F.normalize(torch.randn(1, HEADS, SEGMENT, DIM, device=device_t), dim=-1), 32)
     if device_t.type == "cuda":
-        return torch.cuda.max_memory_allocated(device_t) - before
-    return _status_kib("VmHWM") * 1024 - before
+        return resident, torch.cuda.max_memory_allocated(device_t) - before
+    return resident, _status_kib("VmHWM") * 1024 - before
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -61,21 +66,22 @@ def main(argv: list[str] | None = None) -> None:
         for dtype in ("float32", "bfloat16"):
             for backend in ("exact", "faiss_ivf"):
                 with spawn.Pool(1) as pool:
-                    peak = pool.apply(measure_one, (capacity, dtype, backend, str(device)))
+                    resident, peak = pool.apply(measure_one, (capacity, dtype, backend, str(device)))
                 store = 2 * HEADS * DIM * torch.finfo(getattr(torch, dtype)).bits // 8
-                rows.append({"memory_size": capacity, "dtype": dtype, "backend": backend, "peak_bytes": peak,
-                             "bytes_per_token": peak / capacity, "store_bytes_per_token": store,
-                             "ratio_to_store": peak / capacity / store})
-                print(f"M={capacity:>8,} {dtype:>8} {backend:>9}: {peak / capacity:8.0f} B/token (store {store} B)")
+                rows.append({"memory_size": capacity, "dtype": dtype, "backend": backend, "resident_bytes": resident,
+                             "peak_bytes": peak, "bytes_per_token": resident / capacity, "store_bytes_per_token": store,
+                             "ratio_to_store": resident / capacity / store})
+                print(f"M={capacity:>8,} {dtype:>8} {backend:>9}: {resident / capacity:8.0f} B/token resident "
+                      f"(store {store} B), peak {peak / 2**20:.0f} MiB")
     lines = [
         f"One layer's memory, {HEADS} heads x {DIM} dims, filled {SEGMENT} tokens at a time, then searched:",
         "",
-        "| memory size | dtype | backend | peak (MiB) | bytes / token | keys + values alone | ratio |",
+        "| memory size | dtype | backend | resident bytes / token | keys + values alone | ratio | peak with a search (MiB) |",
         "|---:|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['memory_size']:,} | {r['dtype']} | {r['backend']} | {r['peak_bytes'] / 2**20:,.1f} | "
-                     f"{r['bytes_per_token']:,.0f} | {r['store_bytes_per_token']:,} | {r['ratio_to_store']:.2f}x |")
+        lines.append(f"| {r['memory_size']:,} | {r['dtype']} | {r['backend']} | {r['bytes_per_token']:,.0f} | "
+                     f"{r['store_bytes_per_token']:,} | {r['ratio_to_store']:.2f}x | {r['peak_bytes'] / 2**20:,.1f} |")
     text = "\n".join(lines)
     print(text)
     command = "python -m benchmarks.memory_use" + (" --quick" if args.quick else "")

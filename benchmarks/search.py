@@ -28,6 +28,7 @@ from einops import rearrange
 
 from memorizing_transformers import KNNMemory, MemorizingTransformer
 from memorizing_transformers.data.pipeline import load_tokenized
+from memorizing_transformers.training.checkpoint import resolve_model_dir
 
 from .common import device_description, median_seconds, parse_arguments, write_results
 
@@ -45,7 +46,7 @@ def model_keys(checkpoint: str, corpus: str, size: int) -> tuple[torch.Tensor, t
     its memory holds, so the stream needs no large memory. Returns (heads, size, head_dim)
     and (heads, segment_length, head_dim).
     """
-    model = MemorizingTransformer.from_pretrained(checkpoint).eval()
+    model = MemorizingTransformer.from_pretrained(resolve_model_dir(checkpoint)).eval()
     config, layer = model.config, model.config.memory_layer_indices[0]
     length = config.segment_length
     ids = torch.cat([d.ids for d in load_tokenized(corpus, "train", model.tokenizer)])[: size + length]

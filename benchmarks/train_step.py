@@ -5,7 +5,9 @@ vocab 8,192, d_model 256, 6 layers, 4 heads x 64, kNN in the 4th layer, k 32, ba
 256-token segments, one AdamW step per segment; then the `small` preset (the same with
 the GPT-2 vocabulary of 50,257). Memories are filled to capacity before timing, so every
 search covers the whole memory (steady state). Rows marked IVF use the approximate
-`faiss_ivf` backend; the others search exactly.
+`faiss_ivf` backend; the others search exactly. When memorizing-transformers-pytorch
+0.4.1 is installed (see benchmarks/popular.py), the same table is measured for it at the
+reference configuration in the same run.
 
     python -m benchmarks.train_step            # the reference configuration
     python -m benchmarks.train_step --quick    # a tiny configuration, seconds
@@ -22,6 +24,7 @@ import torch.nn.functional as F
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
 from memorizing_transformers.training.trainer import segment_loss
 
+from . import popular
 from .common import device_description, median_seconds, parse_arguments, write_results
 
 REFERENCE = MemorizingConfig(
@@ -78,6 +81,26 @@ def measure(base: MemorizingConfig, large: int, batch: int, repeats: int, device
         seconds = step_seconds(config, batch, repeats, device)
         rows.append({"variant": label, "seconds": seconds, "tokens_per_s": batch * config.segment_length / seconds})
         print(f"{label:>24}: {seconds:.3f} s/step")
+    return with_ratios(rows)
+
+
+def measure_popular(base: MemorizingConfig, large: int, batch: int, repeats: int, device: torch.device) -> list[dict]:
+    """The popular implementation's steps at `base`, labelled like ours."""
+    shape = dict(vocab_size=base.vocab_size, d_model=base.d_model, n_layers=base.n_layers, n_heads=base.n_heads,
+                 head_dim=base.head_dim, knn_layer=base.memory_layer_indices[0], k=base.knn_k,
+                 segment_length=base.segment_length, batch=batch, xl_length=base.xl_length, repeats=repeats, device=device)
+    cases = [("vanilla", "vanilla", base.memory_size), ("XL only", "XL only", base.memory_size)]
+    for size in (base.memory_size, large):
+        cases += [(f"memory {size_label(size)}", "memory", size), (f"memory {size_label(size)} + XL", "memory + XL", size)]
+    rows = []
+    for label, variant, size in cases:
+        seconds = popular.step_seconds(variant, memory_size=size, **shape)
+        rows.append({"variant": label, "seconds": seconds, "tokens_per_s": batch * base.segment_length / seconds})
+        print(f"{'popular ' + label:>24}: {seconds:.3f} s/step")
+    return with_ratios(rows)
+
+
+def with_ratios(rows: list[dict]) -> list[dict]:
     xl = next(r["seconds"] for r in rows if r["variant"] == "XL only")
     for r in rows:
         r["ratio_to_xl"] = r["seconds"] / xl
@@ -104,6 +127,19 @@ def main(argv: list[str] | None = None) -> None:
         rows = measure(base, large, batch, repeats, device)
         results["configs"][name] = {"config": base.to_dict(), "rows": rows}
         sections.append(f"### {name} configuration (vocab {base.vocab_size:,}), batch {batch} x {base.segment_length}\n\n{table(rows)}")
+        if name == "reference" and popular.available():
+            theirs = measure_popular(base, large, batch, repeats, device)
+            results["configs"][name]["popular_rows"] = theirs
+            label = f"memory {size_label(large)}"
+            theirs_large = next(r["tokens_per_s"] for r in theirs if r["variant"] == label)
+            speedups = {v: next(r["tokens_per_s"] for r in rows if r["variant"] == v) / theirs_large for v in (label, label + " IVF")}
+            results["configs"][name]["tokens_per_s_vs_popular_at_large_memory"] = speedups
+            sections.append(
+                f"### memorizing-transformers-pytorch 0.4.1, reference configuration, same run\n\n{table(theirs)}\n\n"
+                f"Tokens/s at memory {size_label(large)}, ours over theirs: {speedups[label]:.2f}x with exact search, "
+                f"{speedups[label + ' IVF']:.2f}x with `faiss_ivf` (its memory: one key head shared by all heads, "
+                f"HNSW, wiped whole when full; ours: per head, FIFO)."
+            )
     text = "\n\n".join(sections)
     print(text)
     write_results("train_step-quick" if args.quick else "train_step", results, text, Path(args.out))

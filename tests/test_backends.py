@@ -56,7 +56,8 @@ def test_exact_backends_return_brute_force_neighbours(backend):
 
 
 def index_sizes(memory):
-    return [[index.ntotal for index in row] for row in memory.backend.indices]
+    """Entries in each (row, head) index; None for a row whose IVF lists are not trained yet."""
+    return [None if row is None else [index.ntotal for index in row] for row in memory.backend.indices]
 
 
 @pytest.mark.parametrize("backend", ["faiss_flat", "faiss_ivf_all_lists"])
@@ -73,14 +74,16 @@ def test_fifo_wrap_around_and_resets_identical_across_backends(backend):
         else:
             reference.reset(arg)
             other.reset(arg)
-        # The index holds exactly the stored entries: nothing stale, nothing missing.
-        assert index_sizes(other) == [[int(n)] * heads for n in reference.fill]
+        # Every index holds exactly its row's stored entries: nothing stale, nothing missing.
+        sizes = index_sizes(other)
+        assert [s for s in sizes if s is not None] == [[int(n)] * heads for s, n in zip(sizes, reference.fill) if s is not None]
         queries = unit(batch, heads, 9, dim)
         a, b = reference.search(queries, k), other.search(queries, k)
         assert torch.equal(a.valid, b.valid)
         assert torch.equal(a.slots[a.valid], b.slots[b.valid])
         torch.testing.assert_close(a.scores, b.scores, rtol=1e-5, atol=1e-5)
         assert torch.equal(a.values[a.valid], b.values[b.valid])
+    assert None not in index_sizes(other)  # every row went through its index (IVF: trained when first full)
 
 
 def clustered(n, dim, centres, generator):
@@ -100,6 +103,7 @@ def test_ivf_recall_on_clustered_keys_stays_high_through_fifo_eviction():
         exact_memory.add(keys, keys)
         ivf.add(keys, keys)
     assert all(isinstance(index, faiss.IndexIVFFlat) for index in ivf.backend.indices[0])
+    assert ivf.backend.train_size(ivf) == 2048  # 64 keys per list: exact search until then
     assert index_sizes(ivf) == [[capacity] * heads]
     queries = clustered(heads * 64, dim, centres, generator).view(1, heads, 64, dim)
     a, b = exact_memory.search(queries, k), ivf.search(queries, k)
@@ -140,3 +144,21 @@ def test_unknown_backend_is_refused():
         MemorizingConfig(memory_backend="annoy")
     with pytest.raises(ValueError, match="unknown memory backend 'annoy'"):
         KNNMemory(1, 1, 4, 8, backend="annoy")
+
+
+def test_ivf_rows_are_searched_exactly_until_they_hold_enough_keys_to_train():
+    backend = FaissSearch("ivf", list_size=4, nprobe=1)  # 16 lists, nprobe 1: far from exact once trained
+    memory = KNNMemory(2, 2, 8, capacity=64, backend=backend)
+    reference = KNNMemory(2, 2, 8, capacity=64)
+    keys = unit(2, 2, 40, 8)
+    for m in (memory, reference):
+        m.add(keys, keys)
+    queries = unit(2, 2, 6, 8)
+    assert backend.indices == [None, None]
+    assert torch.equal(memory.search(queries, 8).slots, reference.search(queries, 8).slots)
+    more = unit(2, 2, 30, 8)
+    for m in (memory, reference):
+        m.add(more, more, mask=torch.tensor([[True] * 30, [False] * 30]))
+    assert backend.indices[0] is not None and backend.indices[1] is None  # row 0 now holds 64 keys
+    a, b = reference.search(queries, 8), memory.search(queries, 8)
+    assert torch.equal(a.slots[1], b.slots[1])  # row 1: still exact

@@ -1,6 +1,10 @@
 import json
 
+import torch
+
 from benchmarks import long_stream, memory_use, search, train_step
+from memorizing_transformers import MemorizingConfig, MemorizingTransformer
+from memorizing_transformers.data.streaming import TokenizedDocument
 
 
 def test_search_benchmark_quick(tmp_path):
@@ -28,8 +32,9 @@ def test_memory_use_benchmark_quick(tmp_path):
     assert [(r["dtype"], r["backend"]) for r in rows] == [
         ("float32", "exact"), ("float32", "faiss_ivf"), ("bfloat16", "exact"), ("bfloat16", "faiss_ivf"),
     ]
-    # A memory can never take less than its keys and values.
+    # A memory can never take less than its keys and values, nor peak below what stays resident.
     assert all(r["bytes_per_token"] >= r["store_bytes_per_token"] for r in rows)
+    assert all(r["peak_bytes"] >= r["resident_bytes"] for r in rows)
 
 
 def test_long_stream_benchmark_quick(tmp_path):
@@ -37,3 +42,20 @@ def test_long_stream_benchmark_quick(tmp_path):
     results = json.loads((tmp_path / "long_stream-quick.json").read_text())
     assert results["memory_fill"] == 4096 and results["tokens"] == 8192
     assert len(results["segment_times"]) == 8192 // 256
+
+
+def test_model_keys_are_the_keys_the_model_writes_to_its_memory(tmp_path, monkeypatch):
+    config = MemorizingConfig.preset("tiny", vocab_size=50257, memory_size=4096)  # the default tokenizer's vocabulary
+    torch.manual_seed(0)
+    MemorizingTransformer(config).save_pretrained(tmp_path / "model")
+    ids = torch.randint(0, config.vocab_size, (20 * config.segment_length,))
+    monkeypatch.setattr(search, "load_tokenized", lambda corpus, split, tokenizer: [TokenizedDocument("doc", ids)])
+    size = 10 * config.segment_length
+    keys, queries = search.model_keys(str(tmp_path / "model"), "any", size)
+    assert keys.shape == (config.n_heads, size, config.head_dim)
+    assert queries.shape == (config.n_heads, config.segment_length, config.head_dim)
+    model = MemorizingTransformer.from_pretrained(tmp_path / "model").eval()
+    with torch.no_grad():
+        state = model(ids[None, :size]).state
+    stored = state.memories[config.memory_layer_indices[0]].keys[0, :, :size]
+    torch.testing.assert_close(keys, stored, rtol=1e-4, atol=1e-5)

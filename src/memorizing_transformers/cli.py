@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .config import PRESETS, MemorizingConfig
+from .memory.backend import BACKENDS
 
 
 def parse_value(text: str) -> Any:
@@ -116,7 +117,8 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluation.report import evaluate_checkpoint
 
-    overrides = {k: v for k, v in (("memory_size", args.memory_size), ("knn_k", args.knn_k), ("xl_length", args.xl_length)) if v is not None}
+    given = (("memory_size", args.memory_size), ("knn_k", args.knn_k), ("xl_length", args.xl_length), ("memory_backend", args.memory_backend))
+    overrides = {k: v for k, v in given if v is not None}
     report = evaluate_checkpoint(
         args.checkpoint, args.corpus, args.split, overrides, out_dir=args.out,
         max_tokens=args.max_tokens, compare_without_memory=not args.no_baseline, device=pick_device(args.device),
@@ -170,6 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--memory-size", type=int)
     ev.add_argument("--knn-k", type=int)
     ev.add_argument("--xl-length", type=int)
+    ev.add_argument("--memory-backend", choices=BACKENDS, help="how the memory is searched (default: as trained)")
     ev.add_argument("--max-tokens", type=int, help="stop after this many scored tokens")
     ev.add_argument("--no-baseline", action="store_true", help="skip the same model evaluated without its memory")
     ev.add_argument("--out", help="output folder (default: <checkpoint>/eval-<corpus>-<split>)")

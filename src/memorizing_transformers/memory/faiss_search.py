@@ -12,8 +12,9 @@ kinds:
 - "ivf": IndexIVFFlat (inner product) with capacity / list_size lists, `nprobe` of them
   searched per query. Its coarse quantizer is trained, once per (row, head), when that row
   first holds min(capacity, 64 x lists) keys (k-means, 10 iterations on a sample of 40 keys
-  per list); until then that index is flat (exact, and small). A reset empties the lists
-  and keeps the trained quantizer.
+  per list). A row holding fewer keys than that is searched exactly (the torch search
+  over the store), so a young memory, or one just reset, loses no recall. A reset empties
+  the lists and keeps the trained quantizer.
 faiss computes in float32 on the CPU: queries are copied to the host and results back.
 """
 
@@ -31,6 +32,8 @@ except ImportError as error:  # pragma: no cover - faiss is an optional extra
         "the faiss memory backends need faiss: pip install 'memorizing-transformers[faiss]' (or faiss-cpu)"
     ) from error
 
+from .exact import ExactSearch
+
 if TYPE_CHECKING:
     from .knn_memory import KNNMemory
 
@@ -42,8 +45,7 @@ class FaissSearch:
         if list_size <= 0 or nprobe <= 0:
             raise ValueError(f"ivf list_size and nprobe must be positive, got {list_size} and {nprobe}")
         self.kind, self.list_size, self.nprobe = kind, list_size, nprobe
-        self.indices: list[list[faiss.Index]] = []  # [row][head]
-        self.trained: list[bool] = []  # per row: IVF in use (False: flat, until enough keys)
+        self.indices: list[list[faiss.Index] | None] = []  # [row][head]; None: an IVF row not trained yet
 
     def __repr__(self) -> str:
         extra = f", list_size={self.list_size}, nprobe={self.nprobe}" if self.kind == "ivf" else ""
@@ -52,25 +54,27 @@ class FaissSearch:
     def _lists(self, memory: "KNNMemory") -> int:
         return max(1, memory.capacity // self.list_size)
 
-    def _train_size(self, memory: "KNNMemory") -> int:
+    def train_size(self, memory: "KNNMemory") -> int:
+        """Keys a row must hold for its IVF index to be trained, and to be searched through it."""
         return min(memory.capacity, 64 * self._lists(memory))
-
-    def _flat(self, memory: "KNNMemory") -> faiss.Index:
-        return faiss.IndexIDMap2(faiss.IndexFlatIP(memory.head_dim))
 
     def _ensure(self, memory: "KNNMemory") -> None:
         if len(self.indices) != memory.batch_size:
-            self.indices = [[self._flat(memory) for _ in range(memory.num_heads)] for _ in range(memory.batch_size)]
-            self.trained = [False] * memory.batch_size
+            self.indices = [self._flat(memory) if self.kind == "flat" else None for _ in range(memory.batch_size)]
+
+    @staticmethod
+    def _flat(memory: "KNNMemory") -> list[faiss.Index]:
+        return [faiss.IndexIDMap2(faiss.IndexFlatIP(memory.head_dim)) for _ in range(memory.num_heads)]
 
     @staticmethod
     def _host(x: torch.Tensor) -> np.ndarray:
         return np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
 
     def _train(self, memory: "KNNMemory", row: int) -> None:
-        """Replace a row's flat indices by IVF indices trained on, and holding, its stored keys."""
+        """Give a row IVF indices trained on, and holding, its stored keys."""
         slots = memory.valid[row].nonzero().squeeze(1)  # (n,)
         keys = memory.keys[row][:, slots]  # (heads, n, head_dim)
+        indices = []
         for head in range(memory.num_heads):
             data = self._host(keys[head])
             index = faiss.IndexIVFFlat(faiss.IndexFlatIP(memory.head_dim), memory.head_dim, self._lists(memory), faiss.METRIC_INNER_PRODUCT)
@@ -78,49 +82,61 @@ class FaissSearch:
             index.train(data)
             index.nprobe = self.nprobe
             index.add_with_ids(data, slots.cpu().numpy())
-            self.indices[row][head] = index
-        self.trained[row] = True
+            indices.append(index)
+        self.indices[row] = indices
+
+    def _add(self, memory: "KNNMemory", row: int, slots: torch.Tensor) -> None:
+        ids = slots.cpu().numpy()
+        keys = memory.keys[row][:, slots.to(memory.device)]  # (heads, n, head_dim)
+        for head, index in enumerate(self.indices[row]):
+            index.remove_ids(faiss.IDSelectorBatch(ids))  # the overwritten entries, if any
+            index.add_with_ids(self._host(keys[head]), ids)
 
     def written(self, memory: "KNNMemory", rows: torch.Tensor, slots: torch.Tensor) -> None:
         self._ensure(memory)
         rows, slots = rows.cpu(), slots.cpu()
         for row in rows.unique().tolist():
-            row_slots = slots[rows == row]  # (n,)
-            ids = row_slots.numpy()
-            keys = memory.keys[row][:, row_slots.to(memory.device)]  # (heads, n, head_dim)
-            for head, index in enumerate(self.indices[row]):
-                index.remove_ids(faiss.IDSelectorBatch(ids))  # the overwritten entries, if any
-                index.add_with_ids(self._host(keys[head]), ids)
-            if self.kind == "ivf" and not self.trained[row] and self.indices[row][0].ntotal >= self._train_size(memory):
+            if self.indices[row] is not None:
+                self._add(memory, row, slots[rows == row])
+            elif int(memory.valid[row].sum()) >= self.train_size(memory):
                 self._train(memory, row)
 
     def reset(self, memory: "KNNMemory", rows: torch.Tensor) -> None:
         self._ensure(memory)
         for row in rows.nonzero().squeeze(1).tolist():
-            for index in self.indices[row]:
-                index.reset()
+            for index in self.indices[row] or ():
+                index.reset()  # an IVF index keeps its trained quantizer
 
     def rebuild(self, memory: "KNNMemory") -> None:
-        self.indices, self.trained = [], []
+        self.indices = []
         self._ensure(memory)
         for row in range(memory.batch_size):
-            if self.kind == "ivf" and int(memory.valid[row].sum()) >= self._train_size(memory):
+            if self.kind == "flat":
+                self._add(memory, row, memory.valid[row].nonzero().squeeze(1))
+            elif int(memory.valid[row].sum()) >= self.train_size(memory):
                 self._train(memory, row)
-                continue
-            slots = memory.valid[row].nonzero().squeeze(1)
-            for head, index in enumerate(self.indices[row]):
-                index.add_with_ids(self._host(memory.keys[row, head, slots]), slots.cpu().numpy())
 
     def search(self, memory: "KNNMemory", queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         self._ensure(memory)
         batch, heads, seq, _ = queries.shape
-        scores = np.empty((batch, heads, seq, k), dtype=np.float32)
-        ids = np.empty((batch, heads, seq, k), dtype=np.int64)
-        host = self._host(queries)
-        for row in range(batch):
+        if self.kind == "flat":
+            indexed = list(range(batch))
+        else:  # a row holding fewer keys than it takes to train its lists is searched exactly
+            enough = (memory.fill >= self.train_size(memory)).tolist()
+            indexed = [row for row in range(batch) if self.indices[row] is not None and enough[row]]
+        if len(indexed) < batch:
+            scores_t, slots_t = ExactSearch().search(memory, queries, k)
+            if not indexed:
+                return scores_t, slots_t
+        else:
+            scores_t = torch.empty((batch, heads, seq, k), device=memory.device)
+            slots_t = torch.empty((batch, heads, seq, k), dtype=torch.long, device=memory.device)
+        host = self._host(queries[indexed])
+        for i, row in enumerate(indexed):
             for head in range(heads):
-                scores[row, head], ids[row, head] = self.indices[row][head].search(host[row, head], k)
-        ids_t = torch.from_numpy(ids)
-        missing = ids_t < 0  # faiss pads with id -1 when fewer than k entries are found
-        scores_t = torch.from_numpy(scores).masked_fill_(missing, float("-inf"))
-        return scores_t.to(memory.device), ids_t.clamp_(min=0).to(memory.device)
+                scores, ids = self.indices[row][head].search(host[i, head], k)
+                ids_t = torch.from_numpy(ids)
+                missing = ids_t < 0  # faiss pads with id -1 when fewer than k entries are found
+                scores_t[row, head] = torch.from_numpy(scores).masked_fill_(missing, float("-inf")).to(memory.device)
+                slots_t[row, head] = ids_t.clamp_(min=0).to(memory.device)
+        return scores_t, slots_t

@@ -1,0 +1,80 @@
+"""Training-step time of the popular PyTorch implementation, for side-by-side figures.
+
+Times lucidrains/memorizing-transformers-pytorch 0.4.1 at the same configuration as ours. It is an
+optional extra, used only when importable:
+
+    pip install einops-exts joblib filelock faiss-cpu
+    pip install --no-deps memorizing-transformers-pytorch==0.4.1
+
+(--no-deps: its wheel asks for faiss-gpu, whose files would overwrite faiss-cpu's `faiss` module).
+
+Facts about that library this relies on: its layers are numbered from 1; each kNN layer has one
+faiss HNSW index per batch row over a single shared key head (keys l2-normalised), plus a memmap
+file of keys and values under `knn_memories_directory` (default ./.tmp/knn.memories, here a
+temporary directory); a layer adds every key it drops from its XL window (all its keys without XL),
+and an index is wiped whole once it would hold more than `max_knn_memories` entries.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import torch
+import torch.nn.functional as F
+
+from .common import median_seconds
+
+VARIANTS = ("vanilla", "XL only", "memory", "memory + XL")
+WARMUP = 2
+
+
+def available() -> bool:
+    try:
+        import memorizing_transformers_pytorch  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def step_seconds(variant: str, vocab_size: int, d_model: int, n_layers: int, n_heads: int, head_dim: int,
+                 knn_layer: int, k: int, segment_length: int, batch: int, memory_size: int, xl_length: int,
+                 repeats: int, device: torch.device = torch.device("cpu")) -> float:
+    """Median seconds of one AdamW step (forward with loss, backward, update) of their model.
+
+    `knn_layer` counts from 0, as ours does; their model gets `knn_layer + 1`.
+    """
+    from memorizing_transformers_pytorch import MemorizingTransformer
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: choose one of {VARIANTS}")
+    use_knn, use_xl = variant.startswith("memory"), variant.endswith("XL")
+    torch.manual_seed(0)
+    with tempfile.TemporaryDirectory() as directory:
+        model = MemorizingTransformer(
+            num_tokens=vocab_size, dim=d_model, depth=n_layers, heads=n_heads, dim_head=head_dim,
+            memorizing_layers=(knn_layer + 1,) if use_knn else (), max_knn_memories=memory_size,
+            num_retrieved_memories=k, xl_max_memories=xl_length if use_xl else 0, knn_memories_directory=directory,
+        ).to(device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        tokens = torch.randint(1, vocab_size, (batch, segment_length + 1), device=device)  # 0 is their ignored pad
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        with model.knn_memories_context(batch_size=batch) as knn_memories:
+            # They wipe a full index rather than evict the oldest entries, so there is no full steady state:
+            # fill to just below capacity, so that the timed steps (each adds <= segment_length entries per
+            # row) search a nearly full index and never wipe it.
+            fill = memory_size - (WARMUP + repeats) * segment_length
+            for memory in knn_memories:
+                if fill > 0:
+                    keys = F.normalize(torch.randn(batch, fill, head_dim), dim=-1)
+                    memory.add(torch.stack((keys, torch.randn(batch, fill, head_dim)), dim=-2))
+            xl_memories = None
+
+            def step() -> None:
+                nonlocal xl_memories
+                out = model(inputs, knn_memories, xl_memories=xl_memories, labels=labels)
+                loss, xl_memories = out if use_xl else (out, None)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+
+            return median_seconds(step, repeats, warmup=WARMUP, device=device)
