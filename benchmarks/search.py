@@ -108,7 +108,7 @@ def approximate_rows(data: str, keys: torch.Tensor, queries: torch.Tensor, sizes
         ivf_s = median_seconds(lambda: ivf.search(q, k), repeats, device=device)
         truth, found = exact.search(q, k).slots, ivf.search(q, k).slots
         recall = float((truth[..., :, None] == found[..., None, :]).any(-1).float().mean())
-        rows.append({"data": data, "memory_size": size, "exact_s": exact_s, "ivf_s": ivf_s, "speedup": exact_s / ivf_s,
+        rows.append({"data": data, "queries": "x".join(map(str, queries.shape)), "memory_size": size, "exact_s": exact_s, "ivf_s": ivf_s, "speedup": exact_s / ivf_s,
                      "recall_at_k": recall, "ivf_build_s": build, "ivf": repr(ivf.backend)})
         print(f"{data} M={size:>9,}: exact {exact_s * 1e3:8.1f} ms, ivf {ivf_s * 1e3:8.1f} ms, recall@{k} {recall:.3f}, build {build:.1f} s")
     return rows
@@ -130,12 +130,12 @@ def tables(exact: list[dict], approximate: list[dict], settings: dict) -> str:
         "",
         f"Approximate (`faiss_ivf` backend) against exact on the same memory, top-{settings['k']}:",
         "",
-        f"| data | memory size | exact (ms) | IVF (ms) | IVF speed-up | recall@{settings['k']} | IVF build (s) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        f"| data | queries (heads x n x dim) | memory size | exact (ms) | IVF (ms) | IVF speed-up | recall@{settings['k']} | IVF build (s) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in approximate:
         lines.append(
-            f"| {r['data']} | {r['memory_size']:,} | {r['exact_s'] * 1e3:.1f} | {r['ivf_s'] * 1e3:.1f} | {r['speedup']:.1f}x | "
+            f"| {r['data']} | {r['queries']} | {r['memory_size']:,} | {r['exact_s'] * 1e3:.1f} | {r['ivf_s'] * 1e3:.1f} | {r['speedup']:.1f}x | "
             f"{r['recall_at_k']:.3f} | {r['ivf_build_s']:.1f} |"
         )
     return "\n".join(lines)

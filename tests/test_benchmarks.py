@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from benchmarks import long_stream, memory_use, search, train_step
+from benchmarks import long_stream, memory_use, search, targets, train_step
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
 from memorizing_transformers.data.streaming import TokenizedDocument
 
@@ -14,7 +14,7 @@ def test_search_benchmark_quick(tmp_path):
     assert all(r["same_neighbours_as_faiss"] == 1.0 for r in results["exact"])
     # 4,096 keys make 16 IVF lists; nprobe 16 searches them all: exact.
     assert [(r["memory_size"], r["recall_at_k"]) for r in results["approximate"]] == [(4096, 1.0)]
-    assert "| random unit vectors | 4,096 |" in (tmp_path / "search-quick.md").read_text()
+    assert "| random unit vectors | 4x64x64 | 4,096 |" in (tmp_path / "search-quick.md").read_text()
 
 
 def test_train_step_benchmark_quick(tmp_path):
@@ -59,3 +59,34 @@ def test_model_keys_are_the_keys_the_model_writes_to_its_memory(tmp_path, monkey
         state = model(ids[None, :size]).state
     stored = state.memories[config.memory_layer_indices[0]].keys[0, :, :size]
     torch.testing.assert_close(keys, stored, rtol=1e-4, atol=1e-5)
+
+
+def test_targets_table_reads_the_measured_figures(tmp_path):
+    def step(variant, ratio, tokens):
+        return {"variant": variant, "ratio_to_xl": ratio, "tokens_per_s": tokens, "seconds": 0.6 * ratio}
+
+    (tmp_path / "train_step.json").write_text(json.dumps({"batch_size": 4, "configs": {"reference": {
+        "config": {"n_heads": 4, "segment_length": 256, "head_dim": 64},
+        "rows": [step("XL only", 1.0, 1700), step("memory 8K", 1.10, 1500), step("memory 64K", 2.50, 600),
+                 step("memory 64K IVF", 1.20, 1600)],
+    }}}))
+    (tmp_path / "search.json").write_text(json.dumps({
+        "exact": [{"memory_size": 65536, "matmul_gflops": 40.0},
+                  {"memory_size": 262144, "speedup_vs_faiss_flat": 2.0, "fraction_of_matmul": 0.75}],
+        "approximate": [
+            {"data": "model keys (code)", "memory_size": 65536, "recall_at_k": 0.99, "speedup": 2.0},
+            {"data": "model keys (code)", "memory_size": 262144, "recall_at_k": 0.85, "speedup": 9.0},
+        ],
+    }))
+    (tmp_path / "long_stream.json").write_text(json.dumps({
+        "tokens": 1052672, "memory_fill": 1 << 20, "config": {"memory_size": 1 << 20},
+        "by_fill": [{"median_s": 0.2, "ratio_to_xl": 1.5}],
+    }))
+    targets.main(["--out", str(tmp_path)])
+    met = {line.split(" | ")[0].strip("| "): line.rstrip(" |").split(" | ")[-1] for line in (tmp_path / "targets.md").read_text().splitlines() if line.startswith("| ") and "goal" not in line}
+    assert met["step, memory 8K exact / XL only"] == "yes"
+    floor_row = next(line for line in (tmp_path / "targets.md").read_text().splitlines() if "memory 64K exact" in line)
+    assert "34 GFLOP at 40 GFLOP/s, puts the floor at 2.43x" in floor_row  # (0.6 + 34.36 / 40) / 0.6
+    assert floor_row.endswith("| no |")
+    assert met["IVF search at 262K / exact, recall@32 on model keys"] == "no"  # fast, but recall 0.85 < 0.9
+    assert met["tokens/s at 64K (IVF) / popular implementation"] == "yes"  # 1600 / 980

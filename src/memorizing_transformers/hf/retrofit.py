@@ -37,13 +37,13 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors import safe_open
 from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
 from ..atomic import write_atomically
+from ..memory.files import memory_file_metadata
 from ..memory.knn_memory import KNNMemory
 
 ATTENTION_NAME = "memorizing"
@@ -108,22 +108,45 @@ class MemoryHandle:
         return {i: ([] if l.memory is None else l.memory.fill.tolist()) for i, l in self.layers.items()}
 
     @torch.no_grad()
-    def stream(self, input_ids: torch.Tensor, window: int, labels: bool = False) -> torch.Tensor:
-        """Run a long input window by window, each window reading the memory of all earlier
-        ones and then writing its own. input_ids: (batch, seq). Positions are absolute.
-        Returns per-token next-token losses (batch, seq - 1) when `labels`, else the logits
-        (batch, seq, vocab)."""
-        if window <= 0:
-            raise ValueError(f"window must be positive, got {window}")
-        outputs = []
-        for start in range(0, input_ids.shape[1], window):
-            chunk = input_ids[:, start : start + window]
-            positions = torch.arange(start, start + chunk.shape[1], device=chunk.device).expand_as(chunk)
-            outputs.append(self.model(input_ids=chunk, position_ids=positions).logits)
-        logits = torch.cat(outputs, dim=1)
-        if not labels:
-            return logits
-        return F.cross_entropy(logits[:, :-1].transpose(1, 2).float(), input_ids[:, 1:], reduction="none")
+    def stream(self, input_ids: torch.Tensor, window: int, stride: int | None = None, losses: bool = False) -> torch.Tensor:
+        """Read a long input through a sliding window, the memory holding what has left it.
+
+        input_ids: (batch, seq). Calls cover `window` tokens and advance by `stride`
+        (default: `window`, no overlap); positions are absolute. A call's first `stride`
+        tokens, which leave the window at the next call, are written to memory by it (the
+        last call writes all of its own), so no token is ever both in the window and in
+        memory. Every token is scored in the first call that sees it as a prediction
+        target with the most left context. Returns next-token logits (batch, seq, vocab), or
+        with `losses` the next-token cross-entropies (batch, seq - 1), computed call by call
+        so that a long input never holds all its logits at once.
+        """
+        stride = window if stride is None else stride
+        if window <= 0 or not 0 < stride <= window:
+            raise ValueError(f"need window > 0 and 0 < stride <= window, got window={window}, stride={stride}")
+        seq = input_ids.shape[1]
+        logits, start = [], 0
+        while True:
+            end = min(start + window, seq)
+            last = end == seq
+            chunk = input_ids[:, start:end]
+            positions = torch.arange(start, end, device=chunk.device).expand_as(chunk)
+            write = torch.zeros_like(chunk, dtype=torch.bool)
+            write[:, : (end - start) if last else stride] = True
+            self.write_mask = write
+            try:
+                out = self.model(input_ids=chunk, position_ids=positions).logits  # (batch, end - start, vocab)
+            finally:
+                self.write_mask = None
+            new = 0 if start == 0 else window - stride  # the earlier tokens were scored by the previous call
+            if losses:  # targets of positions start + new .. end - 1 (none after the input's last token)
+                targets = input_ids[:, start + new + 1 : end + 1]
+                out = F.cross_entropy(out[:, new : new + targets.shape[1]].transpose(1, 2).float(), targets, reduction="none")
+                logits.append(out)
+            else:
+                logits.append(out[:, new:])
+            if last:
+                return torch.cat(logits, dim=1)
+            start += stride
 
     def save(self, path: str | os.PathLike) -> None:
         """Write every layer's memory to one safetensors file (atomically), with the shapes and
@@ -142,13 +165,7 @@ class MemoryHandle:
         """Read memories written by `save`; refuses a file made for another model or other shapes."""
         from safetensors.torch import load_file
 
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no memory file at {path}")
-        with safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-        if metadata.get("format") != MEMORY_FILE_FORMAT:
-            raise ValueError(f"{path} is not a memory file of add_memory (format={metadata.get('format')!r})")
+        metadata = memory_file_metadata(path, MEMORY_FILE_FORMAT, "a memory file of add_memory")
         if metadata.get("model") != model_identity(self.model):
             raise ValueError(f"{path} was made for the model {metadata.get('model')}, not {model_identity(self.model)}")
         saved_layers = sorted(int(key.split(".")[1]) for key in metadata if key.startswith("layer."))
@@ -253,7 +270,11 @@ def memorizing_attention(
     keys_all = key.repeat_interleave(groups, dim=1)  # (batch, heads, kv_len, head_dim)
     values_all = value.repeat_interleave(groups, dim=1)
     local_logits = torch.matmul(query, keys_all.transpose(-1, -2)) * scaling
-    if attention_mask is not None:
+    if attention_mask is None:  # causal: the queries are the last `seq` of the keys
+        kv_len = key.shape[2]
+        future = torch.ones(seq, kv_len, dtype=torch.bool, device=query.device).triu(kv_len - seq + 1)
+        local_logits = local_logits.masked_fill(future, float("-inf"))
+    else:
         local_logits = local_logits + attention_mask[..., : key.shape[2]]
     if layer.combine == "joint":
         logits = torch.cat([local_logits, mem_logits.masked_fill(~mem_valid, float("-inf"))], dim=-1)

@@ -13,11 +13,11 @@ from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..atomic import write_atomically
 from .backend import SearchBackend, make_backend
+from .files import memory_file_metadata
 
 FORMAT_VERSION = "1"
 
@@ -218,13 +218,7 @@ class KNNMemory:
         cls, path: str | os.PathLike, device: torch.device | str | None = None, backend: str | SearchBackend = "exact"
     ) -> "KNNMemory":
         """Read a memory written by `save` (its index, if any, is rebuilt); refuses other files."""
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"no memory file at {path}")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != "memorizing_transformers.KNNMemory":
-            raise ValueError(f"{path} is not a KNNMemory file (metadata format={meta.get('format')!r})")
+        meta = memory_file_metadata(path, "memorizing_transformers.KNNMemory", "a KNNMemory file")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path} has memory format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
         memory = cls(

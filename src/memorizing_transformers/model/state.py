@@ -8,14 +8,22 @@ itself holds no per-stream state, so training and evaluation streams never mix.
 
 from __future__ import annotations
 
+import json
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
 import torch
+from safetensors.torch import load_file, save_file
 
+from ..atomic import write_atomically
 from ..config import MemorizingConfig
 from ..memory.backend import make_backend
+from ..memory.files import memory_file_metadata
 from ..memory.knn_memory import KNNMemory
+
+STATE_FILE_FORMAT = "memorizing_transformers.MemorizingState"
 
 
 @dataclass
@@ -30,11 +38,21 @@ class XLCache:
 class MemorizingState:
     """XL caches (one per layer) and kNN memories (one per memory layer) for `batch_size` streams."""
 
+    # What Hugging Face's generate() asks of a cache: this state is recurrent (like a
+    # linear-attention cache), so generate leaves the slicing of inputs to the model.
+    is_compileable = False
+    is_croppable = False
+    is_linear = (True,)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.tokens_seen
+
     def __init__(self, config: MemorizingConfig, batch_size: int, device: torch.device | str | None = None) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.config = config
         self.batch_size = batch_size
+        self.tokens_seen = 0  # columns of input read since the state was made (or since generation began)
         self.xl: list[XLCache | None] = [None] * config.n_layers
         self.memories: dict[int, KNNMemory] = {
             layer: KNNMemory(
@@ -98,3 +116,26 @@ class MemorizingState:
         for layer, memory in self.memories.items():
             prefix = f"memory.{layer}."
             memory.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+
+    def save(self, path: str | os.PathLike, model_fingerprint: str) -> None:
+        """Write the whole state (XL caches and memories) to a safetensors file, atomically, with
+        the fingerprint of the model that made it (`MemorizingTransformer.fingerprint()`)."""
+        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
+        metadata = {"format": STATE_FILE_FORMAT, "model": model_fingerprint, "batch_size": str(self.batch_size),
+                    "tokens_seen": str(self.tokens_seen), "config": json.dumps(self.config.to_dict())}
+        write_atomically(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, config: MemorizingConfig, model_fingerprint: str,
+             device: torch.device | str | None = None) -> "MemorizingState":
+        """Read a state written by `save`; refuses one made by another model (weights or configuration)."""
+        metadata = memory_file_metadata(path, STATE_FILE_FORMAT, "a memory file of a MemorizingTransformer")
+        if metadata["model"] != model_fingerprint:
+            saved = MemorizingConfig.from_dict(json.loads(metadata["config"]))
+            differences = sorted(k for k, v in saved.to_dict().items() if config.to_dict().get(k) != v)
+            reason = f"configurations differ in {differences}" if differences else "same configuration, other weights"
+            raise ValueError(f"{path} was made by model {metadata['model']}, not by this one ({model_fingerprint}): {reason}")
+        state = cls(config, int(metadata["batch_size"]), device=device)
+        state.load_state_dict(load_file(str(path)))
+        state.tokens_seen = int(metadata["tokens_seen"])
+        return state

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,6 +145,34 @@ class MemorizingTransformer(nn.Module):
         """An empty stream state (no cache, empty memories) for `batch_size` rows, on the model's device."""
         return MemorizingState(self.config, batch_size, device=self.device)
 
+    def fingerprint(self) -> str:
+        """A short hash of the configuration and the weights: memory files carry it, so that a
+        memory is only ever read by the model whose keys it holds."""
+        digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for name, tensor in sorted(self.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    @torch.no_grad()
+    def memorize(self, texts: str | Iterable[str], state: MemorizingState | None = None) -> MemorizingState:
+        """Stream texts (one after another, as one document) into a batch-1 state: learning at
+        inference time, with no weight update. Returns the state; `save_memory` keeps it."""
+        state = state or self.new_state(1)
+        for text in [texts] if isinstance(texts, str) else texts:
+            ids = self.tokenizer(text)["input_ids"]
+            if ids:
+                state = self(torch.tensor([ids]), state=state).state
+        return state
+
+    def save_memory(self, state: MemorizingState, path: str | Path) -> None:
+        """Write a state (XL caches and memories) with this model's fingerprint, atomically."""
+        state.save(path, self.fingerprint())
+
+    def load_memory(self, path: str | Path) -> MemorizingState:
+        """Read a state written by `save_memory` of this very model; other models' files are refused."""
+        return MemorizingState.load(path, self.config, self.fingerprint(), device=self.device)
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -184,6 +213,7 @@ class MemorizingTransformer(nn.Module):
                 raise ValueError(f"start_of_document must have shape (batch,) = ({batch},), got {tuple(start.shape)}")
             state.reset(start.bool())
 
+        state.tokens_seen += seq
         L = self.config.segment_length
         hidden = torch.cat(
             [self._forward_segment(input_ids[:, s : s + L], attention_mask[:, s : s + L], state) for s in range(0, seq, L)],
