@@ -13,7 +13,8 @@ standard-library source files, the first `--tokens` tokens of each; the last
     mt pretrained smollm2 --out models/smollm2-135m
     python experiments/pretrained_memory.py --checkpoint models/smollm2-135m
 
-Writes experiments/results/pretrained_memory[-TAG].json, and a Markdown table to stdout.
+Writes experiments/results/pretrained_memory[-TAG].json and .md (the table, with the
+command); `--summarize` rewrites the .md from an existing .json.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import platform
 import sysconfig
 import time
 from pathlib import Path
@@ -105,16 +107,22 @@ def main() -> None:
     parser.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--tag", default="")
+    parser.add_argument("--summarize", action="store_true", help="only rewrite the .md from the existing .json")
     args = parser.parse_args()
-    results = run(args)
-    results["command"] = "python experiments/pretrained_memory.py " + " ".join(
-        f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != parser.get_default(k)
-    )
-    text = table(results)
-    print(text)
     out = RESULTS / f"pretrained_memory{'-' + args.tag if args.tag else ''}.json"
-    write_atomically(out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
-    print(f"wrote {out}")
+    if args.summarize:
+        results = json.loads(out.read_text())
+    else:
+        results = run(args)
+        results["platform"] = platform.platform()
+        results["command"] = "python experiments/pretrained_memory.py " + " ".join(
+            f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != parser.get_default(k)
+        )
+        write_atomically(out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+    text = f"Made by `{results['command'].strip()}` on {results.get('platform', platform.platform())}.\n\n{table(results)}\n"
+    print(text)
+    write_atomically(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(text))
+    print(f"wrote {out} and {out.with_suffix('.md')}")
 
 
 if __name__ == "__main__":
