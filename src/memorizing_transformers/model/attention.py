@@ -37,6 +37,8 @@ class Attention(nn.Module):
         self.log_scale = nn.Parameter(torch.full((config.n_heads,), math.log(config.initial_qk_scale)))
         self.position_bias = RelativePositionBias(config.n_heads, config.num_buckets, config.max_distance)
         self.use_memory = use_memory
+        # A list to make a memory layer record, per segment, what it retrieved (see evaluation/inspect.py).
+        self.trace: list[dict[str, torch.Tensor]] | None = None
         if use_memory and self.combine == "gate":
             # g = sigmoid(gate_bias): the share of memory in each head's output (0.5 at the paper's init).
             self.gate_bias = nn.Parameter(torch.full((config.n_heads,), config.memory_gate_init))
@@ -82,8 +84,23 @@ class Attention(nn.Module):
                 out = self._gated(q_scaled, keys, values, local_bias, mem_logits, found.values, found.valid)
             else:
                 out = self._joint(q_scaled, keys, values, local_bias, mem_logits, found.values, found.valid)
+            if self.trace is not None:
+                self.trace.append(self._record(q_scaled, keys, local_bias, mem_logits, found))
             memory.add(k, v, mask=token_mask)
         return self.out(rearrange(out, "b h t d -> b t (h d)")), k.detach(), v.detach()
+
+    @torch.no_grad()
+    def _record(self, q, keys, local_bias, mem_logits, found) -> dict[str, torch.Tensor]:
+        """What this segment's queries retrieved, and the share of each head's output that came
+        from memory: the gate (gated layers) or the retrieved entries' softmax mass (joint)."""
+        valid = found.valid.any(dim=-1)  # (batch, heads, seq)
+        if self.combine == "gate":
+            share = torch.sigmoid(self.gate_bias)[None, :, None] * valid
+        else:
+            local_logits = torch.matmul(q, keys.transpose(-1, -2)) + local_bias
+            logits = torch.cat([local_logits, mem_logits.masked_fill(~found.valid, float("-inf"))], dim=-1)
+            share = torch.softmax(logits.float(), dim=-1)[..., keys.shape[2]:].sum(-1)
+        return {"slots": found.slots.cpu(), "logits": mem_logits.float().cpu(), "valid": found.valid.cpu(), "share": share.float().cpu()}
 
     def _gated(self, q, keys, values, local_bias, mem_logits, mem_values, mem_valid) -> torch.Tensor:
         """Separate softmaxes, mixed per head by g = sigmoid(gate_bias); g = 0 where nothing was retrieved."""

@@ -1,0 +1,162 @@
+"""`mt inspect`: a self-contained HTML page showing what the memory did for each token.
+
+A document is streamed twice through the model: as it is, and with its memory layers
+removed (the same weights otherwise). Each token of the page is coloured by how much the
+memory lowered the loss of the prediction made at it (of the next token); hovering or
+clicking it shows, per head of the first memory layer, the share of the head's output
+that came from memory and the earlier tokens it retrieved, with their positions and
+scores. The page carries its data as JSON and needs no network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..atomic import write_atomically
+from ..model.transformer import MemorizingTransformer
+
+
+@torch.no_grad()
+def _stream_losses(model: MemorizingTransformer, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token losses (n - 1,) of one document streamed segment by segment (batch 1)."""
+    state, losses, length = model.new_state(1), [], model.config.segment_length
+    for start in range(0, ids.numel() - 1, length):
+        segment = ids[start : start + length + 1]  # one more token: the last target
+        out = model(segment[None, :-1].to(model.device), state=state)
+        state = out.state
+        losses.append(F.cross_entropy(out.logits[0].float(), segment[1:].to(model.device), reduction="none").cpu())
+    return torch.cat(losses)
+
+
+@torch.no_grad()
+def inspect_document(model: MemorizingTransformer, text: str, top: int = 5) -> dict[str, Any]:
+    """Stream `text` with and without memory; return the per-token data the page shows."""
+    if not model.config.memory_layer_indices:
+        raise ValueError("this model has no memory layer: there is nothing to inspect")
+    ids = torch.tensor(model.tokenizer(text)["input_ids"])
+    if ids.numel() < 2:
+        raise ValueError("the document holds fewer than two tokens")
+    model.eval()
+    layer = model.config.memory_layer_indices[0]
+    attention = model.blocks[layer].attn
+    attention.trace = []
+    try:
+        with_memory = _stream_losses(model, ids)
+        trace = attention.trace
+    finally:
+        attention.trace = None
+    plain = MemorizingTransformer(dataclasses.replace(model.config, knn_layers=())).to(model.device).eval()
+    plain.load_state_dict(model.state_dict(), strict=False)  # the same weights, without the gates
+    without_memory = _stream_losses(plain, ids)
+
+    capacity, length = model.config.memory_size, model.config.segment_length
+    retrieved: list[list[list[list[float]]]] = []  # [token][head] -> [[position, score], ...]
+    share: list[list[float]] = []  # [token][head]
+    for index, record in enumerate(trace):
+        before = index * length  # tokens written to memory before this segment
+        keep = min(top, record["slots"].shape[-1])
+        positions = before - 1 - (before - 1 - record["slots"][0, :, :, :keep]) % capacity  # (heads, seq, keep)
+        for t in range(record["slots"].shape[2]):
+            retrieved.append([
+                [[int(p), round(float(s), 3)] for p, s, v in zip(positions[h, t], record["logits"][0, h, t, :keep], record["valid"][0, h, t, :keep]) if v]
+                for h in range(positions.shape[0])
+            ])
+            share.append([round(float(x), 4) for x in record["share"][0, :, t]])
+    pieces = [model.tokenizer.decode([i]) for i in ids.tolist()]
+    return {
+        "tokens": pieces,
+        "loss_with_memory": [round(float(x), 4) for x in with_memory] + [None],
+        "loss_without_memory": [round(float(x), 4) for x in without_memory] + [None],
+        "retrieved": retrieved[: ids.numel()],
+        "memory_share": share[: ids.numel()],
+        "layer": layer,
+        "heads": model.config.n_heads,
+        "segment_length": length,
+        "memory_size": capacity,
+    }
+
+
+_STYLE = """
+body { font-family: sans-serif; margin: 0; display: flex; height: 100vh; }
+#doc { flex: 3; overflow-y: auto; padding: 1em; white-space: pre-wrap; font-family: monospace; line-height: 1.6; }
+#doc h1, #doc p { white-space: normal; font-family: sans-serif; }
+#panel { flex: 2; overflow-y: auto; padding: 1em; border-left: 1px solid #ccc; background: #fafafa; }
+.token { cursor: pointer; border-radius: 2px; }
+.token.selected { outline: 2px solid #333; }
+table { border-collapse: collapse; } td, th { padding: 0 0.5em; text-align: right; }
+.legend span { padding: 0 0.4em; }
+"""
+
+_SCRIPT = """
+const data = JSON.parse(document.getElementById('data').textContent);
+const doc = document.getElementById('doc'), panel = document.getElementById('panel');
+function colour(i) {
+  const a = data.loss_with_memory[i], b = data.loss_without_memory[i];
+  if (a === null) return 'transparent';
+  const gain = Math.max(-1, Math.min(1, (b - a) / 2));  // positive: memory lowered the loss
+  return gain >= 0 ? `rgba(40,160,60,${gain})` : `rgba(200,40,40,${-gain})`;
+}
+function quote(i) { return JSON.stringify(data.tokens[i]); }
+function show(i) {
+  document.querySelectorAll('.token.selected').forEach(e => e.classList.remove('selected'));
+  document.getElementById('t' + i).classList.add('selected');
+  const a = data.loss_with_memory[i], b = data.loss_without_memory[i];
+  let out = `<h2 id="selected-token">token ${i}: ${quote(i).replace(/</g, '&lt;')}</h2>`;
+  if (a !== null) out += `<p>loss of the next token: ${a.toFixed(3)} with memory, ${b.toFixed(3)} without</p>`;
+  (data.retrieved[i] || []).forEach((entries, h) => {
+    out += `<h3>head ${h}: memory share ${(100 * data.memory_share[i][h]).toFixed(1)}%</h3>`;
+    out += '<table class="retrieved"><tr><th>position</th><th>score</th><th>token</th></tr>';
+    entries.forEach(([p, s]) => {
+      out += `<tr class="hit"><td><a href="#${p}">${p}</a></td><td>${s.toFixed(3)}</td><td>${quote(p).replace(/</g, '&lt;')}</td></tr>`;
+    });
+    out += '</table>';
+  });
+  panel.innerHTML = out;
+}
+data.tokens.forEach((text, i) => {
+  const span = document.createElement('span');
+  span.className = 'token'; span.id = 't' + i; span.textContent = text;
+  span.style.background = colour(i);
+  span.addEventListener('mouseenter', () => show(i));
+  span.addEventListener('click', () => show(i));
+  doc.appendChild(span);
+});
+const start = parseInt(location.hash.slice(1));
+if (!isNaN(start) && start >= 0 && start < data.tokens.length) show(start);
+window.addEventListener('hashchange', () => { const i = parseInt(location.hash.slice(1)); if (!isNaN(i)) show(i); });
+"""
+
+
+def render_html(report: dict[str, Any], title: str) -> str:
+    """The page: tokens coloured by the memory's gain, a side panel for the selected token."""
+    payload = json.dumps(report).replace("</", "<\\/")  # never closes the script element early
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head>
+<body>
+<div id="doc"><h1>{html.escape(title)}</h1>
+<p class="legend">Memory layer {report['layer']}, {report['heads']} heads, memory of {report['memory_size']:,} tokens.
+Colour: <span style="background:rgba(40,160,60,.6)">memory lowered the loss</span>
+<span style="background:rgba(200,40,40,.6)">memory raised it</span>
+(of the next token). Hover or click a token.</p>
+</div>
+<aside id="panel"><p>Hover or click a token to see what its query retrieved.</p></aside>
+<script id="data" type="application/json">{payload}</script>
+<script>{_SCRIPT}</script>
+</body></html>
+"""
+
+
+def write_report(model: MemorizingTransformer, document: str | Path, out: str | Path, top: int = 5) -> Path:
+    """Inspect the text file `document` and write the HTML page to `out` (atomically)."""
+    document, out = Path(document), Path(out)
+    report = inspect_document(model, document.read_text(encoding="utf-8", errors="replace"), top=top)
+    page = render_html(report, f"Memory inspection: {document.name}")
+    write_atomically(out, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
+    return out
