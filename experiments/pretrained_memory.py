@@ -54,46 +54,116 @@ def perplexity(losses: torch.Tensor) -> float:
     return math.exp(float(losses.mean()))
 
 
+TRAINING_FILES = ["inspect.py", "subprocess.py", "tarfile.py", "pydoc.py", "difflib.py", "ast.py", "enum.py",
+                  "functools.py", "threading.py", "zipfile.py", "logging/__init__.py", "collections/__init__.py"]
+
+
+def trained_parameters(model, train: str, layers: list[int]) -> list[torch.nn.Parameter]:
+    """gate: the memory gates; memory-layers: the gates and the attention of the memory layers; all."""
+    if train == "all":
+        return list(model.parameters())
+    memory_layers = {f".layers.{i}.self_attn." for i in layers}
+    chosen = [p for n, p in model.named_parameters()
+              if n.endswith("memory_gate") or (train == "memory-layers" and any(m in n for m in memory_layers))]
+    if not chosen:
+        raise ValueError(f"--train {train} selects no parameter (is --combine gate?)")
+    return chosen
+
+
+def finetune(model, handle, tokenizer, args) -> list[float]:
+    """A short fine-tune on other long stdlib files: each step streams a chunk through the
+    sliding window with memory (memory reset per chunk) and updates the chosen parameters."""
+    stdlib = Path(sysconfig.get_paths()["stdlib"])
+    texts = [(stdlib / f).read_text(encoding="utf-8", errors="replace") for f in TRAINING_FILES if (stdlib / f).is_file()]
+    chunks = [ids for ids in (tokenizer(t, return_tensors="pt")["input_ids"] for t in texts) if ids.shape[1] > args.finetune_tokens]
+    params = trained_parameters(model, args.train, sorted(handle.layers))
+    chosen = {id(p) for p in params}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in chosen)
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(0)
+    losses = []
+    for step in range(args.finetune_steps):
+        ids = chunks[step % len(chunks)]
+        start = int(torch.randint(0, ids.shape[1] - args.finetune_tokens, (1,), generator=generator))
+        handle.reset()
+        loss = handle.stream(ids[:, start : start + args.finetune_tokens], args.window, args.stride, losses=True)[:, args.window :].mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+        print(f"fine-tune step {step + 1}/{args.finetune_steps}: loss {losses[-1]:.3f}")
+    handle.reset()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return losses
+
+
 @torch.no_grad()
-def run(args: argparse.Namespace) -> dict:
-    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
-    n_layers = model.config.num_hidden_layers
-    layers = list(range(n_layers)) if args.layers == "all" else [int(i) for i in args.layers.split(",")]
-    handle = add_memory(model, layers=layers, memory_size=args.tokens, k=args.k, combine="joint")
+def evaluate(model, handle, tokenizer, args, baselines: dict | None = None) -> list[dict]:
     rows = []
     for name, files in DOCUMENTS.items():
         ids = document_ids(tokenizer, files, args.tokens)
         scored = slice(args.tokens - 1 - args.score_last, args.tokens - 1)  # losses predict tokens 1..tokens-1
         began = time.perf_counter()
-        with handle.disabled():
-            logits = model(input_ids=ids, logits_to_keep=args.score_last + 1).logits[:, :-1]
-            full = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, -args.score_last :], reduction="none")
-            window = handle.stream(ids, args.window, args.stride, losses=True)[:, scored]
+        if baselines is None:
+            with handle.disabled():
+                logits = model(input_ids=ids, logits_to_keep=args.score_last + 1).logits[:, :-1]
+                full = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, -args.score_last :], reduction="none")
+                window = perplexity(handle.stream(ids, args.window, args.stride, losses=True)[:, scored])
+            row = {"document": name, "files": files, "window": window, "full_prefix": perplexity(full)}
+        else:
+            row = dict(baselines[name])
         handle.reset()
-        memory = handle.stream(ids, args.window, args.stride, losses=True)[:, scored]
+        row["window_memory"] = perplexity(handle.stream(ids, args.window, args.stride, losses=True)[:, scored])
         handle.reset()
-        row = {"document": name, "files": files, "window": perplexity(window), "window_memory": perplexity(memory),
-               "full_prefix": perplexity(full), "seconds": time.perf_counter() - began}
+        row["seconds"] = time.perf_counter() - began
         gap = row["window"] - row["full_prefix"]
         row["gap_closed"] = (row["window"] - row["window_memory"]) / gap if gap > 0 else float("nan")
         print(f"{name}: window {row['window']:.3f}, window + memory {row['window_memory']:.3f}, "
               f"full prefix {row['full_prefix']:.3f}, gap closed {row['gap_closed']:.0%}")
         rows.append(row)
-    return {"settings": vars(args), "layers": layers, "rows": rows}
+    return rows
+
+
+def run(args: argparse.Namespace) -> dict:
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    n_layers = model.config.num_hidden_layers
+    layers = list(range(n_layers)) if args.layers == "all" else [int(i) for i in args.layers.split(",")]
+    handle = add_memory(model, layers=layers, memory_size=args.tokens, k=args.k, combine=args.combine, gate_init=args.gate_init)
+    results = {"settings": vars(args), "layers": layers, "rows": evaluate(model, handle, tokenizer, args)}
+    if args.finetune_steps:
+        # Window alone and full prefix are the original model's (with --train gate it is unchanged).
+        baselines = {r["document"]: {k: r[k] for k in ("document", "files", "window", "full_prefix")} for r in results["rows"]}
+        results["finetune_losses"] = finetune(model, handle, tokenizer, args)
+        results["rows_finetuned"] = evaluate(model, handle, tokenizer, args, baselines)
+    return results
 
 
 def table(results: dict) -> str:
     s = results["settings"]
+    tuned = results.get("rows_finetuned")
+    combine = s.get("combine", "joint")
     lines = [
         f"Perplexity of the last {s['score_last']:,} of {s['tokens']:,} tokens; window {s['window']} with stride {s['stride']}; "
-        f"memory (joint softmax, zero training, k {s['k']}) in layers {s['layers']}.",
+        f"memory ({'joint softmax' if combine == 'joint' else 'learned gate, initial bias ' + str(s.get('gate_init'))}, "
+        f"k {s['k']}) in layers {s['layers']}"
+        + (f"; then fine-tuned {s['finetune_steps']} steps of {s['finetune_tokens']} tokens ({s['train']}, lr {s['lr']})." if tuned else "."),
         "",
-        "| document | window | window + memory | full prefix | share of the gap closed |",
-        "|---|---:|---:|---:|---:|",
+        "| document | window | window + memory, zero training | " + ("after fine-tuning | " if tuned else "")
+        + "full prefix | share of the gap closed" + (" (zero training / fine-tuned)" if tuned else "") + " |",
+        "|---|---:|---:|" + ("---:|" if tuned else "") + "---:|---:|",
     ]
-    for r in results["rows"]:
-        lines.append(f"| {r['document']} | {r['window']:.3f} | {r['window_memory']:.3f} | {r['full_prefix']:.3f} | {r['gap_closed']:.0%} |")
+    for i, r in enumerate(results["rows"]):
+        after = tuned[i] if tuned else None
+        lines.append(
+            f"| {r['document']} | {r['window']:.3f} | {r['window_memory']:.3f} | "
+            + (f"{after['window_memory']:.3f} | " if after else "")
+            + f"{r['full_prefix']:.3f} | {r['gap_closed']:.0%}" + (f" / {after['gap_closed']:.0%}" if after else "") + " |"
+        )
     return "\n".join(lines)
 
 
@@ -106,6 +176,12 @@ def main() -> None:
     parser.add_argument("--stride", type=int, default=256)
     parser.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
     parser.add_argument("--k", type=int, default=32)
+    parser.add_argument("--combine", choices=["joint", "gate"], default="joint")
+    parser.add_argument("--gate-init", type=float, default=-3.0, help="initial gate bias with --combine gate")
+    parser.add_argument("--finetune-steps", type=int, default=0, help="then fine-tune this many steps and evaluate again")
+    parser.add_argument("--finetune-tokens", type=int, default=1024, help="tokens per fine-tuning step")
+    parser.add_argument("--train", choices=["gate", "memory-layers", "all"], default="gate")
+    parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--tag", default="")
     parser.add_argument("--summarize", action="store_true", help="only rewrite the .md from the existing .json")
     args = parser.parse_args()

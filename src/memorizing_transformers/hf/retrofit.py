@@ -107,7 +107,6 @@ class MemoryHandle:
         """Stored entries per layer and row."""
         return {i: ([] if l.memory is None else l.memory.fill.tolist()) for i, l in self.layers.items()}
 
-    @torch.no_grad()
     def stream(self, input_ids: torch.Tensor, window: int, stride: int | None = None, losses: bool = False) -> torch.Tensor:
         """Read a long input through a sliding window, the memory holding what has left it.
 
@@ -118,7 +117,8 @@ class MemoryHandle:
         memory. Every token is scored in the first call that sees it as a prediction
         target with the most left context. Returns next-token logits (batch, seq, vocab), or
         with `losses` the next-token cross-entropies (batch, seq - 1), computed call by call
-        so that a long input never holds all its logits at once.
+        so that a long input never holds all its logits at once. Gradients flow when enabled
+        (fine-tuning: the memory itself is always detached); wrap in torch.no_grad() otherwise.
         """
         stride = window if stride is None else stride
         if window <= 0 or not 0 < stride <= window:
