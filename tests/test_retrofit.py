@@ -112,3 +112,24 @@ def test_clear_errors():
     add_memory(model, layers=[0])
     with pytest.raises(ValueError, match="already has memory"):
         add_memory(model, layers=[1])
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
+def test_generate_after_a_long_prompt_equals_full_attention_greedy(name):
+    # The prompt's older tokens live in memory (retrieved whole, k >= their number); the
+    # last window and the new tokens attend locally, at their true positions.
+    model = MODELS[name]()
+    prompt = torch.randint(0, 97, (1, 30))
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)
+        handle = add_memory(model, layers=[0, 1, 2], memory_size=64, k=40, combine="joint")
+        generated = handle.generate(prompt, window=8, **settings)
+    assert handle.fill() == {0: [22], 1: [22], 2: [22]}  # the prompt but its last window; generation writes nothing
+    assert torch.equal(generated, expected)
+
+
+def test_gpt2_refuses_inputs_beyond_its_learned_positions():
+    handle = add_memory(tiny_gpt2(), layers=[0], memory_size=64, k=4)
+    with pytest.raises(ValueError, match="learned positions up to 256"):
+        handle.stream(torch.zeros(1, 300, dtype=torch.long), window=64)

@@ -84,6 +84,7 @@ class MemoryHandle:
         self.layers = layers
         self.original_attention = original_attention
         self.write_mask: torch.Tensor | None = None  # (batch, seq) bool for the next call: False = not stored
+        self.writing = True  # False: the memory layers read their memory but store nothing
 
     def reset(self, rows: Sequence[int] | torch.Tensor | None = None) -> None:
         """Empty the memories of the chosen rows (all when None)."""
@@ -124,6 +125,7 @@ class MemoryHandle:
         if window <= 0 or not 0 < stride <= window:
             raise ValueError(f"need window > 0 and 0 < stride <= window, got window={window}, stride={stride}")
         seq = input_ids.shape[1]
+        self._check_positions(seq)
         logits, start = [], 0
         while True:
             end = min(start + window, seq)
@@ -147,6 +149,35 @@ class MemoryHandle:
             if last:
                 return torch.cat(logits, dim=1)
             start += stride
+
+    def _check_positions(self, length: int) -> None:
+        """Positions are absolute: a model with learned position embeddings (GPT-2) cannot go past them."""
+        limit = getattr(self.model.config, "n_positions", None)
+        if limit is not None and length > limit:
+            raise ValueError(
+                f"{type(self.model).__name__} has learned positions up to {limit}, and streaming uses absolute "
+                f"positions: an input of {length} tokens is too long for it (RoPE models have no such limit)"
+            )
+
+    def generate(self, input_ids: torch.Tensor, window: int, **generate_kwargs) -> torch.Tensor:
+        """Generate after a long prompt: all but its last `window` tokens are streamed into the
+        memory, then Hugging Face's `generate` continues from the last window (positions going
+        on from there), reading the memory without writing to it. Returns the prompt and the
+        new tokens (batch, seq + new), like `generate`."""
+        batch, seq = input_ids.shape
+        self._check_positions(seq + generate_kwargs.get("max_new_tokens", 0))
+        split = max(0, seq - window)
+        if split:
+            with torch.no_grad():
+                self.stream(input_ids[:, :split], window)  # every token stored once
+        last = input_ids[:, split:]
+        positions = torch.arange(split, seq, device=input_ids.device).expand(batch, -1)
+        self.writing = False
+        try:
+            out = self.model.generate(last, attention_mask=torch.ones_like(last), position_ids=positions, **generate_kwargs)
+        finally:
+            self.writing = True
+        return torch.cat([input_ids[:, :split], out], dim=1)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write every layer's memory to one safetensors file (atomically), with the shapes and
@@ -290,6 +321,6 @@ def memorizing_attention(
 
     # Write this call's tokens (the last `seq` keys; earlier ones came from the cache).
     handle = getattr(module, "memory_handle", None)
-    write_mask = None if handle is None else handle.write_mask
-    memory.add(key[:, :, -seq:], value[:, :, -seq:], mask=write_mask)
+    if handle is None or handle.writing:
+        memory.add(key[:, :, -seq:], value[:, :, -seq:], mask=None if handle is None else handle.write_mask)
     return out.transpose(1, 2).contiguous(), None
