@@ -79,10 +79,9 @@ class LayerMemory:
 class MemoryHandle:
     """What `add_memory` returns: the memories of the chosen layers, and what to do with them."""
 
-    def __init__(self, model: PreTrainedModel, layers: dict[int, LayerMemory], original_attention: str) -> None:
+    def __init__(self, model: PreTrainedModel, layers: dict[int, LayerMemory]) -> None:
         self.model = model
         self.layers = layers
-        self.original_attention = original_attention
         self.write_mask: torch.Tensor | None = None  # (batch, seq) bool for the next call: False = not stored
         self.writing = True  # False: the memory layers read their memory but store nothing
 
@@ -260,11 +259,10 @@ def add_memory(
             device = next(module.parameters()).device
             module.memory_gate = nn.Parameter(torch.full((num_heads,), float(gate_init), device=device))
         handle_layers[i] = module.knn_memory
-    original = config._attn_implementation
     AttentionInterface.register(ATTENTION_NAME, memorizing_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, eager_mask)  # additive float masks
     model.set_attn_implementation(ATTENTION_NAME)
-    handle = MemoryHandle(model, handle_layers, original)
+    handle = MemoryHandle(model, handle_layers)
     for module in modules:
         module.memory_handle = handle
     return handle
