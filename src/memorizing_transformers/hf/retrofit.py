@@ -44,6 +44,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
 from ..atomic import write_atomically
 from ..memory.files import memory_file_metadata
+from ..model.attention import gate_share, joint_probs, memory_readout
 from ..memory.knn_memory import KNNMemory
 
 ATTENTION_NAME = "memorizing"
@@ -305,17 +306,14 @@ def memorizing_attention(
         local_logits = local_logits.masked_fill(future, float("-inf"))
     else:
         local_logits = local_logits + attention_mask[..., : key.shape[2]]
+    mem_values = mem_values.to(query.dtype)
     if layer.combine == "joint":
-        logits = torch.cat([local_logits, mem_logits.masked_fill(~mem_valid, float("-inf"))], dim=-1)
-        probs = torch.softmax(logits.float(), dim=-1).to(query.dtype)
-        local_probs, mem_probs = probs.split([key.shape[2], mem_logits.shape[-1]], dim=-1)
-        out = torch.matmul(local_probs, values_all) + torch.einsum("bhsk,bhskd->bhsd", mem_probs, mem_values.to(query.dtype))
+        local_probs, mem_probs = joint_probs(local_logits, mem_logits, mem_valid)
+        out = torch.matmul(local_probs, values_all) + torch.einsum("bhsk,bhskd->bhsd", mem_probs, mem_values)
     else:
         local = torch.matmul(torch.softmax(local_logits.float(), dim=-1).to(query.dtype), values_all)
-        probs = torch.softmax(mem_logits.float().masked_fill(~mem_valid, torch.finfo(torch.float32).min), dim=-1) * mem_valid
-        from_memory = torch.einsum("bhsk,bhskd->bhsd", probs.to(query.dtype), mem_values.to(query.dtype))
-        gate = torch.sigmoid(module.memory_gate)[None, :, None, None] * mem_valid.any(dim=-1, keepdim=True)
-        out = gate * from_memory + (1 - gate) * local
+        gate = gate_share(module.memory_gate, mem_valid)
+        out = gate * memory_readout(mem_logits, mem_values, mem_valid) + (1 - gate) * local
 
     # Write this call's tokens (the last `seq` keys; earlier ones came from the cache).
     handle = getattr(module, "memory_handle", None)

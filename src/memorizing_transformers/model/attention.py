@@ -22,6 +22,26 @@ from .positions import RelativePositionBias
 from .state import XLCache
 
 
+def joint_probs(local_logits: torch.Tensor, mem_logits: torch.Tensor, mem_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One softmax over the local logits (batch, heads, seq, keys) and the retrieved ones
+    (batch, heads, seq, k), invalid entries excluded; the probabilities split back in two."""
+    logits = torch.cat([local_logits, mem_logits.masked_fill(~mem_valid, float("-inf"))], dim=-1)
+    probs = torch.softmax(logits.float(), dim=-1).to(local_logits.dtype)
+    return probs.split([local_logits.shape[-1], mem_logits.shape[-1]], dim=-1)
+
+
+def memory_readout(mem_logits: torch.Tensor, mem_values: torch.Tensor, mem_valid: torch.Tensor) -> torch.Tensor:
+    """A separate softmax over the retrieved entries: empty ones get probability 0, and a
+    query with no valid entry gets a zero output. Returns (batch, heads, seq, head_dim)."""
+    probs = torch.softmax(mem_logits.float().masked_fill(~mem_valid, torch.finfo(torch.float32).min), dim=-1) * mem_valid
+    return torch.einsum("bhtk,bhtkd->bhtd", probs.to(mem_values.dtype), mem_values)
+
+
+def gate_share(gate_bias: torch.Tensor, mem_valid: torch.Tensor) -> torch.Tensor:
+    """sigmoid(gate_bias) per head, 0 where nothing valid was retrieved: (batch, heads, seq, 1)."""
+    return torch.sigmoid(gate_bias)[None, :, None, None] * mem_valid.any(dim=-1, keepdim=True)
+
+
 class Attention(nn.Module):
     """Multi-head attention with T5 bias and an XL cache; with `use_memory`, also a kNN memory."""
 
@@ -93,29 +113,21 @@ class Attention(nn.Module):
     def _record(self, q, keys, local_bias, mem_logits, found) -> dict[str, torch.Tensor]:
         """What this segment's queries retrieved, and the share of each head's output that came
         from memory: the gate (gated layers) or the retrieved entries' softmax mass (joint)."""
-        valid = found.valid.any(dim=-1)  # (batch, heads, seq)
         if self.combine == "gate":
-            share = torch.sigmoid(self.gate_bias)[None, :, None] * valid
+            share = gate_share(self.gate_bias, found.valid).squeeze(-1)  # (batch, heads, seq)
         else:
             local_logits = torch.matmul(q, keys.transpose(-1, -2)) + local_bias
-            logits = torch.cat([local_logits, mem_logits.masked_fill(~found.valid, float("-inf"))], dim=-1)
-            share = torch.softmax(logits.float(), dim=-1)[..., keys.shape[2]:].sum(-1)
+            share = joint_probs(local_logits, mem_logits, found.valid)[1].float().sum(-1)
         return {"slots": found.slots.cpu(), "logits": mem_logits.float().cpu(), "valid": found.valid.cpu(), "share": share.float().cpu()}
 
     def _gated(self, q, keys, values, local_bias, mem_logits, mem_values, mem_valid) -> torch.Tensor:
         """Separate softmaxes, mixed per head by g = sigmoid(gate_bias); g = 0 where nothing was retrieved."""
         local = F.scaled_dot_product_attention(q, keys, values, attn_mask=local_bias, scale=1.0)
-        # Empty slots get probability 0; a query with no valid entry gets a zero memory output.
-        probs = torch.softmax(mem_logits.masked_fill(~mem_valid, torch.finfo(mem_logits.dtype).min), dim=-1)
-        probs = probs * mem_valid
-        from_memory = torch.einsum("bhtk,bhtkd->bhtd", probs, mem_values)  # (batch, heads, seq, head_dim)
-        gate = torch.sigmoid(self.gate_bias)[None, :, None, None] * mem_valid.any(dim=-1, keepdim=True)
-        return gate * from_memory + (1 - gate) * local
+        gate = gate_share(self.gate_bias, mem_valid)
+        return gate * memory_readout(mem_logits, mem_values, mem_valid) + (1 - gate) * local
 
     def _joint(self, q, keys, values, local_bias, mem_logits, mem_values, mem_valid) -> torch.Tensor:
         """Retrieved entries join the local softmax (no position bias on them)."""
         local_logits = torch.matmul(q, keys.transpose(-1, -2)) + local_bias  # (batch, heads, seq, cache_len + seq)
-        logits = torch.cat([local_logits, mem_logits.masked_fill(~mem_valid, float("-inf"))], dim=-1)
-        probs = torch.softmax(logits.float(), dim=-1).to(q.dtype)
-        local_probs, mem_probs = probs.split([keys.shape[2], mem_logits.shape[-1]], dim=-1)
+        local_probs, mem_probs = joint_probs(local_logits, mem_logits, mem_valid)
         return torch.matmul(local_probs, values) + torch.einsum("bhtk,bhtkd->bhtd", mem_probs, mem_values)
