@@ -25,7 +25,7 @@ from memorizing_transformers import MemorizingConfig, MemorizingState, Memorizin
 from memorizing_transformers.data.pipeline import load_tokenized
 from memorizing_transformers.memory.backend import make_backend
 
-from .common import device_description, parse_arguments, write_results
+from .common import device_description, parse_arguments, process_memory_bytes, write_results
 
 
 def longest_document(corpus: str, tokenizer, tokens: int) -> torch.Tensor:
@@ -49,13 +49,6 @@ def stream(
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - began)
     return times, state
-
-
-def peak_resident_bytes() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -100,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
         "device": device_description(device), "config": config.to_dict(), "tokens": tokens,
         "memory_fill": int(memory.fill[0]), "total_s": total, "tokens_per_s": tokens / total,
         "xl_only_segment_s": xl_time, "by_fill": by_fill, "exact_full_memory_segment_s": statistics.median(exact_times),
-        "store_bytes": store_bytes, "peak_resident_bytes": peak_resident_bytes(), "segment_times": times,
+        "store_bytes": store_bytes, "peak_resident_bytes": process_memory_bytes("VmHWM"), "segment_times": times,
     }
     lines = [
         f"{tokens:,} tokens of one document, batch 1, segments of {length}, memory {capacity:,} tokens per head "

@@ -22,16 +22,9 @@ import torch.nn.functional as F
 
 from memorizing_transformers import KNNMemory
 
-from .common import device_description, parse_arguments, write_results
+from .common import device_description, parse_arguments, process_memory_bytes, write_results
 
 HEADS, DIM, SEGMENT = 4, 64, 256
-
-
-def _status_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def measure_one(capacity: int, dtype: str, backend: str, device: str) -> tuple[int, int]:
@@ -44,17 +37,17 @@ def measure_one(capacity: int, dtype: str, backend: str, device: str) -> tuple[i
         before = torch.cuda.memory_allocated(device_t)
     else:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        before = _status_kib("VmRSS") * 1024
+        before = process_memory_bytes("VmRSS")
     memory = KNNMemory(1, HEADS, DIM, capacity, dtype=getattr(torch, dtype), device=device_t, backend=backend)
     for _ in range(capacity // SEGMENT):
         keys = F.normalize(torch.randn(1, HEADS, SEGMENT, DIM, device=device_t), dim=-1)
         memory.add(keys, keys)
     del keys
-    resident = (torch.cuda.memory_allocated(device_t) if device_t.type == "cuda" else _status_kib("VmRSS") * 1024) - before
+    resident = (torch.cuda.memory_allocated(device_t) if device_t.type == "cuda" else process_memory_bytes("VmRSS")) - before
     memory.search(F.normalize(torch.randn(1, HEADS, SEGMENT, DIM, device=device_t), dim=-1), 32)
     if device_t.type == "cuda":
         return resident, torch.cuda.max_memory_allocated(device_t) - before
-    return resident, _status_kib("VmHWM") * 1024 - before
+    return resident, process_memory_bytes("VmHWM") - before
 
 
 def main(argv: list[str] | None = None) -> None:
