@@ -58,16 +58,17 @@ TRAINING_FILES = ["inspect.py", "subprocess.py", "tarfile.py", "pydoc.py", "diff
                   "functools.py", "threading.py", "zipfile.py", "logging/__init__.py", "collections/__init__.py"]
 
 
+MEMORY_PARAMETERS = ("memory_gate", "memory_bias")  # what add_memory adds: one per head and layer
+
+
 def trained_parameters(model, train: str, layers: list[int]) -> list[torch.nn.Parameter]:
-    """gate: the memory gates; memory-layers: the gates and the attention of the memory layers; all."""
+    """memory-parameters: the gates (gate) or retrieved-logit biases (joint) add_memory adds;
+    memory-layers: those and the attention of the memory layers; all: every weight."""
     if train == "all":
         return list(model.parameters())
     memory_layers = {f".layers.{i}.self_attn." for i in layers}
-    chosen = [p for n, p in model.named_parameters()
-              if n.endswith("memory_gate") or (train == "memory-layers" and any(m in n for m in memory_layers))]
-    if not chosen:
-        raise ValueError(f"--train {train} selects no parameter (is --combine gate?)")
-    return chosen
+    return [p for n, p in model.named_parameters()
+            if n.endswith(MEMORY_PARAMETERS) or (train == "memory-layers" and any(m in n for m in memory_layers))]
 
 
 def finetune(model, handle, tokenizer, args) -> list[float]:
@@ -136,8 +137,10 @@ def run(args: argparse.Namespace) -> dict:
     handle = add_memory(model, layers=layers, memory_size=args.tokens, k=args.k, combine=args.combine, gate_init=args.gate_init)
     results = {"settings": vars(args), "layers": layers, "rows": evaluate(model, handle, tokenizer, args)}
     if args.finetune_steps:
-        # Window alone and full prefix are the original model's (with --train gate it is unchanged).
-        baselines = {r["document"]: {k: r[k] for k in ("document", "files", "window", "full_prefix")} for r in results["rows"]}
+        # Training only the memory's parameters leaves the model without memory as it was:
+        # window alone and full prefix are kept; otherwise they are measured again.
+        baselines = ({r["document"]: {k: r[k] for k in ("document", "files", "window", "full_prefix")} for r in results["rows"]}
+                     if args.train == "memory-parameters" else None)
         results["finetune_losses"] = finetune(model, handle, tokenizer, args)
         results["rows_finetuned"] = evaluate(model, handle, tokenizer, args, baselines)
     return results
@@ -180,7 +183,8 @@ def main() -> None:
     parser.add_argument("--gate-init", type=float, default=-3.0, help="initial gate bias with --combine gate")
     parser.add_argument("--finetune-steps", type=int, default=0, help="then fine-tune this many steps and evaluate again")
     parser.add_argument("--finetune-tokens", type=int, default=1024, help="tokens per fine-tuning step")
-    parser.add_argument("--train", choices=["gate", "memory-layers", "all"], default="gate")
+    parser.add_argument("--train", choices=["memory-parameters", "memory-layers", "all"], default="memory-parameters",
+                        help="memory-parameters: only the gates (--combine gate) or retrieved-logit biases (joint)")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--tag", default="")
     parser.add_argument("--summarize", action="store_true", help="only rewrite the .md from the existing .json")

@@ -51,8 +51,12 @@ def test_a_memory_file_is_refused_by_a_model_it_does_not_fit(tmp_path):
         model.load_memory(tmp_path / "not-memory.safetensors")
 
 
-def test_memorize_and_generate_commands(tmp_path, capsys):
-    tiny_model().save_pretrained(tmp_path / "model")
+@pytest.mark.parametrize("saved_as", ["MemorizingTransformer", "MemorizingForCausalLM"])
+def test_memorize_and_generate_commands(tmp_path, capsys, saved_as):
+    from memorizing_transformers.hf.modeling import MemorizingForCausalLM
+
+    model = tiny_model()
+    (model if saved_as == "MemorizingTransformer" else MemorizingForCausalLM.from_memorizing(model)).save_pretrained(tmp_path / "model")
     (tmp_path / "doc.txt").write_text(TEXT)
     main(["memorize", str(tmp_path / "model"), str(tmp_path / "doc.txt"), "--out", str(tmp_path / "kb.safetensors")])
     assert "memorized" in capsys.readouterr().out
@@ -63,3 +67,58 @@ def test_memorize_and_generate_commands(tmp_path, capsys):
     assert capsys.readouterr().out == with_memory  # greedy: deterministic
     main(["generate", str(tmp_path / "model"), *prompt])
     assert capsys.readouterr().out != with_memory
+
+
+def tiny_llama_checkpoint(path) -> None:
+    """A random tiny Llama with the GPT-2 tokenizer, saved as any Hugging Face model is."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from memorizing_transformers.data.tokenizer import load_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.3)
+    LlamaForCausalLM(config).save_pretrained(path)
+    load_tokenizer().save_pretrained(path)
+
+
+def test_memorize_and_generate_commands_with_a_hugging_face_model(tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from memorizing_transformers.hf.retrofit import add_memory, memory_file_settings
+
+    tiny_llama_checkpoint(tmp_path / "llama")
+    (tmp_path / "doc.txt").write_text(TEXT)
+    kb = str(tmp_path / "kb.safetensors")
+    main(["memorize", str(tmp_path / "llama"), str(tmp_path / "doc.txt"), "--out", kb, "--layers", "-1", "--k", "8", "--window", "64"])
+    assert "memorized" in capsys.readouterr().out
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "llama")
+    memorized = len(tokenizer(TEXT)["input_ids"])
+    settings = memory_file_settings(kb)
+    assert (settings["layers"], settings["k"], settings["memory_size"]) == ([1], 8, memorized)  # sized to the document
+
+    prompt = ["--prompt", "The secret ingredient of the Fallowmere stew is", "--max-new-tokens", "8"]
+    main(["generate", str(tmp_path / "llama"), "--memory", kb, *prompt])
+    with_memory = capsys.readouterr().out
+    main(["generate", str(tmp_path / "llama"), "--memory", kb, *prompt])
+    assert capsys.readouterr().out == with_memory  # greedy: deterministic
+    main(["generate", str(tmp_path / "llama"), *prompt])
+    assert capsys.readouterr().out != with_memory
+
+    # The command did what the Python API does: load, then generate after the memorized text.
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "llama").eval()
+    handle = add_memory(model, **settings)
+    handle.load(kb)
+    assert handle.position == memorized and handle.fill() == {1: [memorized]}
+    ids = tokenizer(prompt[1], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = handle.generate(ids, window=512, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) + "\n" == with_memory
+
+
+def test_pretrained_options_are_refused_for_our_own_checkpoints(tmp_path):
+    tiny_model().save_pretrained(tmp_path / "model")
+    (tmp_path / "doc.txt").write_text(TEXT)
+    with pytest.raises(SystemExit, match="--layers --k: only for Hugging Face models other than ours"):
+        main(["memorize", str(tmp_path / "model"), str(tmp_path / "doc.txt"), "--out", str(tmp_path / "kb.safetensors"),
+              "--layers", "0", "--k", "4"])

@@ -2,16 +2,17 @@
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-from memorizing_transformers.hf.retrofit import add_memory
+from memorizing_transformers.hf.retrofit import add_memory, memory_file_settings
 
 
-def tiny_llama(kv_heads: int = 2) -> LlamaForCausalLM:
-    torch.manual_seed(0)
+def tiny_llama(kv_heads: int = 2, seed: int = 0, **overrides) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
     config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                          num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
-                         initializer_range=0.3)  # sharp attention: small logit errors show
+                         initializer_range=0.3, **overrides)  # sharp attention: small logit errors show
     return LlamaForCausalLM(config).eval()
 
 
@@ -62,20 +63,40 @@ def test_streaming_with_a_memory_of_the_whole_prefix_equals_full_attention(name,
     torch.testing.assert_close(losses[0], expected, rtol=1e-4, atol=1e-4)
 
 
-def test_gate_is_a_trainable_parameter_and_only_opens_with_memory():
+@pytest.mark.parametrize("combine, name, init", [("gate", "memory_gate", -3.0), ("joint", "memory_bias", 0.0)])
+def test_the_memory_parameter_is_trainable_and_only_acts_with_memory(combine, name, init):
     model = tiny_llama()
-    handle = add_memory(model, layers=[1], memory_size=64, k=4, combine="gate", gate_init=-3.0)
-    gate = model.model.layers[1].self_attn.memory_gate
-    assert gate.shape == (4,) and torch.equal(gate.detach(), torch.full((4,), -3.0))
-    assert "model.layers.1.self_attn.memory_gate" in dict(model.named_parameters())
+    handle = add_memory(model, layers=[1], memory_size=64, k=4, combine=combine, gate_init=-3.0)
+    param = getattr(model.model.layers[1].self_attn, name)
+    assert param.shape == (4,) and torch.equal(param.detach(), torch.full((4,), init))
+    assert f"model.layers.1.self_attn.{name}" in dict(model.named_parameters())
     ids = torch.randint(0, 97, (1, 16))
     with torch.no_grad():
         model(ids)
     loss = model(ids, labels=ids).loss
     loss.backward()
-    assert gate.grad is not None and gate.grad.abs().sum() > 0
+    assert param.grad is not None and param.grad.abs().sum() > 0
     handle.reset()
     assert handle.fill() == {1: [0]}
+
+
+def test_the_joint_bias_weighs_the_retrieved_entries():
+    # A very negative bias shuts the memory out (the original model); a positive one
+    # moves the output further from it than the zero-training joint softmax does.
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (1, 16))
+    with torch.no_grad():
+        reference = model(ids).logits
+        handle = add_memory(model, layers=[1], memory_size=64, k=4, combine="joint")
+        bias = model.model.layers[1].self_attn.memory_bias
+        model(ids)
+        handle.writing = False
+        distances = {}
+        for value in (-1e4, 0.0, 3.0):
+            bias.fill_(value)
+            distances[value] = float((model(ids).logits - reference).abs().max())
+    assert distances[-1e4] < 1e-5
+    assert distances[3.0] > distances[0.0] > 1e-3
 
 
 def test_memory_file_round_trip_and_refusals(tmp_path):
@@ -101,6 +122,17 @@ def test_memory_file_round_trip_and_refusals(tmp_path):
     other_model = add_memory(tiny_gpt2(), layers=[1], memory_size=32, k=4)
     with pytest.raises(ValueError, match="was made for the model LlamaForCausalLM"):
         other_model.load(tmp_path / "kb.safetensors")
+    other_weights = add_memory(tiny_llama(seed=1), layers=[1], memory_size=32, k=4)
+    with pytest.raises(ValueError, match="same configuration, other weights"):
+        other_weights.load(tmp_path / "kb.safetensors")
+    other_config = add_memory(tiny_llama(rms_norm_eps=1e-5), layers=[1], memory_size=32, k=4)
+    with pytest.raises(ValueError, match="same shapes, other configuration"):
+        other_config.load(tmp_path / "kb.safetensors")
+    save_file({"x": torch.zeros(2)}, tmp_path / "weights.safetensors")
+    with pytest.raises(ValueError, match="is not a memory file of add_memory"):
+        memory_file_settings(tmp_path / "weights.safetensors")
+    with pytest.raises(FileNotFoundError, match="no memory file at"):
+        handle.load(tmp_path / "missing.safetensors")
 
 
 def test_clear_errors():
@@ -133,3 +165,25 @@ def test_gpt2_refuses_inputs_beyond_its_learned_positions():
     handle = add_memory(tiny_gpt2(), layers=[0], memory_size=64, k=4)
     with pytest.raises(ValueError, match="learned positions up to 256"):
         handle.stream(torch.zeros(1, 300, dtype=torch.long), window=64)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
+def test_streams_go_on_where_the_last_one_ended_also_after_save_and_load(name, tmp_path):
+    # Two streams, the memory saved and loaded into a fresh copy (add_memory's settings read
+    # back from the file), a third stream: together one causal pass over the whole input,
+    # as every earlier token is retrieved, only because positions go on from call to call.
+    model = MODELS[name]()
+    ids = torch.randint(0, 97, (1, 40))
+    with torch.no_grad():
+        full = model(ids).logits
+        handle = add_memory(model, layers=[0, 1, 2], memory_size=64, k=40)
+        first = handle.stream(ids[:, :16], window=8)
+        second = handle.stream(ids[:, 16:28], window=8)
+        handle.save(tmp_path / "kb.safetensors")
+        fresh = add_memory(MODELS[name](), **memory_file_settings(tmp_path / "kb.safetensors"))
+        fresh.load(tmp_path / "kb.safetensors")
+        third = fresh.stream(ids[:, 28:], window=8)
+    assert (handle.position, fresh.position) == (28, 40)
+    torch.testing.assert_close(torch.cat([first, second, third], dim=1), full, rtol=1e-4, atol=1e-4)
+    handle.reset()
+    assert handle.position == 0

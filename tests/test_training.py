@@ -1,5 +1,8 @@
 import json
 import math
+import os
+import stat
+from pathlib import Path
 
 import pytest
 import torch
@@ -105,3 +108,23 @@ def test_log_binned_loss_is_token_weighted():
     positions, losses = log_binned(result, segment_length=100)
     assert positions == [50.0, 150.0, 300.0, 450.0]
     assert losses == [1.0, 2.0, 4.5, 1.0]
+
+
+def test_atomic_writes_keep_the_old_file_on_failure_and_get_normal_permissions(tmp_path):
+    from memorizing_transformers.atomic import write_atomically
+
+    target = tmp_path / "kb.bin"
+    old_mask = os.umask(0o022)
+    try:
+        write_atomically(target, lambda tmp: Path(tmp).write_bytes(b"first"))
+        def killed_midway(tmp: str) -> None:
+            Path(tmp).write_bytes(b"half")
+            raise RuntimeError("killed")
+
+        with pytest.raises(RuntimeError):
+            write_atomically(target, killed_midway)
+    finally:
+        os.umask(old_mask)
+    assert target.read_bytes() == b"first"
+    assert stat.S_IMODE(target.stat().st_mode) == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["kb.bin"]  # no temporary file left

@@ -135,29 +135,110 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
 
 # ---------------------------------------------------------------------- memorize / generate
+# CHECKPOINT is one of ours (a run directory, a saved model folder, or a MemorizingForCausalLM
+# folder) or any other Hugging Face causal LM folder, which gets a memory through add_memory.
+PRETRAINED_ONLY = ("layers", "k", "window")  # options of the add_memory route
+
+
+def _transformers_model_type(checkpoint: str) -> str | None:
+    """The `model_type` of a Hugging Face model folder; None for our own folders and runs."""
+    config = Path(checkpoint) / "config.json"
+    return json.loads(config.read_text()).get("model_type") if config.is_file() else None
+
+
+def _is_pretrained(args: argparse.Namespace) -> bool:
+    """Whether CHECKPOINT is another library's model (add_memory route); refuses its options otherwise."""
+    from .hf.modeling import MODEL_TYPE
+
+    model_type = _transformers_model_type(args.checkpoint)
+    if model_type is not None and model_type != MODEL_TYPE:
+        return True
+    given = [f"--{name}" for name in PRETRAINED_ONLY if getattr(args, name, None) is not None]
+    if given:
+        raise SystemExit(f"{' '.join(given)}: only for Hugging Face models other than ours ({args.checkpoint} is a memorizing transformer)")
+    return False
+
+
 def _load_model(checkpoint: str, memory_size: int | None, device: str):
+    from .hf.modeling import MODEL_TYPE, MemorizingForCausalLM
     from .model.transformer import MemorizingTransformer
     from .training.checkpoint import resolve_model_dir
 
     overrides = {} if memory_size is None else {"memory_size": memory_size}
-    return MemorizingTransformer.from_pretrained(resolve_model_dir(checkpoint), **overrides).to(pick_device(device)).eval()
+    if _transformers_model_type(checkpoint) == MODEL_TYPE:
+        model = MemorizingForCausalLM.from_pretrained(checkpoint, **overrides).model
+    else:
+        model = MemorizingTransformer.from_pretrained(resolve_model_dir(checkpoint), **overrides)
+    return model.to(pick_device(device)).eval()
 
 
-def cmd_memorize(args: argparse.Namespace) -> None:
-    model = _load_model(args.checkpoint, args.memory_size, args.device)
+def _load_pretrained(checkpoint: str, device: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(pick_device(device)).eval()
+    return model, AutoTokenizer.from_pretrained(checkpoint)
+
+
+def _read_texts(files: list[str]) -> list[str]:
     texts = []
-    for name in args.files:
+    for name in files:
         path = Path(name)
         if not path.is_file():
             raise SystemExit(f"no such file: {path}")
         texts.append(path.read_text(encoding="utf-8", errors="replace"))
+    return texts
+
+
+def _parse_layers(text: str, n_layers: int) -> list[int]:
+    if text == "all":
+        return list(range(n_layers))
+    try:
+        return [int(i) for i in text.split(",")]
+    except ValueError:
+        raise SystemExit(f"--layers must be 'all' or comma-separated layer indices, got {text!r}") from None
+
+
+def cmd_memorize(args: argparse.Namespace) -> None:
+    texts = _read_texts(args.files)
+    if _is_pretrained(args):
+        memorize_pretrained(args, texts)
+        return
+    model = _load_model(args.checkpoint, args.memory_size, args.device)
     state = model.memorize(texts)
     model.save_memory(state, args.out)
     print(f"memorized {state.tokens_seen:,} tokens from {len(texts)} file(s) into {args.out} "
           f"(memory fill per layer: {state.memory_fill()})")
 
 
+def memorize_pretrained(args: argparse.Namespace, texts: list[str]) -> None:
+    """Stream the files, one after another, through a sliding window of a Hugging Face model
+    whose chosen layers have a memory (`add_memory`, joint softmax); save the memory."""
+    from .hf.retrofit import add_memory
+
+    model, tokenizer = _load_pretrained(args.checkpoint, args.device)
+    documents = [ids for ids in (tokenizer(text, return_tensors="pt")["input_ids"] for text in texts) if ids.numel()]
+    total = sum(ids.shape[1] for ids in documents)
+    if total == 0:
+        raise SystemExit("the files hold no tokens")
+    layers = _parse_layers(args.layers or "all", model.config.num_hidden_layers)
+    handle = add_memory(model, layers=layers, memory_size=args.memory_size or total, k=args.k or 32)
+    with torch.no_grad():
+        for ids in documents:
+            handle.stream(ids.to(model.device), window=args.window or 512)
+    handle.save(args.out)
+    limit = getattr(model.config, "max_position_embeddings", None)
+    print(f"memorized {total:,} tokens from {len(texts)} file(s) into {args.out} (layers {sorted(handle.layers)}, "
+          f"{min(total, handle.settings['memory_size']):,} entries per layer)")
+    if limit is not None and total > limit:
+        print(f"note: {total:,} tokens go past the {limit:,} positions {type(model).__name__} was trained on; "
+              "retrieval scores at longer distances are outside its training", file=sys.stderr)
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
+    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
+    if _is_pretrained(args):
+        generate_pretrained(args, sampling)
+        return
     from .hf.modeling import MemorizingForCausalLM
 
     model = _load_model(args.checkpoint, args.memory_size, args.device)
@@ -165,10 +246,31 @@ def cmd_generate(args: argparse.Namespace) -> None:
     prompt = torch.tensor([model.tokenizer(args.prompt)["input_ids"]], device=model.device)
     if prompt.numel() == 0:
         raise SystemExit("the prompt is empty")
-    sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
     with torch.no_grad():
         output = MemorizingForCausalLM.from_memorizing(model).generate(prompt, cache=state, max_new_tokens=args.max_new_tokens, **sampling)
     print(model.tokenizer.decode(output[0, prompt.shape[1]:]))
+
+
+def generate_pretrained(args: argparse.Namespace, sampling: dict[str, Any]) -> None:
+    """Generate with a Hugging Face model; with --memory, the memory file's settings give it
+    its memory back (`add_memory`), and the prompt follows what was memorized."""
+    from .hf.retrofit import add_memory, memory_file_settings
+
+    if args.memory_size is not None:
+        raise SystemExit("--memory-size: a Hugging Face model's memory takes its size from the memory file")
+    model, tokenizer = _load_pretrained(args.checkpoint, args.device)
+    prompt = tokenizer(args.prompt, return_tensors="pt")["input_ids"].to(model.device)
+    if prompt.numel() == 0:
+        raise SystemExit("the prompt is empty")
+    options = {"max_new_tokens": args.max_new_tokens, "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling}
+    with torch.no_grad():
+        if args.memory:
+            handle = add_memory(model, **memory_file_settings(args.memory))
+            handle.load(args.memory)
+            output = handle.generate(prompt, window=args.window or 512, **options)
+        else:
+            output = model.generate(prompt, attention_mask=torch.ones_like(prompt), **options)
+    print(tokenizer.decode(output[0, prompt.shape[1]:], skip_special_tokens=True))
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -233,20 +335,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.set_defaults(func=cmd_evaluate)
 
     memorize = sub.add_parser("memorize", help="stream documents into a model's memory and save it (learning at inference time)")
-    memorize.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a saved model folder")
+    memorize.add_argument("checkpoint", help="a run directory (its latest checkpoint), a saved model folder, or a Hugging Face causal LM folder")
     memorize.add_argument("files", nargs="+", help="text files, read one after another as one document")
     memorize.add_argument("--out", required=True, help="memory file to write (.safetensors)")
-    memorize.add_argument("--memory-size", type=int, help="memory capacity per head (default: as trained)")
+    memorize.add_argument("--memory-size", type=int,
+                          help="memory capacity per head (default: as trained; a Hugging Face model's: the files' tokens)")
+    memorize.add_argument("--layers", help="Hugging Face models: layers given a memory, 'all' (default) or e.g. '-4,-3'")
+    memorize.add_argument("--k", type=int, help="Hugging Face models: entries retrieved per query and head (default 32)")
+    memorize.add_argument("--window", type=int, help="Hugging Face models: tokens attended locally (default 512)")
     memorize.add_argument("--device", default="auto")
     memorize.set_defaults(func=cmd_memorize)
 
     generate = sub.add_parser("generate", help="generate text, optionally reading a saved memory")
-    generate.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a saved model folder")
+    generate.add_argument("checkpoint", help="a run directory (its latest checkpoint), a saved model folder, or a Hugging Face causal LM folder")
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--memory", help="a memory file written by `mt memorize` for this model")
     generate.add_argument("--memory-size", type=int, help="memory capacity per head; must match the memory file's")
     generate.add_argument("--max-new-tokens", type=int, default=50)
     generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    generate.add_argument("--window", type=int, help="Hugging Face models with --memory: a longer prompt's older tokens go to memory (default 512)")
     generate.add_argument("--device", default="auto")
     generate.set_defaults(func=cmd_generate)
 

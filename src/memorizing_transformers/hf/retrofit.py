@@ -18,10 +18,13 @@ Choices, each tested:
 - Grouped-query attention: one memory head per key/value head; the query heads of a
   group search their key/value head's memory together.
 - Combining: "joint" (retrieved entries join the layer's own softmax, scaled like any
-  other key: works with zero training, as in Unlimiformer) or "gate" (the paper: a
-  separate softmax over the retrieved entries, mixed per head by sigmoid(gate), a new
-  parameter initialised to `gate_init`, for fine-tuning). While a memory is empty or
-  disabled, the layer's output is the original model's.
+  other key: works with zero training, as in Unlimiformer; a new per-head parameter
+  `memory_bias`, initialised to 0, is added to the retrieved logits, so fine-tuning can
+  re-weigh the memory, e.g. for the tail of the prefix that top-k leaves out, starting
+  from exactly the zero-training model) or "gate" (the paper: a separate softmax over
+  the retrieved entries, mixed per head by sigmoid(gate), a new parameter initialised
+  to `gate_init`, for fine-tuning). While a memory is empty or disabled, the layer's
+  output is the original model's.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
 from ..atomic import write_atomically
-from ..memory.files import memory_file_metadata
+from ..memory.files import fingerprint, memory_file_metadata
 from ..model.attention import gate_share, joint_probs, memory_readout
 from ..memory.knn_memory import KNNMemory
 
@@ -80,14 +83,18 @@ class LayerMemory:
 class MemoryHandle:
     """What `add_memory` returns: the memories of the chosen layers, and what to do with them."""
 
-    def __init__(self, model: PreTrainedModel, layers: dict[int, LayerMemory]) -> None:
+    def __init__(self, model: PreTrainedModel, layers: dict[int, LayerMemory], settings: dict) -> None:
         self.model = model
         self.layers = layers
+        self.settings = settings  # the arguments of add_memory, kept in memory files
+        self.position = 0  # absolute position of the next token `stream` reads
         self.write_mask: torch.Tensor | None = None  # (batch, seq) bool for the next call: False = not stored
         self.writing = True  # False: the memory layers read their memory but store nothing
 
     def reset(self, rows: Sequence[int] | torch.Tensor | None = None) -> None:
-        """Empty the memories of the chosen rows (all when None)."""
+        """Empty the memories of the chosen rows (all when None: streaming starts again at position 0)."""
+        if rows is None:
+            self.position = 0
         for layer in self.layers.values():
             if layer.memory is not None:
                 layer.memory.reset(rows)
@@ -112,7 +119,8 @@ class MemoryHandle:
         """Read a long input through a sliding window, the memory holding what has left it.
 
         input_ids: (batch, seq). Calls cover `window` tokens and advance by `stride`
-        (default: `window`, no overlap); positions are absolute. A call's first `stride`
+        (default: `window`, no overlap); positions are absolute, going on from the tokens
+        streamed since the last full `reset` (`position`). A call's first `stride`
         tokens, which leave the window at the next call, are written to memory by it (the
         last call writes all of its own), so no token is ever both in the window and in
         memory. Every token is scored in the first call that sees it as a prediction
@@ -125,13 +133,13 @@ class MemoryHandle:
         if window <= 0 or not 0 < stride <= window:
             raise ValueError(f"need window > 0 and 0 < stride <= window, got window={window}, stride={stride}")
         seq = input_ids.shape[1]
-        self._check_positions(seq)
+        self._check_positions(self.position + seq)
         logits, start = [], 0
         while True:
             end = min(start + window, seq)
             last = end == seq
             chunk = input_ids[:, start:end]
-            positions = torch.arange(start, end, device=chunk.device).expand_as(chunk)
+            positions = torch.arange(self.position + start, self.position + end, device=chunk.device).expand_as(chunk)
             write = torch.zeros_like(chunk, dtype=torch.bool)
             write[:, : (end - start) if last else stride] = True
             self.write_mask = write
@@ -147,6 +155,7 @@ class MemoryHandle:
             else:
                 logits.append(out[:, new:])
             if last:
+                self.position += seq
                 return torch.cat(logits, dim=1)
             start += stride
 
@@ -160,18 +169,19 @@ class MemoryHandle:
             )
 
     def generate(self, input_ids: torch.Tensor, window: int, **generate_kwargs) -> torch.Tensor:
-        """Generate after a long prompt: all but its last `window` tokens are streamed into the
-        memory, then Hugging Face's `generate` continues from the last window (positions going
-        on from there), reading the memory without writing to it. Returns the prompt and the
-        new tokens (batch, seq + new), like `generate`."""
+        """Generate after a long prompt, which follows whatever the memory already holds: all
+        but its last `window` tokens are streamed into the memory (and stay there), then
+        Hugging Face's `generate` continues from the last window, positions going on from
+        there, reading the memory without writing to it. Returns the prompt and the new
+        tokens (batch, seq + new), like `generate`."""
         batch, seq = input_ids.shape
-        self._check_positions(seq + generate_kwargs.get("max_new_tokens", 0))
+        self._check_positions(self.position + seq + generate_kwargs.get("max_new_tokens", 0))
         split = max(0, seq - window)
         if split:
             with torch.no_grad():
                 self.stream(input_ids[:, :split], window)  # every token stored once
         last = input_ids[:, split:]
-        positions = torch.arange(split, seq, device=input_ids.device).expand(batch, -1)
+        positions = torch.arange(self.position, self.position + seq - split, device=input_ids.device).expand(batch, -1)
         self.writing = False
         try:
             out = self.model.generate(last, attention_mask=torch.ones_like(last), position_ids=positions, **generate_kwargs)
@@ -180,11 +190,14 @@ class MemoryHandle:
         return torch.cat([input_ids[:, :split], out], dim=1)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write every layer's memory to one safetensors file (atomically), with the shapes and
-        the model's identity, so that a model it does not fit refuses it."""
+        """Write every layer's memory to one safetensors file (atomically), with the settings of
+        `add_memory`, the streaming position, the shapes and the model's identity (its
+        configuration's and weights' fingerprints), so that a model it does not fit refuses it."""
         from safetensors.torch import save_file
 
-        tensors, metadata = {}, {"format": MEMORY_FILE_FORMAT, "model": model_identity(self.model)}
+        tensors = {}
+        metadata = {"format": MEMORY_FILE_FORMAT, "model": json.dumps(model_identity(self.model)),
+                    "settings": json.dumps(self.settings), "position": str(self.position)}
         for i, layer in self.layers.items():
             if layer.memory is None:
                 raise ValueError(f"layer {i} has no memory yet: run the model on some input first")
@@ -197,26 +210,48 @@ class MemoryHandle:
         from safetensors.torch import load_file
 
         metadata = memory_file_metadata(path, MEMORY_FILE_FORMAT, "a memory file of add_memory")
-        if metadata.get("model") != model_identity(self.model):
-            raise ValueError(f"{path} was made for the model {metadata.get('model')}, not {model_identity(self.model)}")
+        saved, mine = json.loads(metadata["model"]), model_identity(self.model)
+        made_for = (f"{path} was made for the model {saved['model']} (fingerprints {saved['config']}/{saved['weights']}), "
+                    f"not for this one, {mine['model']} ({mine['config']}/{mine['weights']})")
+        if saved["model"] != mine["model"]:
+            raise ValueError(made_for)
         saved_layers = sorted(int(key.split(".")[1]) for key in metadata if key.startswith("layer."))
         if saved_layers != sorted(self.layers):
             raise ValueError(f"{path} holds memories of layers {saved_layers}, but this model has memory in {sorted(self.layers)}")
+        shapes = {i: json.loads(metadata[f"layer.{i}"]) for i in saved_layers}
+        for i, shape in shapes.items():
+            if shape != self.layers[i].shape(shape["batch_size"]):
+                raise ValueError(f"{path}: the memory of layer {i} is {shape}, but this model's is {self.layers[i].shape(shape['batch_size'])}")
+        if saved != mine:
+            raise ValueError(made_for + (": same shapes, other configuration" if saved["config"] != mine["config"]
+                                         else ": same configuration, other weights"))
         tensors = load_file(str(path))
         device = next(self.model.parameters()).device
         for i, layer in self.layers.items():
-            saved = json.loads(metadata[f"layer.{i}"])
-            if saved != layer.shape(saved["batch_size"]):
-                raise ValueError(f"{path}: the memory of layer {i} is {saved}, but this model's is {layer.shape(saved['batch_size'])}")
-            memory = layer.ensure(saved["batch_size"], device)
+            memory = layer.ensure(shapes[i]["batch_size"], device)
             memory.load_state_dict({name.split(".", 2)[2]: t for name, t in tensors.items() if name.startswith(f"layer.{i}.")})
+        self.position = int(metadata["position"])
 
 
-def model_identity(model: PreTrainedModel) -> str:
-    """A short description that tells models apart: architecture, name or path, and shape."""
+def memory_file_settings(path: str | os.PathLike) -> dict:
+    """The `add_memory` arguments a memory file was made with: `add_memory(model,
+    **memory_file_settings(path)).load(path)` gives a model back its saved memory."""
+    settings = json.loads(memory_file_metadata(path, MEMORY_FILE_FORMAT, "a memory file of add_memory")["settings"])
+    return settings | {"memory_dtype": getattr(torch, settings["memory_dtype"])}
+
+
+# Configuration fields that say how a model is run, not what it computes.
+_RUNTIME_FIELDS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache", "return_dict",
+                   "output_attentions", "output_hidden_states"}
+
+
+def model_identity(model: PreTrainedModel) -> dict[str, str]:
+    """What tells models apart: architecture and shape, a fingerprint of the configuration
+    and one of every weight (the memory's own parameters included)."""
     config = model.config
-    return (f"{type(model).__name__}:{getattr(config, '_name_or_path', '') or 'unnamed'}:"
-            f"layers={config.num_hidden_layers}:hidden={config.hidden_size}:vocab={config.vocab_size}")
+    fields = {k: v for k, v in config.to_dict().items() if k not in _RUNTIME_FIELDS and not k.startswith("_")}
+    return {"model": f"{type(model).__name__}:layers={config.num_hidden_layers}:hidden={config.hidden_size}:vocab={config.vocab_size}",
+            "config": fingerprint(fields, {}), "weights": fingerprint({}, model.state_dict())}
 
 
 def _attention_modules(model: PreTrainedModel) -> list[nn.Module]:
@@ -256,14 +291,18 @@ def add_memory(
     for i in chosen:
         module = modules[i]
         module.knn_memory = LayerMemory(i, memory_size, k, num_kv_heads, head_dim, combine, memory_dtype, backend)
+        device = next(module.parameters()).device
         if combine == "gate":
-            device = next(module.parameters()).device
             module.memory_gate = nn.Parameter(torch.full((num_heads,), float(gate_init), device=device))
+        else:
+            module.memory_bias = nn.Parameter(torch.zeros(num_heads, device=device))
         handle_layers[i] = module.knn_memory
     AttentionInterface.register(ATTENTION_NAME, memorizing_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, eager_mask)  # additive float masks
     model.set_attn_implementation(ATTENTION_NAME)
-    handle = MemoryHandle(model, handle_layers)
+    settings = {"layers": chosen, "memory_size": memory_size, "k": k, "combine": combine, "gate_init": gate_init,
+                "memory_dtype": str(memory_dtype).removeprefix("torch."), "backend": backend}
+    handle = MemoryHandle(model, handle_layers, settings)
     for module in modules:
         module.memory_handle = handle
     return handle
@@ -308,6 +347,7 @@ def memorizing_attention(
         local_logits = local_logits + attention_mask[..., : key.shape[2]]
     mem_values = mem_values.to(query.dtype)
     if layer.combine == "joint":
+        mem_logits = mem_logits + module.memory_bias[None, :, None, None].to(mem_logits.dtype)
         local_probs, mem_probs = joint_probs(local_logits, mem_logits, mem_valid)
         out = torch.matmul(local_probs, values_all) + torch.einsum("bhsk,bhskd->bhsd", mem_probs, mem_values)
     else:

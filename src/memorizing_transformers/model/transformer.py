@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -19,6 +18,7 @@ from transformers.utils import ModelOutput
 from ..config import MemorizingConfig
 from ..data.tokenizer import load_tokenizer
 from ..atomic import write_atomically
+from ..memory.files import fingerprint
 from .attention import Attention
 from .positions import relative_position_bucket, segment_relative_positions
 from .state import MemorizingState
@@ -148,11 +148,7 @@ class MemorizingTransformer(nn.Module):
     def fingerprint(self) -> str:
         """A short hash of the configuration and the weights: memory files carry it, so that a
         memory is only ever read by the model whose keys it holds."""
-        digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
-        for name, tensor in sorted(self.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().to("cpu", torch.float32).numpy().tobytes())
-        return digest.hexdigest()[:16]
+        return fingerprint(self.config.to_dict(), self.state_dict())
 
     @torch.no_grad()
     def memorize(self, texts: str | Iterable[str], state: MemorizingState | None = None) -> MemorizingState:
