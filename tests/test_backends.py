@@ -39,17 +39,18 @@ def brute_force(keys, valid, queries, k):
     return scores.topk(k, dim=-1)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("backend", sorted(EXACT_BACKENDS))
-def test_exact_backends_return_brute_force_neighbours(backend):
+def test_exact_backends_return_brute_force_neighbours(backend, dtype):
     batch, heads, dim, capacity, k = 2, 3, 16, 96, 6
-    memory = KNNMemory(batch, heads, dim, capacity, backend=EXACT_BACKENDS[backend]())
+    memory = KNNMemory(batch, heads, dim, capacity, dtype=dtype, backend=EXACT_BACKENDS[backend]())
     for _ in range(5):  # 5 x 40 writes into 96 slots: wraps around, partly masked
         memory.add(unit(batch, heads, 40, dim), torch.randn(batch, heads, 40, dim), mask=torch.rand(batch, 40) > 0.2)
     queries = unit(batch, heads, 7, dim)
     found = memory.search(queries, k)
     for b in range(batch):
         for h in range(heads):
-            ref = brute_force(memory.keys[b, h], memory.valid[b], queries[b, h], k)
+            ref = brute_force(memory.keys[b, h].float(), memory.valid[b], queries[b, h], k)
             torch.testing.assert_close(found.scores[b, h], ref.values, rtol=1e-5, atol=1e-5)
             assert torch.equal(found.slots[b, h], ref.indices)
             assert torch.equal(found.values[b, h], memory.values[b, h][ref.indices])
@@ -162,3 +163,18 @@ def test_ivf_rows_are_searched_exactly_until_they_hold_enough_keys_to_train():
     assert backend.indices[0] is not None and backend.indices[1] is None  # row 0 now holds 64 keys
     a, b = reference.search(queries, 8), memory.search(queries, 8)
     assert torch.equal(a.slots[1], b.slots[1])  # row 1: still exact
+
+
+@pytest.mark.parametrize("dtype, code_bytes", [(torch.float32, 4), (torch.bfloat16, 2), (torch.float16, 2)])
+def test_ivf_lists_hold_keys_in_the_stores_dtype(dtype, code_bytes):
+    memory = KNNMemory(1, 2, 16, capacity=256, dtype=dtype, backend=FaissSearch("ivf", list_size=32, nprobe=1000))
+    memory.add(unit(1, 2, 256, 16), torch.randn(1, 2, 256, 16))
+    for index in memory.backend.indices[0]:
+        assert index.code_size == 16 * code_bytes
+        # Each list's codes are the store's keys, byte for byte.
+        for lst in range(index.nlist):
+            n = index.invlists.list_size(lst)
+            codes = faiss.rev_swig_ptr(index.invlists.get_codes(lst), n * index.code_size).copy()
+            ids = torch.from_numpy(faiss.rev_swig_ptr(index.invlists.get_ids(lst), n).copy())
+            head = memory.backend.indices[0].index(index)
+            assert torch.equal(torch.frombuffer(codes, dtype=dtype).view(n, 16), memory.keys[0, head][ids])

@@ -37,7 +37,7 @@ class SearchBackend(Protocol):
 
 
 def make_backend(name: str, ivf_list_size: int = 256, ivf_nprobe: int = 16) -> SearchBackend:
-    """A backend by name: "exact" (torch), "faiss_flat" (IndexFlatIP) or "faiss_ivf" (IndexIVFFlat)."""
+    """A backend by name: "exact" (torch), "faiss_flat" (IndexFlatIP) or "faiss_ivf" (IVF, lists in the store's dtype)."""
     if name == "exact":
         from .exact import ExactSearch
 

@@ -9,8 +9,11 @@ all of a segment's queries at once and runs multi-threaded inside faiss.
 
 kinds:
 - "flat": IndexFlatIP behind IndexIDMap2, exact;
-- "ivf": IndexIVFFlat (inner product) with capacity / list_size lists, `nprobe` of them
-  searched per query. Its coarse quantizer is trained, once per (row, head), when that row
+- "ivf": an inverted-file index (inner product) with capacity / list_size lists, `nprobe`
+  of them searched per query. Its lists hold the keys in the store's own dtype:
+  IndexIVFFlat for float32, IndexIVFScalarQuantizer with bf16 or fp16 codes (not residuals)
+  otherwise, so the index costs no more than the keys themselves and scores the very keys
+  the store holds. Its coarse quantizer is trained, once per (row, head), when that row
   first holds min(capacity, 64 x lists) keys (k-means, 10 iterations on a sample of 40 keys
   per list). A row holding fewer keys than that is searched exactly (the torch search
   over the store), so a young memory, or one just reset, loses no recall. A reset empties
@@ -66,6 +69,16 @@ class FaissSearch:
     def _flat(memory: "KNNMemory") -> list[faiss.Index]:
         return [faiss.IndexIDMap2(faiss.IndexFlatIP(memory.head_dim)) for _ in range(memory.num_heads)]
 
+    def _ivf(self, memory: "KNNMemory") -> faiss.Index:
+        """An untrained IVF index whose lists store keys in the memory's dtype."""
+        quantizer, dim, lists = faiss.IndexFlatIP(memory.head_dim), memory.head_dim, self._lists(memory)
+        if memory.dtype == torch.float32:
+            return faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
+        codes = {torch.bfloat16: faiss.ScalarQuantizer.QT_bf16, torch.float16: faiss.ScalarQuantizer.QT_fp16}[memory.dtype]
+        index = faiss.IndexIVFScalarQuantizer(quantizer, dim, lists, codes, faiss.METRIC_INNER_PRODUCT)
+        index.by_residual = False  # store the keys themselves: bit-identical to the store's
+        return index
+
     @staticmethod
     def _host(x: torch.Tensor) -> np.ndarray:
         return np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
@@ -77,7 +90,7 @@ class FaissSearch:
         indices = []
         for head in range(memory.num_heads):
             data = self._host(keys[head])
-            index = faiss.IndexIVFFlat(faiss.IndexFlatIP(memory.head_dim), memory.head_dim, self._lists(memory), faiss.METRIC_INNER_PRODUCT)
+            index = self._ivf(memory)
             index.cp.niter, index.cp.max_points_per_centroid = 10, 40  # k-means on a fixed-seed sample
             index.train(data)
             index.nprobe = self.nprobe
