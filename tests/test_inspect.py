@@ -1,5 +1,6 @@
 """mt inspect: the data behind the page, and the page itself in a real headless browser."""
 
+import json
 import re
 import shutil
 import subprocess
@@ -9,7 +10,9 @@ import torch
 
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
 from memorizing_transformers.cli import main
-from memorizing_transformers.evaluation.inspect import inspect_document
+from memorizing_transformers.data.tokenizer import load_tokenizer
+from memorizing_transformers.evaluation.inspect import inspect_document, inspect_pretrained
+from memorizing_transformers.hf.retrofit import add_memory
 
 TEXT = "alpha beta gamma delta. " * 40 + "The key is 7391 </script> <b>not bold</b>. " + "epsilon zeta eta. " * 20
 
@@ -75,3 +78,52 @@ def test_page_in_headless_chromium(model, tmp_path):
     assert panel.count("<h3>head ") == model.config.n_heads
     assert panel.count('<tr class="hit">') == 3 * model.config.n_heads
     assert "<b>not bold</b>" not in dom  # document text is shown as text, never as markup
+
+
+def tiny_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)).eval()
+
+
+@pytest.mark.parametrize("combine", ["joint", "gate"])
+def test_report_data_for_a_hugging_face_model(combine):
+    model, tokenizer = tiny_llama(), load_tokenizer()
+    window, stride, capacity = 16, 8, 24  # the memory wraps around: positions are not slots
+    handle = add_memory(model, layers=[0, 1], memory_size=capacity, k=4, combine=combine)
+    report = inspect_pretrained(handle, tokenizer, TEXT, window=window, stride=stride, layer=1, top=3)
+    ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
+    n = ids.shape[1]
+    assert len(report["tokens"]) == len(report["loss_with_memory"]) == len(report["retrieved"]) == n
+    with torch.no_grad():
+        expected = handle.stream(ids, window, stride, losses=True)[0]
+        handle.reset()
+        with handle.disabled():
+            alone = handle.stream(ids, window, stride, losses=True)[0]
+    torch.testing.assert_close(torch.tensor(report["loss_with_memory"][:-1]), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(torch.tensor(report["loss_without_memory"][:-1]), alone, atol=1e-4, rtol=0)
+    for i, heads in enumerate(report["retrieved"]):
+        # Token i is read by the call starting at `start`; memory holds the last `capacity` before it.
+        start = 0 if i < window else (i - window) // stride * stride + stride
+        for h, entries in enumerate(heads):
+            assert all(max(0, start - capacity) <= p < start for p, _ in entries), (i, start, entries)
+            assert len(entries) == min(3, start)
+            assert [s for _, s in entries] == sorted((s for _, s in entries), reverse=True)
+            assert 0.0 <= report["memory_share"][i][h] <= 1.0
+            assert (report["memory_share"][i][h] == 0.0) == (start == 0)
+
+
+def test_inspect_command_with_a_hugging_face_model(tmp_path):
+    tiny_llama().save_pretrained(tmp_path / "llama")
+    load_tokenizer().save_pretrained(tmp_path / "llama")
+    (tmp_path / "doc.txt").write_text(TEXT)
+    main(["inspect", str(tmp_path / "llama"), str(tmp_path / "doc.txt"), "--out", str(tmp_path / "report.html"),
+          "--layers", "0,1", "--layer", "1", "--window", "16", "--stride", "8", "--top", "2"])
+    page = (tmp_path / "report.html").read_text()
+    data = json.loads(page.split('<script id="data" type="application/json">')[1].split("</script>")[0].replace("<\\/", "</"))
+    assert (data["layer"], data["heads"], data["segment_length"]) == (1, 4, 16)
+    assert "".join(data["tokens"]) == TEXT
+    with pytest.raises(ValueError, match=r"layer 5 has no memory; the memory layers are \[0, 1\]"):
+        main(["inspect", str(tmp_path / "llama"), str(tmp_path / "doc.txt"), "--out", str(tmp_path / "r.html"), "--layer", "5"])

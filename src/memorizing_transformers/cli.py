@@ -137,7 +137,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------- memorize / generate
 # CHECKPOINT is one of ours (a run directory, a saved model folder, or a MemorizingForCausalLM
 # folder) or any other Hugging Face causal LM folder, which gets a memory through add_memory.
-PRETRAINED_ONLY = ("layers", "k", "window")  # options of the add_memory route
+PRETRAINED_ONLY = ("layers", "layer", "k", "window", "stride")  # options of the add_memory route
 
 
 def _transformers_model_type(checkpoint: str) -> str | None:
@@ -274,12 +274,22 @@ def generate_pretrained(args: argparse.Namespace, sampling: dict[str, Any]) -> N
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
-    from .evaluation.inspect import write_report
+    from .evaluation.inspect import inspect_document, inspect_pretrained, write_report
 
     if not Path(args.file).is_file():
         raise SystemExit(f"no such file: {args.file}")
-    model = _load_model(args.checkpoint, args.memory_size, args.device)
-    print(f"wrote {write_report(model, args.file, args.out, top=args.top)}")
+    text = Path(args.file).read_text(encoding="utf-8", errors="replace")
+    if _is_pretrained(args):
+        from .hf.retrofit import add_memory
+
+        model, tokenizer = _load_pretrained(args.checkpoint, args.device)
+        tokens = len(tokenizer(text)["input_ids"])
+        layers = _parse_layers(args.layers or "all", model.config.num_hidden_layers)
+        handle = add_memory(model, layers=layers, memory_size=max(1, args.memory_size or tokens), k=args.k or 32)
+        report = inspect_pretrained(handle, tokenizer, text, window=args.window or 512, stride=args.stride, layer=args.layer, top=args.top)
+    else:
+        report = inspect_document(_load_model(args.checkpoint, args.memory_size, args.device), text, top=args.top)
+    print(f"wrote {write_report(report, args.file, args.out)}")
 
 
 # ---------------------------------------------------------------------- pretrained
@@ -358,11 +368,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(func=cmd_generate)
 
     inspect = sub.add_parser("inspect", help="an HTML page of what the memory retrieved for each token of a document")
-    inspect.add_argument("checkpoint", help="a run directory (its latest checkpoint) or a saved model folder")
+    inspect.add_argument("checkpoint", help="a run directory (its latest checkpoint), a saved model folder, or a Hugging Face causal LM folder")
     inspect.add_argument("file", help="a text file, streamed as one document")
     inspect.add_argument("--out", required=True, help="the HTML file to write")
     inspect.add_argument("--top", type=int, default=5, help="retrieved entries shown per head")
-    inspect.add_argument("--memory-size", type=int, help="memory capacity per head (default: as trained)")
+    inspect.add_argument("--memory-size", type=int,
+                         help="memory capacity per head (default: as trained; a Hugging Face model's: the file's tokens)")
+    inspect.add_argument("--layers", help="Hugging Face models: layers given a memory, 'all' (default) or e.g. '-4,-3'")
+    inspect.add_argument("--layer", type=int, help="Hugging Face models: the memory layer shown (default: the first)")
+    inspect.add_argument("--k", type=int, help="Hugging Face models: entries retrieved per query and head (default 32)")
+    inspect.add_argument("--window", type=int, help="Hugging Face models: tokens attended locally (default 512)")
+    inspect.add_argument("--stride", type=int, help="Hugging Face models: how far the window advances (default: --window)")
     inspect.add_argument("--device", default="auto")
     inspect.set_defaults(func=cmd_inspect)
 

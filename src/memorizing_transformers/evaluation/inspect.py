@@ -3,9 +3,10 @@
 A document is streamed twice through the model: as it is, and with its memory layers
 removed (the same weights otherwise). Each token of the page is coloured by how much the
 memory lowered the loss of the prediction made at it (of the next token); hovering or
-clicking it shows, per head of the first memory layer, the share of the head's output
+clicking it shows, per head of one memory layer, the share of the head's output
 that came from memory and the earlier tokens it retrieved, with their positions and
-scores. The page carries its data as JSON and needs no network.
+scores. The page carries its data as JSON and needs no network. Our models are streamed
+segment by segment; a Hugging Face model with `add_memory` through its sliding window.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from ..atomic import write_atomically
+from ..hf.retrofit import MemoryHandle
 from ..model.transformer import MemorizingTransformer
 
 
@@ -56,30 +58,70 @@ def inspect_document(model: MemorizingTransformer, text: str, top: int = 5) -> d
     plain.load_state_dict(model.state_dict(), strict=False)  # the same weights, without the gates
     without_memory = _stream_losses(plain, ids)
 
-    capacity, length = model.config.memory_size, model.config.segment_length
+    length = model.config.segment_length
+    # Segment i's queries are tokens i * length onwards; tokens before them are in memory.
+    calls = [(record, index * length, 0) for index, record in enumerate(trace)]
+    return _report(ids, model.tokenizer, with_memory, without_memory, calls, top, layer=layer, heads=model.config.n_heads,
+                   segment_length=length, memory_size=model.config.memory_size)
+
+
+@torch.no_grad()
+def inspect_pretrained(handle: MemoryHandle, tokenizer, text: str, window: int = 512, stride: int | None = None,
+                       layer: int | None = None, top: int = 5) -> dict[str, Any]:
+    """The same data for a Hugging Face model with `add_memory`: the document is streamed
+    (`MemoryHandle.stream`) with its memory and with the memory disabled; the page shows
+    memory layer `layer` (default: the first)."""
+    layer = min(handle.layers) if layer is None else layer
+    if layer not in handle.layers:
+        raise ValueError(f"layer {layer} has no memory; the memory layers are {sorted(handle.layers)}")
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    if ids.numel() < 2:
+        raise ValueError("the document holds fewer than two tokens")
+    stride = window if stride is None else stride
+    device = next(handle.model.parameters()).device
+    handle.reset()
+    handle.layers[layer].trace = []
+    try:
+        with_memory = handle.stream(ids[None].to(device), window, stride, losses=True)[0].cpu()
+        trace = handle.layers[layer].trace
+    finally:
+        handle.layers[layer].trace = None
+    handle.reset()
+    with handle.disabled():
+        without_memory = handle.stream(ids[None].to(device), window, stride, losses=True)[0].cpu()
+    handle.reset()
+    # Call c reads tokens c * stride onwards, all earlier ones in memory; it scores those
+    # the previous call did not (from window - stride on).
+    calls = [(record, c * stride, 0 if c == 0 else window - stride) for c, record in enumerate(trace)]
+    return _report(ids, tokenizer, with_memory, without_memory, calls, top, layer=layer,
+                   heads=handle.model.config.num_attention_heads, segment_length=window,
+                   memory_size=handle.layers[layer].capacity)
+
+
+def _report(ids: torch.Tensor, tokenizer, with_memory: torch.Tensor, without_memory: torch.Tensor,
+            calls: list[tuple[dict[str, torch.Tensor], int, int]], top: int, **about: Any) -> dict[str, Any]:
+    """The page's data. `calls`: per forward call, the memory layer's record, the number of
+    tokens written to memory before it (in order, from slot 0, so slot = position mod
+    capacity), and its first query that is the document's next token."""
+    capacity = about["memory_size"]
     retrieved: list[list[list[list[float]]]] = []  # [token][head] -> [[position, score], ...]
     share: list[list[float]] = []  # [token][head]
-    for index, record in enumerate(trace):
-        before = index * length  # tokens written to memory before this segment
+    for record, before, first in calls:
         keep = min(top, record["slots"].shape[-1])
         positions = before - 1 - (before - 1 - record["slots"][0, :, :, :keep]) % capacity  # (heads, seq, keep)
-        for t in range(record["slots"].shape[2]):
+        for t in range(first, record["slots"].shape[2]):
             retrieved.append([
                 [[int(p), round(float(s), 3)] for p, s, v in zip(positions[h, t], record["logits"][0, h, t, :keep], record["valid"][0, h, t, :keep]) if v]
                 for h in range(positions.shape[0])
             ])
             share.append([round(float(x), 4) for x in record["share"][0, :, t]])
-    pieces = [model.tokenizer.decode([i]) for i in ids.tolist()]
     return {
-        "tokens": pieces,
+        "tokens": [tokenizer.decode([i]) for i in ids.tolist()],
         "loss_with_memory": [round(float(x), 4) for x in with_memory] + [None],
         "loss_without_memory": [round(float(x), 4) for x in without_memory] + [None],
         "retrieved": retrieved[: ids.numel()],
         "memory_share": share[: ids.numel()],
-        "layer": layer,
-        "heads": model.config.n_heads,
-        "segment_length": length,
-        "memory_size": capacity,
+        **about,
     }
 
 
@@ -153,10 +195,9 @@ Colour: <span style="background:rgba(40,160,60,.6)">memory lowered the loss</spa
 """
 
 
-def write_report(model: MemorizingTransformer, document: str | Path, out: str | Path, top: int = 5) -> Path:
-    """Inspect the text file `document` and write the HTML page to `out` (atomically)."""
-    document, out = Path(document), Path(out)
-    report = inspect_document(model, document.read_text(encoding="utf-8", errors="replace"), top=top)
-    page = render_html(report, f"Memory inspection: {document.name}")
+def write_report(report: dict[str, Any], document: str | Path, out: str | Path) -> Path:
+    """Write the page of `report` (made from the file `document`) to `out`, atomically."""
+    page = render_html(report, f"Memory inspection: {Path(document).name}")
+    out = Path(out)
     write_atomically(out, lambda tmp: Path(tmp).write_text(page, encoding="utf-8"))
     return out

@@ -68,6 +68,8 @@ class LayerMemory:
     backend: str
     memory: KNNMemory | None = None  # created at the first call, for its batch size
     enabled: bool = True
+    # A list to make the layer record, per call, what it retrieved (see evaluation/inspect.py).
+    trace: list[dict[str, torch.Tensor]] | None = None
 
     def shape(self, batch_size: int) -> dict[str, int | str]:
         return {"batch_size": batch_size, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
@@ -347,13 +349,19 @@ def memorizing_attention(
         local_logits = local_logits + attention_mask[..., : key.shape[2]]
     mem_values = mem_values.to(query.dtype)
     if layer.combine == "joint":
-        mem_logits = mem_logits + module.memory_bias[None, :, None, None].to(mem_logits.dtype)
-        local_probs, mem_probs = joint_probs(local_logits, mem_logits, mem_valid)
+        biased = mem_logits + module.memory_bias[None, :, None, None].to(mem_logits.dtype)
+        local_probs, mem_probs = joint_probs(local_logits, biased, mem_valid)
         out = torch.matmul(local_probs, values_all) + torch.einsum("bhsk,bhskd->bhsd", mem_probs, mem_values)
+        share = mem_probs.sum(-1)  # (batch, heads, seq): the retrieved entries' softmax mass
     else:
         local = torch.matmul(torch.softmax(local_logits.float(), dim=-1).to(query.dtype), values_all)
         gate = gate_share(module.memory_gate, mem_valid)
         out = gate * memory_readout(mem_logits, mem_values, mem_valid) + (1 - gate) * local
+        share = gate.squeeze(-1)
+    if layer.trace is not None:
+        slots = rearrange(found.slots, "b h (g s) k -> b (h g) s k", g=groups)
+        layer.trace.append({"slots": slots.cpu(), "logits": mem_logits.detach().float().cpu(), "valid": mem_valid.cpu(),
+                            "share": share.detach().float().cpu()})
 
     # Write this call's tokens (the last `seq` keys; earlier ones came from the cache).
     handle = getattr(module, "memory_handle", None)
