@@ -134,7 +134,24 @@ def evaluate(model, handle, tokenizer, args, baselines: dict | None = None) -> l
     return rows
 
 
-def run(args: argparse.Namespace) -> dict:
+# Settings that decide the zero-training figures (the model, the documents, the memory).
+EVALUATION_SETTINGS = ("checkpoint", "tokens", "score_last", "window", "stride", "layers", "k", "combine", "gate_init")
+
+
+def zero_training_rows(model, handle, tokenizer, args, defaults: dict) -> list[dict]:
+    """Measured, or with --zero-training-from, taken from an earlier run with the same
+    evaluation settings (they are deterministic: the same figures, half an hour saved)."""
+    if not args.zero_training_from:
+        return evaluate(model, handle, tokenizer, args)
+    earlier = json.loads(Path(args.zero_training_from).read_text())
+    # A setting missing from an earlier run's record predates its option: it had the default.
+    differ = [k for k in EVALUATION_SETTINGS if earlier["settings"].get(k, defaults[k]) != getattr(args, k)]
+    if differ:
+        raise SystemExit(f"{args.zero_training_from} was measured with other settings: {differ}")
+    return earlier["rows"]
+
+
+def run(args: argparse.Namespace, defaults: dict) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
     for p in model.parameters():
@@ -142,7 +159,7 @@ def run(args: argparse.Namespace) -> dict:
     n_layers = model.config.num_hidden_layers
     layers = list(range(n_layers)) if args.layers == "all" else [int(i) for i in args.layers.split(",")]
     handle = add_memory(model, layers=layers, memory_size=args.tokens, k=args.k, combine=args.combine, gate_init=args.gate_init)
-    results = {"settings": vars(args), "layers": layers, "rows": evaluate(model, handle, tokenizer, args)}
+    results = {"settings": vars(args), "layers": layers, "rows": zero_training_rows(model, handle, tokenizer, args, defaults)}
     if args.finetune_steps:
         # Training only the memory's parameters leaves the model without memory as it was:
         # window alone and full prefix are kept; otherwise they are measured again.
@@ -206,6 +223,7 @@ def main() -> None:
     parser.add_argument("--train", choices=["memory-parameters", "memory-layers", "all"], default="memory-parameters",
                         help="memory-parameters: only the gates (--combine gate) or retrieved-logit biases (joint)")
     parser.add_argument("--lr", type=float, default=1e-2)
+    parser.add_argument("--zero-training-from", help="take the zero-training figures from this earlier results JSON")
     parser.add_argument("--tag", default="")
     parser.add_argument("--summarize", action="store_true", help="only rewrite the .md from the existing .json")
     args = parser.parse_args()
@@ -213,7 +231,7 @@ def main() -> None:
     if args.summarize:
         results = json.loads(out.read_text())
     else:
-        results = run(args)
+        results = run(args, {k: parser.get_default(k) for k in EVALUATION_SETTINGS})
         results["platform"] = platform.platform()
         results["command"] = "python experiments/pretrained_memory.py " + " ".join(
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != parser.get_default(k)
