@@ -99,7 +99,7 @@ def finetune(model, handle, tokenizer, args) -> list[float]:
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        losses.append(float(loss))
+        losses.append(loss.item())
         print(f"fine-tune step {step + 1}/{args.finetune_steps}: loss {losses[-1]:.3f}")
     handle.reset()
     for p in model.parameters():
