@@ -198,6 +198,15 @@ def _parse_layers(text: str, n_layers: int) -> list[int]:
         raise SystemExit(f"--layers must be 'all' or comma-separated layer indices, got {text!r}") from None
 
 
+def _add_memory_from_options(args: argparse.Namespace, model, tokens: int):
+    """add_memory as the options say: --layers (default all), --k (default 32), and a
+    memory of --memory-size entries, by default `tokens` (what is about to be streamed)."""
+    from .hf.retrofit import add_memory
+
+    layers = _parse_layers(args.layers or "all", model.config.num_hidden_layers)
+    return add_memory(model, layers=layers, memory_size=max(1, args.memory_size or tokens), k=args.k or 32)
+
+
 def cmd_memorize(args: argparse.Namespace) -> None:
     texts = _read_texts(args.files)
     if _is_pretrained(args):
@@ -213,15 +222,12 @@ def cmd_memorize(args: argparse.Namespace) -> None:
 def memorize_pretrained(args: argparse.Namespace, texts: list[str]) -> None:
     """Stream the files, one after another, through a sliding window of a Hugging Face model
     whose chosen layers have a memory (`add_memory`, joint softmax); save the memory."""
-    from .hf.retrofit import add_memory
-
     model, tokenizer = _load_pretrained(args.checkpoint, args.device)
     documents = [ids for ids in (tokenizer(text, return_tensors="pt")["input_ids"] for text in texts) if ids.numel()]
     total = sum(ids.shape[1] for ids in documents)
     if total == 0:
         raise SystemExit("the files hold no tokens")
-    layers = _parse_layers(args.layers or "all", model.config.num_hidden_layers)
-    handle = add_memory(model, layers=layers, memory_size=args.memory_size or total, k=args.k or 32)
+    handle = _add_memory_from_options(args, model, total)
     with torch.no_grad():
         for ids in documents:
             handle.stream(ids.to(model.device), window=args.window or 512)
@@ -280,12 +286,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         raise SystemExit(f"no such file: {args.file}")
     text = Path(args.file).read_text(encoding="utf-8", errors="replace")
     if _is_pretrained(args):
-        from .hf.retrofit import add_memory
-
         model, tokenizer = _load_pretrained(args.checkpoint, args.device)
         tokens = len(tokenizer(text)["input_ids"])
-        layers = _parse_layers(args.layers or "all", model.config.num_hidden_layers)
-        handle = add_memory(model, layers=layers, memory_size=max(1, args.memory_size or tokens), k=args.k or 32)
+        handle = _add_memory_from_options(args, model, tokens)
         report = inspect_pretrained(handle, tokenizer, text, window=args.window or 512, stride=args.stride, layer=args.layer, top=args.top)
     else:
         report = inspect_document(_load_model(args.checkpoint, args.memory_size, args.device), text, top=args.top)
