@@ -11,3 +11,22 @@ torch.set_num_threads(min(2, torch.get_num_threads()))
 def _seed_and_cache(tmp_path_factory, monkeypatch):
     torch.manual_seed(0)
     monkeypatch.setenv("MT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "mt-cache"))
+
+
+@pytest.fixture
+def cli_error(capsys):
+    """Run `mt` with these arguments, expecting a refusal: returns its one-line message
+    (printed as `error: ...`, exit status 2, no traceback)."""
+    from memorizing_transformers.cli import main
+
+    def run(argv: list[str]) -> str:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in argv])
+        assert exit_info.value.code == 2, f"exit status {exit_info.value.code}"
+        err = capsys.readouterr().err.strip().splitlines()
+        assert err and err[-1].startswith("error: "), err
+        assert "Traceback" not in "\n".join(err)
+        return err[-1].removeprefix("error: ")
+
+    return run

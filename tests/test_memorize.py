@@ -116,9 +116,9 @@ def test_memorize_and_generate_commands_with_a_hugging_face_model(tmp_path, caps
     assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) + "\n" == with_memory
 
 
-def test_pretrained_options_are_refused_for_our_own_checkpoints(tmp_path):
+def test_pretrained_options_are_refused_for_our_own_checkpoints(tmp_path, cli_error):
     tiny_model().save_pretrained(tmp_path / "model")
     (tmp_path / "doc.txt").write_text(TEXT)
-    with pytest.raises(SystemExit, match="--layers --k: only for Hugging Face models other than ours"):
-        main(["memorize", str(tmp_path / "model"), str(tmp_path / "doc.txt"), "--out", str(tmp_path / "kb.safetensors"),
-              "--layers", "0", "--k", "4"])
+    message = cli_error(["memorize", tmp_path / "model", tmp_path / "doc.txt", "--out", tmp_path / "kb.safetensors",
+                         "--layers", "0", "--k", "4"])
+    assert "--layers --k: only for Hugging Face models other than ours" in message

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from memorizing_transformers import KNNMemory
-from memorizing_transformers.memory import exact, knn_memory
+from memorizing_transformers.memory import exact
+from memorizing_transformers.memory import files as memory_files
 
 
 def unit(*shape):
@@ -188,7 +189,7 @@ def test_interrupted_save_leaves_previous_file_intact(tmp_path, monkeypatch):
             f.write(b"partial")
         raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(knn_memory, "save_file", crash)
+    monkeypatch.setattr(memory_files, "save_file", crash)
     memory.add(unit(1, 1, 2, 4), torch.randn(1, 1, 2, 4))
     with pytest.raises(KeyboardInterrupt):
         memory.save(path)

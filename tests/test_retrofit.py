@@ -187,3 +187,72 @@ def test_streams_go_on_where_the_last_one_ended_also_after_save_and_load(name, t
     torch.testing.assert_close(torch.cat([first, second, third], dim=1), full, rtol=1e-4, atol=1e-4)
     handle.reset()
     assert handle.position == 0
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
+@pytest.mark.parametrize("settings", [dict(num_beams=2, num_return_sequences=2, do_sample=False),
+                                      dict(do_sample=True, num_return_sequences=3, top_k=5)], ids=["beams", "samples"])
+def test_generate_expands_the_memory_to_beams_and_return_sequences(name, settings):
+    # The memory holds the prompt's older tokens (retrieved whole): beam search and several
+    # sequences per prompt read each row's memory, equal to full attention over the prompt,
+    # and the memory itself keeps its one filled row.
+    model = MODELS[name]()
+    prompt = torch.randint(0, 97, (1, 30))
+    settings = dict(max_new_tokens=5, pad_token_id=0, **settings)
+    with torch.no_grad():
+        torch.manual_seed(3)
+        expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)
+        handle = add_memory(model, layers=[0, 1, 2], memory_size=64, k=40, combine="joint")
+        torch.manual_seed(3)
+        generated = handle.generate(prompt, window=8, **settings)
+    assert generated.shape[0] == settings["num_return_sequences"]
+    assert torch.equal(generated, expected)
+    assert handle.fill() == {0: [22], 1: [22], 2: [22]}
+
+
+def test_a_filled_memory_is_never_silently_replaced_by_another_batch_size(tmp_path):
+    model = tiny_llama()
+    handle = add_memory(model, layers=[0], memory_size=64, k=4)
+    with torch.no_grad():
+        handle.stream(torch.randint(0, 97, (1, 16)), window=8)
+        handle.save(tmp_path / "kb.safetensors")
+        with pytest.raises(ValueError, match="holds 1 filled row.*this input has 2 rows"):
+            model(torch.randint(0, 97, (2, 8)))
+        assert handle.fill() == {0: [16]}
+        fresh = add_memory(tiny_llama(), layers=[0], memory_size=64, k=4)
+        fresh.load(tmp_path / "kb.safetensors")
+        with pytest.raises(ValueError, match="holds 1 filled row"):
+            fresh.stream(torch.randint(0, 97, (2, 8)), window=8)
+        handle.reset()  # emptied: the next input's batch size is taken
+        model(torch.randint(0, 97, (2, 8)))
+    assert handle.fill() == {0: [8, 8]}
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
+def test_padding_is_never_written(name):
+    model = MODELS[name]()
+    handle = add_memory(model, layers=[0, 2], memory_size=64, k=4)
+    ids = torch.randint(0, 97, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, :4] = 0  # left padding in the second row
+    with torch.no_grad():
+        model(ids, attention_mask=mask)
+        model(input_ids=ids, attention_mask=mask)
+    assert handle.fill() == {0: [20, 12], 2: [20, 12]}
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
+def test_plain_generate_after_add_memory_never_counts_a_token_twice(name):
+    # generate keeps every token in its KV cache: the memory is read, never written, so with
+    # an empty memory the scores are the original model's at every step.
+    model = MODELS[name]()
+    prompt = torch.randint(0, 97, (1, 12))
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)
+        handle = add_memory(model, layers=[0, 1, 2], memory_size=64, k=8)
+        got = model.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)
+    assert handle.fill() == {0: [0], 1: [0], 2: [0]}
+    assert torch.equal(got.sequences, expected.sequences)
+    for step, (a, b) in enumerate(zip(got.scores, expected.scores)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {step}")

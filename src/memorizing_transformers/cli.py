@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from .atomic import write_atomically
 from .config import PRESETS, MemorizingConfig
 from .memory.backend import BACKENDS
 
@@ -32,6 +33,16 @@ def parse_overrides(pairs: list[str] | None) -> dict[str, Any]:
         value = parse_value(value)
         overrides[key] = tuple(value) if isinstance(value, list) else value
     return overrides
+
+
+def check_writable(directory: Path) -> None:
+    """Refuse, before any work, an output folder that cannot be written (read-only, full)."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        write_atomically(directory / ".write-test", lambda tmp: Path(tmp).write_bytes(b"x" * 65536))
+        (directory / ".write-test").unlink()
+    except OSError as err:
+        raise OSError(err.errno, f"cannot write into {directory}: {err.strerror or err}") from None
 
 
 def pick_device(name: str) -> torch.device:
@@ -80,13 +91,20 @@ def load_run_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .training.checkpoint import run_lock
+
+    run = load_run_config(args)
+    out = Path(args.out)
+    with run_lock(out):
+        _train(args, run, out)
+
+
+def _train(args: argparse.Namespace, run: dict[str, Any], out: Path) -> None:
     from .data.pipeline import corpus_tokenizer, load_tokenized
     from .data.tokenizer import load_tokenizer
     from .model.transformer import MemorizingTransformer
     from .training.trainer import TrainConfig, Trainer
 
-    run = load_run_config(args)
-    out = Path(args.out)
     saved_run = out / "run_config.json"
     if args.resume and saved_run.is_file():
         previous = json.loads(saved_run.read_text())
@@ -105,8 +123,7 @@ def cmd_train(args: argparse.Namespace) -> None:
     trainer = Trainer(model, train_config, train_docs, valid_docs, out)
     if args.resume and not trainer.resume():
         print(f"no checkpoint in {out}: starting from step 0", file=sys.stderr)
-    out.mkdir(parents=True, exist_ok=True)
-    saved_run.write_text(json.dumps(run, indent=2))
+    write_atomically(saved_run, lambda tmp: Path(tmp).write_text(json.dumps(run, indent=2)))
     params = sum(p.numel() for p in model.parameters())
     print(f"training {params / 1e6:.2f}M parameters on {run['corpus']} ({sum(d.ids.numel() for d in train_docs):,} tokens) into {out}")
     record = trainer.train(max_seconds=args.max_minutes * 60 if args.max_minutes else None)
@@ -115,8 +132,9 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------- evaluate
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .evaluation.report import evaluate_checkpoint
+    from .evaluation.report import evaluate_checkpoint, report_dir
 
+    check_writable(report_dir(args.checkpoint, args.corpus, args.split, args.out))
     given = (("memory_size", args.memory_size), ("knn_k", args.knn_k), ("xl_length", args.xl_length), ("memory_backend", args.memory_backend))
     overrides = {k: v for k, v in given if v is not None}
     report = evaluate_checkpoint(
@@ -241,6 +259,10 @@ def memorize_pretrained(args: argparse.Namespace, texts: list[str]) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    if args.max_new_tokens <= 0:
+        raise SystemExit(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
+    if not args.temperature >= 0:
+        raise SystemExit(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
     if _is_pretrained(args):
         generate_pretrained(args, sampling)
@@ -304,6 +326,7 @@ def cmd_pretrained_smollm2(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mt", description="Memorizing Transformers: language models with a kNN memory.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
     data = sub.add_parser("data", help="build corpora and tokenizers").add_subparsers(dest="data_command", required=True)
@@ -326,7 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--tokenizer", help="an existing Hugging Face tokenizer folder instead of a corpus BPE")
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="model configuration override, e.g. memory_size=65536")
     for name, kind in (("steps", int), ("batch_size", int), ("lr", float), ("warmup_steps", int), ("eval_every", int),
-                       ("eval_tokens", int), ("checkpoint_every", int), ("seed", int), ("log_every", int)):
+                       ("eval_tokens", int), ("checkpoint_every", int), ("seed", int), ("log_every", int),
+                       ("skip_nonfinite", int)):
         train.add_argument(f"--{name.replace('_', '-')}", type=kind, dest=name)
     train.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this much wall time; --resume continues")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -399,9 +423,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Errors of input or environment: printed as one line (`error: ...`), exit status 2. Any
+# other exception is a bug of this program and keeps its traceback.
 def main(argv: list[str] | None = None) -> None:
+    from .training.checkpoint import RunLocked
+    from .training.trainer import TrainingDiverged
+
     args = build_parser().parse_args(argv)
-    args.func(args)
+    try:
+        args.func(args)
+    except SystemExit as err:  # the commands' own refusals
+        if not isinstance(err.code, str):
+            raise
+        _fail(err.code, args.debug, err)
+    except (ValueError, OSError, RunLocked, TrainingDiverged) as err:
+        message = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else str(err)
+        _fail(message, args.debug, err)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        raise SystemExit(130) from None
+
+
+def _fail(message: str, debug: bool, err: BaseException) -> None:
+    if debug:
+        raise err
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_origin, get_type_hints
 
 import torch
 
@@ -74,7 +74,7 @@ class MemorizingConfig:
     previous_token_bias_init: float = 0.0
 
     def __post_init__(self) -> None:
-        self.knn_layers = tuple(int(i) for i in self.knn_layers)
+        self._check_types()
         positive = {
             "vocab_size": self.vocab_size, "d_model": self.d_model, "n_layers": self.n_layers,
             "n_heads": self.n_heads, "head_dim": self.head_dim, "d_ff": self.d_ff,
@@ -102,6 +102,24 @@ class MemorizingConfig:
                 raise ValueError(f"kNN layer index {i} is out of range for a model of {self.n_layers} layers")
         if len(set(self.memory_layer_indices)) != len(self.knn_layers):
             raise ValueError(f"knn_layers {self.knn_layers} name the same layer twice")
+
+    def _check_types(self) -> None:
+        """Each field holds a value of its type (an integer where a float is expected becomes
+        that float); anything else is refused with the field's name, before it reaches a layer."""
+        for f in dataclasses.fields(self):
+            value, kind = getattr(self, f.name), _FIELD_TYPES[f.name]
+            if kind is int and not _is_int(value):
+                raise ValueError(f"MemorizingConfig.{f.name} must be an integer, got {value!r}")
+            if kind is bool and not isinstance(value, bool):
+                raise ValueError(f"MemorizingConfig.{f.name} must be true or false, got {value!r}")
+            if kind in (float, float | None) and not (value is None and kind is not float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ValueError(f"MemorizingConfig.{f.name} must be a number, got {value!r}")
+                setattr(self, f.name, float(value))
+        if isinstance(self.knn_layers, (str, bytes)) or not hasattr(self.knn_layers, "__iter__") \
+                or not all(_is_int(i) for i in self.knn_layers):
+            raise ValueError(f"MemorizingConfig.knn_layers must be a list of layer indices, e.g. [-2], got {self.knn_layers!r}")
+        self.knn_layers = tuple(int(i) for i in self.knn_layers)
 
     @property
     def memory_layer_indices(self) -> tuple[int, ...]:
@@ -134,6 +152,13 @@ class MemorizingConfig:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+_FIELD_TYPES = {name: (hint if get_origin(hint) is not Literal else str)
+                for name, hint in get_type_hints(MemorizingConfig).items()}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a CPU: what the tests use.

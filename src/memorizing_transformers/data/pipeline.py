@@ -14,6 +14,7 @@ from .streaming import TokenizedDocument
 from .tokenizer import cache_dir, train_bpe
 
 SPLITS = ("train", "valid", "test")
+TOKENIZED_VERSION = 2  # 2: num_bytes counts the bytes of the scored tokens only
 
 
 def corpus_tokenizer_dir(corpus: str, vocab_size: int) -> Path:
@@ -29,10 +30,13 @@ def corpus_tokenizer(corpus: str, vocab_size: int) -> Path:
 
 
 def tokenize_documents(documents: list[Document], tokenizer: PreTrainedTokenizerBase) -> list[TokenizedDocument]:
-    encoded = tokenizer([d.text for d in documents], add_special_tokens=False)["input_ids"]
+    """Token ids of each document, and the UTF-8 bytes of the text its scored tokens (all but
+    the first, which nothing predicts) spell: the denominator of bits per byte."""
+    encoded = tokenizer([d.text for d in documents], add_special_tokens=False, return_offsets_mapping=True)
     return [
-        TokenizedDocument(d.name, torch.tensor(ids, dtype=torch.long), num_bytes=len(d.text.encode("utf-8")))
-        for d, ids in zip(documents, encoded)
+        TokenizedDocument(d.name, torch.tensor(ids, dtype=torch.long),
+                          num_bytes=len(d.text[offsets[0][1]:].encode("utf-8")) if ids else 0)
+        for d, ids, offsets in zip(documents, encoded["input_ids"], encoded["offset_mapping"])
     ]
 
 
@@ -45,7 +49,7 @@ def load_tokenized(corpus: str, split: str, tokenizer: PreTrainedTokenizerBase) 
     """A corpus split as token ids; cached on disk per (corpus, split, tokenizer)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    path = cache_dir() / "tokenized" / f"{corpus}-{tokenizer_fingerprint(tokenizer)}" / f"{split}.pt"
+    path = cache_dir() / "tokenized" / f"{corpus}-{tokenizer_fingerprint(tokenizer)}-v{TOKENIZED_VERSION}" / f"{split}.pt"
     if path.is_file():
         saved = torch.load(path, weights_only=True)
         return [TokenizedDocument(name, ids, num_bytes=int(n)) for name, ids, n in zip(saved["names"], saved["ids"], saved["bytes"])]

@@ -20,7 +20,7 @@ class TokenizedDocument:
     name: str
     ids: torch.Tensor  # (n,) long
     loss_mask: torch.Tensor | None = None  # (n,) bool; None: every token is a target
-    num_bytes: int | None = None  # UTF-8 bytes of the source text, for bits per byte
+    num_bytes: int | None = None  # UTF-8 bytes of the text of ids[1:] (the scored tokens), for bits per byte
 
     def __post_init__(self) -> None:
         if self.ids.dim() != 1:

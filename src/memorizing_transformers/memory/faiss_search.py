@@ -48,6 +48,7 @@ class FaissSearch:
         if list_size <= 0 or nprobe <= 0:
             raise ValueError(f"ivf list_size and nprobe must be positive, got {list_size} and {nprobe}")
         self.kind, self.list_size, self.nprobe = kind, list_size, nprobe
+        self.exact_scores = kind == "flat"  # IVF lists hold quantized (store-dtype) codes
         self.indices: list[list[faiss.Index] | None] = []  # [row][head]; None: an IVF row not trained yet
 
     def __repr__(self) -> str:

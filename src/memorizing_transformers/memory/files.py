@@ -1,5 +1,6 @@
-"""The safetensors files that hold memories: reading them (existence and format checked
-first) and the fingerprint that ties one to the model whose keys it holds."""
+"""The safetensors files that hold memories: writing them (atomically, with a checksum of
+their tensors), reading them (existence, format, integrity and checksum checked first) and
+the fingerprint that ties one to the model whose keys it holds."""
 
 from __future__ import annotations
 
@@ -11,7 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from ..atomic import write_atomically
 
 
 def fingerprint(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> str:
@@ -24,15 +28,51 @@ def fingerprint(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) 
     return digest.hexdigest()[:16]
 
 
+def save_memory_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Write `tensors` and `metadata` to a safetensors file atomically, with a checksum of the
+    tensors in the metadata. Tensors that share storage (views of one tensor, which
+    safetensors refuses) are written as copies."""
+    owned = {name: _own_storage(t.detach().cpu()) for name, t in tensors.items()}
+    metadata = {**metadata, "checksum": fingerprint({}, owned)}
+    write_atomically(Path(path), lambda tmp: save_file(owned, tmp, metadata=metadata))
+
+
+def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` itself when it is a whole, contiguous tensor; otherwise a copy of its own."""
+    whole = tensor.is_contiguous() and tensor.storage_offset() == 0
+    if whole and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
 def memory_file_metadata(path: str | os.PathLike, file_format: str, what: str) -> dict[str, str]:
     """The metadata of the memory file at `path`, after checking that it is a `file_format` file.
 
     `what` names the kind of file in the error message (e.g. "a KNNMemory file")."""
     path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{path} is a folder, not a memory file")
     if not path.is_file():
         raise FileNotFoundError(f"no memory file at {path}")
-    with safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is not {what}: it is truncated, corrupt or not a safetensors file ({err})") from None
     if metadata.get("format") != file_format:
         raise ValueError(f"{path} is not {what} (metadata format={metadata.get('format')!r})")
     return metadata
+
+
+def load_memory_file(path: str | os.PathLike, file_format: str, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and tensors of a memory file written by `save_memory_file`; a file whose
+    tensors do not match their checksum (a flipped byte, a truncated copy) is refused.
+    Files written before checksums existed have none and are read as they are."""
+    metadata = memory_file_metadata(path, file_format, what)
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError) as err:
+        raise ValueError(f"{path} is truncated or corrupt ({err})") from None
+    if "checksum" in metadata and fingerprint({}, tensors) != metadata["checksum"]:
+        raise ValueError(f"{path} is corrupt: its tensors do not match the checksum written with them")
+    return metadata, tensors

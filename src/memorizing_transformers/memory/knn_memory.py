@@ -8,16 +8,14 @@ or faiss indices that mirror the store; the memory gathers the winners either wa
 
 from __future__ import annotations
 
+import copy
 import os
-from pathlib import Path
 from typing import NamedTuple, Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
 
-from ..atomic import write_atomically
 from .backend import SearchBackend, make_backend
-from .files import memory_file_metadata
+from .files import load_memory_file, save_memory_file
 
 FORMAT_VERSION = "1"
 
@@ -152,6 +150,23 @@ class KNNMemory:
         used = self.valid.any(dim=0).nonzero()
         self.extent = int(used.max()) + 1 if used.numel() else 0
 
+    @torch.no_grad()
+    def select_rows(self, index: torch.Tensor | Sequence[int]) -> "KNNMemory":
+        """A new memory whose row i is a copy of this memory's row index[i] (rows may repeat):
+        what beam search needs to expand memories to its beams and to follow their reordering."""
+        index = torch.as_tensor(index, dtype=torch.long, device=self.device)
+        if index.dim() != 1 or not index.numel():
+            raise ValueError(f"row index must be a non-empty 1-D list of rows, got shape {tuple(index.shape)}")
+        if int(index.min()) < 0 or int(index.max()) >= self.batch_size:
+            raise ValueError(f"row indices {index.tolist()} out of range for a memory of {self.batch_size} rows")
+        selected = copy.copy(self)
+        selected.batch_size = index.numel()
+        for name in ("keys", "values", "valid", "next_slot"):
+            setattr(selected, name, getattr(self, name).index_select(0, index))
+        selected.backend = copy.copy(self.backend)
+        selected.backend.rebuild(selected)
+        return selected
+
     # ------------------------------------------------------------------ read
     @torch.no_grad()
     def search(self, queries: torch.Tensor, k: int) -> SearchResult:
@@ -175,6 +190,13 @@ class KNNMemory:
         out_shape = (batch, heads, seq, k, dim)
         keys = self.keys.reshape(-1, dim).index_select(0, flat).view(out_shape).to(queries.dtype)
         values = self.values.reshape(-1, dim).index_select(0, flat).view(out_shape).to(queries.dtype)
+        if not self.backend.exact_scores:
+            # faiss's quantized lists round their scores: the winners' scores are computed again
+            # from the stored keys, so that every backend reports the same inner products, best first.
+            scores = torch.einsum("bhsd,bhskd->bhsk", queries.detach().float().to(self.device), keys.float())
+            best_scores, order = scores.masked_fill(~valid, float("-inf")).sort(dim=-1, descending=True, stable=True)
+            keys, values = (t.gather(3, order[..., None].expand_as(t)) for t in (keys, values))
+            best_slots, valid = best_slots.gather(3, order), valid.gather(3, order)
         return SearchResult(keys, values, best_scores, valid, best_slots)
 
     # ------------------------------------------------------------------ persistence
@@ -210,20 +232,19 @@ class KNNMemory:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write to a safetensors file atomically (temporary file, then rename)."""
-        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
-        write_atomically(Path(path), lambda tmp: save_file(tensors, tmp, metadata=self.metadata()))
+        save_memory_file(path, self.state_dict(), self.metadata())
 
     @classmethod
     def load(
         cls, path: str | os.PathLike, device: torch.device | str | None = None, backend: str | SearchBackend = "exact"
     ) -> "KNNMemory":
         """Read a memory written by `save` (its index, if any, is rebuilt); refuses other files."""
-        meta = memory_file_metadata(path, "memorizing_transformers.KNNMemory", "a KNNMemory file")
+        meta, tensors = load_memory_file(path, "memorizing_transformers.KNNMemory", "a KNNMemory file")
         if meta.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"{path} has memory format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
         memory = cls(
             int(meta["batch_size"]), int(meta["num_heads"]), int(meta["head_dim"]), int(meta["capacity"]),
             dtype=getattr(torch, meta["dtype"]), device=device, backend=backend,
         )
-        memory.load_state_dict(load_file(str(path)))
+        memory.load_state_dict(tensors)
         return memory

@@ -11,16 +11,12 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import torch
-from safetensors.torch import load_file, save_file
-
-from ..atomic import write_atomically
 from ..config import MemorizingConfig
 from ..memory.backend import make_backend
-from ..memory.files import memory_file_metadata
+from ..memory.files import load_memory_file, save_memory_file
 from ..memory.knn_memory import KNNMemory
 
 STATE_FILE_FORMAT = "memorizing_transformers.MemorizingState"
@@ -52,6 +48,7 @@ class MemorizingState:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.config = config
         self.batch_size = batch_size
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.tokens_seen = 0  # columns of input read since the state was made (or since generation began)
         self.xl: list[XLCache | None] = [None] * config.n_layers
         self.memories: dict[int, KNNMemory] = {
@@ -84,6 +81,26 @@ class MemorizingState:
             if cache is not None:
                 cache.mask[torch.as_tensor(rows, device=cache.mask.device)] = False
 
+    def select_rows(self, index: torch.Tensor | Sequence[int]) -> "MemorizingState":
+        """A new state whose row i is a copy of row index[i] of this one (rows may repeat), XL
+        caches and memories alike: how beam search expands a stream to its beams."""
+        index = torch.as_tensor(index, dtype=torch.long)
+        selected = MemorizingState.__new__(MemorizingState)
+        selected.config, selected.device, selected.tokens_seen = self.config, self.device, self.tokens_seen
+        selected.batch_size = index.numel()
+        selected.xl = [None if c is None else XLCache(*(t.index_select(0, index.to(t.device)) for t in (c.keys, c.values, c.mask)))
+                       for c in self.xl]
+        selected.memories = {layer: memory.select_rows(index) for layer, memory in self.memories.items()}
+        return selected
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Follow beam search's reordering of its beams (row i becomes row beam_idx[i]), in place;
+        what Hugging Face's generate asks of a cache."""
+        if torch.equal(beam_idx.cpu(), torch.arange(self.batch_size)):
+            return
+        selected = self.select_rows(beam_idx)
+        self.batch_size, self.xl, self.memories = selected.batch_size, selected.xl, selected.memories
+
     def update_xl(self, layer: int, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
         """Append a segment's keys/values (batch, heads, seq, head_dim) to a layer's cache, keeping the last xl_length."""
         length = self.config.xl_length
@@ -107,10 +124,9 @@ class MemorizingState:
         return tensors
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
-        device = next(iter(self.memories.values())).device if self.memories else None
         for layer in range(self.config.n_layers):
             if f"xl.{layer}.keys" in tensors:
-                self.xl[layer] = XLCache(*(tensors[f"xl.{layer}.{name}"].to(device) for name in ("keys", "values", "mask")))
+                self.xl[layer] = XLCache(*(tensors[f"xl.{layer}.{name}"].to(self.device) for name in ("keys", "values", "mask")))
             else:
                 self.xl[layer] = None
         for layer, memory in self.memories.items():
@@ -120,22 +136,21 @@ class MemorizingState:
     def save(self, path: str | os.PathLike, model_fingerprint: str) -> None:
         """Write the whole state (XL caches and memories) to a safetensors file, atomically, with
         the fingerprint of the model that made it (`MemorizingTransformer.fingerprint()`)."""
-        tensors = {name: t.detach().contiguous().cpu() for name, t in self.state_dict().items()}
         metadata = {"format": STATE_FILE_FORMAT, "model": model_fingerprint, "batch_size": str(self.batch_size),
                     "tokens_seen": str(self.tokens_seen), "config": json.dumps(self.config.to_dict())}
-        write_atomically(Path(path), lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        save_memory_file(path, self.state_dict(), metadata)
 
     @classmethod
     def load(cls, path: str | os.PathLike, config: MemorizingConfig, model_fingerprint: str,
              device: torch.device | str | None = None) -> "MemorizingState":
         """Read a state written by `save`; refuses one made by another model (weights or configuration)."""
-        metadata = memory_file_metadata(path, STATE_FILE_FORMAT, "a memory file of a MemorizingTransformer")
+        metadata, tensors = load_memory_file(path, STATE_FILE_FORMAT, "a memory file of a MemorizingTransformer")
         if metadata["model"] != model_fingerprint:
             saved = MemorizingConfig.from_dict(json.loads(metadata["config"]))
             differences = sorted(k for k, v in saved.to_dict().items() if config.to_dict().get(k) != v)
             reason = f"configurations differ in {differences}" if differences else "same configuration, other weights"
             raise ValueError(f"{path} was made by model {metadata['model']}, not by this one ({model_fingerprint}): {reason}")
         state = cls(config, int(metadata["batch_size"]), device=device)
-        state.load_state_dict(load_file(str(path)))
+        state.load_state_dict(tensors)
         state.tokens_seen = int(metadata["tokens_seen"])
         return state

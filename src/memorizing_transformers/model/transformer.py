@@ -12,6 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
 from transformers.utils import ModelOutput
 
@@ -127,13 +128,23 @@ class MemorizingTransformer(nn.Module):
         directory = Path(directory)
         if not (directory / "config.json").is_file():
             raise FileNotFoundError(f"{directory} holds no config.json: not a saved MemorizingTransformer")
-        values = json.loads((directory / "config.json").read_text())
+        try:
+            values = json.loads((directory / "config.json").read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"{directory / 'config.json'} is truncated or corrupt: {err}") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{directory / 'config.json'} does not hold a configuration (a JSON object)")
         config = MemorizingConfig.from_dict({**values, **overrides})
         tokenizer = directory / "tokenizer"
         model = cls(config, tokenizer=str(tokenizer) if tokenizer.is_dir() else None)
         # Not strict: with `knn_layers` overridden to fewer layers, their gates are left unused.
+        weights = directory / "model.safetensors"
+        if not weights.is_file():
+            raise FileNotFoundError(f"{weights} is missing: the model folder is incomplete")
         try:
-            missing, unexpected = load_model(model, directory / "model.safetensors", strict=False, device=str(model.device))
+            missing, unexpected = load_model(model, weights, strict=False, device=str(model.device))
+        except SafetensorError as err:
+            raise ValueError(f"{weights} is truncated or corrupt ({err})") from None
         except RuntimeError as err:  # shape mismatches
             raise ValueError(f"{directory} does not fit this configuration: {err}") from None
         unexpected = [name for name in unexpected if not name.endswith("gate_bias")]

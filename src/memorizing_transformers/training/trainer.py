@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -19,13 +20,16 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from safetensors import SafetensorError
 from safetensors.torch import load_model
 from tqdm.auto import tqdm
 
 from ..data.streaming import StreamingBatcher, TokenizedDocument
 from ..evaluation.perplexity import evaluate
 from ..model.transformer import MemorizingTransformer
-from .checkpoint import latest_checkpoint, load_training_state, save_checkpoint
+from .checkpoint import (
+    latest_checkpoint, load_training_state, resume_candidates, run_lock, save_checkpoint, truncate_metrics,
+)
 
 
 @dataclass
@@ -45,6 +49,9 @@ class TrainConfig:
     checkpoint_every: int = 200  # 0: only at the end
     keep_checkpoints: int = 2
     log_every: int = 10
+    # Steps whose loss or gradient is not finite (NaN, inf) that may be skipped (no update,
+    # counted in metrics.jsonl) before training stops; 0 stops at the first, with no checkpoint.
+    skip_nonfinite: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # recorded with the run (e.g. corpus, preset)
 
     def __post_init__(self) -> None:
@@ -52,8 +59,11 @@ class TrainConfig:
         for name in ("steps", "batch_size", "log_every", "keep_checkpoints"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"TrainConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ValueError(f"TrainConfig.lr must be positive, got {self.lr}")
+        for name in ("warmup_steps", "eval_every", "eval_tokens", "checkpoint_every", "skip_nonfinite"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr}")
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -70,6 +80,10 @@ def make_optimizer(model: MemorizingTransformer, config: TrainConfig) -> torch.o
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, fused=False)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the gradient stopped being finite."""
 
 
 def segment_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -102,6 +116,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, config))
         self.state = model.new_state(config.batch_size)
         self.step = 0
+        self.skipped = 0  # steps skipped for a non-finite loss or gradient
         self.metrics_path = self.run_dir / "metrics.jsonl"
         cuda = model.device.type == "cuda"
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
@@ -110,6 +125,7 @@ class Trainer:
     def training_state(self) -> dict[str, Any]:
         return {
             "step": self.step,
+            "skipped": self.skipped,
             "train_config": asdict(self.config),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -123,17 +139,41 @@ class Trainer:
         }
 
     def save(self) -> Path:
+        """Checkpoint the run; refused (`TrainingDiverged`) when a weight is no longer finite."""
+        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+            raise TrainingDiverged(f"step {self.step}: the weights are no longer finite; stopped without writing a "
+                                   f"checkpoint (the last one: {latest_checkpoint(self.run_dir) or 'none'})")
         return save_checkpoint(self.run_dir, self.step, self.model, self.training_state(), keep=self.config.keep_checkpoints)
 
     def resume(self) -> bool:
-        """Continue from the run's latest checkpoint; False when there is none."""
-        checkpoint = latest_checkpoint(self.run_dir)
-        if checkpoint is None:
-            return False
-        load_model(self.model, checkpoint / "model.safetensors", device=str(self.model.device))
+        """Continue from the run's newest checkpoint that loads (the one `latest` names first,
+        then the others by step, each failure reported); False when there is none."""
+        candidates = resume_candidates(self.run_dir)
+        failures = []
+        for checkpoint in candidates:
+            try:
+                self._load(checkpoint)
+            except (ValueError, OSError) as err:
+                print(f"warning: cannot resume from {checkpoint}: {err}", file=sys.stderr)
+                failures.append(f"{checkpoint.name}: {err}")
+                continue
+            if failures:
+                print(f"resuming from the older {checkpoint} at step {self.step}", file=sys.stderr)
+            truncate_metrics(self.metrics_path, self.step)
+            return True
+        if failures:
+            raise ValueError(f"no checkpoint of {self.run_dir} loads: " + "; ".join(failures))
+        return False
+
+    def _load(self, checkpoint: Path) -> None:
         saved = load_training_state(checkpoint)
         if saved["train_config"]["batch_size"] != self.config.batch_size or saved["train_config"]["seed"] != self.config.seed:
             raise ValueError(f"cannot resume {checkpoint}: it was trained with another batch size or seed")
+        weights = checkpoint / "model.safetensors"
+        try:
+            load_model(self.model, weights, device=str(self.model.device))
+        except (SafetensorError, OSError) as err:
+            raise ValueError(f"{weights} is truncated or corrupt ({err})") from None
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.batcher.load_state_dict(saved["batcher"])
@@ -143,7 +183,7 @@ class Trainer:
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
         random.setstate(saved["rng"]["python"])
         self.step = saved["step"]
-        return True
+        self.skipped = saved.get("skipped", 0)
 
     # ------------------------------------------------------------------ loop
     def train_step(self) -> dict[str, float]:
@@ -162,22 +202,44 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        self.optimizer.step()
+        stats = {"loss": loss.item(), "grad_norm": grad_norm.item(), "targets": batch.num_targets,
+                 "tokens": int(batch.attention_mask.sum()), "skipped": False}
+        if not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])):
+            what = "loss" if not math.isfinite(stats["loss"]) else "gradient norm"
+            if self.skipped >= self.config.skip_nonfinite:
+                last = latest_checkpoint(self.run_dir)
+                raise TrainingDiverged(
+                    f"step {self.step + 1}: the {what} is {stats['loss'] if what == 'loss' else stats['grad_norm']}; "
+                    f"stopped without writing a checkpoint (the last one: {last or 'none'}). Lower the learning rate "
+                    f"(now {self.scheduler.get_last_lr()[0]:.3g}), or allow skipped steps with skip_nonfinite"
+                    + (f" (already {self.skipped} skipped)" if self.skipped else ""))
+            self.optimizer.zero_grad(set_to_none=True)  # skipped: no update
+            self.skipped += 1
+            stats["skipped"] = True
+        else:
+            self.optimizer.step()
         self.scheduler.step()
         self.step += 1
-        return {"loss": loss.item(), "grad_norm": grad_norm.item(), "targets": batch.num_targets, "tokens": int(batch.attention_mask.sum())}
+        return stats
 
     def log(self, record: dict[str, Any]) -> None:
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.metrics_path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        finite = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
+        with self.metrics_path.open("a") as f:  # strict JSON: a non-finite number is written as null
+            f.write(json.dumps(finite, allow_nan=False) + "\n")
 
     def validate(self) -> dict[str, float]:
         result = evaluate(self.model, self.valid_docs, batch_size=1, max_tokens=self.config.eval_tokens)
         return {"valid_loss": result.loss, "valid_perplexity": result.perplexity, "valid_tokens": result.tokens}
 
     def train(self, max_seconds: float | None = None, progress: bool = True) -> dict[str, Any]:
-        """Run until `config.steps` (or `max_seconds` of wall time); returns the last logged record."""
+        """Run until `config.steps` (or `max_seconds` of wall time); returns the last logged record.
+
+        The run directory is locked meanwhile: another process training into it is refused."""
+        with run_lock(self.run_dir):
+            return self._train(max_seconds, progress)
+
+    def _train(self, max_seconds: float | None, progress: bool) -> dict[str, Any]:
         config = self.config
         began = time.perf_counter()
         window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.perf_counter()
@@ -185,26 +247,28 @@ class Trainer:
         bar = tqdm(total=config.steps, initial=self.step, disable=not progress, desc="train", unit="step")
         while self.step < config.steps:
             stats = self.train_step()
-            window_tokens += stats["tokens"]
-            window_loss += stats["loss"]
-            window_steps += 1
+            if not stats["skipped"]:
+                window_tokens += stats["tokens"]
+                window_loss += stats["loss"]
+                window_steps += 1
             last = self.step == config.steps or (max_seconds is not None and time.perf_counter() - began >= max_seconds)
             if self.step % config.log_every == 0 or last:
                 elapsed = time.perf_counter() - window_start
                 fill = self.state.memory_fill()
                 record = {
                     "step": self.step,
-                    "loss": window_loss / window_steps,
+                    "loss": window_loss / window_steps if window_steps else None,
                     "lr": self.scheduler.get_last_lr()[0],
                     "grad_norm": stats["grad_norm"],
                     "tokens_per_s": window_tokens / max(elapsed, 1e-9),
                     "memory_fill": sum(sum(rows) for rows in fill.values()) / max(1, sum(len(rows) for rows in fill.values())),
                     "time": time.time(),
+                    "skipped_steps": self.skipped,
                 }
                 if self.valid_docs and ((config.eval_every and self.step % config.eval_every == 0) or last):
                     record.update(self.validate())
                 self.log(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}", fill=f"{record['memory_fill']:.0f}")
+                bar.set_postfix(loss=f"{record['loss'] or float('nan'):.3f}", tok_s=f"{record['tokens_per_s']:.0f}", fill=f"{record['memory_fill']:.0f}")
                 window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.perf_counter()
             if (config.checkpoint_every and self.step % config.checkpoint_every == 0) or last:
                 self.save()

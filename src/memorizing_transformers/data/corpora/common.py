@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...atomic import atomic_dir
 from ..tokenizer import cache_dir
 
 SPLITS = ("train", "valid", "test")
@@ -220,10 +221,7 @@ def write_corpus(corpus: Corpus, built: Built, source_argument: str | None) -> P
     An interrupted build leaves any previous corpus untouched and no half corpus behind.
     """
     target = corpus_dir(corpus.name)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{corpus.name}.", dir=target.parent))
-    try:
-        os.chmod(work, 0o755)  # mkdtemp makes it private to its creator
+    with atomic_dir(target) as work:
         counts = {}
         for split in SPLITS:
             documents = characters = 0
@@ -244,13 +242,4 @@ def write_corpus(corpus: Corpus, built: Built, source_argument: str | None) -> P
             "splits": counts,
         }
         (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{corpus.name}.old.", dir=target.parent))
-            os.rename(target, old / corpus.name)
-            os.rename(work, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(work, target)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return target
