@@ -201,6 +201,8 @@ def _read_texts(files: list[str]) -> list[str]:
     texts = []
     for name in files:
         path = Path(name)
+        if path.is_dir():
+            raise SystemExit(f"{path} is a folder: give the text files in it")
         if not path.is_file():
             raise SystemExit(f"no such file: {path}")
         texts.append(path.read_text(encoding="utf-8", errors="replace"))
@@ -232,6 +234,8 @@ def cmd_memorize(args: argparse.Namespace) -> None:
         return
     model = _load_model(args.checkpoint, args.memory_size, args.device)
     state = model.memorize(texts)
+    if state.tokens_seen == 0:
+        raise SystemExit("the files hold no tokens")
     model.save_memory(state, args.out)
     print(f"memorized {state.tokens_seen:,} tokens from {len(texts)} file(s) into {args.out} "
           f"(memory fill per layer: {state.memory_fill()})")
@@ -437,7 +441,9 @@ def main(argv: list[str] | None = None) -> None:
             raise
         _fail(err.code, args.debug, err)
     except (ValueError, OSError, RunLocked, TrainingDiverged) as err:
-        message = f"{err.filename}: {err.strerror}" if isinstance(err, OSError) and err.filename else str(err)
+        message = str(err)
+        if isinstance(err, OSError) and err.strerror:  # without the "[Errno N]" prefix
+            message = f"{err.filename}: {err.strerror}" if err.filename else err.strerror
         _fail(message, args.debug, err)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -32,17 +32,16 @@ def save_memory_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
     """Write `tensors` and `metadata` to a safetensors file atomically, with a checksum of the
     tensors in the metadata. Tensors that share storage (views of one tensor, which
     safetensors refuses) are written as copies."""
-    owned = {name: _own_storage(t.detach().cpu()) for name, t in tensors.items()}
+    owned, seen = {}, set()
+    for name, tensor in tensors.items():
+        tensor = tensor.detach().cpu()
+        pointer = tensor.untyped_storage().data_ptr()
+        whole = tensor.is_contiguous() and tensor.storage_offset() == 0 and \
+            tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        owned[name] = tensor if whole and pointer not in seen else tensor.clone(memory_format=torch.contiguous_format)
+        seen.add(pointer)
     metadata = {**metadata, "checksum": fingerprint({}, owned)}
     write_atomically(Path(path), lambda tmp: save_file(owned, tmp, metadata=metadata))
-
-
-def _own_storage(tensor: torch.Tensor) -> torch.Tensor:
-    """`tensor` itself when it is a whole, contiguous tensor; otherwise a copy of its own."""
-    whole = tensor.is_contiguous() and tensor.storage_offset() == 0
-    if whole and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
-        return tensor
-    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 def memory_file_metadata(path: str | os.PathLike, file_format: str, what: str) -> dict[str, str]:

@@ -236,15 +236,18 @@ class Trainer:
         """Run until `config.steps` (or `max_seconds` of wall time); returns the last logged record.
 
         The run directory is locked meanwhile: another process training into it is refused."""
+        bar = tqdm(total=self.config.steps, initial=self.step, disable=not progress, desc="train", unit="step")
         with run_lock(self.run_dir):
-            return self._train(max_seconds, progress)
+            try:
+                return self._train(max_seconds, bar)
+            finally:
+                bar.close()  # also before an error, whose message then starts on a line of its own
 
-    def _train(self, max_seconds: float | None, progress: bool) -> dict[str, Any]:
+    def _train(self, max_seconds: float | None, bar: tqdm) -> dict[str, Any]:
         config = self.config
         began = time.perf_counter()
         window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.perf_counter()
         record: dict[str, Any] = {}
-        bar = tqdm(total=config.steps, initial=self.step, disable=not progress, desc="train", unit="step")
         while self.step < config.steps:
             stats = self.train_step()
             if not stats["skipped"]:
@@ -275,5 +278,4 @@ class Trainer:
             bar.update(1)
             if last:
                 break
-        bar.close()
         return record
