@@ -90,3 +90,12 @@ def test_targets_table_reads_the_measured_figures(tmp_path):
     assert floor_row.endswith("| no |")
     assert met["IVF search at 262K / exact, recall@32 on model keys"] == "no"  # fast, but recall 0.85 < 0.9
     assert met["tokens/s at 64K (IVF) / popular implementation"] == "yes"  # 1600 / 980
+
+
+def test_fault_script_quick(tmp_path):
+    from benchmarks import faults
+
+    results = faults.main(["--quick", "--out", str(tmp_path)])
+    assert all(row["same_losses"] for row in results["rows"] if "skipped" not in row)
+    kills = results["rows"][0]["kills"]
+    assert len(kills) == 2 and kills[1] == "inside a checkpoint write"

@@ -339,8 +339,10 @@ def test_set_values_take_their_field_types(corpus, tmp_path, cli_error):
     assert "steps must be positive" in cli_error(train_args(tmp_path / "f", 0))
 
 
-def test_unknown_corpus_and_missing_runs_are_named(tmp_path, cli_error):
-    assert "known corpora" in cli_error(["data", "prepare", "nosuchcorpus"])
+def test_unknown_corpus_and_missing_runs_are_named(tmp_path, cli_error, monkeypatch):
+    assert "unknown corpus 'nosuchcorpus'; known corpora: " in cli_error(["data", "prepare", "nosuchcorpus"])
+    monkeypatch.setattr(shutil, "which", lambda tool: None)
+    assert "apt-get and dpkg-deb cannot be found" in cli_error(["data", "prepare", "books"])
     assert f"no such model folder or run directory: {tmp_path / 'nope'}" in cli_error(
         ["generate", tmp_path / "nope", "--prompt", "x"])
     assert "neither a saved model" in cli_error(["evaluate", tmp_path, "--corpus", "files"])
@@ -365,3 +367,18 @@ def test_generation_and_memorize_options_are_checked(trained_run, tmp_path, cli_
 def test_debug_shows_the_traceback(tmp_path, capsys):
     with pytest.raises(FileNotFoundError):
         main(["--debug", "generate", str(tmp_path / "nope"), "--prompt", "x"])
+
+
+# ---------------------------------------------------------------------- figures
+def test_bits_per_byte_divides_by_the_bytes_of_the_scored_tokens():
+    from memorizing_transformers.data.corpora import Document
+    from memorizing_transformers.data.pipeline import tokenize_documents
+    from memorizing_transformers.evaluation.perplexity import evaluate
+
+    model = MemorizingTransformer(MemorizingConfig.preset("tiny", vocab_size=50257))
+    text = "Ünïcode café: naïve résumé\n" * 3  # 99 bytes; GPT-2's first token is the first of Ü's two bytes
+    [doc] = tokenize_documents([Document("d", text)], model.tokenizer)
+    assert doc.num_bytes == 98
+    result = evaluate(model, [doc])
+    assert result.tokens == doc.ids.numel() - 1
+    assert result.bits_per_byte == pytest.approx(result.loss * result.tokens / torch.log(torch.tensor(2.0)).item() / doc.num_bytes)

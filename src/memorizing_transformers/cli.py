@@ -430,6 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
 # Errors of input or environment: printed as one line (`error: ...`), exit status 2. Any
 # other exception is a bug of this program and keeps its traceback.
 def main(argv: list[str] | None = None) -> None:
+    from .data.corpora.common import CorpusUnavailable
     from .training.checkpoint import RunLocked
     from .training.trainer import TrainingDiverged
 
@@ -440,7 +441,7 @@ def main(argv: list[str] | None = None) -> None:
         if not isinstance(err.code, str):
             raise
         _fail(err.code, args.debug, err)
-    except (ValueError, OSError, RunLocked, TrainingDiverged) as err:
+    except (ValueError, OSError, RunLocked, TrainingDiverged, CorpusUnavailable) as err:
         message = str(err)
         if isinstance(err, OSError) and err.strerror:  # without the "[Errno N]" prefix
             message = f"{err.filename}: {err.strerror}" if err.filename else err.strerror

@@ -6,6 +6,7 @@ import hashlib
 from pathlib import Path
 
 import torch
+from tokenizers import decoders
 from transformers import PreTrainedTokenizerBase
 
 from ..atomic import write_atomically
@@ -35,9 +36,20 @@ def tokenize_documents(documents: list[Document], tokenizer: PreTrainedTokenizer
     encoded = tokenizer([d.text for d in documents], add_special_tokens=False, return_offsets_mapping=True)
     return [
         TokenizedDocument(d.name, torch.tensor(ids, dtype=torch.long),
-                          num_bytes=len(d.text[offsets[0][1]:].encode("utf-8")) if ids else 0)
+                          num_bytes=len(d.text.encode("utf-8")) - _first_token_bytes(tokenizer, d.text, ids, offsets))
         for d, ids, offsets in zip(documents, encoded["input_ids"], encoded["offset_mapping"])
     ]
+
+
+def _first_token_bytes(tokenizer: PreTrainedTokenizerBase, text: str, ids: list[int], offsets) -> int:
+    """Bytes of text the first token spells. A byte-level BPE token's string has one character
+    per byte (a token may end inside a character); other tokenizers are read by offsets."""
+    if not ids:
+        return len(text.encode("utf-8"))
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None and isinstance(backend.decoder, decoders.ByteLevel):
+        return len(tokenizer.convert_ids_to_tokens(ids[0]))
+    return len(text[: offsets[0][1]].encode("utf-8"))
 
 
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:

@@ -25,6 +25,12 @@ Choices, each tested:
   the retrieved entries, mixed per head by sigmoid(gate), a new parameter initialised
   to `gate_init`, for fine-tuning). While a memory is empty or disabled, the layer's
   output is the original model's.
+- Writing: a call stores its own tokens after reading, except padding (attention mask
+  0) and except when the caller keeps them in a KV cache (`generate` passes one): then
+  they would be attended twice, once in the cache and once from memory, so such calls
+  only read. Reads of more rows than the memory holds (beam search, several sequences
+  per prompt) see each memory row repeated as generate repeats the prompts; a filled
+  memory is never replaced by an empty one of another batch size.
 """
 
 from __future__ import annotations
