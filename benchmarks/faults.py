@@ -53,15 +53,20 @@ def logged_steps(run: Path) -> int:
     return path.read_bytes().count(b"\n") if path.is_file() else 0
 
 
+def write_texts(folder: Path) -> Path:
+    """Eight small 'long documents' of pseudo-code in `folder`: a corpus for `--source`."""
+    rng = random.Random(0)
+    folder.mkdir(parents=True)
+    for i, name in enumerate(NAMES):
+        lines = [f"def {rng.choice(NAMES)}_{j}(x):\n    return x * {rng.randint(0, 99)} + {name}_{i}\n" for j in range(60)]
+        (folder / f"{name}.txt").write_text("".join(lines))
+    return folder
+
+
 def prepare(work: Path) -> dict[str, str]:
     """A private cache with the `files` corpus of eight pseudo-code documents; the environment to use it."""
     env = {**os.environ, "MT_CACHE_DIR": str(work / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    rng = random.Random(0)
-    texts = work / "texts"
-    texts.mkdir()
-    for i, name in enumerate(NAMES):
-        lines = [f"def {rng.choice(NAMES)}_{j}(x):\n    return x * {rng.randint(0, 99)} + {name}_{i}\n" for j in range(60)]
-        (texts / f"{name}.txt").write_text("".join(lines))
+    texts = write_texts(work / "texts")
     done = run_mt([sys.executable, "-m", "memorizing_transformers.cli", "data", "prepare", "files", "--source", str(texts)], env)
     if done.returncode:
         raise RuntimeError(done.stderr)
@@ -80,7 +85,8 @@ def kill_and_resume(work: Path, env: dict[str, str], steps: int, kills: int, see
         done_steps = logged_steps(run)
         if len(kill_log) < kills and done_steps < steps - 1:
             in_write = len(kill_log) % 2 == 1
-            target = rng.randint(done_steps + 1, steps - 1)  # kill once this step is logged
+            share = max(1, (steps - 1 - done_steps) // (kills - len(kill_log)))  # kills spread over the run
+            target = done_steps + rng.randint(1, share)  # kill once this step is logged
             while process.poll() is None:
                 checkpoint_dir = run / "checkpoints"
                 writing = checkpoint_dir.is_dir() and any(p.name.startswith(".step-") for p in checkpoint_dir.iterdir())

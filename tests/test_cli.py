@@ -1,22 +1,15 @@
 import json
-import random
 
 import pytest
 
+from benchmarks.faults import write_texts
 from memorizing_transformers.cli import main
 
 
 @pytest.fixture
 def corpus_folder(tmp_path):
     """Eight small 'long documents' of pseudo-code, enough for three splits."""
-    rng = random.Random(0)
-    folder = tmp_path / "texts"
-    folder.mkdir()
-    names = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
-    for i, name in enumerate(names):
-        lines = [f"def {rng.choice(names)}_{j}(x):\n    return x * {rng.randint(0, 99)} + {name}_{i}\n" for j in range(60)]
-        (folder / f"{name}.txt").write_text("".join(lines))
-    return folder
+    return write_texts(tmp_path / "texts")
 
 
 def test_prepare_train_resume_evaluate(tmp_path, corpus_folder, capsys, cli_error):

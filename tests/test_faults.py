@@ -4,7 +4,6 @@ tested beside the code it concerns is tested here."""
 import errno
 import json
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -15,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.faults import write_texts
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
 from memorizing_transformers.atomic import write_atomically
 from memorizing_transformers.cli import main
@@ -23,22 +23,13 @@ from memorizing_transformers.model.state import MemorizingState
 from memorizing_transformers.training.checkpoint import checkpoints, run_lock, RunLocked
 from memorizing_transformers.training.trainer import TrainConfig, Trainer, TrainingDiverged
 
-NAMES = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
-
-
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """The `files` corpus of eight small pseudo-code documents, prepared once for this module."""
     base = tmp_path_factory.mktemp("faults")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("MT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "mt-cache"))
-        rng = random.Random(0)
-        folder = base / "texts"
-        folder.mkdir()
-        for i, name in enumerate(NAMES):
-            lines = [f"def {rng.choice(NAMES)}_{j}(x):\n    return x * {rng.randint(0, 99)} + {name}_{i}\n" for j in range(60)]
-            (folder / f"{name}.txt").write_text("".join(lines))
-        main(["data", "prepare", "files", "--source", str(folder)])
+        main(["data", "prepare", "files", "--source", str(write_texts(base / "texts"))])
     return base
 
 

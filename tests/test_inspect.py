@@ -115,7 +115,7 @@ def test_report_data_for_a_hugging_face_model(combine):
             assert (report["memory_share"][i][h] == 0.0) == (start == 0)
 
 
-def test_inspect_command_with_a_hugging_face_model(tmp_path):
+def test_inspect_command_with_a_hugging_face_model(tmp_path, cli_error):
     tiny_llama().save_pretrained(tmp_path / "llama")
     load_tokenizer().save_pretrained(tmp_path / "llama")
     (tmp_path / "doc.txt").write_text(TEXT)
@@ -125,5 +125,5 @@ def test_inspect_command_with_a_hugging_face_model(tmp_path):
     data = json.loads(page.split('<script id="data" type="application/json">')[1].split("</script>")[0].replace("<\\/", "</"))
     assert (data["layer"], data["heads"], data["segment_length"]) == (1, 4, 16)
     assert "".join(data["tokens"]) == TEXT
-    with pytest.raises(ValueError, match=r"layer 5 has no memory; the memory layers are \[0, 1\]"):
-        main(["inspect", str(tmp_path / "llama"), str(tmp_path / "doc.txt"), "--out", str(tmp_path / "r.html"), "--layer", "5"])
+    message = cli_error(["inspect", tmp_path / "llama", tmp_path / "doc.txt", "--out", tmp_path / "r.html", "--layer", "5"])
+    assert "layer 5 has no memory; the memory layers are [0, 1]" in message

@@ -13,6 +13,7 @@ import math
 import random
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -213,12 +214,15 @@ class Trainer:
                     f"stopped without writing a checkpoint (the last one: {last or 'none'}). Lower the learning rate "
                     f"(now {self.scheduler.get_last_lr()[0]:.3g}), or allow skipped steps with skip_nonfinite"
                     + (f" (already {self.skipped} skipped)" if self.skipped else ""))
-            self.optimizer.zero_grad(set_to_none=True)  # skipped: no update
+            self.optimizer.zero_grad(set_to_none=True)  # skipped: no update, the schedule goes on
             self.skipped += 1
             stats["skipped"] = True
+            with warnings.catch_warnings():  # torch warns of a schedule stepped without an update
+                warnings.simplefilter("ignore", UserWarning)
+                self.scheduler.step()
         else:
             self.optimizer.step()
-        self.scheduler.step()
+            self.scheduler.step()
         self.step += 1
         return stats
 
