@@ -48,6 +48,7 @@ class TrainConfig:
     eval_every: int = 200  # 0: only at the end
     eval_tokens: int = 20_000  # validation budget per evaluation
     checkpoint_every: int = 200  # 0: only at the end
+    checkpoint_minutes: float = 0.0  # also checkpoint when this much wall time has passed since the last (0: never)
     keep_checkpoints: int = 2
     log_every: int = 10
     # Steps whose loss or gradient is not finite (NaN, inf) that may be skipped (no update,
@@ -63,6 +64,8 @@ class TrainConfig:
         for name in ("warmup_steps", "eval_every", "eval_tokens", "checkpoint_every", "skip_nonfinite"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if not (self.checkpoint_minutes >= 0 and math.isfinite(self.checkpoint_minutes)):
+            raise ValueError(f"TrainConfig.checkpoint_minutes must be >= 0, got {self.checkpoint_minutes}")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ValueError(f"TrainConfig.lr must be a positive number, got {self.lr}")
 
@@ -118,6 +121,7 @@ class Trainer:
         self.state = model.new_state(config.batch_size)
         self.step = 0
         self.skipped = 0  # steps skipped for a non-finite loss or gradient
+        self.train_seconds = 0.0  # wall time spent in train(), summed over every resumed part of the run
         self.metrics_path = self.run_dir / "metrics.jsonl"
         cuda = model.device.type == "cuda"
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
@@ -127,6 +131,7 @@ class Trainer:
         return {
             "step": self.step,
             "skipped": self.skipped,
+            "train_seconds": self.train_seconds,
             "train_config": asdict(self.config),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -185,6 +190,7 @@ class Trainer:
         random.setstate(saved["rng"]["python"])
         self.step = saved["step"]
         self.skipped = saved.get("skipped", 0)
+        self.train_seconds = saved.get("train_seconds", 0.0)
 
     # ------------------------------------------------------------------ loop
     def train_step(self) -> dict[str, float]:
@@ -249,7 +255,8 @@ class Trainer:
 
     def _train(self, max_seconds: float | None, bar: tqdm) -> dict[str, Any]:
         config = self.config
-        began = time.perf_counter()
+        began = last_checkpoint = time.perf_counter()
+        counted = began  # train_seconds holds the time up to here
         window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.perf_counter()
         record: dict[str, Any] = {}
         while self.step < config.steps:
@@ -277,8 +284,12 @@ class Trainer:
                 self.log(record)
                 bar.set_postfix(loss=f"{record['loss'] or float('nan'):.3f}", tok_s=f"{record['tokens_per_s']:.0f}", fill=f"{record['memory_fill']:.0f}")
                 window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.perf_counter()
-            if (config.checkpoint_every and self.step % config.checkpoint_every == 0) or last:
+            now = time.perf_counter()
+            self.train_seconds, counted = self.train_seconds + now - counted, now
+            due = config.checkpoint_minutes and now - last_checkpoint >= 60 * config.checkpoint_minutes
+            if (config.checkpoint_every and self.step % config.checkpoint_every == 0) or due or last:
                 self.save()
+                last_checkpoint = time.perf_counter()
             bar.update(1)
             if last:
                 break

@@ -1,0 +1,284 @@
+"""Run a named grid of training runs to their token budgets, resumably, and tabulate them.
+
+    python experiments/grid.py table4-code                 # run (or go on with) every run of the grid
+    python experiments/grid.py table4-code --max-minutes 90 --threads 1
+    python experiments/grid.py table4-code --summarize     # only the table and plot, from the JSON
+    python experiments/grid.py --list                      # the grids and their runs
+
+Each run trains through the library's `Trainer` (checkpoints every few minutes, in
+runs/grids/GRID/RUN), then is evaluated on the corpus's test split, whole documents,
+with its memory and with the memory switched off; the result (settings, device, threads,
+wall time, tokens, test perplexity, loss by position) goes to
+experiments/results/grids/GRID/RUN.json. A run whose JSON exists is skipped; an
+unfinished one resumes from its newest checkpoint, so a grid of many hours completes
+over several invocations, interrupted or not. A run can start from another run's final
+weights (`init_from`: the paper's way to many rows at the cost of one long pre-training;
+memory gates, which the source lacks, start at their initial value). Rows are matched in
+training tokens; each row also reports its training seconds, so compute-matched rows can
+be read from the same table. `--summarize` (and every invocation) writes GRID.md and
+GRID.png beside the JSON files.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memorizing_transformers.atomic import write_atomically
+from memorizing_transformers.config import MemorizingConfig
+from memorizing_transformers.data.pipeline import corpus_tokenizer, load_tokenized
+from memorizing_transformers.data.tokenizer import load_tokenizer
+from memorizing_transformers.evaluation.perplexity import EvalResult, evaluate
+from memorizing_transformers.evaluation.report import plot_loss_by_position
+from memorizing_transformers.model.transformer import MemorizingTransformer
+from memorizing_transformers.training.checkpoint import latest_checkpoint
+from memorizing_transformers.training.trainer import TrainConfig, Trainer
+
+RESULTS = Path(__file__).resolve().parent / "results" / "grids"
+
+
+@dataclass(frozen=True)
+class Run:
+    """One row: a model (overrides of the grid's base) trained on `tokens` tokens."""
+
+    name: str
+    label: str
+    model: dict[str, Any]
+    tokens: int
+    seed: int = 0
+    init_from: str | None = None  # a run of the same grid whose final weights start this one
+    lr: float = 2e-3
+    warmup_fraction: float = 0.1
+
+
+@dataclass(frozen=True)
+class Grid:
+    name: str
+    description: str
+    corpus: str
+    vocab_size: int
+    base: dict[str, Any]  # MemorizingConfig fields shared by every run
+    runs: tuple[Run, ...]
+    batch_size: int = 4
+    quick: bool = False  # a smoke-test grid: evaluation stops after a few tokens
+    eval_tokens: int | None = None  # None: whole test documents
+
+    def run(self, name: str) -> Run:
+        for run in self.runs:
+            if run.name == name:
+                return run
+        raise KeyError(f"grid {self.name} has no run {name!r}; its runs: {[r.name for r in self.runs]}")
+
+
+# A model small enough for many runs on two CPU cores (the demo's), with what the recall
+# work taught: a previous-token prior in layer 0, the memory gate starting nearly shut,
+# the memory in the layer below the top.
+SMALL = dict(d_model=128, n_layers=4, n_heads=4, head_dim=32, d_ff=512, segment_length=128,
+             previous_token_bias_init=5.0, memory_gate_init=-3.0, knn_layers=(-2,), knn_k=32)
+NO_MEMORY = dict(knn_layers=())
+
+
+def table4(corpus: str, pretrain_tokens: int, finetune_tokens: int) -> Grid:
+    """The paper's Table 4 in kind: one vanilla pre-training, then every row fine-tuned from it
+    for the same number of tokens (context L = 128: L alone, 4L alone, L + XL, L + memory 8K,
+    L + memory 8K + XL, L + memory 64K + XL; two seeds of the XL and memory + XL rows)."""
+    L = SMALL["segment_length"]
+    rows = [
+        ("L", f"context {L}", dict(NO_MEMORY, xl_length=0), (0,)),
+        ("4L", f"context {4 * L}", dict(NO_MEMORY, xl_length=0, segment_length=4 * L), (0,)),
+        ("L-xl", f"context {L} + XL {L}", dict(NO_MEMORY, xl_length=L), (0, 1)),
+        ("L-mem8k", f"context {L} + memory 8K", dict(xl_length=0, memory_size=8192), (0,)),
+        ("L-mem8k-xl", f"context {L} + memory 8K + XL {L}", dict(xl_length=L, memory_size=8192), (0, 1)),
+        ("L-mem64k-xl", f"context {L} + memory 64K + XL {L}", dict(xl_length=L, memory_size=65536,
+                                                                    memory_backend="faiss_ivf"), (0,)),
+    ]
+    runs = [Run("pretrain", f"vanilla pre-training, context {L}", dict(NO_MEMORY, xl_length=0), pretrain_tokens)]
+    for name, label, model, seeds in rows:
+        for seed in seeds:
+            runs.append(Run(f"{name}-s{seed}", label, model, finetune_tokens, seed=seed, init_from="pretrain", lr=1e-3))
+    return Grid(f"table4-{corpus}", f"Table 4 in kind on `{corpus}`: {pretrain_tokens:,} tokens of vanilla pre-training, "
+                f"then each row fine-tuned from it for {finetune_tokens:,} tokens", corpus, 4096, SMALL, tuple(runs))
+
+
+GRIDS = {grid.name: grid for grid in (
+    table4("code", pretrain_tokens=20_000_000, finetune_tokens=2_000_000),
+    table4("proofs", pretrain_tokens=20_000_000, finetune_tokens=2_000_000),
+    table4("books", pretrain_tokens=20_000_000, finetune_tokens=2_000_000),
+    Grid("quick", "a smoke test of the runner: a pre-training and two fine-tunes of a few steps", "code", 512,
+         dict(SMALL, d_model=32, n_layers=2, n_heads=2, head_dim=16, d_ff=64, segment_length=32, memory_size=256),
+         (Run("pretrain", "vanilla", dict(NO_MEMORY, xl_length=0), 4 * 32 * 6),
+          Run("xl", "XL", dict(NO_MEMORY, xl_length=32), 4 * 32 * 4, init_from="pretrain"),
+          Run("mem-xl", "memory + XL", dict(xl_length=32), 4 * 32 * 4, init_from="pretrain")),
+         batch_size=4, quick=True, eval_tokens=256),
+)}
+
+
+# ---------------------------------------------------------------------- running
+def run_settings(grid: Grid, run: Run) -> dict[str, Any]:
+    """Everything that decides a run's result: a finished run whose JSON records other
+    settings is run again (into a folder of its own), never silently reused."""
+    config = {**grid.base, **run.model}
+    config["knn_layers"] = list(config.get("knn_layers", ()))
+    return {"corpus": grid.corpus, "vocab_size": grid.vocab_size, "batch_size": grid.batch_size, "model": config,
+            **{k: v for k, v in dataclasses.asdict(run).items() if k not in ("name", "label", "model")}}
+
+
+def steps_for(grid: Grid, run: Run) -> int:
+    segment = {**grid.base, **run.model}["segment_length"]
+    return max(1, run.tokens // (grid.batch_size * segment))
+
+
+def result_path(grid: Grid, run: Run, results: Path) -> Path:
+    return results / grid.name / f"{run.name}.json"
+
+
+def train_run(grid: Grid, run: Run, runs_dir: Path, results: Path, device: torch.device, deadline: float | None) -> bool:
+    """Train `run` (resuming) until its budget or the deadline; True when it is finished."""
+    tokenizer = load_tokenizer(str(corpus_tokenizer(grid.corpus, grid.vocab_size)))
+    config = MemorizingConfig.from_dict({**grid.base, **run.model, "vocab_size": len(tokenizer)})
+    steps = steps_for(grid, run)
+    train = TrainConfig(steps=steps, batch_size=grid.batch_size, lr=run.lr, warmup_steps=max(1, int(steps * run.warmup_fraction)),
+                        seed=run.seed, eval_every=0, checkpoint_every=0, checkpoint_minutes=5.0,
+                        log_every=max(1, steps // 200), extra={"grid": grid.name, "run": run.name})
+    torch.manual_seed(run.seed)
+    model = MemorizingTransformer(config, tokenizer=tokenizer).to(device)
+    run_dir = runs_dir / grid.name / run.name
+    trainer = Trainer(model, train, load_tokenized(grid.corpus, "train", tokenizer), None, run_dir)
+    if trainer.resume():
+        print(f"  {run.name}: resuming at step {trainer.step:,} of {steps:,}")
+    elif run.init_from is not None:
+        source = latest_checkpoint(runs_dir / grid.name / run.init_from)
+        initialise_from(model, MemorizingTransformer.from_pretrained(source))
+        print(f"  {run.name}: starting from the weights of {source}")
+    if trainer.step < steps:
+        remaining = None if deadline is None else deadline - time.time()
+        if remaining is not None and remaining <= 0:
+            return False
+        trainer.train(max_seconds=remaining)
+        if trainer.step < steps:
+            return False
+    began = time.perf_counter()
+    evaluated = {"with memory" if config.knn_layers else "no memory": evaluate(model, load_tokenized(grid.corpus, "test", tokenizer),
+                                                                               max_tokens=grid.eval_tokens)}
+    if config.knn_layers:
+        off = MemorizingTransformer(dataclasses.replace(config, knn_layers=()), tokenizer=tokenizer).to(device)
+        initialise_from(off, model)
+        evaluated["memory off"] = evaluate(off, load_tokenized(grid.corpus, "test", tokenizer), max_tokens=grid.eval_tokens)
+    result = {
+        "grid": grid.name, "run": run.name, "label": run.label, "settings": run_settings(grid, run),
+        "parameters": sum(p.numel() for p in model.parameters()), "steps": steps,
+        "train_tokens": steps * grid.batch_size * config.segment_length, "train_seconds": trainer.train_seconds,
+        "eval_seconds": time.perf_counter() - began, "test": {k: v.to_dict() for k, v in evaluated.items()},
+        "machine": {"device": str(device), "platform": platform.platform(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()},
+    }
+    path = result_path(grid, run, results)
+    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+    print(f"  {run.name}: test perplexity " + ", ".join(f"{k} {v.perplexity:.3f}" for k, v in evaluated.items()))
+    return True
+
+
+def initialise_from(model: MemorizingTransformer, source: MemorizingTransformer) -> None:
+    """Copy `source`'s weights into `model`; only memory gates may be missing from `source`
+    (they keep their initial value) or from `model` (they are dropped)."""
+    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
+    bad = [name for name in missing + unexpected if not name.endswith("gate_bias")]
+    if bad:
+        raise ValueError(f"cannot start from those weights: they differ in {bad}")
+
+
+def run_grid(grid: Grid, runs_dir: Path, results: Path, device: torch.device, max_minutes: float | None,
+             only: list[str] | None = None) -> bool:
+    """Every unfinished run of the grid in order; True when all are finished."""
+    deadline = None if max_minutes is None else time.time() + 60 * max_minutes
+    for run in grid.runs:
+        if only and run.name not in only:
+            continue
+        path = result_path(grid, run, results)
+        if path.is_file():
+            recorded = json.loads(path.read_text())["settings"]
+            if recorded == json.loads(json.dumps(run_settings(grid, run))):
+                continue
+            raise SystemExit(f"{path} was made with other settings than the grid now gives {run.name}: "
+                             f"move it (and {runs_dir / grid.name / run.name}) away to run it again")
+        if run.init_from is not None and not result_path(grid, grid.run(run.init_from), results).is_file():
+            print(f"  {run.name}: waits for {run.init_from}")
+            continue
+        print(f"-- {grid.name}/{run.name}: {run.label}, {run.tokens:,} tokens")
+        if not train_run(grid, run, runs_dir, results, device, deadline):
+            print("stopped at the time limit; run the same command again to go on")
+            return False
+    return all(result_path(grid, run, results).is_file() for run in grid.runs)
+
+
+# ---------------------------------------------------------------------- tables
+def summarize(grid: Grid, results: Path) -> str:
+    """GRID.md (the table) and GRID.png (loss by position) from the runs' JSON."""
+    rows = [json.loads(path.read_text()) for run in grid.runs if (path := result_path(grid, run, results)).is_file()]
+    lines = [f"# {grid.name}", "", f"{grid.description}. Made by `python experiments/grid.py {grid.name}`; "
+             "raw results in the JSON files beside this one. Rows are matched in training tokens; the training "
+             "seconds say what they cost (one machine, the threads given).", "",
+             "| run | model | parameters | train tokens | train s | test tokens | perplexity | memory off | device |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    curves: dict[str, EvalResult] = {}
+    for row in rows:
+        test = {k: EvalResult(**v) for k, v in row["test"].items()}
+        main = test.get("with memory") or test["no memory"]
+        off = f"{test['memory off'].perplexity:.3f}" if "memory off" in test else "-"
+        machine = row["machine"]
+        lines.append(f"| {row['run']} | {row['label']} | {row['parameters']:,} | {row['train_tokens']:,} | "
+                     f"{row['train_seconds']:.0f} | {main.tokens:,} | {main.perplexity:.3f} | {off} | "
+                     f"{machine['device']}, {machine['threads']} threads |")
+        curves[f"{row['run']}: {row['label']}"] = main
+    missing = [run.name for run in grid.runs if not result_path(grid, run, results).is_file()]
+    if missing:
+        lines += ["", f"Not finished yet: {', '.join(missing)}."]
+    text = "\n".join(lines) + "\n"
+    if curves:
+        plot = results / f"{grid.name}.png"
+        plot_loss_by_position(curves, grid.base["segment_length"], plot, f"{grid.name}: test loss by position")
+        text += f"\n![test loss by position]({grid.name}.png)\n"
+    write_atomically(results / f"{grid.name}.md", lambda tmp: Path(tmp).write_text(text))
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("grid", nargs="?", help="the grid to run (see --list)")
+    parser.add_argument("--list", action="store_true", help="the grids and their runs")
+    parser.add_argument("--only", nargs="+", metavar="RUN", help="only these runs of the grid")
+    parser.add_argument("--summarize", action="store_true", help="only write the table and plot from the JSON")
+    parser.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this much wall time")
+    parser.add_argument("--threads", type=int, help="torch threads (the figures depend on them: keep them fixed)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--runs", default="runs/grids", help="where checkpoints go")
+    parser.add_argument("--results", default=str(RESULTS), help="where RUN.json files and the tables go")
+    args = parser.parse_args(argv)
+    if args.list:
+        for grid in GRIDS.values():
+            print(f"{grid.name}: {grid.description}")
+            for run in grid.runs:
+                print(f"  {run.name:14} {run.label}, {run.tokens:,} tokens" + (f", from {run.init_from}" if run.init_from else ""))
+        return
+    if args.grid not in GRIDS:
+        raise SystemExit(f"unknown grid {args.grid!r}; grids: {', '.join(GRIDS)}")
+    grid, results = GRIDS[args.grid], Path(args.results)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if not args.summarize:
+        finished = run_grid(grid, Path(args.runs), results, torch.device(args.device), args.max_minutes, args.only)
+        print("grid finished" if finished else "grid not finished", file=sys.stderr)
+    print(summarize(grid, results))
+
+
+if __name__ == "__main__":
+    main()

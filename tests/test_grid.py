@@ -1,0 +1,45 @@
+"""experiments/grid.py: runs to their budgets, resumes, skips finished runs, tabulates."""
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks.faults import write_texts
+from memorizing_transformers.cli import main as mt
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+import grid as grid_script  # noqa: E402
+
+
+@pytest.fixture
+def quick_grid(tmp_path):
+    mt(["data", "prepare", "files", "--source", str(write_texts(tmp_path / "texts"))])
+    return dataclasses.replace(grid_script.GRIDS["quick"], corpus="files", vocab_size=300)
+
+
+def test_a_grid_resumes_across_invocations_and_skips_finished_runs(quick_grid, tmp_path, monkeypatch, capsys):
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    # A first invocation with no time left trains nothing and finishes nothing.
+    assert not grid_script.run_grid(quick_grid, runs, results, "cpu", max_minutes=0)
+    assert grid_script.run_grid(quick_grid, runs, results, "cpu", max_minutes=None)
+    rows = {r.name: json.loads((results / "quick" / f"{r.name}.json").read_text()) for r in quick_grid.runs}
+    assert rows["pretrain"]["steps"] == 6 and rows["xl"]["steps"] == 4
+    assert set(rows["mem-xl"]["test"]) == {"with memory", "memory off"} and set(rows["xl"]["test"]) == {"no memory"}
+    assert rows["xl"]["train_tokens"] == 4 * 32 * 4 and rows["xl"]["train_seconds"] > 0
+    # Fine-tunes start from the pre-training's final weights (memory gates at the grid's value).
+    out = capsys.readouterr().out
+    assert out.count(f"starting from the weights of {runs / 'quick' / 'pretrain' / 'checkpoints' / 'step-0000006'}") == 2
+    assert rows["mem-xl"]["settings"]["model"]["memory_gate_init"] == -3.0
+    # Finished runs are skipped: a second call trains nothing.
+    monkeypatch.setattr(grid_script, "train_run", lambda *a, **k: pytest.fail("trained a finished run"))
+    assert grid_script.run_grid(quick_grid, runs, results, "cpu", max_minutes=None)
+    table = grid_script.summarize(quick_grid, results)
+    assert table.count("| ") > 3 and "| mem-xl | memory + XL |" in table
+    assert (results / "quick.png").stat().st_size > 1000
+    # A run whose recorded settings differ from the grid's is refused, not reused.
+    changed = dataclasses.replace(quick_grid, batch_size=2)
+    with pytest.raises(SystemExit, match="other settings"):
+        grid_script.run_grid(changed, runs, results, "cpu", max_minutes=None)
