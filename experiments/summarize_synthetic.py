@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
-IGNORED = {"budget_minutes", "max_steps", "eval_every", "eval_documents"}  # how long, not what
+IGNORED = {"steps", "eval_every", "eval_documents"}  # how long and how often measured, not what
 
 
 def changes(settings: dict, reference: dict, prefix: str = "") -> str:

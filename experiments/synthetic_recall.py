@@ -7,12 +7,16 @@ asks for them again later, at distances from a few tokens to the whole document;
 the loss covers the answers only. Answers are scored by where their binding lies:
 in the query's segment, in the Transformer-XL window, or only in the memory.
 
-Training streams each batch row through one document, segment by segment,
-carrying the stream state, and takes one optimiser step per segment (as the
-paper does: keys in memory come from slightly older weights). Every document
-batch starts from a fresh state.
+Training goes through the library's `Trainer`, as every training here does: each
+batch row streams through one document, segment by segment, carrying the stream
+state, one optimiser step per segment (as the paper does: keys in memory come from
+slightly older weights); a row's state is cleared where its next document starts.
+The documents are made by the library's `curriculum_documents` and scored by
+`recall_accuracy`, as in `mt demo`. Runs are counted in steps (the same command gives
+the same figures on the same machine and threads), checkpointed in
+runs/synthetic_recall[-TAG]/, and resume when interrupted.
 
-Three choices make the memory model learn within a minute or two on one CPU
+Three choices make the memory model learn within a few thousand steps on one CPU
 thread (each can be switched off to see it stall at chance):
 - the memory gate starts nearly closed (`memory_gate_init`, g = 0.05 instead of
   the model's 0.5): with half of each head's output coming from a memory that
@@ -27,8 +31,8 @@ thread (each can be switched off to see it stall at chance):
 The gate and the previous-token prior are the model options `memory_gate_init` and
 `previous_token_bias_init`; the curriculum is in the training documents.
 
-    python experiments/synthetic_recall.py --quick            # < 1 minute, a smoke test
-    python experiments/synthetic_recall.py                    # about 5 minutes
+    python experiments/synthetic_recall.py --quick            # about a minute, a smoke test
+    python experiments/synthetic_recall.py                    # 4,000 steps each, with and without memory
     python experiments/synthetic_recall.py --memory-gate-init 0 --memory-only --tag gate-0
 
 Writes experiments/results/synthetic_recall[-TAG].json and a .log beside it.
@@ -39,25 +43,22 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import platform
-import time
-from dataclasses import asdict, dataclass, field, replace
+import sys
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
-from memorizing_transformers.data.synthetic import (
-    DISTANCE_CATEGORIES,
-    RecallDocument,
-    RecallTask,
-    accuracy_by_category,
-)
+from memorizing_transformers.atomic import write_atomically
+from memorizing_transformers.data.synthetic import DISTANCE_CATEGORIES, RecallTask, curriculum_documents
+from memorizing_transformers.evaluation.recall import recall_accuracy
+from memorizing_transformers.training.trainer import TrainConfig, Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results"
+RUNS = Path("runs") / "synthetic_recall"  # RUNS.parent / synthetic_recall[-TAG] holds the checkpoints
 EVAL_SEED_OFFSET = 1_000_000_000  # evaluation documents never share a seed with training ones
 MILESTONES = {"above_chance": None, "50%": 0.5, "90%": 0.9}  # None: twice the chance accuracy
 
@@ -69,13 +70,12 @@ class Settings:
     """Everything a run depends on (stored in the results)."""
 
     seed: int = 0
-    budget_minutes: float = 3.0
-    max_steps: int = 1_000_000
+    steps: int = 4000
     batch_size: int = 32
     learning_rate: float = 3e-3
-    warmup_steps: int = 100
+    warmup_steps: int = 100  # then a constant learning rate
     weight_decay: float = 0.0
-    eval_every: int = 50
+    eval_every: int = 250
     eval_documents: int = 64
     # Adds this to layer 0's position bias at distance 1 in every head, so the layer starts
     # as a previous-token layer (0 keeps the model's own zero initialisation).
@@ -97,13 +97,6 @@ class Settings:
     ))
 
 
-def stack(documents: list[RecallDocument]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Equal-length documents -> ids (batch, n) and loss mask (batch, n)."""
-    ids = torch.stack([d.document.ids for d in documents])
-    mask = torch.stack([d.document.loss_mask for d in documents])
-    return ids, mask
-
-
 def build_model(settings: Settings, task: RecallTask, memory: bool) -> MemorizingTransformer:
     """The model of `settings`, with its memory layers or none, initialised from `settings.seed`."""
     fields = {
@@ -118,122 +111,70 @@ def build_model(settings: Settings, task: RecallTask, memory: bool) -> Memorizin
     return MemorizingTransformer(MemorizingConfig(**fields))
 
 
-def segment_loss(
-    model: MemorizingTransformer, ids: torch.Tensor, mask: torch.Tensor, start: int, state
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Any]:
-    """Run the segment at `start` and return (logits of answer queries, their targets, the loss, state).
-
-    Position t of the segment predicts token t + 1 of the document, which may be the
-    first token of the next segment.
-    """
-    L = model.config.segment_length
-    out = model(ids[:, start : start + L], state=state)
-    targets = ids[:, start + 1 : start + L + 1]
-    answer = mask[:, start + 1 : start + L + 1]
-    logits = out.logits[:, : targets.shape[1]][answer]  # (answers, vocab)
-    loss = F.cross_entropy(logits, targets[answer]) if answer.any() else logits.sum() * 0.0
-    return logits, targets[answer], loss, out.state
-
-
-@torch.no_grad()
-def evaluate(model: MemorizingTransformer, documents: list[RecallDocument], batch_size: int) -> dict[str, Any]:
-    """Answer accuracy by distance category on `documents` (each streamed from a fresh state)."""
-    model.eval()
-    config = model.config
-    correct = []
-    for first in range(0, len(documents), batch_size):
-        batch = documents[first : first + batch_size]
-        ids, mask = stack(batch)
-        state = model.new_state(len(batch))
-        hits = torch.zeros_like(mask)
-        for start in range(0, ids.shape[1], config.segment_length):
-            logits, targets, _, state = segment_loss(model, ids, mask, start, state)
-            window = mask[:, start + 1 : start + config.segment_length + 1]
-            hits[:, start + 1 : start + 1 + window.shape[1]][window] = logits.argmax(-1) == targets
-        correct += [row[d.answer_positions] for row, d in zip(hits, batch)]
-    categories = torch.cat([d.categories(config.segment_length, config.xl_length) for d in documents])
-    model.train()
-    return accuracy_by_category(torch.cat(correct), categories)
-
-
-def training_task(settings: Settings, task: RecallTask, step: int) -> RecallTask:
-    """The task of the training documents at `step` under the curriculum."""
-    if not settings.curriculum_steps:
-        return task
-    limit = settings.curriculum_start * 2 ** (step // settings.curriculum_steps)
-    return replace(task, max_distance=max(task.min_distance, min(task.max_distance, limit)))
-
-
-def train(settings: Settings, task: RecallTask, memory: bool, max_steps: int, budget_s: float) -> dict[str, Any]:
-    """Train one model until `max_steps` or `budget_s` seconds; return its curve and milestones."""
+def train(settings: Settings, task: RecallTask, memory: bool, run_dir: Path) -> dict[str, Any]:
+    """Train one model for `settings.steps` (resuming from `run_dir`), evaluating every
+    `eval_every` steps; returns its curve and milestones."""
     model = build_model(settings, task, memory)
     config = model.config
-    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / settings.warmup_steps))
+    documents = curriculum_documents(task, settings.steps, settings.batch_size, config.segment_length,
+                                     start=settings.curriculum_start, doubling_steps=settings.curriculum_steps,
+                                     seed=settings.seed)
+    train_config = TrainConfig(
+        steps=settings.steps, batch_size=settings.batch_size, lr=settings.learning_rate, min_lr_ratio=1.0,
+        warmup_steps=settings.warmup_steps, weight_decay=settings.weight_decay, seed=settings.seed, shuffle=False,
+        eval_every=0, checkpoint_every=0, log_every=settings.eval_every,
+    )
+    trainer = Trainer(model, train_config, documents, None, run_dir)
+    trainer.resume()
     eval_docs = task.generate_many([EVAL_SEED_OFFSET + settings.seed * 10_000 + i for i in range(settings.eval_documents)])
-    chance = task.chance_accuracy
-    thresholds = {name: (2 * chance if value is None else value) for name, value in MILESTONES.items()}
-    milestones: dict[str, dict[str, float] | None] = {name: None for name in MILESTONES}
-    curve = []
-    step = documents = 0
-    train_s = 0.0
-    recent_losses: list[float] = []
+    curve_path = run_dir / "curve.json"
+    curve = [p for p in json.loads(curve_path.read_text()) if p["step"] <= trainer.step] if curve_path.is_file() else []
+    segments_per_document = -(-(task.document_length - 1) // config.segment_length)
 
     def record() -> None:
-        accuracy = evaluate(model, eval_docs, settings.batch_size)
-        point = {"step": step, "documents": documents, "train_seconds": round(train_s, 1),
-                 "loss": sum(recent_losses) / len(recent_losses) if recent_losses else None,
-                 "train_max_distance": training_task(settings, task, step).max_distance,
-                 **{f"acc_{name}": accuracy[name]["accuracy"] for name in DISTANCE_CATEGORIES}}
+        accuracy = recall_accuracy(model, eval_docs, batch_size=settings.batch_size)
+        losses = [json.loads(line) for line in trainer.metrics_path.read_text().splitlines()] if trainer.step else []
+        step = trainer.step
+        limit = task.max_distance if not settings.curriculum_steps else \
+            min(task.max_distance, settings.curriculum_start * 2 ** (step // settings.curriculum_steps))
+        point = {"step": step, "documents": settings.batch_size * -(-step // segments_per_document),
+                 "train_seconds": round(trainer.train_seconds, 1), "loss": losses[-1]["loss"] if losses else None,
+                 "train_max_distance": limit, **{f"acc_{name}": accuracy[name]["accuracy"] for name in DISTANCE_CATEGORIES}}
         if memory:
             gates = torch.sigmoid(model.blocks[config.memory_layer_indices[0]].attn.gate_bias)
             point["memory_gate"] = [round(g, 3) for g in gates.tolist()]
         curve.append(point)
-        recent_losses.clear()
-        for name, threshold in thresholds.items():
-            if milestones[name] is None and point["acc_memory"] >= threshold:
-                milestones[name] = {"step": step, "train_seconds": point["train_seconds"]}
-        log.info("%s step %6d  docs %6d  %6.0fs  loss %5.3f  max distance %4d  acc segment %.3f  xl %.3f  memory %.3f%s",
-                 "memory   " if memory else "no-memory", step, documents, train_s, math.nan if point["loss"] is None else point["loss"],
-                 point["train_max_distance"],
+        write_atomically(curve_path, lambda tmp: Path(tmp).write_text(json.dumps(curve)))
+        log.info("%s step %6d  %6.0fs  loss %s  max distance %4d  acc segment %.3f  xl %.3f  memory %.3f%s",
+                 "memory   " if memory else "no-memory", step, point["train_seconds"],
+                 "-" if point["loss"] is None else f"{point['loss']:5.3f}", limit,
                  point["acc_segment"], point["acc_xl"], point["acc_memory"],
                  f"  gate {point['memory_gate']}" if memory else "")
 
-    model.train()
-    record()
-    while step < max_steps and train_s < budget_s:
-        started = time.perf_counter()
-        seeds = [settings.seed * 10_000_000 + documents + i for i in range(settings.batch_size)]
-        ids, mask = stack(training_task(settings, task, step).generate_many(seeds))
-        documents += settings.batch_size
-        state = model.new_state(settings.batch_size)
-        for start in range(0, ids.shape[1], config.segment_length):
-            _, _, loss, state = segment_loss(model, ids, mask, start, state)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            recent_losses.append(loss.item())
-            step += 1
-            if step % settings.eval_every == 0 or step >= max_steps:
-                train_s += time.perf_counter() - started
-                record()
-                started = time.perf_counter()
-            if step >= max_steps:
-                break
-        train_s += time.perf_counter() - started
-    if curve[-1]["step"] != step:
+    if not curve or curve[-1]["step"] != trainer.step:
+        record()
+    while trainer.step < settings.steps:
+        trainer.train(until_step=(trainer.step // settings.eval_every + 1) * settings.eval_every, progress=False)
         record()
     return {"memory": memory, "config": config.to_dict(), "parameters": sum(p.numel() for p in model.parameters()),
-            "steps": step, "documents": documents, "train_seconds": round(train_s, 1),
-            "final": curve[-1], "milestones_memory_only": milestones, "curve": curve}
+            "steps": trainer.step, "documents": curve[-1]["documents"], "train_seconds": curve[-1]["train_seconds"],
+            "final": curve[-1], "milestones_memory_only": milestones(curve, task.chance_accuracy), "curve": curve}
 
 
-def parse_args() -> tuple[Settings, str, bool]:
+def milestones(curve: list[dict[str, Any]], chance: float) -> dict[str, dict[str, float] | None]:
+    """The first evaluation at which answers reachable only through the memory pass each threshold."""
+    reached: dict[str, dict[str, float] | None] = {}
+    for name, value in MILESTONES.items():
+        threshold = 2 * chance if value is None else value
+        first = next((p for p in curve if p["acc_memory"] >= threshold), None)
+        reached[name] = None if first is None else {"step": first["step"], "train_seconds": first["train_seconds"]}
+    return reached
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namespace]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="a smoke test of well under a minute")
-    parser.add_argument("--budget-minutes", type=float, help="training time of the memory model (the baseline runs as many steps)")
-    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--quick", action="store_true", help="a smoke test of about a minute")
+    parser.add_argument("--steps", type=int, help="training steps of each model")
     parser.add_argument("--seed", type=int)
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--learning-rate", type=float)
@@ -246,35 +187,45 @@ def parse_args() -> tuple[Settings, str, bool]:
     parser.add_argument("--model", type=json.loads, default={}, help='model overrides as JSON, e.g. \'{"knn_k": 8}\'')
     parser.add_argument("--memory-only", action="store_true", help="skip the no-memory baseline")
     parser.add_argument("--tag", default="", help="suffix of the result files")
-    args = parser.parse_args()
+    parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and log go")
+    parser.add_argument("--runs", type=Path, default=RUNS.parent, help="where the checkpoints go")
+    args = parser.parse_args(argv)
     settings = Settings()
     if args.quick:
-        settings.budget_minutes, settings.eval_every, settings.eval_documents = 0.4, 100, 16
+        settings.steps, settings.eval_every, settings.eval_documents = 600, 100, 16
         settings.curriculum_steps, settings.task["document_length"] = 250, 256
-    for name in ("budget_minutes", "max_steps", "seed", "batch_size", "learning_rate", "eval_every",
+    for name in ("steps", "seed", "batch_size", "learning_rate", "eval_every",
                  "previous_token_bias", "memory_gate_init", "curriculum_start", "curriculum_steps"):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     settings.task.update(args.task)
     settings.model.update(args.model)
-    tag = args.tag or ("quick" if args.quick else "")
-    return settings, tag, args.memory_only
+    args.tag = args.tag or ("quick" if args.quick else "")
+    return settings, args
 
 
-def main() -> None:
-    settings, tag, memory_only = parse_args()
+def main(argv: list[str] | None = None) -> Path:
+    settings, args = parse_args(argv)
     torch.set_num_threads(1)
-    stem = "synthetic_recall" + (f"-{tag}" if tag else "")
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S",
-                        handlers=[logging.StreamHandler(), logging.FileHandler(RESULTS / f"{stem}.log", mode="w")])
+    stem = "synthetic_recall" + (f"-{args.tag}" if args.tag else "")
+    args.results.mkdir(parents=True, exist_ok=True)
+    log.setLevel(logging.INFO)
+    log.handlers = [logging.StreamHandler(), logging.FileHandler(args.results / f"{stem}.log", mode="a")]
+    for handler in log.handlers:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     task = RecallTask(**settings.task)
     log.info("task %s  chance %.4f", task, task.chance_accuracy)
-    runs = [train(settings, task, memory=True, max_steps=settings.max_steps, budget_s=60 * settings.budget_minutes)]
-    if not memory_only:
-        runs.append(train(settings, task, memory=False, max_steps=runs[0]["steps"], budget_s=math.inf))
+    runs_dir = args.runs / stem
+    saved = runs_dir / "settings.json"
+    if saved.is_file() and json.loads(saved.read_text()) != json.loads(json.dumps(asdict(settings))):
+        raise SystemExit(f"{runs_dir} holds runs with other settings: remove it, or choose another --tag")
+    write_atomically(saved, lambda tmp: Path(tmp).write_text(json.dumps(asdict(settings), indent=2)))
+    runs = [train(settings, task, memory=True, run_dir=runs_dir / "memory")]
+    if not args.memory_only:
+        runs.append(train(settings, task, memory=False, run_dir=runs_dir / "no_memory"))
     result = {
         "experiment": "synthetic_recall",
+        "command": "python experiments/synthetic_recall.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "settings": asdict(settings),
         "task": asdict(task),
         "chance_accuracy": task.chance_accuracy,
@@ -284,9 +235,10 @@ def main() -> None:
                     "threads": torch.get_num_threads()},
         "runs": {("memory" if run["memory"] else "no_memory"): run for run in runs},
     }
-    path = RESULTS / f"{stem}.json"
-    path.write_text(json.dumps(result, indent=2) + "\n")
+    path = args.results / f"{stem}.json"
+    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2) + "\n"))
     log.info("wrote %s", path)
+    return path
 
 
 if __name__ == "__main__":

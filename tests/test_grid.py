@@ -43,3 +43,20 @@ def test_a_grid_resumes_across_invocations_and_skips_finished_runs(quick_grid, t
     changed = dataclasses.replace(quick_grid, batch_size=2)
     with pytest.raises(SystemExit, match="other settings"):
         grid_script.run_grid(changed, runs, results, "cpu", max_minutes=None)
+
+
+def test_synthetic_recall_trains_through_the_trainer_and_resumes(tmp_path):
+    import synthetic_recall
+
+    args = ["--quick", "--steps", "40", "--eval-every", "20", "--results", str(tmp_path), "--runs", str(tmp_path / "runs")]
+    path = synthetic_recall.main(args)
+    result = json.loads(path.read_text())
+    memory, baseline = result["runs"]["memory"], result["runs"]["no_memory"]
+    assert [p["step"] for p in memory["curve"]] == [0, 20, 40] and baseline["steps"] == 40
+    assert set(memory["final"]) >= {"acc_segment", "acc_xl", "acc_memory", "memory_gate"}
+    first = memory["final"]
+    # Run again: the runs are finished (resumed at step 40) and give the same figures.
+    again = json.loads(synthetic_recall.main(args).read_text())["runs"]["memory"]
+    assert again["final"]["acc_memory"] == first["acc_memory"] and again["steps"] == 40
+    with pytest.raises(SystemExit, match="other settings"):
+        synthetic_recall.main(args[:2] + ["30"] + args[3:])

@@ -3,8 +3,7 @@ import dataclasses
 import torch
 
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
-from memorizing_transformers.data.synthetic import RecallTask
-from memorizing_transformers.demo import curriculum_documents
+from memorizing_transformers.data.synthetic import curriculum_documents, RecallTask
 from memorizing_transformers.evaluation.recall import recall_accuracy
 
 

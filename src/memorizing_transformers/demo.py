@@ -24,7 +24,7 @@ from .config import MemorizingConfig
 from .data.corpora import load_corpus
 from .data.pipeline import corpus_tokenizer, load_tokenized, tokenize_documents
 from .data.streaming import TokenizedDocument
-from .data.synthetic import DISTANCE_CATEGORIES, RecallTask
+from .data.synthetic import DISTANCE_CATEGORIES, RecallTask, curriculum_documents
 from .data.tokenizer import load_tokenizer, train_bpe
 from .evaluation.perplexity import EvalResult, evaluate
 from .evaluation.recall import recall_accuracy
@@ -49,7 +49,6 @@ RECALL_MODEL: dict[str, Any] = dict(
     d_model=64, n_layers=2, n_heads=2, head_dim=32, d_ff=128, segment_length=32, xl_length=32,
     knn_layers=(1,), memory_size=512, knn_k=8, memory_gate_init=-3.0, previous_token_bias_init=5.0,
 )
-CURRICULUM_START, CURRICULUM_DOUBLING_STEPS = 32, 500
 EVAL_SEED_OFFSET = 1_000_000_000  # evaluation documents never share a seed with training ones
 
 
@@ -118,18 +117,6 @@ def code_stage(scale: DemoScale, out: Path) -> tuple[list[dict[str, Any]], str, 
     return rows, markdown_table(rows), plot
 
 
-def curriculum_documents(task: RecallTask, steps: int, batch_size: int, segment_length: int) -> list[TokenizedDocument]:
-    """Training documents in the order the rows will read them, the distance limit doubling
-    every CURRICULUM_DOUBLING_STEPS steps from CURRICULUM_START up to the task's own."""
-    segments_per_document = -(-(task.document_length - 1) // segment_length)
-    documents = []
-    for index in range(batch_size * (steps // segments_per_document + 1)):
-        step = index // batch_size * segments_per_document
-        limit = min(task.max_distance, CURRICULUM_START * 2 ** (step // CURRICULUM_DOUBLING_STEPS))
-        documents.append(dataclasses.replace(task, max_distance=limit).generate(seed=index).document)
-    return documents
-
-
 def recall_stage(scale: DemoScale, out: Path) -> tuple[list[dict[str, Any]], str]:
     """Train the recall model with and without memory; answer accuracy by where the binding lies."""
     print(f"-- the recall task: {RECALL_TASK.num_names} names bound to {RECALL_TASK.num_values} values, "
@@ -139,7 +126,8 @@ def recall_stage(scale: DemoScale, out: Path) -> tuple[list[dict[str, Any]], str
         steps=scale.recall_steps, batch_size=32, lr=3e-3, warmup_steps=min(100, scale.recall_steps), weight_decay=0.0,
         shuffle=False, eval_every=0, checkpoint_every=scale.recall_steps, log_every=max(1, scale.recall_steps // 20),
     )
-    train_docs = curriculum_documents(RECALL_TASK, scale.recall_steps, train_config.batch_size, config.segment_length)
+    train_docs = curriculum_documents(RECALL_TASK, scale.recall_steps, train_config.batch_size, config.segment_length,
+                                      start=32, doubling_steps=500)
     eval_docs = RECALL_TASK.generate_many(range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + scale.recall_eval_documents))
     rows = []
     for label, variant in (("XL + kNN memory", config), ("XL only", dataclasses.replace(config, knn_layers=()))):

@@ -33,6 +33,8 @@ sensible parameters; fillers are never in the loss).
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import random
 from dataclasses import dataclass
@@ -183,3 +185,21 @@ def accuracy_by_category(correct: torch.Tensor, categories: torch.Tensor) -> dic
         accuracy = chosen.float().mean().item() if chosen.numel() else float("nan")
         result[name] = {"accuracy": accuracy, "count": int(chosen.numel())}
     return result
+
+
+def curriculum_documents(
+    task: RecallTask, steps: int, batch_size: int, segment_length: int, start: int = 32, doubling_steps: int = 500,
+    seed: int = 0,
+) -> list[TokenizedDocument]:
+    """Training documents of `task` in the order the rows of a `StreamingBatcher` (shuffle
+    off) read them, the distance limit `start` doubling every `doubling_steps` steps up to
+    the task's own (`doubling_steps` 0: no curriculum, the whole task from the first step).
+    Document i is generated from seed `seed * 10_000_000 + i`."""
+    segments_per_document = -(-(task.document_length - 1) // segment_length)
+    documents = []
+    for index in range(batch_size * (steps // segments_per_document + 1)):
+        step = index // batch_size * segments_per_document
+        limit = task.max_distance if not doubling_steps else min(task.max_distance, start * 2 ** (step // doubling_steps))
+        limit = max(task.min_distance, limit)
+        documents.append(dataclasses.replace(task, max_distance=limit).generate(seed=seed * 10_000_000 + index).document)
+    return documents

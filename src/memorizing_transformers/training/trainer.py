@@ -242,30 +242,32 @@ class Trainer:
         result = evaluate(self.model, self.valid_docs, batch_size=1, max_tokens=self.config.eval_tokens)
         return {"valid_loss": result.loss, "valid_perplexity": result.perplexity, "valid_tokens": result.tokens}
 
-    def train(self, max_seconds: float | None = None, progress: bool = True) -> dict[str, Any]:
-        """Run until `config.steps` (or `max_seconds` of wall time); returns the last logged record.
+    def train(self, max_seconds: float | None = None, progress: bool = True, until_step: int | None = None) -> dict[str, Any]:
+        """Run until `config.steps` (or `max_seconds` of wall time, or step `until_step`, to
+        look at the model between parts of a run); returns the last logged record. A part
+        ends with a checkpoint, as the run's end does.
 
         The run directory is locked meanwhile: another process training into it is refused."""
         bar = tqdm(total=self.config.steps, initial=self.step, disable=not progress, desc="train", unit="step")
         with run_lock(self.run_dir):
             try:
-                return self._train(max_seconds, bar)
+                return self._train(max_seconds, bar, min(self.config.steps, until_step or self.config.steps))
             finally:
                 bar.close()  # also before an error, whose message then starts on a line of its own
 
-    def _train(self, max_seconds: float | None, bar: tqdm) -> dict[str, Any]:
+    def _train(self, max_seconds: float | None, bar: tqdm, until: int) -> dict[str, Any]:
         config = self.config
         began = last_checkpoint = time.perf_counter()
         counted = began  # train_seconds holds the time up to here
         window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.perf_counter()
         record: dict[str, Any] = {}
-        while self.step < config.steps:
+        while self.step < until:
             stats = self.train_step()
             if not stats["skipped"]:
                 window_tokens += stats["tokens"]
                 window_loss += stats["loss"]
                 window_steps += 1
-            last = self.step == config.steps or (max_seconds is not None and time.perf_counter() - began >= max_seconds)
+            last = self.step == until or (max_seconds is not None and time.perf_counter() - began >= max_seconds)
             if self.step % config.log_every == 0 or last:
                 elapsed = time.perf_counter() - window_start
                 fill = self.state.memory_fill()
