@@ -89,6 +89,26 @@ def test_default_code_corpus_is_the_standard_library():
     assert not [h for h in headers if "/test/" in h or "/tests/" in h or "idle_test" in h or not h.endswith(".py")]
 
 
+def test_pycode_documents_are_directories_of_source(stdlib, monkeypatch):
+    from memorizing_transformers.data.corpora import pycode
+
+    monkeypatch.setattr(pycode, "MIN_CHARACTERS", 10)
+    write(stdlib, {"email/mime/base.py": "BASE = 7\n", "memorizing_transformers/model.py": "SKIPPED = 0\n"})
+    documents = all_documents("pycode", stdlib)
+    assert sorted(documents) == ["src/.", "src/email", "src/email/mime", "src/idlelib"]  # emptypkg: too short
+    assert documents["src/email/mime"] == "# file: email/mime/base.py\nBASE = 7\n\n# file: email/mime/text.py\nTEXT = 2\n"
+    assert documents["src/."].startswith("# file: _pydecimal.py\nDECIMAL = 6\n")
+    assert not any("SKIPPED" in text or "not python" in text for text in documents.values())
+
+
+def test_default_pycode_corpus_holds_the_standard_library_and_installed_packages():
+    built = CORPORA["pycode"].build(None)
+    names = {d.name for split in common.SPLITS for d in built.splits[split]}
+    assert {"stdlib/json", "site/torch/nn/modules", "site/transformers/models/llama"} <= names
+    assert "torch==" in built.source and "transformers==" in built.source
+    assert not [n for n in names if "/tests" in n or "memorizing_transformers" in n]
+
+
 # --- splits and the cache -----------------------------------------------------------------
 
 

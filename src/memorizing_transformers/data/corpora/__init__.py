@@ -11,12 +11,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import books, code, files, metamath, pg19, proofs, tex
+from . import books, code, files, metamath, pg19, proofs, pycode, tex
 from .common import BUILD_VERSION, SPLITS, Corpus, CorpusUnavailable, Document, corpus_dir, write_corpus
 
 __all__ = ["CORPORA", "Corpus", "CorpusUnavailable", "Document", "get_corpus", "load_corpus", "prepare_corpus"]
 
-CORPORA: dict[str, Corpus] = {module.CORPUS.name: module.CORPUS for module in (code, proofs, metamath, books, tex, pg19, files)}
+CORPORA: dict[str, Corpus] = {module.CORPUS.name: module.CORPUS for module in (code, pycode, proofs, metamath, books, tex, pg19, files)}
 
 
 def get_corpus(name: str) -> Corpus:
