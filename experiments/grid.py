@@ -9,7 +9,9 @@ Each run trains through the library's `Trainer` (checkpoints every few minutes, 
 runs/grids/GRID/RUN), then is evaluated on the corpus's test split, whole documents,
 with its memory and with the memory switched off; the result (settings, device, threads,
 wall time, tokens, test perplexity, loss by position) goes to
-experiments/results/grids/GRID/RUN.json. A run whose JSON exists is skipped; an
+experiments/results/grids/GRID/RUN.json, and the final weights of a run that others start
+from go beside it (RUN-weights/, a few MB at these sizes), so that its fine-tunes can be
+run on another machine without the long pre-training. A run whose JSON exists is skipped; an
 unfinished one resumes from its newest checkpoint, so a grid of many hours completes
 over several invocations, interrupted or not. A run can start from another run's final
 weights (`init_from`: the paper's way to many rows at the cost of one long pre-training;
@@ -40,7 +42,6 @@ from memorizing_transformers.data.tokenizer import load_tokenizer
 from memorizing_transformers.evaluation.perplexity import EvalResult, evaluate
 from memorizing_transformers.evaluation.report import plot_loss_by_position
 from memorizing_transformers.model.transformer import MemorizingTransformer
-from memorizing_transformers.training.checkpoint import latest_checkpoint
 from memorizing_transformers.training.trainer import TrainConfig, Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "grids"
@@ -87,7 +88,7 @@ SMALL = dict(d_model=128, n_layers=4, n_heads=4, head_dim=32, d_ff=512, segment_
 NO_MEMORY = dict(knn_layers=())
 
 
-def table4(corpus: str, pretrain_tokens: int, finetune_tokens: int) -> Grid:
+def table4(corpus: str, pretrain_tokens: int, finetune_tokens: int, eval_tokens: int | None = None) -> Grid:
     """The paper's Table 4 in kind: one vanilla pre-training, then every row fine-tuned from it
     for the same number of tokens (context L = 128: L alone, 4L alone, L + XL, L + memory 8K,
     L + memory 8K + XL, L + memory 64K + XL; two seeds of the XL and memory + XL rows)."""
@@ -105,14 +106,15 @@ def table4(corpus: str, pretrain_tokens: int, finetune_tokens: int) -> Grid:
     for name, label, model, seeds in rows:
         for seed in seeds:
             runs.append(Run(f"{name}-s{seed}", label, model, finetune_tokens, seed=seed, init_from="pretrain", lr=1e-3))
+    scored = "whole test documents" if eval_tokens is None else f"the first {eval_tokens:,} test tokens"
     return Grid(f"table4-{corpus}", f"Table 4 in kind on `{corpus}`: {pretrain_tokens:,} tokens of vanilla pre-training, "
-                f"then each row fine-tuned from it for {finetune_tokens:,} tokens", corpus, 4096, SMALL, tuple(runs))
+                f"then each row fine-tuned from it for {finetune_tokens:,} tokens; {scored} scored",
+                corpus, 4096, SMALL, tuple(runs), eval_tokens=eval_tokens)
 
 
 GRIDS = {grid.name: grid for grid in (
-    table4("code", pretrain_tokens=20_000_000, finetune_tokens=2_000_000),
-    table4("proofs", pretrain_tokens=20_000_000, finetune_tokens=2_000_000),
-    table4("books", pretrain_tokens=20_000_000, finetune_tokens=2_000_000),
+    table4("pycode", pretrain_tokens=20_000_000, finetune_tokens=2_000_000, eval_tokens=200_000),
+    table4("proofs", pretrain_tokens=8_000_000, finetune_tokens=1_000_000),
     Grid("quick", "a smoke test of the runner: a pre-training and two fine-tunes of a few steps", "code", 512,
          dict(SMALL, d_model=32, n_layers=2, n_heads=2, head_dim=16, d_ff=64, segment_length=32, memory_size=256),
          (Run("pretrain", "vanilla", dict(NO_MEMORY, xl_length=0), 4 * 32 * 6),
@@ -141,6 +143,11 @@ def result_path(grid: Grid, run: Run, results: Path) -> Path:
     return results / grid.name / f"{run.name}.json"
 
 
+def weights_dir(grid: Grid, run: Run, results: Path) -> Path:
+    """The final weights of a run that others start from (a model folder beside its JSON)."""
+    return results / grid.name / f"{run.name}-weights"
+
+
 def train_run(grid: Grid, run: Run, runs_dir: Path, results: Path, device: torch.device, deadline: float | None) -> bool:
     """Train `run` (resuming) until its budget or the deadline; True when it is finished."""
     tokenizer = load_tokenizer(str(corpus_tokenizer(grid.corpus, grid.vocab_size)))
@@ -156,7 +163,7 @@ def train_run(grid: Grid, run: Run, runs_dir: Path, results: Path, device: torch
     if trainer.resume():
         print(f"  {run.name}: resuming at step {trainer.step:,} of {steps:,}")
     elif run.init_from is not None:
-        source = latest_checkpoint(runs_dir / grid.name / run.init_from)
+        source = weights_dir(grid, grid.run(run.init_from), results)
         initialise_from(model, MemorizingTransformer.from_pretrained(source))
         print(f"  {run.name}: starting from the weights of {source}")
     if trainer.step < steps:
@@ -181,6 +188,8 @@ def train_run(grid: Grid, run: Run, runs_dir: Path, results: Path, device: torch
         "machine": {"device": str(device), "platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
     }
+    if any(other.init_from == run.name for other in grid.runs):  # kept with the results: small, and costly to redo
+        model.save_pretrained(weights_dir(grid, run, results))
     path = result_path(grid, run, results)
     write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     print(f"  {run.name}: test perplexity " + ", ".join(f"{k} {v.perplexity:.3f}" for k, v in evaluated.items()))

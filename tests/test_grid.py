@@ -31,7 +31,7 @@ def test_a_grid_resumes_across_invocations_and_skips_finished_runs(quick_grid, t
     assert rows["xl"]["train_tokens"] == 4 * 32 * 4 and rows["xl"]["train_seconds"] > 0
     # Fine-tunes start from the pre-training's final weights (memory gates at the grid's value).
     out = capsys.readouterr().out
-    assert out.count(f"starting from the weights of {runs / 'quick' / 'pretrain' / 'checkpoints' / 'step-0000006'}") == 2
+    assert out.count(f"starting from the weights of {results / 'quick' / 'pretrain-weights'}") == 2
     assert rows["mem-xl"]["settings"]["model"]["memory_gate_init"] == -3.0
     # Finished runs are skipped: a second call trains nothing.
     monkeypatch.setattr(grid_script, "train_run", lambda *a, **k: pytest.fail("trained a finished run"))
