@@ -41,6 +41,7 @@ from memorizing_transformers.data.pipeline import corpus_tokenizer, load_tokeniz
 from memorizing_transformers.data.tokenizer import load_tokenizer
 from memorizing_transformers.evaluation.perplexity import EvalResult, evaluate
 from memorizing_transformers.evaluation.report import plot_loss_by_position
+from memorizing_transformers.evaluation.token_gain import gain_tables, token_gain
 from memorizing_transformers.model.transformer import MemorizingTransformer
 from memorizing_transformers.training.trainer import TrainConfig, Trainer
 
@@ -174,17 +175,24 @@ def train_run(grid: Grid, run: Run, runs_dir: Path, results: Path, device: torch
         if trainer.step < steps:
             return False
     began = time.perf_counter()
-    evaluated = {"with memory" if config.knn_layers else "no memory": evaluate(model, load_tokenized(grid.corpus, "test", tokenizer),
-                                                                               max_tokens=grid.eval_tokens)}
-    if config.knn_layers:
+    test_docs = load_tokenized(grid.corpus, "test", tokenizer)
+    memory = bool(config.knn_layers)
+    evaluated = {"with memory" if memory else "no memory":
+                 evaluate(model, test_docs, max_tokens=grid.eval_tokens, token_losses=memory)}
+    gains = None
+    if memory:
         off = MemorizingTransformer(dataclasses.replace(config, knn_layers=()), tokenizer=tokenizer).to(device)
         initialise_from(off, model)
-        evaluated["memory off"] = evaluate(off, load_tokenized(grid.corpus, "test", tokenizer), max_tokens=grid.eval_tokens)
+        evaluated["memory off"] = evaluate(off, test_docs, max_tokens=grid.eval_tokens, token_losses=True)
+        counts = torch.bincount(torch.cat([d.ids for d in trainer.batcher.documents]), minlength=config.vocab_size)
+        gains = token_gain(test_docs, evaluated["with memory"].token_losses, evaluated["memory off"].token_losses,
+                           tokenizer, counts, config.segment_length, config.xl_length)
     result = {
         "grid": grid.name, "run": run.name, "label": run.label, "settings": run_settings(grid, run),
         "parameters": sum(p.numel() for p in model.parameters()), "steps": steps,
         "train_tokens": steps * grid.batch_size * config.segment_length, "train_seconds": trainer.train_seconds,
         "eval_seconds": time.perf_counter() - began, "test": {k: v.to_dict() for k, v in evaluated.items()},
+        "token_gain": gains,
         "machine": {"device": str(device), "platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
     }
@@ -256,6 +264,11 @@ def summarize(grid: Grid, results: Path) -> str:
         plot = results / f"{grid.name}.png"
         plot_loss_by_position(curves, grid.base["segment_length"], plot, f"{grid.name}: test loss by position")
         text += f"\n![test loss by position]({grid.name}.png)\n"
+    gained = [row for row in rows if row.get("token_gain")]
+    if gained:
+        text += "\n## What the memory helps\n\nPer-token gain: the loss with the memory switched off minus the loss with it, " \
+                "same weights, on the scored test tokens.\n"
+        text += "".join(f"\n### {row['run']}: {row['label']}\n\n{gain_tables(row['token_gain'])}\n" for row in gained)
     write_atomically(results / f"{grid.name}.md", lambda tmp: Path(tmp).write_text(text))
     return text
 

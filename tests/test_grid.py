@@ -38,6 +38,11 @@ def test_a_grid_resumes_across_invocations_and_skips_finished_runs(quick_grid, t
     assert grid_script.run_grid(quick_grid, runs, results, "cpu", max_minutes=None)
     table = grid_script.summarize(quick_grid, results)
     assert table.count("| ") > 3 and "| mem-xl | memory + XL |" in table
+    gain = rows["mem-xl"]["token_gain"]
+    assert gain["tokens"] == rows["mem-xl"]["test"]["with memory"]["tokens"] and rows["xl"]["token_gain"] is None
+    assert sum(g["tokens"] for g in gain["by_kind"]) == gain["tokens"] == sum(g["tokens"] for g in gain["by_training_frequency"])
+    assert abs(sum(g["share_of_gain"] for g in gain["by_distance_to_previous_occurrence"]) - 1) < 1e-6
+    assert "### mem-xl: memory + XL" in table and "| top tokens by total gain |" in table
     assert (results / "quick.png").stat().st_size > 1000
     # A run whose recorded settings differ from the grid's is refused, not reused.
     changed = dataclasses.replace(quick_grid, batch_size=2)

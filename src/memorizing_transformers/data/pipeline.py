@@ -16,6 +16,7 @@ from .tokenizer import cache_dir, train_bpe
 
 SPLITS = ("train", "valid", "test")
 TOKENIZED_VERSION = 2  # 2: num_bytes counts the bytes of the scored tokens only
+TOKENIZE_GROUP = 32  # documents tokenized at once
 
 
 def corpus_tokenizer_dir(corpus: str, vocab_size: int) -> Path:
@@ -32,16 +33,18 @@ def corpus_tokenizer(corpus: str, vocab_size: int) -> Path:
 
 def tokenize_documents(documents: list[Document], tokenizer: PreTrainedTokenizerBase) -> list[TokenizedDocument]:
     """Token ids of each document, and the UTF-8 bytes of the text its scored tokens (all but
-    the first, which nothing predicts) spell: the denominator of bits per byte."""
-    encoded = tokenizer([d.text for d in documents], add_special_tokens=False, return_offsets_mapping=True)
-    return [
-        TokenizedDocument(d.name, torch.tensor(ids, dtype=torch.long),
-                          num_bytes=len(d.text.encode("utf-8")) - _first_token_bytes(tokenizer, d.text, ids, offsets))
-        for d, ids, offsets in zip(documents, encoded["input_ids"], encoded["offset_mapping"])
-    ]
+    the first, which nothing predicts) spell: the denominator of bits per byte. Documents go
+    through the tokenizer in groups, so a large corpus never holds all its ids as lists."""
+    tokenized = []
+    for first in range(0, len(documents), TOKENIZE_GROUP):
+        group = documents[first : first + TOKENIZE_GROUP]
+        for d, ids in zip(group, tokenizer([d.text for d in group], add_special_tokens=False)["input_ids"]):
+            num_bytes = len(d.text.encode("utf-8")) - _first_token_bytes(tokenizer, d.text, ids)
+            tokenized.append(TokenizedDocument(d.name, torch.tensor(ids, dtype=torch.long), num_bytes=num_bytes))
+    return tokenized
 
 
-def _first_token_bytes(tokenizer: PreTrainedTokenizerBase, text: str, ids: list[int], offsets) -> int:
+def _first_token_bytes(tokenizer: PreTrainedTokenizerBase, text: str, ids: list[int]) -> int:
     """Bytes of text the first token spells. A byte-level BPE token's string has one character
     per byte (a token may end inside a character); other tokenizers are read by offsets."""
     if not ids:
@@ -49,6 +52,7 @@ def _first_token_bytes(tokenizer: PreTrainedTokenizerBase, text: str, ids: list[
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None and isinstance(backend.decoder, decoders.ByteLevel):
         return len(tokenizer.convert_ids_to_tokens(ids[0]))
+    offsets = tokenizer(text[:1000], add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     return len(text[: offsets[0][1]].encode("utf-8"))
 
 

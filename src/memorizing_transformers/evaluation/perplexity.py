@@ -22,9 +22,12 @@ class EvalResult:
     documents: int
     loss_by_segment: list[float]  # mean loss of targets in the i-th segment of their document
     tokens_by_segment: list[int]
+    # With `token_losses=True`: per document, the loss of predicting each token (position 0,
+    # which nothing predicts, and unscored tokens are NaN). Not part of `to_dict`.
+    token_losses: list[torch.Tensor] | None = None
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {k: v for k, v in asdict(self).items() if k != "token_losses"}
 
 
 @torch.no_grad()
@@ -34,9 +37,11 @@ def evaluate(
     batch_size: int = 1,
     max_tokens: int | None = None,
     progress: bool = False,
+    token_losses: bool = False,
 ) -> EvalResult:
     """Stream `documents` once (in order, rows pinned to documents) with a fresh state of
-    its own, and score every target. `max_tokens` stops early (a partial, quicker estimate)."""
+    its own, and score every target. `max_tokens` stops early (a partial, quicker estimate);
+    `token_losses` keeps every token's loss (`EvalResult.token_losses`)."""
     was_training = model.training
     model.eval()
     L = model.config.segment_length
@@ -45,13 +50,18 @@ def evaluate(
     total_loss, total_tokens = 0.0, 0
     by_segment_loss: dict[int, float] = {}
     by_segment_count: dict[int, int] = {}
+    per_token = [torch.full((d.ids.numel(),), float("nan")) for d in batcher.documents] if token_losses else None
     bar = tqdm(total=max_tokens or sum(d.ids.numel() - 1 for d in batcher.documents), disable=not progress, unit="tok", desc="evaluate")
     for batch in batcher:
         out = model(batch.input_ids, attention_mask=batch.attention_mask, state=state, start_of_document=batch.start_of_document)
         state = out.state
         scored = batch.targets != -100  # (batch, seq)
         losses = F.cross_entropy(out.logits.float().transpose(1, 2), batch.targets.to(model.device), ignore_index=-100, reduction="none")
-        losses, segments = losses.cpu()[scored], ((batch.positions[scored] - 1) // L)
+        losses = losses.cpu()
+        if per_token is not None:
+            for row in scored.any(dim=1).nonzero().flatten().tolist():
+                per_token[int(batch.document_index[row])][batch.positions[row][scored[row]]] = losses[row][scored[row]]
+        losses, segments = losses[scored], ((batch.positions[scored] - 1) // L)
         total_loss += float(losses.sum())
         total_tokens += int(scored.sum())
         for segment in segments.unique().tolist():
@@ -77,4 +87,5 @@ def evaluate(
         documents=len(batcher.documents),
         loss_by_segment=[by_segment_loss[s] / by_segment_count[s] for s in segments],
         tokens_by_segment=[by_segment_count[s] for s in segments],
+        token_losses=per_token,
     )
