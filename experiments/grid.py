@@ -60,6 +60,7 @@ class Run:
     init_from: str | None = None  # a run of the same grid whose final weights start this one
     lr: float = 2e-3
     warmup_fraction: float = 0.1
+    eval_memory_sizes: tuple[int, ...] = ()  # also evaluate with these memory sizes (no fine-tune)
 
 
 @dataclass(frozen=True)
@@ -107,6 +108,13 @@ def table4(corpus: str, pretrain_tokens: int, finetune_tokens: int, eval_tokens:
     for name, label, model, seeds in rows:
         for seed in seeds:
             runs.append(Run(f"{name}-s{seed}", label, model, finetune_tokens, seed=seed, init_from="pretrain", lr=1e-3))
+    # The paper's Table 5 in kind: trained with a 2K memory, evaluated with larger ones as they are,
+    # then briefly fine-tuned with the largest.
+    sizes = (2048, 8192, 32768, 131072)
+    runs.append(Run("L-mem2k-xl-s0", f"context {L} + memory 2K + XL {L}", dict(xl_length=L, memory_size=2048),
+                    finetune_tokens, init_from="pretrain", lr=1e-3, eval_memory_sizes=sizes[1:]))
+    runs.append(Run("L-mem2k-xl-ft128k", "the 2K-memory model fine-tuned with memory 128K", dict(
+        xl_length=L, memory_size=131072, memory_backend="faiss_ivf"), finetune_tokens // 10, init_from="L-mem2k-xl-s0", lr=5e-4))
     scored = "whole test documents" if eval_tokens is None else f"the first {eval_tokens:,} test tokens"
     return Grid(f"table4-{corpus}", f"Table 4 in kind on `{corpus}`: {pretrain_tokens:,} tokens of vanilla pre-training, "
                 f"then each row fine-tuned from it for {finetune_tokens:,} tokens; {scored} scored",
@@ -120,7 +128,7 @@ GRIDS = {grid.name: grid for grid in (
          dict(SMALL, d_model=32, n_layers=2, n_heads=2, head_dim=16, d_ff=64, segment_length=32, memory_size=256),
          (Run("pretrain", "vanilla", dict(NO_MEMORY, xl_length=0), 4 * 32 * 6),
           Run("xl", "XL", dict(NO_MEMORY, xl_length=32), 4 * 32 * 4, init_from="pretrain"),
-          Run("mem-xl", "memory + XL", dict(xl_length=32), 4 * 32 * 4, init_from="pretrain")),
+          Run("mem-xl", "memory + XL", dict(xl_length=32), 4 * 32 * 4, init_from="pretrain", eval_memory_sizes=(512,))),
          batch_size=4, quick=True, eval_tokens=256),
 )}
 
@@ -187,6 +195,10 @@ def train_run(grid: Grid, run: Run, runs_dir: Path, results: Path, device: torch
         counts = torch.bincount(torch.cat([d.ids for d in trainer.batcher.documents]), minlength=config.vocab_size)
         gains = token_gain(test_docs, evaluated["with memory"].token_losses, evaluated["memory off"].token_losses,
                            tokenizer, counts, config.segment_length, config.xl_length)
+    for size in run.eval_memory_sizes:  # the same weights with a larger (or smaller) memory at test time
+        resized = MemorizingTransformer(dataclasses.replace(config, memory_size=size), tokenizer=tokenizer).to(device)
+        initialise_from(resized, model)
+        evaluated[f"memory {size:,}"] = evaluate(resized, test_docs, max_tokens=grid.eval_tokens)
     result = {
         "grid": grid.name, "run": run.name, "label": run.label, "settings": run_settings(grid, run),
         "parameters": sum(p.numel() for p in model.parameters()), "steps": steps,
@@ -251,6 +263,9 @@ def summarize(grid: Grid, results: Path) -> str:
         test = {k: EvalResult(**v) for k, v in row["test"].items()}
         main = test.get("with memory") or test["no memory"]
         off = f"{test['memory off'].perplexity:.3f}" if "memory off" in test else "-"
+        resized = [f"{label}: {result.perplexity:.3f}" for label, result in test.items() if label.startswith("memory ") and label != "memory off"]
+        if resized:
+            off += " (at test time with " + ", ".join(resized) + ")"
         machine = row["machine"]
         lines.append(f"| {row['run']} | {row['label']} | {row['parameters']:,} | {row['train_tokens']:,} | "
                      f"{row['train_seconds']:.0f} | {main.tokens:,} | {main.perplexity:.3f} | {off} | "

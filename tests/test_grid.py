@@ -27,7 +27,7 @@ def test_a_grid_resumes_across_invocations_and_skips_finished_runs(quick_grid, t
     assert grid_script.run_grid(quick_grid, runs, results, "cpu", max_minutes=None)
     rows = {r.name: json.loads((results / "quick" / f"{r.name}.json").read_text()) for r in quick_grid.runs}
     assert rows["pretrain"]["steps"] == 6 and rows["xl"]["steps"] == 4
-    assert set(rows["mem-xl"]["test"]) == {"with memory", "memory off"} and set(rows["xl"]["test"]) == {"no memory"}
+    assert set(rows["mem-xl"]["test"]) == {"with memory", "memory off", "memory 512"} and set(rows["xl"]["test"]) == {"no memory"}
     assert rows["xl"]["train_tokens"] == 4 * 32 * 4 and rows["xl"]["train_seconds"] > 0
     # Fine-tunes start from the pre-training's final weights (memory gates at the grid's value).
     out = capsys.readouterr().out
