@@ -40,6 +40,16 @@ class MemorizingConfig:
     # (0 disables it). The paper uses one previous segment.
     xl_length: int = 256
 
+    # Other long-range baselines in the same code base (0 disables each):
+    # - attention_window: each query attends only to keys fewer than this many tokens back,
+    #   over [XL cache ; segment] (causal sliding-window attention in the style of Longformer;
+    #   with xl_length >= attention_window - 1 every query sees exactly its window);
+    # - xl_compression: the XL cache is compressed to this many slots by a learned projection
+    #   along its length (a causal Linformer: only past segments are projected, so no query
+    #   sees a later token; Linformer's own projection of the whole sequence would).
+    attention_window: int = 0
+    xl_compression: int = 0
+
     # T5 relative position bias (causal).
     num_buckets: int = 32
     max_distance: int = 128
@@ -85,8 +95,11 @@ class MemorizingConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"MemorizingConfig.{name} must be positive, got {value}")
-        if self.xl_length < 0:
-            raise ValueError(f"MemorizingConfig.xl_length must be >= 0, got {self.xl_length}")
+        for name in ("xl_length", "attention_window", "xl_compression"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"MemorizingConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.xl_compression and not self.xl_length:
+            raise ValueError("MemorizingConfig.xl_compression compresses the XL cache: it needs xl_length > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"MemorizingConfig.dropout must be in [0, 1), got {self.dropout}")
         if self.memory_dtype not in MEMORY_DTYPES:

@@ -59,6 +59,12 @@ class Attention(nn.Module):
         self.use_memory = use_memory
         # A list to make a memory layer record, per segment, what it retrieved (see evaluation/inspect.py).
         self.trace: list[dict[str, torch.Tensor]] | None = None
+        self.xl_compression = config.xl_compression
+        if config.xl_compression:
+            # (slots, xl_length) projections of the cache's keys and values along its length;
+            # the newest cache entries meet the last columns, so a short cache uses the tail.
+            self.compress_keys = nn.Parameter(torch.randn(config.xl_compression, config.xl_length) / math.sqrt(config.xl_length))
+            self.compress_values = nn.Parameter(torch.randn(config.xl_compression, config.xl_length) / math.sqrt(config.xl_length))
         if use_memory and self.combine == "gate":
             # g = sigmoid(gate_bias): the share of memory in each head's output (0.5 at the paper's init).
             self.gate_bias = nn.Parameter(torch.full((config.n_heads,), config.memory_gate_init))
@@ -93,6 +99,8 @@ class Attention(nn.Module):
             keys, values = k, v
         bias = self.position_bias(buckets)[None].to(q.dtype)  # (1, heads, seq, cache_len + seq)
         local_bias = bias.masked_fill(~allowed, float("-inf"))  # (batch, heads, seq, cache_len + seq)
+        if self.xl_compression and cache is not None:
+            keys, values, local_bias = self._compress_cache(cache, k, v, local_bias)
 
         if not self.use_memory:
             out = F.scaled_dot_product_attention(q_scaled, keys, values, attn_mask=local_bias, scale=1.0)
@@ -108,6 +116,21 @@ class Attention(nn.Module):
                 self.trace.append(self._record(q_scaled, keys, local_bias, mem_logits, found))
             memory.add(k, v, mask=token_mask)
         return self.out(rearrange(out, "b h t d -> b t (h d)")), k.detach(), v.detach()
+
+    def _compress_cache(self, cache: XLCache, k: torch.Tensor, v: torch.Tensor, local_bias: torch.Tensor):
+        """The XL cache's entries (batch, heads, cache_len, head_dim) projected along their length
+        to `xl_compression` slots (padding and reset rows contribute nothing), then the segment's
+        own keys and values. Every query may see every slot: all of them hold only the past.
+        Slots get no position bias. Returns keys, values and the additive mask for them."""
+        cache_len = cache.keys.shape[2]
+        valid = cache.mask[:, None, :, None].to(k.dtype)  # (batch, 1, cache_len, 1)
+        slot_keys = torch.einsum("rm,bhmd->bhrd", self.compress_keys[:, -cache_len:].to(k.dtype), cache.keys.to(k.dtype) * valid)
+        slot_values = torch.einsum("rm,bhmd->bhrd", self.compress_values[:, -cache_len:].to(v.dtype), cache.values.to(v.dtype) * valid)
+        seq, slots = k.shape[2], self.xl_compression
+        any_past = cache.mask.any(dim=1)[:, None, None, None]  # (batch, 1, 1, 1): a reset row has no past
+        slot_bias = torch.zeros(1, 1, seq, slots, dtype=local_bias.dtype, device=k.device).masked_fill(~any_past, float("-inf"))
+        local_bias = torch.cat([slot_bias.expand(local_bias.shape[0], local_bias.shape[1], -1, -1), local_bias[..., cache_len:]], dim=-1)
+        return torch.cat([slot_keys, k], dim=2), torch.cat([slot_values, v], dim=2), local_bias
 
     @torch.no_grad()
     def _record(self, q, keys, local_bias, mem_logits, found) -> dict[str, torch.Tensor]:

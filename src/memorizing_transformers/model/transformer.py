@@ -88,7 +88,7 @@ class MemorizingTransformer(nn.Module):
     def _init_weights(self) -> None:
         # GPT-2 style: N(0, 0.02), residual projections scaled down by depth.
         for name, p in self.named_parameters():
-            if p.dim() == 2 and "position_bias" not in name:
+            if p.dim() == 2 and "position_bias" not in name and "compress_" not in name:  # projections keep their own
                 std = 0.02 / math.sqrt(2 * self.config.n_layers) if name.endswith(("out.weight", "mlp.2.weight")) else 0.02
                 nn.init.normal_(p, mean=0.0, std=std)
         with torch.no_grad():  # causal T5 bucket 1 is exactly distance 1
@@ -242,6 +242,8 @@ class MemorizingTransformer(nn.Module):
         key_mask = token_mask if state.xl[0] is None else torch.cat([state.xl[0].mask, token_mask], dim=1)
         # A query sees earlier valid keys and always itself (so no row is fully masked).
         allowed = ((relative <= 0) & key_mask[:, None, None, :]) | (relative == 0)  # (batch, 1, seq, cache_len + seq)
+        if self.config.attention_window:  # sliding window: only keys fewer than attention_window tokens back
+            allowed = allowed & (relative > -self.config.attention_window)
         x = self.embed(input_ids)
         for layer, block in enumerate(self.blocks):
             x = block(x, layer, state, buckets, allowed, token_mask)

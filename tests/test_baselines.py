@@ -1,0 +1,91 @@
+"""The other long-range approaches in the same code base: sliding-window attention
+(Longformer-style, causal) and a causal Linformer (a learned length projection of the past
+segments only), and the test that shows why Linformer's own projection cannot be used in a
+causal language model."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from memorizing_transformers import MemorizingConfig, MemorizingTransformer
+
+
+def model_of(**overrides) -> MemorizingTransformer:
+    torch.manual_seed(0)
+    model = MemorizingTransformer(MemorizingConfig.preset("tiny", **overrides)).eval()
+    with torch.no_grad():
+        for block in model.blocks:
+            block.attn.position_bias.embedding.weight.normal_(0, 1)
+    return model
+
+
+def leaks(run, ids: torch.Tensor) -> list[int]:
+    """Positions t at which changing tokens t.. changes an output before t (a causal model: none)."""
+    base = run(ids)
+    leaked = []
+    for t in range(1, ids.shape[1]):
+        changed = ids.clone()
+        changed[:, t:] = (changed[:, t:] + 1) % 512
+        if not torch.allclose(run(changed)[:, :t], base[:, :t], atol=1e-5):
+            leaked.append(t)
+    return leaked
+
+
+@pytest.mark.parametrize("variant", [dict(attention_window=8, xl_length=16), dict(xl_compression=4, xl_length=16),
+                                     dict(attention_window=8, xl_compression=4, xl_length=16)],
+                         ids=["sliding-window", "causal-linformer", "both"])
+def test_the_baselines_are_causal_within_and_across_segments(variant):
+    model = model_of(**variant)
+    with torch.no_grad():
+        assert leaks(lambda ids: model(ids).logits, torch.randint(0, 512, (2, 48))) == []
+
+
+def test_linformer_as_published_sees_the_future():
+    # Linformer projects keys and values along the whole sequence, E (slots, n) @ K (n, d):
+    # every slot mixes every position, later ones included, so an early query's output
+    # depends on later tokens. The same check finds no leak in the causal variant above.
+    torch.manual_seed(0)
+    n, d, slots = 16, 8, 4
+    embed, wq, wk, wv = torch.randn(512, d), torch.randn(d, d), torch.randn(d, d), torch.randn(d, d)
+    project_k, project_v = torch.randn(slots, n), torch.randn(slots, n)
+
+    def linformer(ids):
+        x = embed[ids]  # (batch, n, d)
+        q, k, v = x @ wq, x @ wk, x @ wv
+        scores = q @ (project_k @ k).transpose(1, 2) / d**0.5  # (batch, n, slots): no mask can make it causal
+        return scores.softmax(-1) @ (project_v @ v)
+
+    assert leaks(linformer, torch.randint(0, 512, (2, n))) == list(range(1, n))
+
+
+def test_a_window_covering_everything_is_full_attention_and_a_short_one_forgets():
+    config = dict(knn_layers=(), n_layers=1, segment_length=16, xl_length=16)
+    full, windowed = model_of(**config), model_of(**config, attention_window=33)
+    short = model_of(**config, attention_window=5)
+    ids = torch.randint(0, 512, (1, 48))
+    with torch.no_grad():
+        torch.testing.assert_close(windowed(ids).logits, full(ids).logits)
+        base = short(ids).logits
+        changed = ids.clone()
+        changed[0, 30] = (changed[0, 30] + 1) % 512
+        after = short(changed).logits
+    assert torch.allclose(after[0, 35:], base[0, 35:], atol=1e-6)  # 5 or more tokens back: out of the window
+    assert not torch.allclose(after[0, 30:35], base[0, 30:35], atol=1e-4)
+
+
+def test_the_compressed_cache_is_learned_and_absent_on_a_first_segment():
+    config = MemorizingConfig.preset("tiny", knn_layers=(), segment_length=16, xl_length=16)
+    plain, compressed = model_of(**dataclasses.asdict(config)), model_of(**{**dataclasses.asdict(config), "xl_compression": 4})
+    missing, unexpected = compressed.load_state_dict(plain.state_dict(), strict=False)
+    assert unexpected == [] and all("compress_" in name for name in missing) and len(missing) == 2 * 4
+    ids = torch.randint(0, 512, (2, 32))
+    first = compressed(ids[:, :16])  # no cache yet: exactly the plain model
+    torch.testing.assert_close(first.logits, plain(ids[:, :16]).logits)
+    second = compressed(ids[:, 16:], state=first.state, labels=ids[:, 16:])
+    second.loss.backward()
+    attn = compressed.blocks[0].attn
+    assert attn.compress_keys.shape == (4, 16) and attn.compress_keys.grad.abs().sum() > 0
+    assert attn.compress_values.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="needs xl_length > 0"):
+        MemorizingConfig.preset("tiny", xl_compression=4, xl_length=0)
