@@ -38,6 +38,7 @@ import torch
 from memorizing_transformers.atomic import write_atomically
 from memorizing_transformers.config import MemorizingConfig
 from memorizing_transformers.data.pipeline import corpus_tokenizer, load_tokenized
+from memorizing_transformers.data.streaming import TokenizedDocument
 from memorizing_transformers.data.tokenizer import load_tokenizer
 from memorizing_transformers.evaluation.perplexity import EvalResult, evaluate
 from memorizing_transformers.evaluation.report import plot_loss_by_position
@@ -57,7 +58,7 @@ class Run:
     model: dict[str, Any]
     tokens: int
     seed: int = 0
-    init_from: str | None = None  # a run of the same grid whose final weights start this one
+    init_from: str | None = None  # a run whose final weights start this one: RUN of this grid, or GRID/RUN
     lr: float = 2e-3
     warmup_fraction: float = 0.1
     eval_memory_sizes: tuple[int, ...] = ()  # also evaluate with these memory sizes (no fine-tune)
@@ -72,8 +73,8 @@ class Grid:
     base: dict[str, Any]  # MemorizingConfig fields shared by every run
     runs: tuple[Run, ...]
     batch_size: int = 4
-    quick: bool = False  # a smoke-test grid: evaluation stops after a few tokens
     eval_tokens: int | None = None  # None: whole test documents
+    document_tokens: int | None = None  # cut every document into pieces of at most this many tokens (short documents)
 
     def run(self, name: str) -> Run:
         for run in self.runs:
@@ -121,15 +122,41 @@ def table4(corpus: str, pretrain_tokens: int, finetune_tokens: int, eval_tokens:
                 corpus, 4096, SMALL, tuple(runs), eval_tokens=eval_tokens)
 
 
+def questions(corpus: str, finetune_tokens: int, eval_tokens: int | None) -> list[Grid]:
+    """The three questions of the project, as fine-tunes of the same pre-training as table4-CORPUS
+    (whose XL and memory rows they are read against): (a) other long-range approaches, (b) a
+    wider window instead of a memory, (c) short documents."""
+    L, source = SMALL["segment_length"], f"table4-{corpus}/pretrain"
+    other = [
+        ("window512", f"context {L}, sliding window 512 over an XL cache of 512", dict(NO_MEMORY, xl_length=512, attention_window=512)),
+        ("linformer64", f"context {L}, XL cache of 512 compressed to 64 slots (causal Linformer)",
+         dict(NO_MEMORY, xl_length=512, xl_compression=64)),
+        ("2L", f"context {2 * L}", dict(NO_MEMORY, xl_length=0, segment_length=2 * L)),
+        ("2L-xl", f"context {2 * L} + XL {2 * L}", dict(NO_MEMORY, xl_length=2 * L, segment_length=2 * L)),
+    ]
+    short = [("short-xl", f"context {L} + XL {L}", dict(NO_MEMORY, xl_length=L)),
+             ("short-mem8k-xl", f"context {L} + memory 8K + XL {L}", dict(xl_length=L, memory_size=8192))]
+    make = lambda rows: tuple(Run(name, label, model, finetune_tokens, init_from=source, lr=1e-3) for name, label, model in rows)  # noqa: E731
+    return [
+        Grid(f"questions-{corpus}", f"Other long-range approaches and wider windows on `{corpus}`, fine-tuned for "
+             f"{finetune_tokens:,} tokens from the pre-training of table4-{corpus} (read against its XL and memory rows)",
+             corpus, 4096, SMALL, make(other), eval_tokens=eval_tokens),
+        Grid(f"short-{corpus}", f"Short documents: `{corpus}` cut into pieces of {2 * L} tokens (two segments), "
+             f"fine-tuned for {finetune_tokens:,} tokens from the pre-training of table4-{corpus}",
+             corpus, 4096, SMALL, make(short), eval_tokens=eval_tokens, document_tokens=2 * L),
+    ]
+
+
 GRIDS = {grid.name: grid for grid in (
     table4("pycode", pretrain_tokens=20_000_000, finetune_tokens=2_000_000, eval_tokens=200_000),
+    *questions("pycode", finetune_tokens=2_000_000, eval_tokens=200_000),
     table4("proofs", pretrain_tokens=8_000_000, finetune_tokens=1_000_000),
     Grid("quick", "a smoke test of the runner: a pre-training and two fine-tunes of a few steps", "code", 512,
          dict(SMALL, d_model=32, n_layers=2, n_heads=2, head_dim=16, d_ff=64, segment_length=32, memory_size=256),
          (Run("pretrain", "vanilla", dict(NO_MEMORY, xl_length=0), 4 * 32 * 6),
           Run("xl", "XL", dict(NO_MEMORY, xl_length=32), 4 * 32 * 4, init_from="pretrain"),
           Run("mem-xl", "memory + XL", dict(xl_length=32), 4 * 32 * 4, init_from="pretrain", eval_memory_sizes=(512,))),
-         batch_size=4, quick=True, eval_tokens=256),
+         batch_size=4, eval_tokens=256),
 )}
 
 
@@ -139,8 +166,11 @@ def run_settings(grid: Grid, run: Run) -> dict[str, Any]:
     settings is run again (into a folder of its own), never silently reused."""
     config = {**grid.base, **run.model}
     config["knn_layers"] = list(config.get("knn_layers", ()))
-    return {"corpus": grid.corpus, "vocab_size": grid.vocab_size, "batch_size": grid.batch_size, "model": config,
-            **{k: v for k, v in dataclasses.asdict(run).items() if k not in ("name", "label", "model")}}
+    settings = {"corpus": grid.corpus, "vocab_size": grid.vocab_size, "batch_size": grid.batch_size, "model": config,
+                **{k: v for k, v in dataclasses.asdict(run).items() if k not in ("name", "label", "model")}}
+    if grid.document_tokens is not None:
+        settings["document_tokens"] = grid.document_tokens
+    return settings
 
 
 def steps_for(grid: Grid, run: Run) -> int:
@@ -150,6 +180,29 @@ def steps_for(grid: Grid, run: Run) -> int:
 
 def result_path(grid: Grid, run: Run, results: Path) -> Path:
     return results / grid.name / f"{run.name}.json"
+
+
+def source_of(grid: Grid, run: Run) -> tuple[Grid, Run]:
+    """The grid and run whose final weights start `run`."""
+    if "/" in run.init_from:
+        name, source = run.init_from.split("/", 1)
+        return GRIDS[name], GRIDS[name].run(source)
+    return grid, grid.run(run.init_from)
+
+
+def started_from(grid: Grid, run: Run) -> bool:
+    """Whether any run of any grid (or of `grid` itself) starts from `run`'s weights."""
+    names = {run.name, f"{grid.name}/{run.name}"}
+    return any(other.init_from in names for g in (grid, *GRIDS.values()) for other in g.runs
+               if other.init_from and (g is grid or "/" in other.init_from))
+
+
+def cut_documents(documents: list[TokenizedDocument], tokens: int | None) -> list[TokenizedDocument]:
+    """Each document cut into pieces of at most `tokens` tokens, each piece a document of its own."""
+    if tokens is None:
+        return documents
+    return [TokenizedDocument(f"{d.name}#{i // tokens}", d.ids[i : i + tokens]) for d in documents
+            for i in range(0, d.ids.numel(), tokens) if d.ids[i : i + tokens].numel() >= 2]
 
 
 def weights_dir(grid: Grid, run: Run, results: Path) -> Path:
@@ -168,11 +221,12 @@ def train_run(grid: Grid, run: Run, runs_dir: Path, results: Path, device: torch
     torch.manual_seed(run.seed)
     model = MemorizingTransformer(config, tokenizer=tokenizer).to(device)
     run_dir = runs_dir / grid.name / run.name
-    trainer = Trainer(model, train, load_tokenized(grid.corpus, "train", tokenizer), None, run_dir)
+    trainer = Trainer(model, train, cut_documents(load_tokenized(grid.corpus, "train", tokenizer), grid.document_tokens),
+                      None, run_dir)
     if trainer.resume():
         print(f"  {run.name}: resuming at step {trainer.step:,} of {steps:,}")
     elif run.init_from is not None:
-        source = weights_dir(grid, grid.run(run.init_from), results)
+        source = weights_dir(*source_of(grid, run), results)
         initialise_from(model, MemorizingTransformer.from_pretrained(source))
         print(f"  {run.name}: starting from the weights of {source}")
     if trainer.step < steps:
@@ -183,7 +237,7 @@ def train_run(grid: Grid, run: Run, runs_dir: Path, results: Path, device: torch
         if trainer.step < steps:
             return False
     began = time.perf_counter()
-    test_docs = load_tokenized(grid.corpus, "test", tokenizer)
+    test_docs = cut_documents(load_tokenized(grid.corpus, "test", tokenizer), grid.document_tokens)
     memory = bool(config.knn_layers)
     evaluated = {"with memory" if memory else "no memory":
                  evaluate(model, test_docs, max_tokens=grid.eval_tokens, token_losses=memory)}
@@ -208,7 +262,7 @@ def train_run(grid: Grid, run: Run, runs_dir: Path, results: Path, device: torch
         "machine": {"device": str(device), "platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
     }
-    if any(other.init_from == run.name for other in grid.runs):  # kept with the results: small, and costly to redo
+    if started_from(grid, run):  # kept with the results: small, and costly to redo
         model.save_pretrained(weights_dir(grid, run, results))
     path = result_path(grid, run, results)
     write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
@@ -217,10 +271,11 @@ def train_run(grid: Grid, run: Run, runs_dir: Path, results: Path, device: torch
 
 
 def initialise_from(model: MemorizingTransformer, source: MemorizingTransformer) -> None:
-    """Copy `source`'s weights into `model`; only memory gates may be missing from `source`
-    (they keep their initial value) or from `model` (they are dropped)."""
+    """Copy `source`'s weights into `model`; only the parameters of a mechanism one of them
+    lacks (memory gates, XL-cache compressions) may be missing from `source` (they keep their
+    initial value) or from `model` (they are dropped)."""
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
-    bad = [name for name in missing + unexpected if not name.endswith("gate_bias")]
+    bad = [name for name in missing + unexpected if not name.endswith(("gate_bias", "compress_keys", "compress_values"))]
     if bad:
         raise ValueError(f"cannot start from those weights: they differ in {bad}")
 
@@ -239,7 +294,7 @@ def run_grid(grid: Grid, runs_dir: Path, results: Path, device: torch.device, ma
                 continue
             raise SystemExit(f"{path} was made with other settings than the grid now gives {run.name}: "
                              f"move it (and {runs_dir / grid.name / run.name}) away to run it again")
-        if run.init_from is not None and not result_path(grid, grid.run(run.init_from), results).is_file():
+        if run.init_from is not None and not result_path(*source_of(grid, run), results).is_file():
             print(f"  {run.name}: waits for {run.init_from}")
             continue
         print(f"-- {grid.name}/{run.name}: {run.label}, {run.tokens:,} tokens")

@@ -65,3 +65,21 @@ def test_synthetic_recall_trains_through_the_trainer_and_resumes(tmp_path):
     assert again["final"]["acc_memory"] == first["acc_memory"] and again["steps"] == 40
     with pytest.raises(SystemExit, match="other settings"):
         synthetic_recall.main(args[:2] + ["30"] + args[3:])
+
+
+def test_rows_start_from_another_grid_and_short_documents_are_cut():
+    import torch
+
+    from memorizing_transformers.data.streaming import TokenizedDocument
+
+    grid = grid_script.GRIDS["questions-pycode"]
+    source_grid, source = grid_script.source_of(grid, grid.run("linformer64"))
+    assert (source_grid.name, source.name) == ("table4-pycode", "pretrain")
+    assert grid_script.started_from(source_grid, source) and not grid_script.started_from(grid, grid.run("2L"))
+    pieces = grid_script.cut_documents([TokenizedDocument("d", torch.arange(10))], 4)
+    assert [(p.name, p.ids.tolist()) for p in pieces] == [("d#0", [0, 1, 2, 3]), ("d#1", [4, 5, 6, 7]), ("d#2", [8, 9])]
+    # a pre-training without the compression starts the causal Linformer row (its projections at their init)
+    from memorizing_transformers import MemorizingConfig, MemorizingTransformer
+
+    plain = MemorizingTransformer(MemorizingConfig.preset("tiny", knn_layers=()))
+    grid_script.initialise_from(MemorizingTransformer(MemorizingConfig.preset("tiny", xl_compression=4)), plain)
