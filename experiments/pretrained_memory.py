@@ -9,9 +9,14 @@ standard-library source files, the first `--tokens` tokens of each; the last
 - window + memory: the same, with `add_memory` (joint softmax, zero training) in the
   chosen layers, each holding every token that has left the window;
 - full prefix: one pass over all `--tokens` tokens (the upper bound).
+With `--wide-window W`, also a window of W tokens without memory (a wider window instead
+of a memory); with `--memory-sizes`, the memory at each of those sizes per layer (the
+paper's Table 5 in kind); with `--corpus NAME`, the first `--documents` documents of that
+corpus holding at least `--tokens` tokens instead of the standard-library ones.
 
     mt pretrained smollm2 --out models/smollm2-135m
     python experiments/pretrained_memory.py --checkpoint models/smollm2-135m
+    python experiments/pretrained_memory.py --corpus pycode --wide-window 2048 --memory-sizes 1024,2048,4096 --tag pycode
 
 Writes experiments/results/pretrained_memory[-TAG].json and .md (the table, with the
 command); `--summarize` rewrites the .md from an existing .json.
@@ -31,6 +36,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from memorizing_transformers.atomic import write_atomically
+from memorizing_transformers.data.corpora import load_corpus
 from memorizing_transformers.hf.retrofit import add_memory
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -107,11 +113,31 @@ def finetune(model, handle, tokenizer, args) -> list[float]:
     return losses
 
 
+def documents(tokenizer, args) -> list[tuple[str, list[str] | None, torch.Tensor]]:
+    """(name, files, ids) of each evaluated document: the three standard-library documents,
+    or with --corpus the first --documents documents of that corpus (--split) holding at least
+    --tokens tokens (their first --tokens tokens)."""
+    if not args.corpus:
+        return [(name, files, document_ids(tokenizer, files, args.tokens)) for name, files in DOCUMENTS.items()]
+    found = []
+    splits = ("train", "valid", "test") if args.split == "all" else (args.split,)
+    for document in (d for split in splits for d in load_corpus(args.corpus, split)):
+        ids = tokenizer(document.text, return_tensors="pt")["input_ids"]
+        if ids.shape[1] >= args.tokens:
+            found.append((document.name, None, ids[:, : args.tokens]))
+        if len(found) == args.documents:
+            return found
+    raise SystemExit(f"{args.corpus} ({args.split}) has only {len(found)} documents of {args.tokens:,} tokens or more")
+
+
+def memory_sizes(args) -> list[int]:
+    return [int(size) for size in args.memory_sizes.split(",")] if args.memory_sizes else []
+
+
 @torch.no_grad()
 def evaluate(model, handle, tokenizer, args, baselines: dict | None = None) -> list[dict]:
     rows = []
-    for name, files in DOCUMENTS.items():
-        ids = document_ids(tokenizer, files, args.tokens)
+    for name, files, ids in documents(tokenizer, args):
         scored = slice(args.tokens - 1 - args.score_last, args.tokens - 1)  # losses predict tokens 1..tokens-1
         began = time.perf_counter()
         if baselines is None:
@@ -119,12 +145,21 @@ def evaluate(model, handle, tokenizer, args, baselines: dict | None = None) -> l
                 logits = model(input_ids=ids, logits_to_keep=args.score_last + 1).logits[:, :-1]
                 full = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, -args.score_last :], reduction="none")
                 window = perplexity(handle.stream(ids, args.window, args.stride, losses=True)[:, scored])
-            row = {"document": name, "files": files, "window": window, "full_prefix": perplexity(full)}
+                row = {"document": name, "files": files, "window": window, "full_prefix": perplexity(full)}
+                if args.wide_window:  # a wider window instead of a memory
+                    wide = handle.stream(ids, args.wide_window, args.wide_window // 2, losses=True)
+                    row["window_wide"] = perplexity(wide[:, scored])
         else:
             row = dict(baselines[name])
         handle.reset()
         row["window_memory"] = perplexity(handle.stream(ids, args.window, args.stride, losses=True)[:, scored])
         handle.reset()
+        if memory_sizes(args):  # Table 5 in kind: smaller memories, zero training
+            row["window_memory_sizes"] = {}
+            for size in memory_sizes(args):
+                handle.resize(size)
+                row["window_memory_sizes"][str(size)] = perplexity(handle.stream(ids, args.window, args.stride, losses=True)[:, scored])
+            handle.resize(args.tokens)
         row["seconds"] = time.perf_counter() - began
         gap = row["window"] - row["full_prefix"]
         row["gap_closed"] = (row["window"] - row["window_memory"]) / gap if gap > 0 else float("nan")
@@ -135,7 +170,8 @@ def evaluate(model, handle, tokenizer, args, baselines: dict | None = None) -> l
 
 
 # Settings that decide the zero-training figures (the model, the documents, the memory).
-EVALUATION_SETTINGS = ("checkpoint", "tokens", "score_last", "window", "stride", "layers", "k", "combine", "gate_init")
+EVALUATION_SETTINGS = ("checkpoint", "tokens", "score_last", "window", "stride", "layers", "k", "combine", "gate_init",
+                       "corpus", "documents", "split", "wide_window", "memory_sizes")
 
 
 def zero_training_rows(model, handle, tokenizer, args, defaults: dict) -> list[dict]:
@@ -186,15 +222,19 @@ def table(results: dict) -> str:
         return "\n".join(lines + _rows_table(results["rows"], "zero training")
                          + ["", "After fine-tuning (the model's own weights changed too: all three measured again):", ""]
                          + _rows_table(tuned, "fine-tuned"))
+    wide = s.get("wide_window") or 0
+    sizes = [size for size in (s.get("memory_sizes") or "").split(",") if size]
     lines += [
-        "| document | window | window + memory, zero training | " + ("after fine-tuning | " if tuned else "")
+        "| document | window | " + (f"window {wide} | " if wide else "") + "window + memory, zero training | "
+        + "".join(f"memory {int(size):,} | " for size in sizes) + ("after fine-tuning | " if tuned else "")
         + "full prefix | share of the gap closed" + (" (zero training / fine-tuned)" if tuned else "") + " |",
-        "|---|---:|---:|" + ("---:|" if tuned else "") + "---:|---:|",
+        "|---|---:|" + ("---:|" if wide else "") + "---:|" + "---:|" * len(sizes) + ("---:|" if tuned else "") + "---:|---:|",
     ]
     for i, r in enumerate(results["rows"]):
         after = tuned[i] if tuned else None
         lines.append(
-            f"| {r['document']} | {r['window']:.3f} | {r['window_memory']:.3f} | "
+            f"| {r['document']} | {r['window']:.3f} | " + (f"{r['window_wide']:.3f} | " if wide else "")
+            + f"{r['window_memory']:.3f} | " + "".join(f"{r['window_memory_sizes'][size]:.3f} | " for size in sizes)
             + (f"{after['window_memory']:.3f} | " if after else "")
             + f"{r['full_prefix']:.3f} | {r['gap_closed']:.0%}" + (f" / {after['gap_closed']:.0%}" if after else "") + " |"
         )
@@ -224,6 +264,13 @@ def main() -> None:
                         help="memory-parameters: only the gates (--combine gate) or retrieved-logit biases (joint)")
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--zero-training-from", help="take the zero-training figures from this earlier results JSON")
+    parser.add_argument("--corpus", help="evaluate on the first --documents long test documents of this corpus "
+                        "instead of the three standard-library documents")
+    parser.add_argument("--documents", type=int, default=5)
+    parser.add_argument("--split", default="test", choices=["train", "valid", "test", "all"],
+                        help="where --corpus documents come from (the pretrained model was trained on none of them)")
+    parser.add_argument("--wide-window", type=int, default=0, help="also measure a wider window (stride half of it), no memory")
+    parser.add_argument("--memory-sizes", default="", help="also measure these memory sizes per layer, e.g. 1024,2048,4096,8192")
     parser.add_argument("--tag", default="")
     parser.add_argument("--summarize", action="store_true", help="only rewrite the .md from the existing .json")
     args = parser.parse_args()

@@ -256,3 +256,16 @@ def test_plain_generate_after_add_memory_never_counts_a_token_twice(name):
     assert torch.equal(got.sequences, expected.sequences)
     for step, (a, b) in enumerate(zip(got.scores, expected.scores)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=f"step {step}")
+
+
+def test_resize_gives_every_layer_a_memory_of_the_new_size():
+    model = tiny_llama()
+    handle = add_memory(model, layers=[0, 2], memory_size=64, k=4)
+    with torch.no_grad():
+        handle.stream(torch.randint(0, 97, (1, 40)), window=8)
+        handle.resize(16)
+        assert handle.fill() == {0: [], 2: []} and handle.position == 0 and handle.settings["memory_size"] == 16
+        handle.stream(torch.randint(0, 97, (1, 40)), window=8)
+    assert handle.fill() == {0: [16], 2: [16]}
+    with pytest.raises(ValueError, match="memory_size must be positive"):
+        handle.resize(0)

@@ -157,6 +157,16 @@ class MemoryHandle:
             if layer.memory is not None:
                 layer.memory.reset(rows)
 
+    def resize(self, memory_size: int) -> None:
+        """Give every layer a memory of `memory_size` entries per head: the memories are emptied
+        and streaming starts again at position 0 (memory files record the new size)."""
+        if memory_size <= 0:
+            raise ValueError(f"memory_size must be positive, got {memory_size}")
+        for layer in self.layers.values():
+            layer.capacity, layer.memory, layer.expanded = memory_size, None, None
+        self.settings["memory_size"] = memory_size
+        self.position = 0
+
     @contextlib.contextmanager
     def disabled(self) -> Iterator[None]:
         """Within this block the memory layers neither read nor write: the original model."""
