@@ -41,7 +41,7 @@ from memorizing_transformers.data.pipeline import corpus_tokenizer, load_tokeniz
 from memorizing_transformers.data.streaming import TokenizedDocument
 from memorizing_transformers.data.tokenizer import load_tokenizer
 from memorizing_transformers.evaluation.perplexity import EvalResult, evaluate
-from memorizing_transformers.evaluation.report import plot_loss_by_position
+from memorizing_transformers.evaluation.report import forward_flops_per_token, plot_loss_by_position
 from memorizing_transformers.evaluation.token_gain import gain_tables, token_gain
 from memorizing_transformers.model.transformer import MemorizingTransformer
 from memorizing_transformers.training.trainer import TrainConfig, Trainer
@@ -239,25 +239,35 @@ def train_run(grid: Grid, run: Run, runs_dir: Path, results: Path, device: torch
     began = time.perf_counter()
     test_docs = cut_documents(load_tokenized(grid.corpus, "test", tokenizer), grid.document_tokens)
     memory = bool(config.knn_layers)
-    evaluated = {"with memory" if memory else "no memory":
-                 evaluate(model, test_docs, max_tokens=grid.eval_tokens, token_losses=memory)}
+    seconds: dict[str, float] = {}
+
+    def timed_evaluate(label: str, evaluated_model: MemorizingTransformer, **options) -> EvalResult:
+        started = time.perf_counter()
+        result = evaluate(evaluated_model, test_docs, max_tokens=grid.eval_tokens, **options)
+        seconds[label] = time.perf_counter() - started
+        return result
+
+    evaluated = {"with memory" if memory else "no memory": timed_evaluate("with memory" if memory else "no memory",
+                                                                          model, token_losses=memory)}
     gains = None
     if memory:
         off = MemorizingTransformer(dataclasses.replace(config, knn_layers=()), tokenizer=tokenizer).to(device)
         initialise_from(off, model)
-        evaluated["memory off"] = evaluate(off, test_docs, max_tokens=grid.eval_tokens, token_losses=True)
+        evaluated["memory off"] = timed_evaluate("memory off", off, token_losses=True)
         counts = torch.bincount(torch.cat([d.ids for d in trainer.batcher.documents]), minlength=config.vocab_size)
         gains = token_gain(test_docs, evaluated["with memory"].token_losses, evaluated["memory off"].token_losses,
                            tokenizer, counts, config.segment_length, config.xl_length)
     for size in run.eval_memory_sizes:  # the same weights with a larger (or smaller) memory at test time
         resized = MemorizingTransformer(dataclasses.replace(config, memory_size=size), tokenizer=tokenizer).to(device)
         initialise_from(resized, model)
-        evaluated[f"memory {size:,}"] = evaluate(resized, test_docs, max_tokens=grid.eval_tokens)
+        evaluated[f"memory {size:,}"] = timed_evaluate(f"memory {size:,}", resized)
     result = {
         "grid": grid.name, "run": run.name, "label": run.label, "settings": run_settings(grid, run),
         "parameters": sum(p.numel() for p in model.parameters()), "steps": steps,
         "train_tokens": steps * grid.batch_size * config.segment_length, "train_seconds": trainer.train_seconds,
-        "eval_seconds": time.perf_counter() - began, "test": {k: v.to_dict() for k, v in evaluated.items()},
+        "eval_seconds": time.perf_counter() - began, "eval_seconds_by_variant": seconds,
+        "forward_flops_per_token": forward_flops_per_token(config),
+        "test": {k: v.to_dict() for k, v in evaluated.items()},
         "token_gain": gains,
         "machine": {"device": str(device), "platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
@@ -311,8 +321,9 @@ def summarize(grid: Grid, results: Path) -> str:
     lines = [f"# {grid.name}", "", f"{grid.description}. Made by `python experiments/grid.py {grid.name}`; "
              "raw results in the JSON files beside this one. Rows are matched in training tokens; the training "
              "seconds say what they cost (one machine, the threads given).", "",
-             "| run | model | parameters | train tokens | train s | test tokens | perplexity | memory off | device |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+             "| run | model | parameters | train tokens | train tokens/s | forward GFLOP/token | test tokens | "
+             "ms/token (test) | perplexity | memory off | device |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     curves: dict[str, EvalResult] = {}
     for row in rows:
         test = {k: EvalResult(**v) for k, v in row["test"].items()}
@@ -322,9 +333,14 @@ def summarize(grid: Grid, results: Path) -> str:
         if resized:
             off += " (at test time with " + ", ".join(resized) + ")"
         machine = row["machine"]
+        label = "with memory" if "with memory" in test else "no memory"
+        flops = row.get("forward_flops_per_token", forward_flops_per_token(MemorizingConfig.from_dict(
+            {**row["settings"]["model"], "vocab_size": row["settings"]["vocab_size"]})))["total"]
+        per_token = (f"{1000 * row['eval_seconds_by_variant'][label] / main.tokens:.2f}"
+                     if "eval_seconds_by_variant" in row else "-")
         lines.append(f"| {row['run']} | {row['label']} | {row['parameters']:,} | {row['train_tokens']:,} | "
-                     f"{row['train_seconds']:.0f} | {main.tokens:,} | {main.perplexity:.3f} | {off} | "
-                     f"{machine['device']}, {machine['threads']} threads |")
+                     f"{row['train_tokens'] / row['train_seconds']:,.0f} | {flops / 1e9:.4f} | {main.tokens:,} | "
+                     f"{per_token} | {main.perplexity:.3f} | {off} | {machine['device']}, {machine['threads']} threads |")
         curves[f"{row['run']}: {row['label']}"] = main
     missing = [run.name for run in grid.runs if not result_path(grid, run, results).is_file()]
     if missing:

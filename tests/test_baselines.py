@@ -89,3 +89,18 @@ def test_the_compressed_cache_is_learned_and_absent_on_a_first_segment():
     assert attn.compress_values.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="needs xl_length > 0"):
         MemorizingConfig.preset("tiny", xl_compression=4, xl_length=0)
+
+
+def test_forward_flops_per_token_count_what_each_variant_attends_to():
+    from memorizing_transformers.evaluation.report import forward_flops_per_token
+
+    base = MemorizingConfig.preset("tiny", knn_layers=(), xl_length=16, segment_length=16)
+    flops = forward_flops_per_token(base)
+    inner, d = base.n_heads * base.head_dim, base.d_model
+    per_layer = 2 * d * 3 * inner + 2 * inner * d + 4 * d * base.d_ff + 4 * inner * (16 + 8.5)
+    assert flops["total"] == base.n_layers * per_layer + 2 * d * base.vocab_size
+    window = forward_flops_per_token(dataclasses.replace(base, attention_window=4))
+    compressed = forward_flops_per_token(dataclasses.replace(base, xl_compression=2))
+    assert window["layers"] < compressed["layers"] < flops["layers"]
+    memory = forward_flops_per_token(dataclasses.replace(base, knn_layers=(2,), memory_size=1024))
+    assert memory["memory_search"] == 2 * inner * 1024 and memory["total"] > flops["total"]

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from ..atomic import write_atomically  # noqa: E402
+from ..config import MemorizingConfig  # noqa: E402
 from ..data.pipeline import load_tokenized  # noqa: E402
 from ..model.transformer import MemorizingTransformer  # noqa: E402
 from ..training.checkpoint import resolve_model_dir  # noqa: E402
@@ -112,3 +113,25 @@ def evaluate_checkpoint(
     write_atomically(out / "eval.md", lambda tmp: Path(tmp).write_text(f"# {title}\n\n{table}\n"))
     plot_loss_by_position(results, model.config.segment_length, out / "loss_by_position.png", title)
     return {**report, "markdown": table, "json": str(out / "eval.json"), "plot": str(out / "loss_by_position.png")}
+
+
+def forward_flops_per_token(c: MemorizingConfig, memory_fill: int | None = None) -> dict[str, float]:
+    """Multiply-adds x 2 of one token's forward pass, by part, for a document long enough that
+    the XL cache (and, with `memory_fill` entries, the memory) is full. Local attention counts
+    the keys a query sees on average: the cache (or the window) and half the segment. The
+    exact memory search scores every stored entry; faiss_ivf scores about nprobe / lists of
+    them. Training costs about three times the forward pass, the search excepted."""
+    inner = c.n_heads * c.head_dim
+    keys = c.xl_compression or c.xl_length
+    keys += (c.segment_length + 1) / 2
+    if c.attention_window:
+        keys = min(keys, c.attention_window)
+    per_layer = 2 * c.d_model * 3 * inner + 2 * inner * c.d_model + 2 * 2 * c.d_model * c.d_ff + 2 * 2 * inner * keys
+    parts = {"layers": c.n_layers * per_layer, "lm_head": 2.0 * c.d_model * c.vocab_size}
+    if c.knn_layers:
+        stored = c.memory_size if memory_fill is None else memory_fill
+        searched = stored if c.memory_backend != "faiss_ivf" else stored * min(1.0, c.ivf_nprobe * c.ivf_list_size / max(1, stored))
+        parts["memory_search"] = len(c.knn_layers) * 2.0 * inner * searched
+        parts["memory_attention"] = len(c.knn_layers) * 2 * 2.0 * inner * c.knn_k
+    parts["total"] = sum(parts.values())
+    return parts
