@@ -129,6 +129,8 @@ def questions(corpus: str, finetune_tokens: int, eval_tokens: int | None) -> lis
     L, source = SMALL["segment_length"], f"table4-{corpus}/pretrain"
     other = [
         ("window512", f"context {L}, sliding window 512 over an XL cache of 512", dict(NO_MEMORY, xl_length=512, attention_window=512)),
+        ("window512-g8", f"context {L}, sliding window 512 + the document's first 8 tokens (global, Longformer-style)",
+         dict(NO_MEMORY, xl_length=512, attention_window=512, global_tokens=8)),
         ("linformer64", f"context {L}, XL cache of 512 compressed to 64 slots (causal Linformer)",
          dict(NO_MEMORY, xl_length=512, xl_compression=64)),
         ("2L", f"context {2 * L}", dict(NO_MEMORY, xl_length=0, segment_length=2 * L)),

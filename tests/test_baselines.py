@@ -33,8 +33,9 @@ def leaks(run, ids: torch.Tensor) -> list[int]:
 
 
 @pytest.mark.parametrize("variant", [dict(attention_window=8, xl_length=16), dict(xl_compression=4, xl_length=16),
-                                     dict(attention_window=8, xl_compression=4, xl_length=16)],
-                         ids=["sliding-window", "causal-linformer", "both"])
+                                     dict(attention_window=8, xl_compression=4, xl_length=16),
+                                     dict(attention_window=8, xl_length=16, global_tokens=3)],
+                         ids=["sliding-window", "causal-linformer", "both", "window-and-global-tokens"])
 def test_the_baselines_are_causal_within_and_across_segments(variant):
     model = model_of(**variant)
     with torch.no_grad():
@@ -104,3 +105,32 @@ def test_forward_flops_per_token_count_what_each_variant_attends_to():
     assert window["layers"] < compressed["layers"] < flops["layers"]
     memory = forward_flops_per_token(dataclasses.replace(base, knn_layers=(2,), memory_size=1024))
     assert memory["memory_search"] == 2 * inner * 1024 and memory["total"] > flops["total"]
+
+
+def test_global_tokens_streamed_equal_one_pass_and_start_again_with_each_document(tmp_path):
+    # A sliding window of 8 and 4 global tokens, streamed in segments of 16 with an XL cache of
+    # 16: the first 4 tokens of the document leave the cache and are attended from their stored
+    # slots, at their true distance: the same logits as one pass over the whole document, where
+    # they are simply in view.
+    config = dict(knn_layers=(), segment_length=16, xl_length=16, attention_window=8, global_tokens=4, max_distance=64)
+    streamed = model_of(**config)
+    one_pass = model_of(**{**config, "segment_length": 64, "xl_length": 0})
+    one_pass.load_state_dict(streamed.state_dict())
+    ids = torch.randint(0, 512, (2, 64))
+    with torch.no_grad():
+        reference = one_pass(ids).logits
+        state, parts = None, []
+        for start in range(0, 64, 16):
+            out = streamed(ids[:, start:start + 16], state=state)
+            state, parts = out.state, parts + [out.logits]
+        torch.testing.assert_close(torch.cat(parts, dim=1), reference, rtol=1e-4, atol=1e-4)
+        without = model_of(**{**config, "global_tokens": 0})
+        without.load_state_dict(streamed.state_dict())
+        assert not torch.allclose(without(ids).logits[:, 40:], reference[:, 40:], atol=1e-3)
+        # the state (globals included) survives save/load, and a new document starts without them
+        path = tmp_path / "state.safetensors"
+        state.save(path, "m")
+        loaded = type(state).load(path, streamed.config, "m")
+        assert torch.equal(loaded.doc_tokens, torch.tensor([64, 64])) and loaded.globals[0].mask.all()
+        fresh = streamed(ids[:, :16], state=loaded, start_of_document=torch.tensor([True, False]))
+        torch.testing.assert_close(fresh.logits[0], streamed(ids[:1, :16]).logits[0])

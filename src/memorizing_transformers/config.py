@@ -47,8 +47,11 @@ class MemorizingConfig:
     # - xl_compression: the XL cache is compressed to this many slots by a learned projection
     #   along its length (a causal Linformer: only past segments are projected, so no query
     #   sees a later token; Linformer's own projection of the whole sequence would).
+    # - global_tokens: the first global_tokens tokens of each document stay visible to every
+    #   later token of it, past the window and the XL cache (Longformer's global attention, causal).
     attention_window: int = 0
     xl_compression: int = 0
+    global_tokens: int = 0
 
     # T5 relative position bias (causal).
     num_buckets: int = 32
@@ -95,7 +98,7 @@ class MemorizingConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"MemorizingConfig.{name} must be positive, got {value}")
-        for name in ("xl_length", "attention_window", "xl_compression"):
+        for name in ("xl_length", "attention_window", "xl_compression", "global_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"MemorizingConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.xl_compression and not self.xl_length:

@@ -77,12 +77,15 @@ class Attention(nn.Module):
         token_mask: torch.Tensor,
         cache: XLCache | None,
         memory: KNNMemory | None,
+        global_tokens: tuple[XLCache | None, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One segment through the layer.
 
         x: (batch, seq, d_model). buckets: (seq, cache_len + seq) T5 buckets.
         allowed: (batch, 1, seq, cache_len + seq) bool, which keys each query may attend.
         token_mask: (batch, seq) bool, False at padding (never written to memory).
+        global_tokens: the stored global tokens (an XLCache of global_tokens slots, or None),
+        their T5 buckets (batch, seq, slots) and which queries attend each (batch, 1, 1, slots).
         Returns the output (batch, seq, d_model) and this segment's normalised keys and
         values (batch, heads, seq, head_dim) for the XL cache.
         """
@@ -101,6 +104,13 @@ class Attention(nn.Module):
         local_bias = bias.masked_fill(~allowed, float("-inf"))  # (batch, heads, seq, cache_len + seq)
         if self.xl_compression and cache is not None:
             keys, values, local_bias = self._compress_cache(cache, k, v, local_bias)
+        if global_tokens is not None and global_tokens[0] is not None:
+            store, global_buckets, global_allowed = global_tokens
+            global_bias = self.position_bias.embedding(global_buckets).permute(0, 3, 1, 2).to(q.dtype)  # (batch, heads, seq, slots)
+            local_bias = torch.cat([global_bias.masked_fill(~global_allowed, float("-inf")), local_bias.expand(
+                global_bias.shape[0], -1, -1, -1)], dim=-1)
+            keys = torch.cat([store.keys.to(k.dtype), keys], dim=2)
+            values = torch.cat([store.values.to(v.dtype), values], dim=2)
 
         if not self.use_memory:
             out = F.scaled_dot_product_attention(q_scaled, keys, values, attn_mask=local_bias, scale=1.0)

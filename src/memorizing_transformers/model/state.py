@@ -51,6 +51,11 @@ class MemorizingState:
         self.device = torch.device(device) if device is not None else torch.device("cpu")
         self.tokens_seen = 0  # columns of input read since the state was made (or since generation began)
         self.xl: list[XLCache | None] = [None] * config.n_layers
+        # With global_tokens: per layer, the keys/values of each row's document's first
+        # global_tokens tokens (slot j = document position j), and how many tokens of its
+        # current document each row has read.
+        self.globals: list[XLCache | None] = [None] * config.n_layers
+        self.doc_tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # (batch,)
         self.memories: dict[int, KNNMemory] = {
             layer: KNNMemory(
                 batch_size, config.n_heads, config.head_dim, config.memory_size,
@@ -76,10 +81,14 @@ class MemorizingState:
             memory.reset(rows)
         if rows is None:
             self.xl = [None] * self.config.n_layers
+            self.globals = [None] * self.config.n_layers
+            self.doc_tokens.zero_()
             return
-        for cache in self.xl:
+        rows = torch.as_tensor(rows, device=self.device)
+        self.doc_tokens[rows] = 0
+        for cache in (*self.xl, *self.globals):
             if cache is not None:
-                cache.mask[torch.as_tensor(rows, device=cache.mask.device)] = False
+                cache.mask[rows.to(cache.mask.device)] = False
 
     def select_rows(self, index: torch.Tensor | Sequence[int]) -> "MemorizingState":
         """A new state whose row i is a copy of row index[i] of this one (rows may repeat), XL
@@ -88,8 +97,10 @@ class MemorizingState:
         selected = MemorizingState.__new__(MemorizingState)
         selected.config, selected.device, selected.tokens_seen = self.config, self.device, self.tokens_seen
         selected.batch_size = index.numel()
-        selected.xl = [None if c is None else XLCache(*(t.index_select(0, index.to(t.device)) for t in (c.keys, c.values, c.mask)))
-                       for c in self.xl]
+        selected.xl, selected.globals = (
+            [None if c is None else XLCache(*(t.index_select(0, index.to(t.device)) for t in (c.keys, c.values, c.mask)))
+             for c in caches] for caches in (self.xl, self.globals))
+        selected.doc_tokens = self.doc_tokens.index_select(0, index.to(self.device))
         selected.memories = {layer: memory.select_rows(index) for layer, memory in self.memories.items()}
         return selected
 
@@ -100,6 +111,7 @@ class MemorizingState:
             return
         selected = self.select_rows(beam_idx)
         self.batch_size, self.xl, self.memories = selected.batch_size, selected.xl, selected.memories
+        self.globals, self.doc_tokens = selected.globals, selected.doc_tokens
 
     def update_xl(self, layer: int, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
         """Append a segment's keys/values (batch, heads, seq, head_dim) to a layer's cache, keeping the last xl_length."""
@@ -113,6 +125,21 @@ class MemorizingState:
             mask = torch.cat([cache.mask, mask], dim=1)
         self.xl[layer] = XLCache(keys[:, :, -length:].detach(), values[:, :, -length:].detach(), mask[:, -length:])
 
+    def update_globals(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
+                       mask: torch.Tensor) -> None:
+        """Keep the keys/values (batch, heads, seq, head_dim) of the segment's tokens that are among
+        their document's first global_tokens (positions (batch, seq): document positions)."""
+        count = self.config.global_tokens
+        if self.globals[layer] is None:
+            shape = (keys.shape[0], keys.shape[1], count, keys.shape[3])
+            self.globals[layer] = XLCache(keys.new_zeros(shape), values.new_zeros(shape),
+                                          torch.zeros(keys.shape[0], count, dtype=torch.bool, device=keys.device))
+        rows, tokens = (mask & (positions < count)).nonzero(as_tuple=True)
+        store, slots = self.globals[layer], positions[rows, tokens]
+        store.keys[rows, :, slots] = keys.detach()[rows, :, tokens]
+        store.values[rows, :, slots] = values.detach()[rows, :, tokens]
+        store.mask[rows, slots] = True
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         """All tensors of the state, e.g. to checkpoint a training stream mid-document."""
         tensors: dict[str, torch.Tensor] = {}
@@ -121,6 +148,12 @@ class MemorizingState:
                 tensors.update({f"xl.{layer}.keys": cache.keys, f"xl.{layer}.values": cache.values, f"xl.{layer}.mask": cache.mask})
         for layer, memory in self.memories.items():
             tensors.update({f"memory.{layer}.{name}": t for name, t in memory.state_dict().items()})
+        if self.config.global_tokens:
+            tensors["doc_tokens"] = self.doc_tokens
+            for layer, store in enumerate(self.globals):
+                if store is not None:
+                    tensors.update({f"globals.{layer}.keys": store.keys, f"globals.{layer}.values": store.values,
+                                    f"globals.{layer}.mask": store.mask})
         return tensors
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
@@ -132,6 +165,10 @@ class MemorizingState:
         for layer, memory in self.memories.items():
             prefix = f"memory.{layer}."
             memory.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        if "doc_tokens" in tensors:
+            self.doc_tokens = tensors["doc_tokens"].to(self.device)
+        self.globals = [XLCache(*(tensors[f"globals.{layer}.{name}"].to(self.device) for name in ("keys", "values", "mask")))
+                        if f"globals.{layer}.keys" in tensors else None for layer in range(self.config.n_layers)]
 
     def save(self, path: str | os.PathLike, model_fingerprint: str) -> None:
         """Write the whole state (XL caches and memories) to a safetensors file, atomically, with

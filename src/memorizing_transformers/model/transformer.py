@@ -35,6 +35,15 @@ class MemorizingTransformerOutput(ModelOutput):
     state: MemorizingState | None = None
 
 
+@dataclass
+class GlobalView:
+    """The document's global tokens as one segment sees them (see `_globals_view`)."""
+
+    positions: torch.Tensor  # (batch, seq) document position of each token of the segment
+    buckets: torch.Tensor  # (batch, seq, global_tokens) T5 buckets of the distance to each global token
+    allowed: torch.Tensor  # (batch, 1, 1, global_tokens) bool: attended from its stored slot
+
+
 class Block(nn.Module):
     """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
@@ -50,11 +59,15 @@ class Block(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, layer: int, state: MemorizingState, buckets, allowed, token_mask) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, layer: int, state: MemorizingState, buckets, allowed, token_mask,
+                globals_view: "GlobalView | None" = None) -> torch.Tensor:
         attended, keys, values = self.attn(
-            self.attn_norm(x), buckets, allowed, token_mask, state.xl[layer], state.memories.get(layer)
+            self.attn_norm(x), buckets, allowed, token_mask, state.xl[layer], state.memories.get(layer),
+            None if globals_view is None else (state.globals[layer], globals_view.buckets, globals_view.allowed),
         )
         state.update_xl(layer, keys, values, token_mask)
+        if globals_view is not None:
+            state.update_globals(layer, keys, values, globals_view.positions, token_mask)
         x = x + self.dropout(attended)
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
@@ -244,10 +257,35 @@ class MemorizingTransformer(nn.Module):
         allowed = ((relative <= 0) & key_mask[:, None, None, :]) | (relative == 0)  # (batch, 1, seq, cache_len + seq)
         if self.config.attention_window:  # sliding window: only keys fewer than attention_window tokens back
             allowed = allowed & (relative > -self.config.attention_window)
+        globals_view = None
+        if self.config.global_tokens:
+            globals_view, key_is_global = self._globals_view(state, token_mask, relative.shape[1] - seq)
+            allowed = allowed | ((relative <= 0) & key_mask[:, None, None, :] & key_is_global[:, None, None, :])
         x = self.embed(input_ids)
         for layer, block in enumerate(self.blocks):
-            x = block(x, layer, state, buckets, allowed, token_mask)
+            x = block(x, layer, state, buckets, allowed, token_mask, globals_view)
+        state.doc_tokens += token_mask.sum(dim=1)
         return x
+
+    def _globals_view(self, state: MemorizingState, token_mask: torch.Tensor, cache_len: int):
+        """What the document's global tokens (its first `global_tokens`) look like from this segment.
+
+        A global token among the keys [XL cache ; segment] is attended there, window or not
+        (`key_is_global`, (batch, cache_len + seq)); one that has left them is attended from its
+        stored slot (`GlobalView.allowed`), with the position bias of its true distance."""
+        count = self.config.global_tokens
+        positions = state.doc_tokens[:, None] + token_mask.long().cumsum(dim=1) - 1  # (batch, seq) document positions
+        cache_mask = state.xl[0].mask if state.xl[0] is not None else token_mask[:, :0]
+        cache_positions = state.doc_tokens[:, None] - cache_mask.long().flip(1).cumsum(dim=1).flip(1)  # valid entries only
+        key_positions = torch.cat([cache_positions, positions], dim=1)  # (batch, cache_len + seq)
+        key_is_global = (key_positions >= 0) & (key_positions < count)
+        first_in_view = state.doc_tokens - cache_mask.sum(dim=1)  # (batch,) the oldest key position still in view
+        slots = torch.arange(count, device=self.device)
+        stored = state.globals[0].mask if state.globals[0] is not None else torch.zeros_like(key_is_global[:, :count])
+        allowed = (stored & (slots[None, :] < first_in_view[:, None]))[:, None, None, :]  # (batch, 1, 1, count)
+        buckets = relative_position_bucket(slots[None, None, :] - positions[:, :, None], True,
+                                           self.config.num_buckets, self.config.max_distance)  # (batch, seq, count)
+        return GlobalView(positions, buckets, allowed), key_is_global
 
     def _prepare_inputs(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Validate and convert inputs to (batch, seq) tensors on the model's device."""
