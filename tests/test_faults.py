@@ -373,3 +373,15 @@ def test_bits_per_byte_divides_by_the_bytes_of_the_scored_tokens():
     result = evaluate(model, [doc])
     assert result.tokens == doc.ids.numel() - 1
     assert result.bits_per_byte == pytest.approx(result.loss * result.tokens / torch.log(torch.tensor(2.0)).item() / doc.num_bytes)
+
+
+def test_checkpoints_every_few_minutes(tmp_path, monkeypatch):
+    from memorizing_transformers.training import trainer as trainer_module
+
+    clock = iter(range(0, 10**6, 10))  # every call of the clock: 10 s later
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: next(clock))
+    trainer = tiny_trainer(tmp_path / "run", steps=6, checkpoint_every=0, checkpoint_minutes=2.0, keep_checkpoints=10)
+    trainer.train(progress=False)
+    steps = sorted(int(p.name.split("-")[1]) for p in checkpoints(tmp_path / "run"))
+    assert 6 in steps and 1 < len(steps) < 6  # some in between, by the clock, and the last
+    assert trainer.train_seconds > 0

@@ -354,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", metavar="KEY=VALUE", help="model configuration override, e.g. memory_size=65536")
     for name, kind in (("steps", int), ("batch_size", int), ("lr", float), ("warmup_steps", int), ("eval_every", int),
                        ("eval_tokens", int), ("checkpoint_every", int), ("seed", int), ("log_every", int),
-                       ("skip_nonfinite", int)):
+                       ("skip_nonfinite", int), ("checkpoint_minutes", float)):
         train.add_argument(f"--{name.replace('_', '-')}", type=kind, dest=name)
     train.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this much wall time; --resume continues")
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
