@@ -149,9 +149,29 @@ def questions(corpus: str, finetune_tokens: int, eval_tokens: int | None) -> lis
     ]
 
 
+def budgets(corpus: str, tokens: tuple[int, ...], scratch_tokens: int, eval_tokens: int | None) -> Grid:
+    """How the memory's gain grows with training (fine-tunes of table4-CORPUS's pre-training of
+    several lengths, XL alone and memory 8K + XL; table4's rows are the longest), and a memory
+    model trained from scratch as long as the pre-training: the share of the gap to it that a
+    fine-tune closes, against its length (the paper: 85% in 4% of the steps)."""
+    L, source = SMALL["segment_length"], f"table4-{corpus}/pretrain"
+    runs = []
+    for budget in tokens:
+        runs.append(Run(f"L-xl-{budget // 1000}k", f"context {L} + XL {L}", dict(NO_MEMORY, xl_length=L), budget,
+                        init_from=source, lr=1e-3))
+        runs.append(Run(f"L-mem8k-xl-{budget // 1000}k", f"context {L} + memory 8K + XL {L}",
+                        dict(xl_length=L, memory_size=8192), budget, init_from=source, lr=1e-3))
+    runs.append(Run("scratch-mem8k-xl", f"context {L} + memory 8K + XL {L}, from scratch", dict(xl_length=L, memory_size=8192),
+                    scratch_tokens))
+    return Grid(f"budgets-{corpus}", f"The memory's gain against training tokens on `{corpus}`: fine-tunes of "
+                f"{', '.join(f'{t:,}' for t in tokens)} tokens from table4-{corpus}'s pre-training, and a memory model "
+                f"trained from scratch for {scratch_tokens:,} tokens", corpus, 4096, SMALL, tuple(runs), eval_tokens=eval_tokens)
+
+
 GRIDS = {grid.name: grid for grid in (
     table4("pycode", pretrain_tokens=20_000_000, finetune_tokens=2_000_000, eval_tokens=200_000),
     *questions("pycode", finetune_tokens=2_000_000, eval_tokens=200_000),
+    budgets("pycode", tokens=(250_000, 500_000, 1_000_000), scratch_tokens=20_000_000, eval_tokens=200_000),
     table4("proofs", pretrain_tokens=8_000_000, finetune_tokens=1_000_000),
     Grid("quick", "a smoke test of the runner: a pre-training and two fine-tunes of a few steps", "code", 512,
          dict(SMALL, d_model=32, n_layers=2, n_heads=2, head_dim=16, d_ff=64, segment_length=32, memory_size=256),
@@ -271,6 +291,8 @@ def train_run(grid: Grid, run: Run, runs_dir: Path, results: Path, device: torch
         "forward_flops_per_token": forward_flops_per_token(config),
         "test": {k: v.to_dict() for k, v in evaluated.items()},
         "token_gain": gains,
+        "memory_gates": {str(i): torch.sigmoid(model.blocks[i].attn.gate_bias).tolist()
+                         for i in config.memory_layer_indices if hasattr(model.blocks[i].attn, "gate_bias")},
         "machine": {"device": str(device), "platform": platform.platform(), "torch": torch.__version__,
                     "threads": torch.get_num_threads()},
     }
