@@ -171,7 +171,7 @@ def evaluate(model, handle, tokenizer, args, baselines: dict | None = None) -> l
 
 # Settings that decide the zero-training figures (the model, the documents, the memory).
 EVALUATION_SETTINGS = ("checkpoint", "tokens", "score_last", "window", "stride", "layers", "k", "combine", "gate_init",
-                       "corpus", "documents", "split", "wide_window", "memory_sizes")
+                       "corpus", "documents", "split", "wide_window", "memory_sizes", "sink_tokens")
 
 
 def zero_training_rows(model, handle, tokenizer, args, defaults: dict) -> list[dict]:
@@ -194,7 +194,8 @@ def run(args: argparse.Namespace, defaults: dict) -> dict:
         p.requires_grad_(False)
     n_layers = model.config.num_hidden_layers
     layers = list(range(n_layers)) if args.layers == "all" else [int(i) for i in args.layers.split(",")]
-    handle = add_memory(model, layers=layers, memory_size=args.tokens, k=args.k, combine=args.combine, gate_init=args.gate_init)
+    handle = add_memory(model, layers=layers, memory_size=args.tokens, k=args.k, combine=args.combine, gate_init=args.gate_init,
+                        sink_tokens=args.sink_tokens)
     results = {"settings": vars(args), "layers": layers, "rows": zero_training_rows(model, handle, tokenizer, args, defaults)}
     if args.finetune_steps:
         # Training only the memory's parameters leaves the model without memory as it was:
@@ -213,7 +214,7 @@ def table(results: dict) -> str:
     lines = [
         f"Perplexity of the last {s['score_last']:,} of {s['tokens']:,} tokens; window {s['window']} with stride {s['stride']}; "
         f"memory ({'joint softmax' if combine == 'joint' else 'learned gate, initial bias ' + str(s.get('gate_init'))}, "
-        f"k {s['k']}) in layers {s['layers']}"
+        f"k {s['k']}) in layers {s['layers']}" + (f", {s['sink_tokens']} sink tokens" if s.get("sink_tokens") else "")
         + (f"; then fine-tuned {s['finetune_steps']} steps of {s['finetune_tokens']} tokens ({s['train']}, lr {s['lr']})." if tuned else "."),
         "",
     ]
@@ -271,6 +272,8 @@ def main() -> None:
                         help="where --corpus documents come from (the pretrained model was trained on none of them)")
     parser.add_argument("--wide-window", type=int, default=0, help="also measure a wider window (stride half of it), no memory")
     parser.add_argument("--memory-sizes", default="", help="also measure these memory sizes per layer, e.g. 1024,2048,4096,8192")
+    parser.add_argument("--sink-tokens", type=int, default=0,
+                        help="keep each document's first tokens apart, never evicted (add_memory's sink_tokens)")
     parser.add_argument("--tag", default="")
     parser.add_argument("--summarize", action="store_true", help="only rewrite the .md from the existing .json")
     args = parser.parse_args()

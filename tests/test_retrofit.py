@@ -269,3 +269,29 @@ def test_resize_gives_every_layer_a_memory_of_the_new_size():
     assert handle.fill() == {0: [16], 2: [16]}
     with pytest.raises(ValueError, match="memory_size must be positive"):
         handle.resize(0)
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
+def test_sink_tokens_stay_when_a_small_memory_evicts_them(name, tmp_path):
+    model = MODELS[name]()
+    ids = torch.randint(0, 97, (1, 40))
+    with torch.no_grad():
+        full = model(ids).logits
+        # A memory holding everything, 4 tokens of it as sinks: still exactly full attention.
+        handle = add_memory(model, layers=[0, 1, 2], memory_size=64, k=40, sink_tokens=4)
+        torch.testing.assert_close(handle.stream(ids, window=8), full, rtol=1e-4, atol=1e-4)
+        assert handle.fill() == {0: [36], 1: [36], 2: [36]}  # every token written once: 4 to the sinks, 36 to memory
+        # A small memory evicts the first tokens; with sinks they stay, and the stream is nearer full attention.
+        handle.resize(8)
+        small = handle.stream(ids, window=8)
+        assert handle.layers[0].sink.memory.fill.tolist() == [4] and handle.fill()[0] == [8]
+        handle.save(tmp_path / "kb.safetensors")
+        fresh = add_memory(MODELS[name](), **memory_file_settings(tmp_path / "kb.safetensors"))
+        fresh.load(tmp_path / "kb.safetensors")
+        assert fresh.layers[0].sink.memory.fill.tolist() == [4] and torch.equal(
+            fresh.layers[0].sink.memory.keys, handle.layers[0].sink.memory.keys)
+    no_sinks = add_memory(MODELS[name](), layers=[0, 1, 2], memory_size=8, k=40)
+    with torch.no_grad():
+        evicted = no_sinks.stream(ids, window=8)
+    error = lambda x: (x.log_softmax(-1) - full.log_softmax(-1))[0, 24:].abs().mean()  # noqa: E731
+    assert error(small) < error(evicted)

@@ -78,10 +78,18 @@ class LayerMemory:
     # Read-only calls with more rows than the memory (beam search, several return sequences
     # per prompt) read a copy whose rows repeat each memory row, as generate repeats the prompts.
     expanded: KNNMemory | None = None
+    # With sink_tokens: the first tokens written since a reset, kept apart (never evicted) and
+    # attended by every later query (a LayerMemory of their number, searched whole).
+    sink: "LayerMemory | None" = None
 
     def shape(self, batch_size: int) -> dict[str, int | str]:
-        return {"batch_size": batch_size, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
-                "capacity": self.capacity, "dtype": str(self.dtype).removeprefix("torch.")}
+        shape = {"batch_size": batch_size, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
+                 "capacity": self.capacity, "dtype": str(self.dtype).removeprefix("torch.")}
+        return shape | ({"sink_tokens": self.sink.capacity} if self.sink else {})
+
+    def stores(self) -> list["LayerMemory"]:
+        """This layer's memory and, with sink tokens, its sink store."""
+        return [self] + ([self.sink] if self.sink else [])
 
     def for_call(self, batch_size: int, device: torch.device, writes: bool) -> KNNMemory:
         """The memory a call of `batch_size` rows reads (and, when `writes`, writes).
@@ -152,10 +160,10 @@ class MemoryHandle:
         """Empty the memories of the chosen rows (all when None: streaming starts again at position 0)."""
         if rows is None:
             self.position = 0
-        for layer in self.layers.values():
-            layer.expanded = None
-            if layer.memory is not None:
-                layer.memory.reset(rows)
+        for store in (store for layer in self.layers.values() for store in layer.stores()):
+            store.expanded = None
+            if store.memory is not None:
+                store.memory.reset(rows)
 
     def resize(self, memory_size: int) -> None:
         """Give every layer a memory of `memory_size` entries per head: the memories are emptied
@@ -163,7 +171,9 @@ class MemoryHandle:
         if memory_size <= 0:
             raise ValueError(f"memory_size must be positive, got {memory_size}")
         for layer in self.layers.values():
-            layer.capacity, layer.memory, layer.expanded = memory_size, None, None
+            layer.capacity = memory_size
+            for store in layer.stores():
+                store.memory = store.expanded = None
         self.settings["memory_size"] = memory_size
         self.position = 0
 
@@ -270,6 +280,8 @@ class MemoryHandle:
             if layer.memory is None:
                 raise ValueError(f"layer {i} has no memory yet: run the model on some input first")
             tensors.update({f"layer.{i}.{name}": t for name, t in layer.memory.state_dict().items()})
+            if layer.sink and layer.sink.memory is not None:
+                tensors.update({f"layer.{i}.sink.{name}": t for name, t in layer.sink.memory.state_dict().items()})
             metadata[f"layer.{i}"] = json.dumps(layer.shape(layer.memory.batch_size))
         save_memory_file(path, tensors, metadata)
 
@@ -293,9 +305,14 @@ class MemoryHandle:
                                          else ": same configuration, other weights"))
         device = next(self.model.parameters()).device
         for i, layer in self.layers.items():
-            layer.memory = layer.expanded = None
-            memory = layer.for_call(shapes[i]["batch_size"], device, writes=True)
-            memory.load_state_dict({name.split(".", 2)[2]: t for name, t in tensors.items() if name.startswith(f"layer.{i}.")})
+            for store, prefix in ((layer, f"layer.{i}."), (layer.sink, f"layer.{i}.sink.")):
+                if store is None:
+                    continue
+                store.memory = store.expanded = None
+                saved_store = {name[len(prefix):]: t for name, t in tensors.items()
+                               if name.startswith(prefix) and "." not in name[len(prefix):]}
+                if saved_store:
+                    store.for_call(shapes[i]["batch_size"], device, writes=True).load_state_dict(saved_store)
         self.position = int(metadata["position"])
 
 
@@ -337,11 +354,19 @@ def add_memory(
     gate_init: float = -3.0,
     memory_dtype: torch.dtype = torch.float32,
     backend: str = "exact",
+    sink_tokens: int = 0,
 ) -> MemoryHandle:
     """Give the chosen layers (negative indices count from the top) a kNN memory over their
-    own keys and values. Returns the handle that resets, disables, streams, saves and loads."""
+    own keys and values. Returns the handle that resets, disables, streams, saves and loads.
+
+    `sink_tokens`: the first tokens written since a full reset are kept apart, never evicted,
+    and attended by every later query with their full-attention logits (StreamingLLM's
+    attention sinks). Pretrained models park attention on a document's first tokens: once a
+    memory smaller than the document has evicted them, reading it can do worse than no memory."""
     if combine not in ("joint", "gate"):
         raise ValueError(f"combine must be 'joint' or 'gate', got {combine!r}")
+    if sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}")
     if getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME:
         raise ValueError("this model already has memory: add_memory was called on it before")
     modules = _attention_modules(model)
@@ -357,6 +382,8 @@ def add_memory(
     for i in chosen:
         module = modules[i]
         module.knn_memory = LayerMemory(i, memory_size, k, num_kv_heads, head_dim, combine, memory_dtype, backend)
+        if sink_tokens:
+            module.knn_memory.sink = LayerMemory(i, sink_tokens, sink_tokens, num_kv_heads, head_dim, combine, memory_dtype, "exact")
         device = next(module.parameters()).device
         if combine == "gate":
             module.memory_gate = nn.Parameter(torch.full((num_heads,), float(gate_init), device=device))
@@ -368,6 +395,8 @@ def add_memory(
     model.set_attn_implementation(ATTENTION_NAME)
     settings = {"layers": chosen, "memory_size": memory_size, "k": k, "combine": combine, "gate_init": gate_init,
                 "memory_dtype": str(memory_dtype).removeprefix("torch."), "backend": backend}
+    if sink_tokens:
+        settings["sink_tokens"] = sink_tokens
     handle = MemoryHandle(model, handle_layers, settings)
     for module in modules:
         module.memory_handle = handle
@@ -398,12 +427,19 @@ def memorizing_attention(
     handle = getattr(module, "memory_handle", None)
     writes = None if handle is None else handle.call_writes
     memory = layer.for_call(batch, query.device, writes=writes is not False)
+    sinks = None if layer.sink is None else layer.sink.for_call(batch, query.device, writes=writes is not False)
 
     # Retrieve: the query heads of a group search their key/value head's memory together.
     grouped = rearrange(query, "b (h g) s d -> b h (g s) d", g=groups)
     found = memory.search(grouped, layer.k)
-    mem_keys, mem_values = (rearrange(t, "b h (g s) k d -> b (h g) s k d", g=groups) for t in (found.keys, found.values))
-    mem_valid = rearrange(found.valid, "b h (g s) k -> b (h g) s k", g=groups)
+    found_keys, found_values, found_valid, found_slots = found.keys, found.values, found.valid, found.slots
+    if sinks is not None:  # every sink token, for every query (slots past the memory's capacity)
+        sunk = sinks.search(grouped, sinks.capacity)
+        found_keys, found_values = torch.cat([found_keys, sunk.keys], dim=3), torch.cat([found_values, sunk.values], dim=3)
+        found_valid = torch.cat([found_valid, sunk.valid], dim=3)
+        found_slots = torch.cat([found_slots, sunk.slots + layer.capacity], dim=3)
+    mem_keys, mem_values = (rearrange(t, "b h (g s) k d -> b (h g) s k d", g=groups) for t in (found_keys, found_values))
+    mem_valid = rearrange(found_valid, "b h (g s) k -> b (h g) s k", g=groups)
     mem_logits = torch.einsum("bhsd,bhskd->bhsk", query, mem_keys.to(query.dtype)) * scaling
 
     keys_all = key.repeat_interleave(groups, dim=1)  # (batch, heads, kv_len, head_dim)
@@ -427,12 +463,18 @@ def memorizing_attention(
         out = gate * memory_readout(mem_logits, mem_values, mem_valid) + (1 - gate) * local
         share = gate.squeeze(-1)
     if layer.trace is not None:
-        slots = rearrange(found.slots, "b h (g s) k -> b (h g) s k", g=groups)
+        slots = rearrange(found_slots, "b h (g s) k -> b (h g) s k", g=groups)
         layer.trace.append({"slots": slots.cpu(), "logits": mem_logits.detach().float().cpu(), "valid": mem_valid.cpu(),
                             "share": share.detach().float().cpu()})
 
     # Write this call's tokens (the last `seq` keys), unless the caller keeps them in a KV cache.
     if writes is not False:
-        memory.add(key[:, :, -seq:], value[:, :, -seq:], mask=writes)
+        written = torch.ones(batch, seq, dtype=torch.bool, device=key.device) if writes is None else writes.to(key.device)
+        if sinks is not None:  # a row's first written tokens fill its sink store, the rest go to memory
+            rank = written.long().cumsum(dim=1) - 1
+            to_sinks = written & (rank < (sinks.capacity - sinks.fill.to(key.device))[:, None])
+            sinks.add(key[:, :, -seq:], value[:, :, -seq:], mask=to_sinks)
+            layer.sink.expanded, written = None, written & ~to_sinks
+        memory.add(key[:, :, -seq:], value[:, :, -seq:], mask=written)
         layer.expanded = None
     return out.transpose(1, 2).contiguous(), None
