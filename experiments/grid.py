@@ -42,7 +42,7 @@ from memorizing_transformers.data.streaming import TokenizedDocument
 from memorizing_transformers.data.tokenizer import load_tokenizer
 from memorizing_transformers.evaluation.perplexity import EvalResult, evaluate
 from memorizing_transformers.evaluation.report import forward_flops_per_token, plot_loss_by_position
-from memorizing_transformers.evaluation.token_gain import gain_tables, token_gain
+from memorizing_transformers.evaluation.token_gain import gain_tables, plot_gain, token_gain
 from memorizing_transformers.model.transformer import MemorizingTransformer
 from memorizing_transformers.training.trainer import TrainConfig, Trainer
 
@@ -378,6 +378,8 @@ def summarize(grid: Grid, results: Path) -> str:
     if gained:
         text += "\n## What the memory helps\n\nPer-token gain: the loss with the memory switched off minus the loss with it, " \
                 "same weights, on the scored test tokens.\n"
+        plot_gain({row["run"]: row["token_gain"] for row in gained}, results / f"{grid.name}-token-gain.png")
+        text += f"\n![share of tokens and of the gain, by group]({grid.name}-token-gain.png)\n"
         text += "".join(f"\n### {row['run']}: {row['label']}\n\n{gain_tables(row['token_gain'])}\n" for row in gained)
     write_atomically(results / f"{grid.name}.md", lambda tmp: Path(tmp).write_text(text))
     return text

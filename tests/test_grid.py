@@ -43,6 +43,7 @@ def test_a_grid_resumes_across_invocations_and_skips_finished_runs(quick_grid, t
     assert sum(g["tokens"] for g in gain["by_kind"]) == gain["tokens"] == sum(g["tokens"] for g in gain["by_training_frequency"])
     assert abs(sum(g["share_of_gain"] for g in gain["by_distance_to_previous_occurrence"]) - 1) < 1e-6
     assert "### mem-xl: memory + XL" in table and "| top tokens by total gain |" in table
+    assert (results / "quick-token-gain.png").stat().st_size > 1000
     assert (results / "quick.png").stat().st_size > 1000
     # A run whose recorded settings differ from the grid's is refused, not reused.
     changed = dataclasses.replace(quick_grid, batch_size=2)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import keyword
 import re
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -125,3 +126,35 @@ def gain_tables(result: dict[str, Any]) -> str:
     parts += [f"| {_cell(t['token'])} | {t['kind']} | {t['count']:,} | {t['mean_gain']:.3f} | {t['total_gain']:.1f} | "
               f"{t['training_per_million']:.1f} |" for t in result["top_tokens"]]
     return "\n".join(parts)
+
+
+def plot_gain(results: dict[str, dict], path: Path) -> None:
+    """One panel per grouping (kind, training frequency, distance back): each group's share of
+    the tokens and of the total gain, for each run in `results` (label -> `token_gain` output)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..atomic import write_atomically
+
+    keys = [("by_kind", "kind of token"), ("by_training_frequency", "training frequency"),
+            ("by_distance_to_previous_occurrence", "distance back to the previous occurrence")]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, (key, title) in zip(axes, keys):
+        groups = [g["group"] for g in next(iter(results.values()))[key]]
+        width = 0.8 / (len(results) + 1)
+        first = next(iter(results.values()))[key]
+        ax.bar([i - 0.4 + width / 2 for i in range(len(groups))], [g["share_of_tokens"] for g in first], width,
+               color="lightgrey", label="share of tokens")
+        for n, (label, result) in enumerate(results.items(), start=1):
+            shares = {g["group"]: g["share_of_gain"] for g in result[key]}
+            ax.bar([i - 0.4 + width * (n + 0.5) for i in range(len(groups))], [shares.get(g, 0.0) for g in groups], width,
+                   label=f"share of the gain: {label}")
+        ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
+        ax.set_title(title)
+        ax.grid(alpha=0.3, axis="y")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
