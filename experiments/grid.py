@@ -343,8 +343,8 @@ def summarize(grid: Grid, results: Path) -> str:
     """GRID.md (the table) and GRID.png (loss by position) from the runs' JSON."""
     rows = [json.loads(path.read_text()) for run in grid.runs if (path := result_path(grid, run, results)).is_file()]
     lines = [f"# {grid.name}", "", f"{grid.description}. Made by `python experiments/grid.py {grid.name}`; "
-             "raw results in the JSON files beside this one. Rows are matched in training tokens; the training "
-             "seconds say what they cost (one machine, the threads given).", "",
+             "raw results in the JSON files beside this one. Rows are matched in training tokens; training tokens/s "
+             "and test ms/token say what they cost (one machine, the threads given).", "",
              "| run | model | parameters | train tokens | train tokens/s | forward GFLOP/token | test tokens | "
              "ms/token (test) | perplexity | memory off | device |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
