@@ -34,9 +34,29 @@ NAMES = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
 
 
 def train_command(run: Path, steps: int, resume: bool = False) -> list[str]:
-    return [sys.executable, "-m", "memorizing_transformers.cli", "train", "--out", str(run), "--corpus", "files",
-            "--preset", "tiny", "--vocab-size", "300", "--steps", str(steps), "--checkpoint-every", "3",
-            "--log-every", "1", "--eval-every", "0", *(["--resume"] if resume else [])]
+    return [
+        sys.executable,
+        "-m",
+        "memorizing_transformers.cli",
+        "train",
+        "--out",
+        str(run),
+        "--corpus",
+        "files",
+        "--preset",
+        "tiny",
+        "--vocab-size",
+        "300",
+        "--steps",
+        str(steps),
+        "--checkpoint-every",
+        "3",
+        "--log-every",
+        "1",
+        "--eval-every",
+        "0",
+        *(["--resume"] if resume else []),
+    ]
 
 
 def run_mt(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:
@@ -58,7 +78,9 @@ def write_texts(folder: Path) -> Path:
     rng = random.Random(0)
     folder.mkdir(parents=True)
     for i, name in enumerate(NAMES):
-        lines = [f"def {rng.choice(NAMES)}_{j}(x):\n    return x * {rng.randint(0, 99)} + {name}_{i}\n" for j in range(60)]
+        lines = [
+            f"def {rng.choice(NAMES)}_{j}(x):\n    return x * {rng.randint(0, 99)} + {name}_{i}\n" for j in range(60)
+        ]
         (folder / f"{name}.txt").write_text("".join(lines))
     return folder
 
@@ -67,7 +89,9 @@ def prepare(work: Path) -> dict[str, str]:
     """A private cache with the `files` corpus of eight pseudo-code documents; the environment to use it."""
     env = {**os.environ, "MT_CACHE_DIR": str(work / "cache"), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     texts = write_texts(work / "texts")
-    done = run_mt([sys.executable, "-m", "memorizing_transformers.cli", "data", "prepare", "files", "--source", str(texts)], env)
+    done = run_mt(
+        [sys.executable, "-m", "memorizing_transformers.cli", "data", "prepare", "files", "--source", str(texts)], env
+    )
     if done.returncode:
         raise RuntimeError(done.stderr)
     return env
@@ -79,8 +103,9 @@ def kill_and_resume(work: Path, env: dict[str, str], steps: int, kills: int, see
     kill_log, launches = [], 0
     while True:
         resume = (run / "run_config.json").is_file()
-        process = subprocess.Popen(train_command(run, steps, resume), env=env, stdout=subprocess.DEVNULL,
-                                   stderr=subprocess.PIPE, text=True)
+        process = subprocess.Popen(
+            train_command(run, steps, resume), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
         launches += 1
         done_steps = logged_steps(run)
         if len(kill_log) < kills and done_steps < steps - 1:
@@ -102,9 +127,12 @@ def kill_and_resume(work: Path, env: dict[str, str], steps: int, kills: int, see
         if process.returncode != -signal.SIGKILL:
             raise RuntimeError(f"the run failed by itself (exit {process.returncode}): {err}")
     got = losses(run)
-    return {"fault": f"SIGKILL {len(kill_log)} times, then --resume", "same_losses": got == reference,
-            "happened": f"killed {', '.join(kill_log)}; {launches} launches; {len(got)} steps logged, each once",
-            "kills": kill_log}
+    return {
+        "fault": f"SIGKILL {len(kill_log)} times, then --resume",
+        "same_losses": got == reference,
+        "happened": f"killed {', '.join(kill_log)}; {launches} launches; {len(got)} steps logged, each once",
+        "kills": kill_log,
+    }
 
 
 def corrupt_newest(work: Path, env: dict[str, str], steps: int, reference) -> dict[str, Any]:
@@ -117,8 +145,11 @@ def corrupt_newest(work: Path, env: dict[str, str], steps: int, reference) -> di
     weights.write_bytes(weights.read_bytes()[:100])
     resumed = run_mt(train_command(run, steps, resume=True), env)
     said = [line for line in resumed.stderr.splitlines() if line.startswith(("warning:", "resuming from"))]
-    return {"fault": "newest checkpoint's weights truncated, then --resume", "same_losses": losses(run) == reference,
-            "happened": f"exit {resumed.returncode}; said: " + " / ".join(line.replace(str(work), "…") for line in said)}
+    return {
+        "fault": "newest checkpoint's weights truncated, then --resume",
+        "same_losses": losses(run) == reference,
+        "happened": f"exit {resumed.returncode}; said: " + " / ".join(line.replace(str(work), "…") for line in said),
+    }
 
 
 def full_disk(work: Path, env: dict[str, str], steps: int, reference) -> dict[str, Any]:
@@ -138,10 +169,13 @@ def full_disk(work: Path, env: dict[str, str], steps: int, reference) -> dict[st
         message = failed.stderr.strip().splitlines()[-1] if failed.stderr.strip() else ""
         filler.unlink()
         resumed = run_mt(train_command(run, steps, resume=True), env)
-        return {"fault": "full disk (tmpfs) during a checkpoint, then space freed and --resume",
-                "same_losses": losses(run) == reference, "previous_checkpoint_intact": intact,
-                "happened": f"exit {failed.returncode}: `{message.replace(str(work), '…')}`; previous checkpoint "
-                            f"{'intact' if intact else '**damaged**'}; after freeing space, exit {resumed.returncode}"}
+        return {
+            "fault": "full disk (tmpfs) during a checkpoint, then space freed and --resume",
+            "same_losses": losses(run) == reference,
+            "previous_checkpoint_intact": intact,
+            "happened": f"exit {failed.returncode}: `{message.replace(str(work), '…')}`; previous checkpoint "
+            f"{'intact' if intact else '**damaged**'}; after freeing space, exit {resumed.returncode}",
+        }
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
 
@@ -157,11 +191,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         done = run_mt(train_command(reference_run, steps), env)
         assert done.returncode == 0, done.stderr
         reference = losses(reference_run)
-        rows = [kill_and_resume(work, env, steps, kills, seed=0, reference=reference),
-                corrupt_newest(work, env, steps, reference), full_disk(work, env, steps, reference)]
+        rows = [
+            kill_and_resume(work, env, steps, kills, seed=0, reference=reference),
+            corrupt_newest(work, env, steps, reference),
+            full_disk(work, env, steps, reference),
+        ]
     name = "faults-quick" if args.quick else "faults"
-    results = {"command": "python -m benchmarks.faults" + (" --quick" if args.quick else ""), "device": "cpu",
-               "steps": steps, "rows": rows, "wall_seconds": time.perf_counter() - began}
+    results = {
+        "command": "python -m benchmarks.faults" + (" --quick" if args.quick else ""),
+        "device": "cpu",
+        "steps": steps,
+        "rows": rows,
+        "wall_seconds": time.perf_counter() - began,
+    }
     lines = ["| fault | what happened | every step's loss equals an uninterrupted run's |", "|---|---|---|"]
     for row in rows:
         if "skipped" in row:
@@ -169,7 +211,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             continue
         lines.append(f"| {row['fault']} | {row['happened']} | {'yes' if row['same_losses'] else '**no**'} |")
     table = "\n".join(lines)
-    write_results(name, results, f"{steps} steps of the tiny preset on the `files` corpus, one thread.\n\n{table}", Path(args.out))
+    write_results(
+        name, results, f"{steps} steps of the tiny preset on the `files` corpus, one thread.\n\n{table}", Path(args.out)
+    )
     print(table)
     return results
 

@@ -86,8 +86,18 @@ class Grid:
 # A model small enough for many runs on two CPU cores (the demo's), with what the recall
 # work taught: a previous-token prior in layer 0, the memory gate starting nearly shut,
 # the memory in the layer below the top.
-SMALL = dict(d_model=128, n_layers=4, n_heads=4, head_dim=32, d_ff=512, segment_length=128,
-             previous_token_bias_init=5.0, memory_gate_init=-3.0, knn_layers=(-2,), knn_k=32)
+SMALL = dict(
+    d_model=128,
+    n_layers=4,
+    n_heads=4,
+    head_dim=32,
+    d_ff=512,
+    segment_length=128,
+    previous_token_bias_init=5.0,
+    memory_gate_init=-3.0,
+    knn_layers=(-2,),
+    knn_k=32,
+)
 NO_MEMORY = dict(knn_layers=())
 
 
@@ -102,8 +112,12 @@ def table4(corpus: str, pretrain_tokens: int, finetune_tokens: int, eval_tokens:
         ("L-xl", f"context {L} + XL {L}", dict(NO_MEMORY, xl_length=L), (0, 1)),
         ("L-mem8k", f"context {L} + memory 8K", dict(xl_length=0, memory_size=8192), (0,)),
         ("L-mem8k-xl", f"context {L} + memory 8K + XL {L}", dict(xl_length=L, memory_size=8192), (0, 1)),
-        ("L-mem64k-xl", f"context {L} + memory 64K + XL {L}", dict(xl_length=L, memory_size=65536,
-                                                                    memory_backend="faiss_ivf"), (0,)),
+        (
+            "L-mem64k-xl",
+            f"context {L} + memory 64K + XL {L}",
+            dict(xl_length=L, memory_size=65536, memory_backend="faiss_ivf"),
+            (0,),
+        ),
     ]
     runs = [Run("pretrain", f"vanilla pre-training, context {L}", dict(NO_MEMORY, xl_length=0), pretrain_tokens)]
     for name, label, model, seeds in rows:
@@ -112,14 +126,38 @@ def table4(corpus: str, pretrain_tokens: int, finetune_tokens: int, eval_tokens:
     # The paper's Table 5 in kind: trained with a 2K memory, evaluated with larger ones as they are,
     # then briefly fine-tuned with the largest.
     sizes = (2048, 8192, 32768, 131072)
-    runs.append(Run("L-mem2k-xl-s0", f"context {L} + memory 2K + XL {L}", dict(xl_length=L, memory_size=2048),
-                    finetune_tokens, init_from="pretrain", lr=1e-3, eval_memory_sizes=sizes[1:]))
-    runs.append(Run("L-mem2k-xl-ft128k", "the 2K-memory model fine-tuned with memory 128K", dict(
-        xl_length=L, memory_size=131072, memory_backend="faiss_ivf"), finetune_tokens // 10, init_from="L-mem2k-xl-s0", lr=5e-4))
+    runs.append(
+        Run(
+            "L-mem2k-xl-s0",
+            f"context {L} + memory 2K + XL {L}",
+            dict(xl_length=L, memory_size=2048),
+            finetune_tokens,
+            init_from="pretrain",
+            lr=1e-3,
+            eval_memory_sizes=sizes[1:],
+        )
+    )
+    runs.append(
+        Run(
+            "L-mem2k-xl-ft128k",
+            "the 2K-memory model fine-tuned with memory 128K",
+            dict(xl_length=L, memory_size=131072, memory_backend="faiss_ivf"),
+            finetune_tokens // 10,
+            init_from="L-mem2k-xl-s0",
+            lr=5e-4,
+        )
+    )
     scored = "whole test documents" if eval_tokens is None else f"the first {eval_tokens:,} test tokens"
-    return Grid(f"table4-{corpus}", f"Table 4 in kind on `{corpus}`: {pretrain_tokens:,} tokens of vanilla pre-training, "
-                f"then each row fine-tuned from it for {finetune_tokens:,} tokens; {scored} scored",
-                corpus, 4096, SMALL, tuple(runs), eval_tokens=eval_tokens)
+    return Grid(
+        f"table4-{corpus}",
+        f"Table 4 in kind on `{corpus}`: {pretrain_tokens:,} tokens of vanilla pre-training, "
+        f"then each row fine-tuned from it for {finetune_tokens:,} tokens; {scored} scored",
+        corpus,
+        4096,
+        SMALL,
+        tuple(runs),
+        eval_tokens=eval_tokens,
+    )
 
 
 def questions(corpus: str, finetune_tokens: int, eval_tokens: int | None) -> list[Grid]:
@@ -128,24 +166,54 @@ def questions(corpus: str, finetune_tokens: int, eval_tokens: int | None) -> lis
     wider window instead of a memory, (c) short documents."""
     L, source = SMALL["segment_length"], f"table4-{corpus}/pretrain"
     other = [
-        ("window512", f"context {L}, sliding window 512 over an XL cache of 512", dict(NO_MEMORY, xl_length=512, attention_window=512)),
-        ("window512-g8", f"context {L}, sliding window 512 + the document's first 8 tokens (global, Longformer-style)",
-         dict(NO_MEMORY, xl_length=512, attention_window=512, global_tokens=8)),
-        ("linformer64", f"context {L}, XL cache of 512 compressed to 64 slots (causal Linformer)",
-         dict(NO_MEMORY, xl_length=512, xl_compression=64)),
+        (
+            "window512",
+            f"context {L}, sliding window 512 over an XL cache of 512",
+            dict(NO_MEMORY, xl_length=512, attention_window=512),
+        ),
+        (
+            "window512-g8",
+            f"context {L}, sliding window 512 + the document's first 8 tokens (global, Longformer-style)",
+            dict(NO_MEMORY, xl_length=512, attention_window=512, global_tokens=8),
+        ),
+        (
+            "linformer64",
+            f"context {L}, XL cache of 512 compressed to 64 slots (causal Linformer)",
+            dict(NO_MEMORY, xl_length=512, xl_compression=64),
+        ),
         ("2L", f"context {2 * L}", dict(NO_MEMORY, xl_length=0, segment_length=2 * L)),
         ("2L-xl", f"context {2 * L} + XL {2 * L}", dict(NO_MEMORY, xl_length=2 * L, segment_length=2 * L)),
     ]
-    short = [("short-xl", f"context {L} + XL {L}", dict(NO_MEMORY, xl_length=L)),
-             ("short-mem8k-xl", f"context {L} + memory 8K + XL {L}", dict(xl_length=L, memory_size=8192))]
-    make = lambda rows: tuple(Run(name, label, model, finetune_tokens, init_from=source, lr=1e-3) for name, label, model in rows)  # noqa: E731
+    short = [
+        ("short-xl", f"context {L} + XL {L}", dict(NO_MEMORY, xl_length=L)),
+        ("short-mem8k-xl", f"context {L} + memory 8K + XL {L}", dict(xl_length=L, memory_size=8192)),
+    ]
+    make = lambda rows: tuple(
+        Run(name, label, model, finetune_tokens, init_from=source, lr=1e-3) for name, label, model in rows
+    )  # noqa: E731
     return [
-        Grid(f"questions-{corpus}", f"Other long-range approaches and wider windows on `{corpus}`, fine-tuned for "
-             f"{finetune_tokens:,} tokens from the pre-training of table4-{corpus} (read against its XL and memory rows)",
-             corpus, 4096, SMALL, make(other), eval_tokens=eval_tokens),
-        Grid(f"short-{corpus}", f"Short documents: `{corpus}` cut into pieces of {2 * L} tokens (two segments), "
-             f"fine-tuned for {finetune_tokens:,} tokens from the pre-training of table4-{corpus}",
-             corpus, 4096, SMALL, make(short), eval_tokens=eval_tokens, document_tokens=2 * L),
+        Grid(
+            f"questions-{corpus}",
+            f"Other long-range approaches and wider windows on `{corpus}`, fine-tuned for "
+            f"{finetune_tokens:,} tokens from the pre-training of table4-{corpus} "
+            "(read against its XL and memory rows)",
+            corpus,
+            4096,
+            SMALL,
+            make(other),
+            eval_tokens=eval_tokens,
+        ),
+        Grid(
+            f"short-{corpus}",
+            f"Short documents: `{corpus}` cut into pieces of {2 * L} tokens (two segments), "
+            f"fine-tuned for {finetune_tokens:,} tokens from the pre-training of table4-{corpus}",
+            corpus,
+            4096,
+            SMALL,
+            make(short),
+            eval_tokens=eval_tokens,
+            document_tokens=2 * L,
+        ),
     ]
 
 
@@ -157,29 +225,77 @@ def budgets(corpus: str, tokens: tuple[int, ...], scratch_tokens: int, eval_toke
     L, source = SMALL["segment_length"], f"table4-{corpus}/pretrain"
     runs = []
     for budget in tokens:
-        runs.append(Run(f"L-xl-{budget // 1000}k", f"context {L} + XL {L}", dict(NO_MEMORY, xl_length=L), budget,
-                        init_from=source, lr=1e-3))
-        runs.append(Run(f"L-mem8k-xl-{budget // 1000}k", f"context {L} + memory 8K + XL {L}",
-                        dict(xl_length=L, memory_size=8192), budget, init_from=source, lr=1e-3))
-    runs.append(Run("scratch-mem8k-xl", f"context {L} + memory 8K + XL {L}, from scratch", dict(xl_length=L, memory_size=8192),
-                    scratch_tokens))
-    return Grid(f"budgets-{corpus}", f"The memory's gain against training tokens on `{corpus}`: fine-tunes of "
-                f"{', '.join(f'{t:,}' for t in tokens)} tokens from table4-{corpus}'s pre-training, and a memory model "
-                f"trained from scratch for {scratch_tokens:,} tokens", corpus, 4096, SMALL, tuple(runs), eval_tokens=eval_tokens)
+        runs.append(
+            Run(
+                f"L-xl-{budget // 1000}k",
+                f"context {L} + XL {L}",
+                dict(NO_MEMORY, xl_length=L),
+                budget,
+                init_from=source,
+                lr=1e-3,
+            )
+        )
+        runs.append(
+            Run(
+                f"L-mem8k-xl-{budget // 1000}k",
+                f"context {L} + memory 8K + XL {L}",
+                dict(xl_length=L, memory_size=8192),
+                budget,
+                init_from=source,
+                lr=1e-3,
+            )
+        )
+    runs.append(
+        Run(
+            "scratch-mem8k-xl",
+            f"context {L} + memory 8K + XL {L}, from scratch",
+            dict(xl_length=L, memory_size=8192),
+            scratch_tokens,
+        )
+    )
+    return Grid(
+        f"budgets-{corpus}",
+        f"The memory's gain against training tokens on `{corpus}`: fine-tunes of "
+        f"{', '.join(f'{t:,}' for t in tokens)} tokens from table4-{corpus}'s pre-training, and a memory model "
+        f"trained from scratch for {scratch_tokens:,} tokens",
+        corpus,
+        4096,
+        SMALL,
+        tuple(runs),
+        eval_tokens=eval_tokens,
+    )
 
 
-GRIDS = {grid.name: grid for grid in (
-    table4("pycode", pretrain_tokens=20_000_000, finetune_tokens=2_000_000, eval_tokens=200_000),
-    *questions("pycode", finetune_tokens=2_000_000, eval_tokens=200_000),
-    budgets("pycode", tokens=(250_000, 500_000, 1_000_000), scratch_tokens=20_000_000, eval_tokens=200_000),
-    table4("proofs", pretrain_tokens=8_000_000, finetune_tokens=1_000_000),
-    Grid("quick", "a smoke test of the runner: a pre-training and two fine-tunes of a few steps", "code", 512,
-         dict(SMALL, d_model=32, n_layers=2, n_heads=2, head_dim=16, d_ff=64, segment_length=32, memory_size=256),
-         (Run("pretrain", "vanilla", dict(NO_MEMORY, xl_length=0), 4 * 32 * 6),
-          Run("xl", "XL", dict(NO_MEMORY, xl_length=32), 4 * 32 * 4, init_from="pretrain"),
-          Run("mem-xl", "memory + XL", dict(xl_length=32), 4 * 32 * 4, init_from="pretrain", eval_memory_sizes=(512,))),
-         batch_size=4, eval_tokens=256),
-)}
+GRIDS = {
+    grid.name: grid
+    for grid in (
+        table4("pycode", pretrain_tokens=20_000_000, finetune_tokens=2_000_000, eval_tokens=200_000),
+        *questions("pycode", finetune_tokens=2_000_000, eval_tokens=200_000),
+        budgets("pycode", tokens=(250_000, 500_000, 1_000_000), scratch_tokens=20_000_000, eval_tokens=200_000),
+        table4("proofs", pretrain_tokens=8_000_000, finetune_tokens=1_000_000),
+        Grid(
+            "quick",
+            "a smoke test of the runner: a pre-training and two fine-tunes of a few steps",
+            "code",
+            512,
+            dict(SMALL, d_model=32, n_layers=2, n_heads=2, head_dim=16, d_ff=64, segment_length=32, memory_size=256),
+            (
+                Run("pretrain", "vanilla", dict(NO_MEMORY, xl_length=0), 4 * 32 * 6),
+                Run("xl", "XL", dict(NO_MEMORY, xl_length=32), 4 * 32 * 4, init_from="pretrain"),
+                Run(
+                    "mem-xl",
+                    "memory + XL",
+                    dict(xl_length=32),
+                    4 * 32 * 4,
+                    init_from="pretrain",
+                    eval_memory_sizes=(512,),
+                ),
+            ),
+            batch_size=4,
+            eval_tokens=256,
+        ),
+    )
+}
 
 
 # ---------------------------------------------------------------------- running
@@ -188,8 +304,13 @@ def run_settings(grid: Grid, run: Run) -> dict[str, Any]:
     settings is run again (into a folder of its own), never silently reused."""
     config = {**grid.base, **run.model}
     config["knn_layers"] = list(config.get("knn_layers", ()))
-    settings = {"corpus": grid.corpus, "vocab_size": grid.vocab_size, "batch_size": grid.batch_size, "model": config,
-                **{k: v for k, v in dataclasses.asdict(run).items() if k not in ("name", "label", "model")}}
+    settings = {
+        "corpus": grid.corpus,
+        "vocab_size": grid.vocab_size,
+        "batch_size": grid.batch_size,
+        "model": config,
+        **{k: v for k, v in dataclasses.asdict(run).items() if k not in ("name", "label", "model")},
+    }
     if grid.document_tokens is not None:
         settings["document_tokens"] = grid.document_tokens
     return settings
@@ -215,16 +336,24 @@ def source_of(grid: Grid, run: Run) -> tuple[Grid, Run]:
 def started_from(grid: Grid, run: Run) -> bool:
     """Whether any run of any grid (or of `grid` itself) starts from `run`'s weights."""
     names = {run.name, f"{grid.name}/{run.name}"}
-    return any(other.init_from in names for g in (grid, *GRIDS.values()) for other in g.runs
-               if other.init_from and (g is grid or "/" in other.init_from))
+    return any(
+        other.init_from in names
+        for g in (grid, *GRIDS.values())
+        for other in g.runs
+        if other.init_from and (g is grid or "/" in other.init_from)
+    )
 
 
 def cut_documents(documents: list[TokenizedDocument], tokens: int | None) -> list[TokenizedDocument]:
     """Each document cut into pieces of at most `tokens` tokens, each piece a document of its own."""
     if tokens is None:
         return documents
-    return [TokenizedDocument(f"{d.name}#{i // tokens}", d.ids[i : i + tokens]) for d in documents
-            for i in range(0, d.ids.numel(), tokens) if d.ids[i : i + tokens].numel() >= 2]
+    return [
+        TokenizedDocument(f"{d.name}#{i // tokens}", d.ids[i : i + tokens])
+        for d in documents
+        for i in range(0, d.ids.numel(), tokens)
+        if d.ids[i : i + tokens].numel() >= 2
+    ]
 
 
 def weights_dir(grid: Grid, run: Run, results: Path) -> Path:
@@ -232,19 +361,35 @@ def weights_dir(grid: Grid, run: Run, results: Path) -> Path:
     return results / grid.name / f"{run.name}-weights"
 
 
-def train_run(grid: Grid, run: Run, runs_dir: Path, results: Path, device: torch.device, deadline: float | None) -> bool:
+def train_run(
+    grid: Grid, run: Run, runs_dir: Path, results: Path, device: torch.device, deadline: float | None
+) -> bool:
     """Train `run` (resuming) until its budget or the deadline; True when it is finished."""
     tokenizer = load_tokenizer(str(corpus_tokenizer(grid.corpus, grid.vocab_size)))
     config = MemorizingConfig.from_dict({**grid.base, **run.model, "vocab_size": len(tokenizer)})
     steps = steps_for(grid, run)
-    train = TrainConfig(steps=steps, batch_size=grid.batch_size, lr=run.lr, warmup_steps=max(1, int(steps * run.warmup_fraction)),
-                        seed=run.seed, eval_every=0, checkpoint_every=0, checkpoint_minutes=5.0,
-                        log_every=max(1, steps // 200), extra={"grid": grid.name, "run": run.name})
+    train = TrainConfig(
+        steps=steps,
+        batch_size=grid.batch_size,
+        lr=run.lr,
+        warmup_steps=max(1, int(steps * run.warmup_fraction)),
+        seed=run.seed,
+        eval_every=0,
+        checkpoint_every=0,
+        checkpoint_minutes=5.0,
+        log_every=max(1, steps // 200),
+        extra={"grid": grid.name, "run": run.name},
+    )
     torch.manual_seed(run.seed)
     model = MemorizingTransformer(config, tokenizer=tokenizer).to(device)
     run_dir = runs_dir / grid.name / run.name
-    trainer = Trainer(model, train, cut_documents(load_tokenized(grid.corpus, "train", tokenizer), grid.document_tokens),
-                      None, run_dir)
+    trainer = Trainer(
+        model,
+        train,
+        cut_documents(load_tokenized(grid.corpus, "train", tokenizer), grid.document_tokens),
+        None,
+        run_dir,
+    )
     if trainer.resume():
         print(f"  {run.name}: resuming at step {trainer.step:,} of {steps:,}")
     elif run.init_from is not None:
@@ -269,32 +414,55 @@ def train_run(grid: Grid, run: Run, runs_dir: Path, results: Path, device: torch
         seconds[label] = time.perf_counter() - started
         return result
 
-    evaluated = {"with memory" if memory else "no memory": timed_evaluate("with memory" if memory else "no memory",
-                                                                          model, token_losses=memory)}
+    evaluated = {
+        "with memory" if memory else "no memory": timed_evaluate(
+            "with memory" if memory else "no memory", model, token_losses=memory
+        )
+    }
     gains = None
     if memory:
         off = MemorizingTransformer(dataclasses.replace(config, knn_layers=()), tokenizer=tokenizer).to(device)
         initialise_from(off, model)
         evaluated["memory off"] = timed_evaluate("memory off", off, token_losses=True)
         counts = torch.bincount(torch.cat([d.ids for d in trainer.batcher.documents]), minlength=config.vocab_size)
-        gains = token_gain(test_docs, evaluated["with memory"].token_losses, evaluated["memory off"].token_losses,
-                           tokenizer, counts, config.segment_length, config.xl_length)
+        gains = token_gain(
+            test_docs,
+            evaluated["with memory"].token_losses,
+            evaluated["memory off"].token_losses,
+            tokenizer,
+            counts,
+            config.segment_length,
+            config.xl_length,
+        )
     for size in run.eval_memory_sizes:  # the same weights with a larger (or smaller) memory at test time
         resized = MemorizingTransformer(dataclasses.replace(config, memory_size=size), tokenizer=tokenizer).to(device)
         initialise_from(resized, model)
         evaluated[f"memory {size:,}"] = timed_evaluate(f"memory {size:,}", resized)
     result = {
-        "grid": grid.name, "run": run.name, "label": run.label, "settings": run_settings(grid, run),
-        "parameters": sum(p.numel() for p in model.parameters()), "steps": steps,
-        "train_tokens": steps * grid.batch_size * config.segment_length, "train_seconds": trainer.train_seconds,
-        "eval_seconds": time.perf_counter() - began, "eval_seconds_by_variant": seconds,
+        "grid": grid.name,
+        "run": run.name,
+        "label": run.label,
+        "settings": run_settings(grid, run),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "steps": steps,
+        "train_tokens": steps * grid.batch_size * config.segment_length,
+        "train_seconds": trainer.train_seconds,
+        "eval_seconds": time.perf_counter() - began,
+        "eval_seconds_by_variant": seconds,
         "forward_flops_per_token": forward_flops_per_token(config),
         "test": {k: v.to_dict() for k, v in evaluated.items()},
         "token_gain": gains,
-        "memory_gates": {str(i): torch.sigmoid(model.blocks[i].attn.gate_bias).tolist()
-                         for i in config.memory_layer_indices if hasattr(model.blocks[i].attn, "gate_bias")},
-        "machine": {"device": str(device), "platform": platform.platform(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
+        "memory_gates": {
+            str(i): torch.sigmoid(model.blocks[i].attn.gate_bias).tolist()
+            for i in config.memory_layer_indices
+            if hasattr(model.blocks[i].attn, "gate_bias")
+        },
+        "machine": {
+            "device": str(device),
+            "platform": platform.platform(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
     }
     if started_from(grid, run):  # kept with the results: small, and costly to redo
         model.save_pretrained(weights_dir(grid, run, results))
@@ -309,13 +477,21 @@ def initialise_from(model: MemorizingTransformer, source: MemorizingTransformer)
     lacks (memory gates, XL-cache compressions) may be missing from `source` (they keep their
     initial value) or from `model` (they are dropped)."""
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
-    bad = [name for name in missing + unexpected if not name.endswith(("gate_bias", "compress_keys", "compress_values"))]
+    bad = [
+        name for name in missing + unexpected if not name.endswith(("gate_bias", "compress_keys", "compress_values"))
+    ]
     if bad:
         raise ValueError(f"cannot start from those weights: they differ in {bad}")
 
 
-def run_grid(grid: Grid, runs_dir: Path, results: Path, device: torch.device, max_minutes: float | None,
-             only: list[str] | None = None) -> bool:
+def run_grid(
+    grid: Grid,
+    runs_dir: Path,
+    results: Path,
+    device: torch.device,
+    max_minutes: float | None,
+    only: list[str] | None = None,
+) -> bool:
     """Every unfinished run of the grid in order; True when all are finished."""
     deadline = None if max_minutes is None else time.time() + 60 * max_minutes
     for run in grid.runs:
@@ -326,8 +502,10 @@ def run_grid(grid: Grid, runs_dir: Path, results: Path, device: torch.device, ma
             recorded = json.loads(path.read_text())["settings"]
             if recorded == json.loads(json.dumps(run_settings(grid, run))):
                 continue
-            raise SystemExit(f"{path} was made with other settings than the grid now gives {run.name}: "
-                             f"move it (and {runs_dir / grid.name / run.name}) away to run it again")
+            raise SystemExit(
+                f"{path} was made with other settings than the grid now gives {run.name}: "
+                f"move it (and {runs_dir / grid.name / run.name}) away to run it again"
+            )
         if run.init_from is not None and not result_path(*source_of(grid, run), results).is_file():
             print(f"  {run.name}: waits for {run.init_from}")
             continue
@@ -342,29 +520,47 @@ def run_grid(grid: Grid, runs_dir: Path, results: Path, device: torch.device, ma
 def summarize(grid: Grid, results: Path) -> str:
     """GRID.md (the table) and GRID.png (loss by position) from the runs' JSON."""
     rows = [json.loads(path.read_text()) for run in grid.runs if (path := result_path(grid, run, results)).is_file()]
-    lines = [f"# {grid.name}", "", f"{grid.description}. Made by `python experiments/grid.py {grid.name}`; "
-             "raw results in the JSON files beside this one. Rows are matched in training tokens; training tokens/s "
-             "and test ms/token say what they cost (one machine, the threads given).", "",
-             "| run | model | parameters | train tokens | train tokens/s | forward GFLOP/token | test tokens | "
-             "ms/token (test) | perplexity | memory off | device |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    lines = [
+        f"# {grid.name}",
+        "",
+        f"{grid.description}. Made by `python experiments/grid.py {grid.name}`; "
+        "raw results in the JSON files beside this one. Rows are matched in training tokens; training tokens/s "
+        "and test ms/token say what they cost (one machine, the threads given).",
+        "",
+        "| run | model | parameters | train tokens | train tokens/s | forward GFLOP/token | test tokens | "
+        "ms/token (test) | perplexity | memory off | device |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     curves: dict[str, EvalResult] = {}
     for row in rows:
         test = {k: EvalResult(**v) for k, v in row["test"].items()}
         main = test.get("with memory") or test["no memory"]
         off = f"{test['memory off'].perplexity:.3f}" if "memory off" in test else "-"
-        resized = [f"{label}: {result.perplexity:.3f}" for label, result in test.items() if label.startswith("memory ") and label != "memory off"]
+        resized = [
+            f"{label}: {result.perplexity:.3f}"
+            for label, result in test.items()
+            if label.startswith("memory ") and label != "memory off"
+        ]
         if resized:
             off += " (at test time with " + ", ".join(resized) + ")"
         machine = row["machine"]
         label = "with memory" if "with memory" in test else "no memory"
-        flops = row.get("forward_flops_per_token", forward_flops_per_token(MemorizingConfig.from_dict(
-            {**row["settings"]["model"], "vocab_size": row["settings"]["vocab_size"]})))["total"]
-        per_token = (f"{1000 * row['eval_seconds_by_variant'][label] / main.tokens:.2f}"
-                     if "eval_seconds_by_variant" in row else "-")
-        lines.append(f"| {row['run']} | {row['label']} | {row['parameters']:,} | {row['train_tokens']:,} | "
-                     f"{row['train_tokens'] / row['train_seconds']:,.0f} | {flops / 1e9:.4f} | {main.tokens:,} | "
-                     f"{per_token} | {main.perplexity:.3f} | {off} | {machine['device']}, {machine['threads']} threads |")
+        flops = row.get(
+            "forward_flops_per_token",
+            forward_flops_per_token(
+                MemorizingConfig.from_dict({**row["settings"]["model"], "vocab_size": row["settings"]["vocab_size"]})
+            ),
+        )["total"]
+        per_token = (
+            f"{1000 * row['eval_seconds_by_variant'][label] / main.tokens:.2f}"
+            if "eval_seconds_by_variant" in row
+            else "-"
+        )
+        lines.append(
+            f"| {row['run']} | {row['label']} | {row['parameters']:,} | {row['train_tokens']:,} | "
+            f"{row['train_tokens'] / row['train_seconds']:,.0f} | {flops / 1e9:.4f} | {main.tokens:,} | "
+            f"{per_token} | {main.perplexity:.3f} | {off} | {machine['device']}, {machine['threads']} threads |"
+        )
         curves[f"{row['run']}: {row['label']}"] = main
     missing = [run.name for run in grid.runs if not result_path(grid, run, results).is_file()]
     if missing:
@@ -376,8 +572,10 @@ def summarize(grid: Grid, results: Path) -> str:
         text += f"\n![test loss by position]({grid.name}.png)\n"
     gained = [row for row in rows if row.get("token_gain")]
     if gained:
-        text += "\n## What the memory helps\n\nPer-token gain: the loss with the memory switched off minus the loss with it, " \
-                "same weights, on the scored test tokens.\n"
+        text += (
+            "\n## What the memory helps\n\nPer-token gain: the loss with the memory switched off minus the loss "
+            "with it, same weights, on the scored test tokens.\n"
+        )
         plot_gain({row["run"]: row["token_gain"] for row in gained}, results / f"{grid.name}-token-gain.png")
         text += f"\n![share of tokens and of the gain, by group]({grid.name}-token-gain.png)\n"
         text += "".join(f"\n### {row['run']}: {row['label']}\n\n{gain_tables(row['token_gain'])}\n" for row in gained)
@@ -401,7 +599,10 @@ def main(argv: list[str] | None = None) -> None:
         for grid in GRIDS.values():
             print(f"{grid.name}: {grid.description}")
             for run in grid.runs:
-                print(f"  {run.name:14} {run.label}, {run.tokens:,} tokens" + (f", from {run.init_from}" if run.init_from else ""))
+                print(
+                    f"  {run.name:14} {run.label}, {run.tokens:,} tokens"
+                    + (f", from {run.init_from}" if run.init_from else "")
+                )
         return
     if args.grid not in GRIDS:
         raise SystemExit(f"unknown grid {args.grid!r}; grids: {', '.join(GRIDS)}")

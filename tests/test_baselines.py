@@ -32,10 +32,16 @@ def leaks(run, ids: torch.Tensor) -> list[int]:
     return leaked
 
 
-@pytest.mark.parametrize("variant", [dict(attention_window=8, xl_length=16), dict(xl_compression=4, xl_length=16),
-                                     dict(attention_window=8, xl_compression=4, xl_length=16),
-                                     dict(attention_window=8, xl_length=16, global_tokens=3)],
-                         ids=["sliding-window", "causal-linformer", "both", "window-and-global-tokens"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        dict(attention_window=8, xl_length=16),
+        dict(xl_compression=4, xl_length=16),
+        dict(attention_window=8, xl_compression=4, xl_length=16),
+        dict(attention_window=8, xl_length=16, global_tokens=3),
+    ],
+    ids=["sliding-window", "causal-linformer", "both", "window-and-global-tokens"],
+)
 def test_the_baselines_are_causal_within_and_across_segments(variant):
     model = model_of(**variant)
     with torch.no_grad():
@@ -77,7 +83,10 @@ def test_a_window_covering_everything_is_full_attention_and_a_short_one_forgets(
 
 def test_the_compressed_cache_is_learned_and_absent_on_a_first_segment():
     config = MemorizingConfig.preset("tiny", knn_layers=(), segment_length=16, xl_length=16)
-    plain, compressed = model_of(**dataclasses.asdict(config)), model_of(**{**dataclasses.asdict(config), "xl_compression": 4})
+    plain, compressed = (
+        model_of(**dataclasses.asdict(config)),
+        model_of(**{**dataclasses.asdict(config), "xl_compression": 4}),
+    )
     missing, unexpected = compressed.load_state_dict(plain.state_dict(), strict=False)
     assert unexpected == [] and all("compress_" in name for name in missing) and len(missing) == 2 * 4
     ids = torch.randint(0, 512, (2, 32))
@@ -121,7 +130,7 @@ def test_global_tokens_streamed_equal_one_pass_and_start_again_with_each_documen
         reference = one_pass(ids).logits
         state, parts = None, []
         for start in range(0, 64, 16):
-            out = streamed(ids[:, start:start + 16], state=state)
+            out = streamed(ids[:, start : start + 16], state=state)
             state, parts = out.state, parts + [out.logits]
         torch.testing.assert_close(torch.cat(parts, dim=1), reference, rtol=1e-4, atol=1e-4)
         without = model_of(**{**config, "global_tokens": 0})

@@ -8,7 +8,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_every_catalogue_row_names_an_existing_test():
     page = (ROOT / "docs" / "RELIABILITY.md").read_text()
-    rows = [line for line in page.split("## The catalogue", 1)[1].splitlines() if line.startswith("| ") and "---" not in line][1:]
+    rows = [
+        line
+        for line in page.split("## The catalogue", 1)[1].splitlines()
+        if line.startswith("| ") and "---" not in line
+    ][1:]
     assert len(rows) > 30
     for row in rows:
         named = re.findall(r"(test_\w+)::(test_\w+)|(cli_error)", row.rsplit("|", 2)[-2])

@@ -23,6 +23,7 @@ from memorizing_transformers.model.state import MemorizingState
 from memorizing_transformers.training.checkpoint import checkpoints, run_lock, RunLocked
 from memorizing_transformers.training.trainer import TrainConfig, Trainer, TrainingDiverged
 
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     """The `files` corpus of eight small pseudo-code documents, prepared once for this module."""
@@ -34,8 +35,24 @@ def corpus(tmp_path_factory):
 
 
 def train_args(run: Path, steps: int, *extra: str) -> list[str]:
-    return ["train", "--out", str(run), "--corpus", "files", "--preset", "tiny", "--vocab-size", "300", "--eval-every", "0",
-            "--log-every", "1", "--steps", str(steps), *extra]
+    return [
+        "train",
+        "--out",
+        str(run),
+        "--corpus",
+        "files",
+        "--preset",
+        "tiny",
+        "--vocab-size",
+        "300",
+        "--eval-every",
+        "0",
+        "--log-every",
+        "1",
+        "--steps",
+        str(steps),
+        *extra,
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +105,12 @@ def test_damaged_memory_files_are_refused_by_name(tmp_path, damage):
     else:
         path.unlink()
         path.mkdir()
-    expected = {"truncate": "truncated, corrupt", "flip": "do not match the checksum", "garbage": "truncated, corrupt",
-                "folder": "is a folder"}[damage]
+    expected = {
+        "truncate": "truncated, corrupt",
+        "flip": "do not match the checksum",
+        "garbage": "truncated, corrupt",
+        "folder": "is a folder",
+    }[damage]
     with pytest.raises((ValueError, OSError), match=expected) as info:
         model.load_memory(path)
     assert str(path) in str(info.value)
@@ -175,7 +196,7 @@ def test_a_write_is_flushed_to_disk_before_it_is_published(tmp_path, monkeypatch
     write_atomically(tmp_path / "f.txt", lambda tmp: Path(tmp).write_text("x"))
     rename = synced.index(("rename", str(tmp_path / "f.txt")))
     assert any(str(p).startswith(str(tmp_path / ".f.txt.")) for p in synced[:rename])  # the data, first
-    assert synced[rename + 1:] == [str(tmp_path)]  # then the folder that names it
+    assert synced[rename + 1 :] == [str(tmp_path)]  # then the folder that names it
 
 
 # ---------------------------------------------------------------------- non-finite training
@@ -321,12 +342,21 @@ def test_evaluate_refuses_a_read_only_output_folder_before_evaluating(trained_ru
 # ---------------------------------------------------------------------- bad input on the command line
 def test_set_values_take_their_field_types(corpus, tmp_path, cli_error):
     main(train_args(tmp_path / "r", 1, "--set", "memory_gate_init=-3"))  # an integer where a float is expected
-    assert json.loads((tmp_path / "r" / "checkpoints" / "step-0000001" / "config.json").read_text())["memory_gate_init"] == -3.0
-    assert "memory_size must be an integer, got 2.5" in cli_error(train_args(tmp_path / "a", 1, "--set", "memory_size=2.5"))
-    assert "knn_layers must be a list of layer indices" in cli_error(train_args(tmp_path / "b", 1, "--set", "knn_layers=2"))
+    assert (
+        json.loads((tmp_path / "r" / "checkpoints" / "step-0000001" / "config.json").read_text())["memory_gate_init"]
+        == -3.0
+    )
+    assert "memory_size must be an integer, got 2.5" in cli_error(
+        train_args(tmp_path / "a", 1, "--set", "memory_size=2.5")
+    )
+    assert "knn_layers must be a list of layer indices" in cli_error(
+        train_args(tmp_path / "b", 1, "--set", "knn_layers=2")
+    )
     assert "out of range for a model of 4 layers" in cli_error(train_args(tmp_path / "c", 1, "--set", "knn_layers=[7]"))
     assert "memory_size must be positive" in cli_error(train_args(tmp_path / "d", 1, "--set", "memory_size=0"))
-    assert "unknown MemorizingConfig fields: ['memory_sise']" in cli_error(train_args(tmp_path / "e", 1, "--set", "memory_sise=8"))
+    assert "unknown MemorizingConfig fields: ['memory_sise']" in cli_error(
+        train_args(tmp_path / "e", 1, "--set", "memory_sise=8")
+    )
     assert "steps must be positive" in cli_error(train_args(tmp_path / "f", 0))
 
 
@@ -335,18 +365,29 @@ def test_unknown_corpus_and_missing_runs_are_named(tmp_path, cli_error, monkeypa
     monkeypatch.setattr(shutil, "which", lambda tool: None)
     assert "apt-get and dpkg-deb cannot be found" in cli_error(["data", "prepare", "books"])
     assert f"no such model folder or run directory: {tmp_path / 'nope'}" in cli_error(
-        ["generate", tmp_path / "nope", "--prompt", "x"])
+        ["generate", tmp_path / "nope", "--prompt", "x"]
+    )
     assert "neither a saved model" in cli_error(["evaluate", tmp_path, "--corpus", "files"])
 
 
 def test_generation_and_memorize_options_are_checked(trained_run, tmp_path, cli_error):
-    assert "--max-new-tokens must be positive, got 0" in cli_error(["generate", trained_run, "--prompt", "x", "--max-new-tokens", "0"])
-    assert "--temperature must be 0 (greedy) or positive" in cli_error(["generate", trained_run, "--prompt", "x", "--temperature", "-1"])
+    assert "--max-new-tokens must be positive, got 0" in cli_error(
+        ["generate", trained_run, "--prompt", "x", "--max-new-tokens", "0"]
+    )
+    assert "--temperature must be 0 (greedy) or positive" in cli_error(
+        ["generate", trained_run, "--prompt", "x", "--temperature", "-1"]
+    )
     assert "the prompt is empty" in cli_error(["generate", trained_run, "--prompt", ""])
     (tmp_path / "empty.txt").write_text("")
-    assert "hold no tokens" in cli_error(["memorize", trained_run, tmp_path / "empty.txt", "--out", tmp_path / "kb.safetensors"])
-    assert f"{tmp_path} is a folder" in cli_error(["memorize", trained_run, tmp_path, "--out", tmp_path / "kb.safetensors"])
-    assert "no such file" in cli_error(["memorize", trained_run, tmp_path / "missing.txt", "--out", tmp_path / "kb.safetensors"])
+    assert "hold no tokens" in cli_error(
+        ["memorize", trained_run, tmp_path / "empty.txt", "--out", tmp_path / "kb.safetensors"]
+    )
+    assert f"{tmp_path} is a folder" in cli_error(
+        ["memorize", trained_run, tmp_path, "--out", tmp_path / "kb.safetensors"]
+    )
+    assert "no such file" in cli_error(
+        ["memorize", trained_run, tmp_path / "missing.txt", "--out", tmp_path / "kb.safetensors"]
+    )
     (tmp_path / "latin1.txt").write_bytes("caf\xe9 = 1\n".encode("latin-1"))  # not UTF-8: read with replacement
     main(["memorize", str(trained_run), str(tmp_path / "latin1.txt"), "--out", str(tmp_path / "kb.safetensors")])
     other = tmp_path / "other-kb.safetensors"
@@ -372,7 +413,9 @@ def test_bits_per_byte_divides_by_the_bytes_of_the_scored_tokens():
     assert doc.num_bytes == 98
     result = evaluate(model, [doc])
     assert result.tokens == doc.ids.numel() - 1
-    assert result.bits_per_byte == pytest.approx(result.loss * result.tokens / torch.log(torch.tensor(2.0)).item() / doc.num_bytes)
+    assert result.bits_per_byte == pytest.approx(
+        result.loss * result.tokens / torch.log(torch.tensor(2.0)).item() / doc.num_bytes
+    )
 
 
 def test_checkpoints_every_few_minutes(tmp_path, monkeypatch):

@@ -27,7 +27,9 @@ def test_a_grid_resumes_across_invocations_and_skips_finished_runs(quick_grid, t
     assert grid_script.run_grid(quick_grid, runs, results, "cpu", max_minutes=None)
     rows = {r.name: json.loads((results / "quick" / f"{r.name}.json").read_text()) for r in quick_grid.runs}
     assert rows["pretrain"]["steps"] == 6 and rows["xl"]["steps"] == 4
-    assert set(rows["mem-xl"]["test"]) == {"with memory", "memory off", "memory 512"} and set(rows["xl"]["test"]) == {"no memory"}
+    assert set(rows["mem-xl"]["test"]) == {"with memory", "memory off", "memory 512"} and set(rows["xl"]["test"]) == {
+        "no memory"
+    }
     assert rows["xl"]["train_tokens"] == 4 * 32 * 4 and rows["xl"]["train_seconds"] > 0
     # Fine-tunes start from the pre-training's final weights (memory gates at the grid's value).
     out = capsys.readouterr().out
@@ -40,7 +42,11 @@ def test_a_grid_resumes_across_invocations_and_skips_finished_runs(quick_grid, t
     assert table.count("| ") > 3 and "| mem-xl | memory + XL |" in table
     gain = rows["mem-xl"]["token_gain"]
     assert gain["tokens"] == rows["mem-xl"]["test"]["with memory"]["tokens"] and rows["xl"]["token_gain"] is None
-    assert sum(g["tokens"] for g in gain["by_kind"]) == gain["tokens"] == sum(g["tokens"] for g in gain["by_training_frequency"])
+    assert (
+        sum(g["tokens"] for g in gain["by_kind"])
+        == gain["tokens"]
+        == sum(g["tokens"] for g in gain["by_training_frequency"])
+    )
     assert abs(sum(g["share_of_gain"] for g in gain["by_distance_to_previous_occurrence"]) - 1) < 1e-6
     assert "### mem-xl: memory + XL" in table and "| top tokens by total gain |" in table
     assert (results / "quick-token-gain.png").stat().st_size > 1000
@@ -54,7 +60,17 @@ def test_a_grid_resumes_across_invocations_and_skips_finished_runs(quick_grid, t
 def test_synthetic_recall_trains_through_the_trainer_and_resumes(tmp_path):
     import synthetic_recall
 
-    args = ["--quick", "--steps", "40", "--eval-every", "20", "--results", str(tmp_path), "--runs", str(tmp_path / "runs")]
+    args = [
+        "--quick",
+        "--steps",
+        "40",
+        "--eval-every",
+        "20",
+        "--results",
+        str(tmp_path),
+        "--runs",
+        str(tmp_path / "runs"),
+    ]
     path = synthetic_recall.main(args)
     result = json.loads(path.read_text())
     memory, baseline = result["runs"]["memory"], result["runs"]["no_memory"]

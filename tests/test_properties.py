@@ -27,7 +27,7 @@ class BruteForceMemory:
             for t in range(keys.shape[2]):
                 if mask[b, t]:
                     self.rows[b].append((keys[b, :, t], values[b, :, t]))
-            self.rows[b] = self.rows[b][-self.capacity:]
+            self.rows[b] = self.rows[b][-self.capacity :]
 
     def reset(self, rows):
         for b in rows:
@@ -53,7 +53,9 @@ operation = st.one_of(
     st.tuples(st.just("add"), st.integers(1, 12), st.floats(0.0, 1.0)),
     st.tuples(st.just("search"), st.integers(1, 4), st.integers(1, 6)),
     st.tuples(st.just("reset"), st.sets(st.integers(0, BATCH - 1), max_size=BATCH)),
-    st.tuples(st.just("reload"),),
+    st.tuples(
+        st.just("reload"),
+    ),
 )
 
 
@@ -102,8 +104,12 @@ def test_memory_equals_a_brute_force_model(backend, capacity, operations, seed, 
 
 
 @settings(max_examples=40, deadline=None)
-@given(lengths=st.lists(st.integers(0, 60), min_size=1, max_size=8), batch_size=st.integers(1, 4),
-       segment_length=st.integers(1, 17), seed=st.integers(0, 1000))
+@given(
+    lengths=st.lists(st.integers(0, 60), min_size=1, max_size=8),
+    batch_size=st.integers(1, 4),
+    segment_length=st.integers(1, 17),
+    seed=st.integers(0, 1000),
+)
 def test_the_batcher_scores_every_token_once_and_never_mixes_documents(lengths, batch_size, segment_length, seed):
     docs = documents(lengths, seed=seed)
     if not any(n >= 2 for n in lengths):

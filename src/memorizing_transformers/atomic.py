@@ -99,7 +99,8 @@ def disk_full_error(path: Path, err: BaseException) -> OSError | None:
     (torch.save and safetensors report one in their own words), else None."""
     text = str(err)
     full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or any(
-        marker in text for marker in ("No space left", "StorageFull", "code: 28", "os error 28"))
+        marker in text for marker in ("No space left", "StorageFull", "code: 28", "os error 28")
+    )
     if not full and "unexpected pos" in text:  # torch.save's PytorchStreamWriter on a failed write
         full = shutil.disk_usage(path.parent).free < 1 << 20
     if not full:

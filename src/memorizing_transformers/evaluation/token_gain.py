@@ -20,8 +20,12 @@ from ..data.streaming import TokenizedDocument
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 NUMBER = re.compile(r"[0-9][0-9_.]*")
 # Training frequency, occurrences per million training tokens: (upper bound, name).
-FREQUENCY_BINS = ((10, "rare (< 10 per M)"), (100, "10-100 per M"), (1000, "100-1,000 per M"),
-                  (float("inf"), "frequent (> 1,000 per M)"))
+FREQUENCY_BINS = (
+    (10, "rare (< 10 per M)"),
+    (100, "10-100 per M"),
+    (1000, "100-1,000 per M"),
+    (float("inf"), "frequent (> 1,000 per M)"),
+)
 
 
 def token_kind(text: str) -> str:
@@ -41,10 +45,13 @@ def token_kind(text: str) -> str:
 def distance_bins(segment_length: int, xl_length: int) -> list[tuple[float, str]]:
     """(upper bound, name) of the distance back to the token's previous occurrence."""
     reach = segment_length + xl_length
-    return [(segment_length, f"1-{segment_length} (in the segment)"),
-            *([(reach, f"{segment_length + 1}-{reach} (in the XL cache)")] if xl_length else []),
-            (4 * reach, f"{reach + 1}-{4 * reach}"), (32 * reach, f"{4 * reach + 1}-{32 * reach}"),
-            (float("inf"), f"> {32 * reach}")]
+    return [
+        (segment_length, f"1-{segment_length} (in the segment)"),
+        *([(reach, f"{segment_length + 1}-{reach} (in the XL cache)")] if xl_length else []),
+        (4 * reach, f"{reach + 1}-{4 * reach}"),
+        (32 * reach, f"{4 * reach + 1}-{32 * reach}"),
+        (float("inf"), f"> {32 * reach}"),
+    ]
 
 
 def previous_occurrence_distance(ids: torch.Tensor) -> torch.Tensor:
@@ -58,8 +65,16 @@ def previous_occurrence_distance(ids: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def token_gain(documents: list[TokenizedDocument], with_memory: list[torch.Tensor], without: list[torch.Tensor],
-               tokenizer: Any, train_counts: torch.Tensor, segment_length: int, xl_length: int, top: int = 25) -> dict:
+def token_gain(
+    documents: list[TokenizedDocument],
+    with_memory: list[torch.Tensor],
+    without: list[torch.Tensor],
+    tokenizer: Any,
+    train_counts: torch.Tensor,
+    segment_length: int,
+    xl_length: int,
+    top: int = 25,
+) -> dict:
     """Gains grouped three ways, and the `top` tokens by total gain. `with_memory`/`without`:
     per document, each token's loss (NaN where not scored), as `evaluate(..., token_losses=True)`
     returns them; `train_counts`: (vocab,) occurrences of each id in the training split."""
@@ -78,8 +93,15 @@ def token_gain(documents: list[TokenizedDocument], with_memory: list[torch.Tenso
         for name in order:
             pick = torch.tensor([label == name for label in labels], dtype=torch.bool)
             if pick.any():
-                rows.append({"group": name, "tokens": int(pick.sum()), "share_of_tokens": float(pick.float().mean()),
-                             "mean_gain": float(gain[pick].mean()), "share_of_gain": float(gain[pick].sum()) / total if total else 0.0})
+                rows.append(
+                    {
+                        "group": name,
+                        "tokens": int(pick.sum()),
+                        "share_of_tokens": float(pick.float().mean()),
+                        "mean_gain": float(gain[pick].mean()),
+                        "share_of_gain": float(gain[pick].sum()) / total if total else 0.0,
+                    }
+                )
         return rows
 
     def binned(values: torch.Tensor, bins: list[tuple[float, str]], zero: str | None = None) -> list[str]:
@@ -95,15 +117,28 @@ def token_gain(documents: list[TokenizedDocument], with_memory: list[torch.Tenso
         by_token.setdefault(token, []).append(g)
     best = sorted(by_token.items(), key=lambda item: -sum(item[1]))[:top]
     return {
-        "tokens": int(scored.sum()), "mean_gain": float(gain.mean()), "total_gain": total,
+        "tokens": int(scored.sum()),
+        "mean_gain": float(gain.mean()),
+        "total_gain": total,
         "share_of_tokens_gaining_over_0.5_nats": float((gain > 0.5).float().mean()),
         "by_kind": group(kinds, ["identifier", "keyword", "number", "punctuation", "whitespace"]),
         "by_training_frequency": group(binned(per_million[ids], frequency_bins), [name for _, name in frequency_bins]),
-        "by_distance_to_previous_occurrence": group(binned(distance, distances, zero="first in the document"),
-                                                    ["first in the document"] + [name for _, name in distances]),
-        "top_tokens": [{"token": texts[token], "id": token, "kind": token_kind(texts[token]), "count": len(gains),
-                        "total_gain": sum(gains), "mean_gain": sum(gains) / len(gains),
-                        "training_per_million": float(per_million[token])} for token, gains in best],
+        "by_distance_to_previous_occurrence": group(
+            binned(distance, distances, zero="first in the document"),
+            ["first in the document"] + [name for _, name in distances],
+        ),
+        "top_tokens": [
+            {
+                "token": texts[token],
+                "id": token,
+                "kind": token_kind(texts[token]),
+                "count": len(gains),
+                "total_gain": sum(gains),
+                "mean_gain": sum(gains) / len(gains),
+                "training_per_million": float(per_million[token]),
+            }
+            for token, gains in best
+        ],
     }
 
 
@@ -114,17 +149,33 @@ def _cell(token: str) -> str:
 
 def gain_tables(result: dict[str, Any]) -> str:
     """The groups of `token_gain` as Markdown tables."""
-    parts = [f"{result['tokens']:,} scored tokens; mean gain {result['mean_gain']:.4f} nats; "
-             f"{result['share_of_tokens_gaining_over_0.5_nats']:.1%} of tokens gain more than 0.5 nats."]
-    for key, title in (("by_kind", "kind of token"), ("by_training_frequency", "training frequency"),
-                       ("by_distance_to_previous_occurrence", "distance back to the same token's previous occurrence")):
-        parts.append(f"\n| {title} | tokens | share of tokens | mean gain (nats) | share of the total gain |\n"
-                     "|---|---:|---:|---:|---:|")
-        parts += [f"| {r['group']} | {r['tokens']:,} | {r['share_of_tokens']:.1%} | {r['mean_gain']:.4f} | {r['share_of_gain']:.1%} |"
-                  for r in result[key]]
-    parts.append("\n| top tokens by total gain | kind | count | mean gain | total gain | training per M |\n|---|---|---:|---:|---:|---:|")
-    parts += [f"| {_cell(t['token'])} | {t['kind']} | {t['count']:,} | {t['mean_gain']:.3f} | {t['total_gain']:.1f} | "
-              f"{t['training_per_million']:.1f} |" for t in result["top_tokens"]]
+    parts = [
+        f"{result['tokens']:,} scored tokens; mean gain {result['mean_gain']:.4f} nats; "
+        f"{result['share_of_tokens_gaining_over_0.5_nats']:.1%} of tokens gain more than 0.5 nats."
+    ]
+    for key, title in (
+        ("by_kind", "kind of token"),
+        ("by_training_frequency", "training frequency"),
+        ("by_distance_to_previous_occurrence", "distance back to the same token's previous occurrence"),
+    ):
+        parts.append(
+            f"\n| {title} | tokens | share of tokens | mean gain (nats) | share of the total gain |\n"
+            "|---|---:|---:|---:|---:|"
+        )
+        parts += [
+            f"| {r['group']} | {r['tokens']:,} | {r['share_of_tokens']:.1%} | {r['mean_gain']:.4f} | "
+            f"{r['share_of_gain']:.1%} |"
+            for r in result[key]
+        ]
+    parts.append(
+        "\n| top tokens by total gain | kind | count | mean gain | total gain | training per M |\n"
+        "|---|---|---:|---:|---:|---:|"
+    )
+    parts += [
+        f"| {_cell(t['token'])} | {t['kind']} | {t['count']:,} | {t['mean_gain']:.3f} | {t['total_gain']:.1f} | "
+        f"{t['training_per_million']:.1f} |"
+        for t in result["top_tokens"]
+    ]
     return "\n".join(parts)
 
 
@@ -138,19 +189,31 @@ def plot_gain(results: dict[str, dict], path: Path) -> None:
 
     from ..atomic import write_atomically
 
-    keys = [("by_kind", "kind of token"), ("by_training_frequency", "training frequency"),
-            ("by_distance_to_previous_occurrence", "distance back to the previous occurrence")]
+    keys = [
+        ("by_kind", "kind of token"),
+        ("by_training_frequency", "training frequency"),
+        ("by_distance_to_previous_occurrence", "distance back to the previous occurrence"),
+    ]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, (key, title) in zip(axes, keys):
         groups = [g["group"] for g in next(iter(results.values()))[key]]
         width = 0.8 / (len(results) + 1)
         first = next(iter(results.values()))[key]
-        ax.bar([i - 0.4 + width / 2 for i in range(len(groups))], [g["share_of_tokens"] for g in first], width,
-               color="lightgrey", label="share of tokens")
+        ax.bar(
+            [i - 0.4 + width / 2 for i in range(len(groups))],
+            [g["share_of_tokens"] for g in first],
+            width,
+            color="lightgrey",
+            label="share of tokens",
+        )
         for n, (label, result) in enumerate(results.items(), start=1):
             shares = {g["group"]: g["share_of_gain"] for g in result[key]}
-            ax.bar([i - 0.4 + width * (n + 0.5) for i in range(len(groups))], [shares.get(g, 0.0) for g in groups], width,
-                   label=f"share of the gain: {label}")
+            ax.bar(
+                [i - 0.4 + width * (n + 0.5) for i in range(len(groups))],
+                [shares.get(g, 0.0) for g in groups],
+                width,
+                label=f"share of the gain: {label}",
+            )
         ax.set_xticks(range(len(groups)), groups, rotation=30, ha="right", fontsize=8)
         ax.set_title(title)
         ax.grid(alpha=0.3, axis="y")

@@ -36,8 +36,11 @@ def save_memory_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
     for name, tensor in tensors.items():
         tensor = tensor.detach().cpu()
         pointer = tensor.untyped_storage().data_ptr()
-        whole = tensor.is_contiguous() and tensor.storage_offset() == 0 and \
-            tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        whole = (
+            tensor.is_contiguous()
+            and tensor.storage_offset() == 0
+            and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+        )
         owned[name] = tensor if whole and pointer not in seen else tensor.clone(memory_format=torch.contiguous_format)
         seen.add(pointer)
     metadata = {**metadata, "checksum": fingerprint({}, owned)}
@@ -63,7 +66,9 @@ def memory_file_metadata(path: str | os.PathLike, file_format: str, what: str) -
     return metadata
 
 
-def load_memory_file(path: str | os.PathLike, file_format: str, what: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+def load_memory_file(
+    path: str | os.PathLike, file_format: str, what: str
+) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
     """The metadata and tensors of a memory file written by `save_memory_file`; a file whose
     tensors do not match their checksum (a flipped byte, a truncated copy) is refused.
     Files written before checksums existed have none and are read as they are."""

@@ -79,7 +79,9 @@ def resolve_model_dir(path: str | Path) -> Path:
     return latest
 
 
-def save_checkpoint(run_dir: str | Path, step: int, model: MemorizingTransformer, training_state: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(
+    run_dir: str | Path, step: int, model: MemorizingTransformer, training_state: dict[str, Any], keep: int = 2
+) -> Path:
     """Write model + training state for `step`, point `latest` at it, and keep the newest
     `keep` checkpoints at or below this step (the ones above it belong to a timeline this
     run has left). A failed write (a full disk) leaves every earlier checkpoint as it was."""
@@ -139,11 +141,15 @@ def run_lock(run_dir: str | Path) -> Iterator[None]:
             holder = f.read().strip() or "another process"
             f.close()
             if err.errno in (errno.EAGAIN, errno.EACCES):
-                raise RunLocked(f"{run_dir} is in use by {holder}: wait for it to finish, or choose another --out") from None
+                raise RunLocked(
+                    f"{run_dir} is in use by {holder}: wait for it to finish, or choose another --out"
+                ) from None
             raise
         f.truncate(0)
-        f.write(f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')} "
-                f"({' '.join(sys.argv[:3])})\n")
+        f.write(
+            f"process {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')} "
+            f"({' '.join(sys.argv[:3])})\n"
+        )
         f.flush()
         _held[key] = [f, 1]
     try:

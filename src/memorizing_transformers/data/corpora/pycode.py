@@ -33,8 +33,10 @@ def build(source: Path | None) -> Built:
         return Built(source=str(source.resolve()), splits=split_documents(documents(source, "src")))
     stdlib, site = Path(sysconfig.get_paths()["stdlib"]), Path(sysconfig.get_paths()["purelib"])
     versions = sorted(f"{d.metadata['Name']}=={d.version}" for d in importlib.metadata.distributions())
-    description = (f"Python {platform.python_version()} standard library ({stdlib}) and site-packages ({site}): "
-                   + ", ".join(versions))
+    description = (
+        f"Python {platform.python_version()} standard library ({stdlib}) and site-packages ({site}): "
+        + ", ".join(versions)
+    )
     return Built(source=description, splits=split_documents([*documents(stdlib, "stdlib"), *documents(site, "site")]))
 
 
@@ -49,12 +51,16 @@ def documents(root: Path, prefix: str) -> list[Document]:
 
 def directory_texts(root: Path) -> Iterator[tuple[str, str]]:
     for directory, subdirs, names in os.walk(root):
-        subdirs[:] = sorted(d for d in subdirs if d not in EXCLUDED_DIRS and not d.endswith((".dist-info", ".egg-info")))
+        subdirs[:] = sorted(
+            d for d in subdirs if d not in EXCLUDED_DIRS and not d.endswith((".dist-info", ".egg-info"))
+        )
         files = [Path(directory, name) for name in sorted(names) if name.endswith(".py")]
         if files:
             relative = Path(directory).relative_to(root).as_posix()
-            yield ("" if relative == "." else relative), concatenate(
-                ((p.relative_to(root).as_posix(), read_text(p)) for p in files), HEADER)
+            yield (
+                ("" if relative == "." else relative),
+                concatenate(((p.relative_to(root).as_posix(), read_text(p)) for p in files), HEADER),
+            )
 
 
 CORPUS = Corpus(
