@@ -22,14 +22,6 @@ def device_description(device: torch.device) -> str:
     return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def process_memory_bytes(field: str) -> int:
-    """A memory figure of this process from /proc/self/status (Linux), e.g. VmRSS or VmHWM (peak), in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024  # the file gives kB
-    raise RuntimeError(f"no {field} in /proc/self/status")
-
-
 def median_seconds(run: Callable[[], Any], repeats: int, warmup: int = 1, device: torch.device | None = None) -> float:
     """Median wall time of `run()` over `repeats` calls after `warmup` calls (synchronising CUDA)."""
     def timed() -> float:

@@ -23,9 +23,10 @@ from tqdm.auto import tqdm
 
 from memorizing_transformers import MemorizingConfig, MemorizingState, MemorizingTransformer
 from memorizing_transformers.data.pipeline import load_tokenized
+from memorizing_transformers.evaluation.peak_memory import process_memory_bytes
 from memorizing_transformers.memory.backend import make_backend
 
-from .common import device_description, parse_arguments, process_memory_bytes, write_results
+from .common import device_description, parse_arguments, write_results
 
 
 def longest_document(corpus: str, tokenizer, tokens: int) -> torch.Tensor:

@@ -21,8 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from memorizing_transformers import KNNMemory
+from memorizing_transformers.evaluation.peak_memory import PeakMemory
 
-from .common import device_description, parse_arguments, process_memory_bytes, write_results
+from .common import device_description, parse_arguments, write_results
 
 HEADS, DIM, SEGMENT = 4, 64, 256
 
@@ -32,22 +33,15 @@ def measure_one(capacity: int, dtype: str, backend: str, device: str) -> tuple[i
     peak bytes once it has also been searched."""
     torch.manual_seed(0)
     device_t = torch.device(device)
-    if device_t.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device_t)
-        before = torch.cuda.memory_allocated(device_t)
-    else:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        before = process_memory_bytes("VmRSS")
-    memory = KNNMemory(1, HEADS, DIM, capacity, dtype=getattr(torch, dtype), device=device_t, backend=backend)
-    for _ in range(capacity // SEGMENT):
-        keys = F.normalize(torch.randn(1, HEADS, SEGMENT, DIM, device=device_t), dim=-1)
-        memory.add(keys, keys)
-    del keys
-    resident = (torch.cuda.memory_allocated(device_t) if device_t.type == "cuda" else process_memory_bytes("VmRSS")) - before
-    memory.search(F.normalize(torch.randn(1, HEADS, SEGMENT, DIM, device=device_t), dim=-1), 32)
-    if device_t.type == "cuda":
-        return resident, torch.cuda.max_memory_allocated(device_t) - before
-    return resident, process_memory_bytes("VmHWM") - before
+    with PeakMemory(device_t) as use:
+        memory = KNNMemory(1, HEADS, DIM, capacity, dtype=getattr(torch, dtype), device=device_t, backend=backend)
+        for _ in range(capacity // SEGMENT):
+            keys = F.normalize(torch.randn(1, HEADS, SEGMENT, DIM, device=device_t), dim=-1)
+            memory.add(keys, keys)
+        del keys
+        resident = use.in_use()
+        memory.search(F.normalize(torch.randn(1, HEADS, SEGMENT, DIM, device=device_t), dim=-1), 32)
+    return resident, use.peak_bytes
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -26,8 +26,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import platform
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,7 @@ from memorizing_transformers.config import MemorizingConfig
 from memorizing_transformers.data.pipeline import corpus_tokenizer, load_tokenized
 from memorizing_transformers.data.streaming import TokenizedDocument
 from memorizing_transformers.data.tokenizer import load_tokenizer
+from memorizing_transformers.evaluation.peak_memory import PeakMemory
 from memorizing_transformers.evaluation.perplexity import EvalResult, evaluate
 from memorizing_transformers.evaluation.report import forward_flops_per_token, plot_loss_by_position
 from memorizing_transformers.evaluation.token_gain import gain_tables, plot_gain, token_gain
@@ -361,13 +364,14 @@ def weights_dir(grid: Grid, run: Run, results: Path) -> Path:
     return results / grid.name / f"{run.name}-weights"
 
 
-def train_run(
-    grid: Grid, run: Run, runs_dir: Path, results: Path, device: torch.device, deadline: float | None
-) -> bool:
-    """Train `run` (resuming) until its budget or the deadline; True when it is finished."""
+def build_trainer(
+    grid: Grid, run: Run, run_dir: Path, device: torch.device, steps: int | None = None
+) -> tuple[Trainer, Any]:
+    """The run's model (seeded, on `device`) and its Trainer writing to `run_dir`; `steps`
+    shortens the run (the learning-rate schedule follows)."""
     tokenizer = load_tokenizer(str(corpus_tokenizer(grid.corpus, grid.vocab_size)))
     config = MemorizingConfig.from_dict({**grid.base, **run.model, "vocab_size": len(tokenizer)})
-    steps = steps_for(grid, run)
+    steps = steps or steps_for(grid, run)
     train = TrainConfig(
         steps=steps,
         batch_size=grid.batch_size,
@@ -382,19 +386,28 @@ def train_run(
     )
     torch.manual_seed(run.seed)
     model = MemorizingTransformer(config, tokenizer=tokenizer).to(device)
-    run_dir = runs_dir / grid.name / run.name
-    trainer = Trainer(
-        model,
-        train,
-        cut_documents(load_tokenized(grid.corpus, "train", tokenizer), grid.document_tokens),
-        None,
-        run_dir,
-    )
+    documents = cut_documents(load_tokenized(grid.corpus, "train", tokenizer), grid.document_tokens)
+    return Trainer(model, train, documents, None, run_dir), tokenizer
+
+
+def start_weights(grid: Grid, run: Run, model: MemorizingTransformer, results: Path) -> Path | None:
+    """Load the weights `run` starts from into `model` (none for a run from scratch); their folder."""
+    if run.init_from is None:
+        return None
+    source = weights_dir(*source_of(grid, run), results)
+    initialise_from(model, MemorizingTransformer.from_pretrained(source))
+    return source
+
+
+def train_run(
+    grid: Grid, run: Run, runs_dir: Path, results: Path, device: torch.device, deadline: float | None
+) -> bool:
+    """Train `run` (resuming) until its budget or the deadline; True when it is finished."""
+    trainer, tokenizer = build_trainer(grid, run, runs_dir / grid.name / run.name, device)
+    model, config, steps = trainer.model, trainer.model.config, trainer.config.steps
     if trainer.resume():
         print(f"  {run.name}: resuming at step {trainer.step:,} of {steps:,}")
-    elif run.init_from is not None:
-        source = weights_dir(*source_of(grid, run), results)
-        initialise_from(model, MemorizingTransformer.from_pretrained(source))
+    elif (source := start_weights(grid, run, model, results)) is not None:
         print(f"  {run.name}: starting from the weights of {source}")
     if trainer.step < steps:
         remaining = None if deadline is None else deadline - time.time()
@@ -452,6 +465,7 @@ def train_run(
         "forward_flops_per_token": forward_flops_per_token(config),
         "test": {k: v.to_dict() for k, v in evaluated.items()},
         "token_gain": gains,
+        "peak_memory": peak_memory(grid, run, device),
         "memory_gates": {
             str(i): torch.sigmoid(model.blocks[i].attn.gate_bias).tolist()
             for i in config.memory_layer_indices
@@ -470,6 +484,44 @@ def train_run(
     write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     print(f"  {run.name}: test perplexity " + ", ".join(f"{k} {v.perplexity:.3f}" for k, v in evaluated.items()))
     return True
+
+
+PEAK_STEPS = 20  # training steps measured once the memory is full (or from the start, without one)
+
+
+def measure_peak(grid: Grid, run: Run, device: str, threads: int) -> dict[str, Any]:
+    """Peak memory of the run's training and of its test, as growth over the memory in use
+    once data and model are loaded: training until its memory is full plus PEAK_STEPS
+    steps (at most the run's own steps), then testing until a test document has filled its
+    memory plus a few segments (at most the grid's test tokens). Run in a fresh process
+    (`peak_memory`), so nothing of another run is counted."""
+    torch.set_num_threads(threads)
+    device = torch.device(device)
+    config = {**grid.base, **run.model}
+    segment, size = config["segment_length"], config.get("memory_size", 0) if config.get("knn_layers") else 0
+    steps = min(steps_for(grid, run), -(-size // segment) + PEAK_STEPS)
+    with tempfile.TemporaryDirectory() as work:
+        trainer, tokenizer = build_trainer(grid, run, Path(work), device, steps=steps)  # weights do not matter here
+        with PeakMemory(device) as training:
+            trainer.train(progress=False)
+    test_docs = cut_documents(load_tokenized(grid.corpus, "test", tokenizer), grid.document_tokens)
+    tokens = size + 4 * segment if grid.eval_tokens is None else min(grid.eval_tokens, size + 4 * segment)
+    with PeakMemory(device) as testing:
+        evaluate(trainer.model, test_docs, max_tokens=tokens)
+    return {
+        "train_bytes": training.peak_bytes,
+        "train_steps": steps,
+        "test_bytes": testing.peak_bytes,
+        "test_tokens": tokens,
+        "measure": "peak growth over the memory in use once data and model are loaded "
+        + ("(CUDA allocated bytes)" if device.type == "cuda" else "(resident set, VmHWM)"),
+    }
+
+
+def peak_memory(grid: Grid, run: Run, device: torch.device) -> dict[str, Any]:
+    """`measure_peak` in a fresh process with this process's threads."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(measure_peak, (grid, run, str(device), torch.get_num_threads()))
 
 
 def initialise_from(model: MemorizingTransformer, source: MemorizingTransformer) -> None:
@@ -501,6 +553,7 @@ def run_grid(
         if path.is_file():
             recorded = json.loads(path.read_text())["settings"]
             if recorded == json.loads(json.dumps(run_settings(grid, run))):
+                add_peak_memory(grid, run, path, device)
                 continue
             raise SystemExit(
                 f"{path} was made with other settings than the grid now gives {run.name}: "
@@ -516,6 +569,15 @@ def run_grid(
     return all(result_path(grid, run, results).is_file() for run in grid.runs)
 
 
+def add_peak_memory(grid: Grid, run: Run, path: Path, device: torch.device) -> None:
+    """Measure and record the peak memory of a finished run whose JSON predates it."""
+    result = json.loads(path.read_text())
+    if "peak_memory" not in result:
+        print(f"  {run.name}: measuring its peak memory")
+        result["peak_memory"] = peak_memory(grid, run, device)
+        write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+
+
 # ---------------------------------------------------------------------- tables
 def summarize(grid: Grid, results: Path) -> str:
     """GRID.md (the table) and GRID.png (loss by position) from the runs' JSON."""
@@ -527,9 +589,9 @@ def summarize(grid: Grid, results: Path) -> str:
         "raw results in the JSON files beside this one. Rows are matched in training tokens; training tokens/s "
         "and test ms/token say what they cost (one machine, the threads given).",
         "",
-        "| run | model | parameters | train tokens | train tokens/s | forward GFLOP/token | test tokens | "
-        "ms/token (test) | perplexity | memory off | device |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+        "| run | model | parameters | train tokens | train tokens/s | forward GFLOP/token | peak MB train / test | "
+        "test tokens | ms/token (test) | perplexity | memory off | device |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     curves: dict[str, EvalResult] = {}
     for row in rows:
@@ -556,9 +618,11 @@ def summarize(grid: Grid, results: Path) -> str:
             if "eval_seconds_by_variant" in row
             else "-"
         )
+        peak = row.get("peak_memory")
+        peak = f"{peak['train_bytes'] / 2**20:,.0f} / {peak['test_bytes'] / 2**20:,.0f}" if peak else "-"
         lines.append(
             f"| {row['run']} | {row['label']} | {row['parameters']:,} | {row['train_tokens']:,} | "
-            f"{row['train_tokens'] / row['train_seconds']:,.0f} | {flops / 1e9:.4f} | {main.tokens:,} | "
+            f"{row['train_tokens'] / row['train_seconds']:,.0f} | {flops / 1e9:.4f} | {peak} | {main.tokens:,} | "
             f"{per_token} | {main.perplexity:.3f} | {off} | {machine['device']}, {machine['threads']} threads |"
         )
         curves[f"{row['run']}: {row['label']}"] = main

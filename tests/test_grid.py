@@ -35,11 +35,19 @@ def test_a_grid_resumes_across_invocations_and_skips_finished_runs(quick_grid, t
     out = capsys.readouterr().out
     assert out.count(f"starting from the weights of {results / 'quick' / 'pretrain-weights'}") == 2
     assert rows["mem-xl"]["settings"]["model"]["memory_gate_init"] == -3.0
-    # Finished runs are skipped: a second call trains nothing.
+    # Peak memory, measured in a fresh process: training until the memory is full (256 slots of
+    # 32-token segments: 8 steps) plus 20, at most the run's own 4 steps.
+    peak = rows["mem-xl"]["peak_memory"]
+    assert peak["train_steps"] == 4 and peak["train_bytes"] > 0 and peak["test_bytes"] >= 0
+    assert peak["test_tokens"] == 256  # the grid's test budget, under memory size + 4 segments
+    # Finished runs are skipped: a second call trains nothing, but measures a peak a JSON lacks.
+    del rows["xl"]["peak_memory"]
+    (results / "quick" / "xl.json").write_text(json.dumps(rows["xl"]))
     monkeypatch.setattr(grid_script, "train_run", lambda *a, **k: pytest.fail("trained a finished run"))
     assert grid_script.run_grid(quick_grid, runs, results, "cpu", max_minutes=None)
+    assert json.loads((results / "quick" / "xl.json").read_text())["peak_memory"]["train_steps"] == 4
     table = grid_script.summarize(quick_grid, results)
-    assert table.count("| ") > 3 and "| mem-xl | memory + XL |" in table
+    assert table.count("| ") > 3 and "| mem-xl | memory + XL |" in table and "peak MB train / test" in table
     gain = rows["mem-xl"]["token_gain"]
     assert gain["tokens"] == rows["mem-xl"]["test"]["with memory"]["tokens"] and rows["xl"]["token_gain"] is None
     assert (
