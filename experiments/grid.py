@@ -466,11 +466,7 @@ def train_run(
         "test": {k: v.to_dict() for k, v in evaluated.items()},
         "token_gain": gains,
         "peak_memory": peak_memory(grid, run, device),
-        "memory_gates": {
-            str(i): torch.sigmoid(model.blocks[i].attn.gate_bias).tolist()
-            for i in config.memory_layer_indices
-            if hasattr(model.blocks[i].attn, "gate_bias")
-        },
+        "memory_gates": model.memory_gates(),
         "machine": {
             "device": str(device),
             "platform": platform.platform(),

@@ -169,6 +169,15 @@ class MemorizingTransformer(nn.Module):
         """An empty stream state (no cache, empty memories) for `batch_size` rows, on the model's device."""
         return MemorizingState(self.config, batch_size, device=self.device)
 
+    def memory_gates(self) -> dict[str, list[float]]:
+        """Each memory layer's gate per head, sigmoid(gate_bias): the share of the head's output
+        that comes from the memory once it holds entries ({} when the combination is a joint softmax)."""
+        return {
+            str(i): torch.sigmoid(self.blocks[i].attn.gate_bias.detach()).tolist()
+            for i in self.config.memory_layer_indices
+            if hasattr(self.blocks[i].attn, "gate_bias")
+        }
+
     def fingerprint(self) -> str:
         """A short hash of the configuration and the weights: memory files carry it, so that a
         memory is only ever read by the model whose keys it holds."""

@@ -281,6 +281,8 @@ class Trainer:
                     "time": time.time(),
                     "skipped_steps": self.skipped,
                 }
+                if self.model.config.knn_layers:
+                    record["memory_gates"] = self.model.memory_gates()
                 if self.valid_docs and ((config.eval_every and self.step % config.eval_every == 0) or last):
                     record.update(self.validate())
                 self.log(record)
