@@ -107,7 +107,8 @@ NO_MEMORY = dict(knn_layers=())
 def table4(corpus: str, pretrain_tokens: int, finetune_tokens: int, eval_tokens: int | None = None) -> Grid:
     """The paper's Table 4 in kind: one vanilla pre-training, then every row fine-tuned from it
     for the same number of tokens (context L = 128: L alone, 4L alone, L + XL, L + memory 8K,
-    L + memory 8K + XL, L + memory 64K + XL; two seeds of the XL and memory + XL rows)."""
+    L + memory 8K + XL, L + memory 64K + XL; two seeds of the XL and memory + XL rows; and the
+    memory + XL row with the joint softmax instead of the paper's gate)."""
     L = SMALL["segment_length"]
     rows = [
         ("L", f"context {L}", dict(NO_MEMORY, xl_length=0), (0,)),
@@ -115,6 +116,12 @@ def table4(corpus: str, pretrain_tokens: int, finetune_tokens: int, eval_tokens:
         ("L-xl", f"context {L} + XL {L}", dict(NO_MEMORY, xl_length=L), (0, 1)),
         ("L-mem8k", f"context {L} + memory 8K", dict(xl_length=0, memory_size=8192), (0,)),
         ("L-mem8k-xl", f"context {L} + memory 8K + XL {L}", dict(xl_length=L, memory_size=8192), (0, 1)),
+        (
+            "L-mem8k-xl-joint",
+            f"context {L} + memory 8K + XL {L}, one softmax over local and retrieved entries",
+            dict(xl_length=L, memory_size=8192, memory_combine="joint_softmax"),
+            (0,),
+        ),
         (
             "L-mem64k-xl",
             f"context {L} + memory 64K + XL {L}",

@@ -185,6 +185,30 @@ def test_attention_layer_retrieves_a_distinctive_earlier_key(combine):
     assert torch.nn.functional.cosine_similarity(out[0, 6], first[0, 3], dim=0) > 0.99
 
 
+def test_retrieved_entries_get_the_farthest_buckets_bias_in_the_joint_softmax():
+    # Full attention gives every key max_distance or more back the last bucket's bias; the
+    # joint softmax gives it to retrieved entries: a very negative one silences the memory.
+    from memorizing_transformers import KNNMemory
+    from memorizing_transformers.model.positions import relative_position_bucket, segment_relative_positions
+
+    layer = identity_attention("joint_softmax")
+    relative = segment_relative_positions(8, 0)
+    buckets, allowed = relative_position_bucket(relative), (relative <= 0)[None, None]
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    past, probe = torch.randn(1, 8, 16), torch.randn(1, 8, 16)
+    probe[0, 6] = 3 * past[0, 3]  # a query that finds an earlier key (whose value is a third of its own)
+    outputs = {}
+    for far_bias in (0.0, -1e4):
+        with torch.no_grad():
+            layer.position_bias.embedding.weight[-1].fill_(far_bias)
+        memory = KNNMemory(1, 1, 16, capacity=64)
+        layer(past, buckets, allowed, mask, None, memory)
+        outputs[far_bias] = layer(probe, buckets, allowed, mask, None, memory)[0]
+    alone = layer(probe, buckets, allowed, mask, None, KNNMemory(1, 1, 16, capacity=64))[0]
+    assert torch.allclose(outputs[-1e4], alone, atol=1e-5)
+    assert not torch.allclose(outputs[0.0][0, 6], alone[0, 6], atol=1e-3)
+
+
 def test_gradient_reaches_local_attention_and_gate_but_never_the_memory():
     model = make_model().train()
     ids = torch.randint(0, 512, (2, 16))

@@ -3,7 +3,11 @@
 Per head, queries and keys are normalised to unit length and a learned per-head
 scale is the softmax temperature, so keys written to the memory long ago stay
 comparable with today's queries. Local attention adds the T5 relative position
-bias; retrieved memories get none. In a memory layer the order is fixed:
+bias. Retrieved memories, whose distances are not kept, get the bias of the farthest
+bucket: the one full attention gives every key `max_distance` or more back, which a
+memory entry is whenever the XL cache is at least `max_distance` long (the joint softmax;
+in the gated combination, a constant per head, it would cancel in the memory's own softmax).
+In a memory layer the order is fixed:
 retrieve -> attend and combine -> write the segment's keys/values.
 """
 
@@ -117,10 +121,11 @@ class Attention(nn.Module):
         else:
             # Retrieve before writing: a query never sees its own segment in memory.
             found = memory.search(q, self.knn_k)  # entries (batch, heads, seq, k, head_dim)
-            mem_logits = torch.einsum("bhtd,bhtkd->bhtk", q_scaled, found.keys)  # no position bias
-            if self.combine == "gate":
+            mem_logits = torch.einsum("bhtd,bhtkd->bhtk", q_scaled, found.keys)  # (batch, heads, seq, k)
+            if self.combine == "gate":  # the farthest bucket's bias, a constant per head, would cancel
                 out = self._gated(q_scaled, keys, values, local_bias, mem_logits, found.values, found.valid)
             else:
+                mem_logits = mem_logits + self.position_bias.embedding.weight[-1].to(q.dtype)[None, :, None, None]
                 out = self._joint(q_scaled, keys, values, local_bias, mem_logits, found.values, found.valid)
             if self.trace is not None:
                 self.trace.append(self._record(q_scaled, keys, local_bias, mem_logits, found))
@@ -160,7 +165,7 @@ class Attention(nn.Module):
         return gate * memory_readout(mem_logits, mem_values, mem_valid) + (1 - gate) * local
 
     def _joint(self, q, keys, values, local_bias, mem_logits, mem_values, mem_valid) -> torch.Tensor:
-        """Retrieved entries join the local softmax (no position bias on them)."""
+        """Retrieved entries join the local softmax (with the farthest bucket's position bias)."""
         local_logits = torch.matmul(q, keys.transpose(-1, -2)) + local_bias  # (batch, heads, seq, cache_len + seq)
         local_probs, mem_probs = joint_probs(local_logits, mem_logits, mem_valid)
         return torch.matmul(local_probs, values) + torch.einsum("bhtk,bhtkd->bhtd", mem_probs, mem_values)
