@@ -35,6 +35,11 @@ def test_a_grid_resumes_across_invocations_and_skips_finished_runs(quick_grid, t
     out = capsys.readouterr().out
     assert out.count(f"starting from the weights of {results / 'quick' / 'pretrain-weights'}") == 2
     assert rows["mem-xl"]["settings"]["model"]["memory_gate_init"] == -3.0
+    # The same command on the same machine gives the same figures: the pre-training run again
+    # from nothing, into other folders, matches to the last bit.
+    assert not grid_script.run_grid(quick_grid, tmp_path / "runs2", tmp_path / "results2", "cpu", None, ["pretrain"])
+    again = json.loads((tmp_path / "results2" / "quick" / "pretrain.json").read_text())
+    assert again["test"] == rows["pretrain"]["test"]
     # Peak memory, measured in a fresh process: training until the memory is full (256 slots of
     # 32-token segments: 8 steps) plus 20, at most the run's own 4 steps.
     peak = rows["mem-xl"]["peak_memory"]
