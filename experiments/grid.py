@@ -371,13 +371,17 @@ def weights_dir(grid: Grid, run: Run, results: Path) -> Path:
     return results / grid.name / f"{run.name}-weights"
 
 
-def build_trainer(
-    grid: Grid, run: Run, run_dir: Path, device: torch.device, steps: int | None = None
-) -> tuple[Trainer, Any]:
-    """The run's model (seeded, on `device`) and its Trainer writing to `run_dir`; `steps`
-    shortens the run (the learning-rate schedule follows)."""
+def build_model(grid: Grid, run: Run, device: torch.device) -> MemorizingTransformer:
+    """The run's model, seeded, on `device`, with the corpus's tokenizer."""
     tokenizer = load_tokenizer(str(corpus_tokenizer(grid.corpus, grid.vocab_size)))
     config = MemorizingConfig.from_dict({**grid.base, **run.model, "vocab_size": len(tokenizer)})
+    torch.manual_seed(run.seed)
+    return MemorizingTransformer(config, tokenizer=tokenizer).to(device)
+
+
+def build_trainer(grid: Grid, run: Run, run_dir: Path, device: torch.device, steps: int | None = None) -> Trainer:
+    """The run's model and its Trainer writing to `run_dir`; `steps` shortens the run (the
+    learning-rate schedule follows)."""
     steps = steps or steps_for(grid, run)
     train = TrainConfig(
         steps=steps,
@@ -391,10 +395,9 @@ def build_trainer(
         log_every=max(1, steps // 200),
         extra={"grid": grid.name, "run": run.name},
     )
-    torch.manual_seed(run.seed)
-    model = MemorizingTransformer(config, tokenizer=tokenizer).to(device)
-    documents = cut_documents(load_tokenized(grid.corpus, "train", tokenizer), grid.document_tokens)
-    return Trainer(model, train, documents, None, run_dir), tokenizer
+    model = build_model(grid, run, device)
+    documents = cut_documents(load_tokenized(grid.corpus, "train", model.tokenizer), grid.document_tokens)
+    return Trainer(model, train, documents, None, run_dir)
 
 
 def start_weights(grid: Grid, run: Run, model: MemorizingTransformer, results: Path) -> Path | None:
@@ -410,8 +413,8 @@ def train_run(
     grid: Grid, run: Run, runs_dir: Path, results: Path, device: torch.device, deadline: float | None
 ) -> bool:
     """Train `run` (resuming) until its budget or the deadline; True when it is finished."""
-    trainer, tokenizer = build_trainer(grid, run, runs_dir / grid.name / run.name, device)
-    model, config, steps = trainer.model, trainer.model.config, trainer.config.steps
+    trainer = build_trainer(grid, run, runs_dir / grid.name / run.name, device)
+    model, config, steps, tokenizer = trainer.model, trainer.model.config, trainer.config.steps, trainer.model.tokenizer
     if trainer.resume():
         print(f"  {run.name}: resuming at step {trainer.step:,} of {steps:,}")
     elif (source := start_weights(grid, run, model, results)) is not None:
@@ -490,41 +493,42 @@ def train_run(
 
 
 PEAK_STEPS = 20  # training steps measured once the memory is full (or from the start, without one)
+PEAK_MEASURE = "peak growth over the memory in use once data and model are loaded, each phase in a fresh process"
 
 
-def measure_peak(grid: Grid, run: Run, device: str, threads: int) -> dict[str, Any]:
-    """Peak memory of the run's training and of its test, as growth over the memory in use
+def measure_peak(grid: Grid, run: Run, phase: str, device: str, threads: int) -> dict[str, Any]:
+    """Peak memory of the run's training or of its test, as growth over the memory in use
     once data and model are loaded: training until its memory is full plus PEAK_STEPS
-    steps (at most the run's own steps), then testing until a test document has filled its
-    memory plus a few segments (at most the grid's test tokens). Run in a fresh process
-    (`peak_memory`), so nothing of another run is counted."""
+    steps (at most the run's own steps), or testing until a test document has filled its
+    memory plus four segments (at most the grid's test tokens). Each phase runs in a fresh
+    process (`peak_memory`): memory another phase freed is not reused unseen."""
     torch.set_num_threads(threads)
     device = torch.device(device)
     config = {**grid.base, **run.model}
     segment, size = config["segment_length"], config.get("memory_size", 0) if config.get("knn_layers") else 0
-    steps = min(steps_for(grid, run), -(-size // segment) + PEAK_STEPS)
-    with tempfile.TemporaryDirectory() as work:
-        trainer, tokenizer = build_trainer(grid, run, Path(work), device, steps=steps)  # weights do not matter here
-        with PeakMemory(device) as training:
-            trainer.train(progress=False)
-    test_docs = cut_documents(load_tokenized(grid.corpus, "test", tokenizer), grid.document_tokens)
+    if phase == "train":
+        steps = min(steps_for(grid, run), -(-size // segment) + PEAK_STEPS)
+        with tempfile.TemporaryDirectory() as work:
+            trainer = build_trainer(grid, run, Path(work), device, steps=steps)  # weights do not matter here
+            with PeakMemory(device) as use:
+                trainer.train(progress=False)
+        return {"train_bytes": use.peak_bytes, "train_steps": steps}
+    model = build_model(grid, run, device)
+    test_docs = cut_documents(load_tokenized(grid.corpus, "test", model.tokenizer), grid.document_tokens)
     tokens = size + 4 * segment if grid.eval_tokens is None else min(grid.eval_tokens, size + 4 * segment)
-    with PeakMemory(device) as testing:
-        evaluate(trainer.model, test_docs, max_tokens=tokens)
-    return {
-        "train_bytes": training.peak_bytes,
-        "train_steps": steps,
-        "test_bytes": testing.peak_bytes,
-        "test_tokens": tokens,
-        "measure": "peak growth over the memory in use once data and model are loaded "
-        + ("(CUDA allocated bytes)" if device.type == "cuda" else "(resident set, VmHWM)"),
-    }
+    with PeakMemory(device) as use:
+        evaluate(model, test_docs, max_tokens=tokens)
+    return {"test_bytes": use.peak_bytes, "test_tokens": tokens}
 
 
-def peak_memory(grid: Grid, run: Run, device: torch.device) -> dict[str, Any]:
-    """`measure_peak` in a fresh process with this process's threads."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(measure_peak, (grid, run, str(device), torch.get_num_threads()))
+def peak_memory(grid: Grid, run: Run, device: torch.device | str) -> dict[str, Any]:
+    """`measure_peak` of training and of test, each in a fresh process with this process's threads."""
+    device = torch.device(device)
+    measured = {"measure": PEAK_MEASURE, "counted": "CUDA allocated bytes" if device.type == "cuda" else "VmHWM"}
+    for phase in ("train", "test"):
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            measured |= pool.apply(measure_peak, (grid, run, phase, str(device), torch.get_num_threads()))
+    return measured
 
 
 def initialise_from(model: MemorizingTransformer, source: MemorizingTransformer) -> None:
@@ -573,9 +577,9 @@ def run_grid(
 
 
 def add_peak_memory(grid: Grid, run: Run, path: Path, device: torch.device) -> None:
-    """Measure and record the peak memory of a finished run whose JSON predates it."""
+    """Measure and record the peak memory of a finished run whose JSON predates it (or the way it is measured)."""
     result = json.loads(path.read_text())
-    if "peak_memory" not in result:
+    if result.get("peak_memory", {}).get("measure") != PEAK_MEASURE:
         print(f"  {run.name}: measuring its peak memory")
         result["peak_memory"] = peak_memory(grid, run, device)
         write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))

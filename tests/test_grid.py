@@ -46,7 +46,7 @@ def test_a_grid_resumes_across_invocations_and_skips_finished_runs(quick_grid, t
     assert peak["train_steps"] == 4 and peak["train_bytes"] > 0 and peak["test_bytes"] >= 0
     assert peak["test_tokens"] == 256  # the grid's test budget, under memory size + 4 segments
     # Finished runs are skipped: a second call trains nothing, but measures a peak a JSON lacks.
-    del rows["xl"]["peak_memory"]
+    del rows["xl"]["peak_memory"]  # (as in a JSON written before peaks were measured)
     (results / "quick" / "xl.json").write_text(json.dumps(rows["xl"]))
     monkeypatch.setattr(grid_script, "train_run", lambda *a, **k: pytest.fail("trained a finished run"))
     assert grid_script.run_grid(quick_grid, runs, results, "cpu", max_minutes=None)
