@@ -22,3 +22,15 @@ def test_every_catalogue_row_names_an_existing_test():
                 continue
             source = (ROOT / "tests" / f"{module}.py").read_text()
             assert f"def {test}(" in source, f"{module}::{test} does not exist"
+
+
+def test_results_tables_are_the_ones_the_json_gives():
+    # docs/RESULTS.md's tables are generated (experiments/tables.py), never typed by hand.
+    import sys
+
+    sys.path.insert(0, str(ROOT / "experiments"))
+    import tables
+
+    page = (ROOT / "docs" / "RESULTS.md").read_text()
+    assert page.count("<!-- table:") == len(tables.TABLES) and "| 250,000 |" in page
+    assert tables.render(page) == page, "docs/RESULTS.md is out of date: run `python experiments/tables.py`"

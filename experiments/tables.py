@@ -1,0 +1,235 @@
+"""The question tables of docs/RESULTS.md, from the grids' committed JSON.
+
+    python experiments/tables.py            # rewrite the generated blocks of docs/RESULTS.md
+    python experiments/tables.py --check    # exit 1 if they differ from what the JSON gives
+
+Each table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->` in docs/RESULTS.md;
+everything between the markers is rewritten, everything outside them is left alone. Rows
+read from experiments/results/grids/GRID/RUN.json (experiments/grid.py) and from the
+SmolLM2 runs' JSON (experiments/pretrained_memory.py); a row whose run has not finished
+says so. Two seeds of a row give their mean and, in brackets, their range.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from memorizing_transformers.config import MemorizingConfig
+from memorizing_transformers.evaluation.report import forward_flops_per_token
+
+HERE = Path(__file__).resolve().parent
+GRIDS = HERE / "results" / "grids"
+RESULTS_PAGE = HERE.parent / "docs" / "RESULTS.md"
+
+
+def load(grid: str, run: str) -> dict[str, Any] | None:
+    path = GRIDS / grid / f"{run}.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def main_result(row: dict[str, Any]) -> dict[str, Any]:
+    return row["test"].get("with memory") or row["test"]["no memory"]
+
+
+def seeds(grid: str, run: str) -> list[dict[str, Any]]:
+    """The finished seeds of a row: RUN-s0, RUN-s1, ... (or RUN itself)."""
+    found = [row for s in range(4) if (row := load(grid, f"{run}-s{s}")) is not None]
+    return found or ([row] if (row := load(grid, run)) is not None else [])
+
+
+def spread(values: list[float], digits: int = 2) -> str:
+    """The mean, with the range in brackets when there are several values."""
+    mean = statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
+
+
+def cost_cells(rows: list[dict[str, Any]]) -> list[str]:
+    """Training tokens/s, test ms/token, forward GFLOP/token and peak MB (train / test) of a row."""
+    row = rows[0]
+    label = "with memory" if "with memory" in row["test"] else "no memory"
+    per_token = [
+        1000 * r["eval_seconds_by_variant"][label] / main_result(r)["tokens"]
+        for r in rows
+        if "eval_seconds_by_variant" in r
+    ]  # (not recorded by the earliest runs)
+    flops = row.get("forward_flops_per_token") or forward_flops_per_token(
+        MemorizingConfig.from_dict({**row["settings"]["model"], "vocab_size": row["settings"]["vocab_size"]})
+    )
+    peak = row.get("peak_memory")
+    return [
+        f"{statistics.fmean(r['train_tokens'] / r['train_seconds'] for r in rows):,.0f}",
+        f"{statistics.fmean(per_token):.2f}" if per_token else "-",
+        f"{flops['total'] / 1e9:.4f}",
+        f"{peak['train_bytes'] / 2**20:,.0f} / {peak['test_bytes'] / 2**20:,.0f}"
+        if peak and "test_bytes" in peak
+        else "-",
+    ]
+
+
+def perplexity(rows: list[dict[str, Any]]) -> float:
+    return statistics.fmean(main_result(r)["perplexity"] for r in rows)
+
+
+def change(value: float, reference: float | None) -> str:
+    return "-" if reference is None else f"{100 * (value / reference - 1):+.1f}%"
+
+
+def grid_table(runs: list[tuple[str, str]], reference: tuple[str, str] | None = None, header: str = "") -> str:
+    """One line per (grid, run): test perplexity (seeds), memory off, the change against
+    `reference` (a column headed `header`, when given), costs."""
+    reference_ppl = perplexity(base) if reference and (base := seeds(*reference)) else None
+    compared = [f" {header} |"] if reference else []
+    lines = [
+        "| run | model | seeds | test perplexity | memory off (same weights) |"
+        + "".join(compared)
+        + " train tokens/s | ms/token (test) | forward GFLOP/token | peak MB train / test |",
+        "|---|---|---:|---:|---:|" + "---:|" * (len(compared) + 4),
+    ]
+    for grid, run in runs:
+        rows = seeds(grid, run)
+        if not rows:
+            lines.append(f"| {run} | not finished yet |" + " |" * (len(compared) + 7))
+            continue
+        off = [r["test"]["memory off"]["perplexity"] for r in rows if "memory off" in r["test"]]
+        cells = [run, rows[0]["label"], str(len(rows)), spread([main_result(r)["perplexity"] for r in rows])]
+        cells.append(spread(off) if off else "-")
+        if reference:
+            cells.append("reference" if (grid, run) == reference else change(perplexity(rows), reference_ppl))
+        lines.append("| " + " | ".join(cells + cost_cells(rows)) + " |")
+    return "\n".join(lines)
+
+
+def budget_table() -> str:
+    """The memory's gain against fine-tuning tokens, with the gates it ended with."""
+    lines = [
+        "| fine-tuning tokens | XL alone | memory 8K + XL | its memory off | memory vs XL alone | "
+        "memory vs memory off | gates at the end (mean of 4 heads) |",
+        "|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    points = [
+        (t, "budgets-pycode", f"L-xl-{t // 1000}k", f"L-mem8k-xl-{t // 1000}k") for t in (250_000, 500_000, 1_000_000)
+    ]
+    points.append((2_000_000, "table4-pycode", "L-xl", "L-mem8k-xl"))
+    for tokens, grid, xl_run, memory_run in points:
+        xl, memory = seeds(grid, xl_run), seeds(grid, memory_run)
+        if not xl or not memory:
+            lines.append(f"| {tokens:,} | not finished yet | | | | | |")
+            continue
+        on = perplexity(memory)
+        off = statistics.fmean(r["test"]["memory off"]["perplexity"] for r in memory)
+        gates = [statistics.fmean(g for gs in r["memory_gates"].values() for g in gs) for r in memory]
+        lines.append(
+            f"| {tokens:,} | {spread([main_result(r)['perplexity'] for r in xl])} | "
+            f"{spread([main_result(r)['perplexity'] for r in memory])} | {off:.2f} | {change(on, perplexity(xl))} | "
+            f"{change(on, off)} | {spread(gates, 4)} |"
+        )
+    return "\n".join(lines)
+
+
+def memory_size_table() -> str:
+    """Table 5 in kind: the 2K-memory model tested with larger memories, and after a fine-tune at 128K."""
+    row, tuned = load("table4-pycode", "L-mem2k-xl-s0"), load("table4-pycode", "L-mem2k-xl-ft128k")
+    if row is None:
+        return "Not finished yet: L-mem2k-xl-s0."
+    lines = ["| memory at test time | test perplexity | memory off |", "|---|---:|---:|"]
+    off = row["test"]["memory off"]["perplexity"]
+    lines.append(f"| 2,048 (as trained) | {main_result(row)['perplexity']:.2f} | {off:.2f} |")
+    for label, result in row["test"].items():
+        if label.startswith("memory ") and label != "memory off":
+            lines.append(f"| {label.split()[1]} (no fine-tune) | {result['perplexity']:.2f} | |")
+    if tuned is not None:
+        lines.append(
+            f"| 131,072 after {tuned['train_tokens']:,} tokens of fine-tuning | {main_result(tuned)['perplexity']:.2f} | "
+            f"{tuned['test']['memory off']['perplexity']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def smollm2_table() -> str:
+    """SmolLM2-135M, zero training: mean perplexity of the scored tokens per corpus and setting."""
+    lines = [
+        "| corpus | documents | window 512 | window 2,048 | window 512 + memory | full prefix | "
+        "gap closed by the memory | memory beats window 2,048 |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for corpus in ("pycode", "proofs", "books", "tex"):
+        path = HERE / "results" / f"pretrained_memory-{corpus}.json"
+        if not path.is_file():
+            lines.append(f"| {corpus} | not run yet | | | | | | |")
+            continue
+        rows = json.loads(path.read_text())["rows"]
+        mean = lambda key: statistics.fmean(r[key] for r in rows)  # noqa: E731
+        closed = [r["gap_closed"] for r in rows]
+        beats = sum(r["window_memory"] < r["window_wide"] for r in rows)
+        lines.append(
+            f"| {corpus} | {len(rows)} | {mean('window'):.3f} | {mean('window_wide'):.3f} | {mean('window_memory'):.3f} | "
+            f"{mean('full_prefix'):.3f} | {100 * min(closed):.0f}-{100 * max(closed):.0f}% | {beats} of {len(rows)} |"
+        )
+    return "\n".join(lines)
+
+
+T4, Q = "table4-pycode", "questions-pycode"
+TABLE4_ROWS = ["L", "4L", "L-xl", "L-mem8k", "L-mem8k-xl", "L-mem8k-xl-joint", "L-mem64k-xl"]
+TABLES: dict[str, Callable[[], str]] = {
+    "table4-pycode": lambda: grid_table([(T4, run) for run in TABLE4_ROWS], (T4, "L-xl"), "vs XL alone"),
+    "budgets-pycode": budget_table,
+    "memory-sizes-pycode": memory_size_table,
+    "others-pycode": lambda: grid_table(
+        [
+            (T4, "L-xl"),
+            (Q, "window512"),
+            (Q, "window512-g8"),
+            (Q, "linformer64"),
+            (T4, "L-mem8k-xl"),
+            (T4, "L-mem8k-xl-joint"),
+        ],
+        (T4, "L-xl"),
+        "vs XL alone",
+    ),
+    "wider-pycode": lambda: grid_table(
+        [(T4, "L"), (Q, "2L"), (T4, "4L"), (T4, "L-mem8k"), (T4, "L-xl"), (Q, "2L-xl"), (T4, "L-mem8k-xl")],
+        (T4, "L"),
+        "vs context L",
+    ),
+    "short-pycode": lambda: grid_table(
+        [("short-pycode", "short-xl"), ("short-pycode", "short-mem8k-xl")], ("short-pycode", "short-xl"), "vs XL alone"
+    ),
+    "smollm2": smollm2_table,
+}
+
+
+def render(page: str) -> str:
+    """`page` with every generated block rewritten from the JSON."""
+    for name, make in TABLES.items():
+        begin, end = f"<!-- table:{name} -->", f"<!-- /table:{name} -->"
+        if begin not in page:
+            continue
+        before, rest = page.split(begin, 1)
+        _, after = rest.split(end, 1)
+        page = f"{before}{begin}\n{make()}\n{end}{after}"
+    return page
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="only check that docs/RESULTS.md is up to date")
+    args = parser.parse_args(argv)
+    page = RESULTS_PAGE.read_text()
+    updated = render(page)
+    if args.check:
+        if updated != page:
+            sys.exit("docs/RESULTS.md is out of date: run `python experiments/tables.py`")
+        return
+    RESULTS_PAGE.write_text(updated)
+
+
+if __name__ == "__main__":
+    main()
