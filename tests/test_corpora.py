@@ -274,7 +274,22 @@ def test_rdb_parser():
         read_rdb(struct.pack(">I", 4) + b"not zlib at all")
 
 
-def test_books_one_document_per_novel(tmp_path):
+def fake_bible(folder: Path, verses: str) -> None:
+    """bible.data and a `bible` program that prints `verses` and records its arguments."""
+    write(folder, {"usr/lib/bible.data": "EC02", "usr/bin/verses.txt": verses})
+    program = folder / "usr/bin/bible"
+    program.write_text(f'#!/bin/sh\necho "$@" > {folder}/arguments\ncat {folder}/usr/bin/verses.txt\n')
+    program.chmod(0o644)  # as unpacked without its mode: made executable when run
+
+
+def bible_verses(books: int = 66) -> str:
+    # book 0 has two chapters; the reader's abbreviations are letters, "1Sm"-style ones too
+    lines = ["Ge1:1 In the beginning.", "Ge1:2 And the earth.", "Ge2:1 Thus the heavens."]
+    lines += [f"{i % 3 or ''}B{chr(97 + i // 26)}{chr(97 + i % 26)}1:1 Verse of book {i}." for i in range(1, books)]
+    return "\n".join(lines) + "\n"
+
+
+def test_books_one_document_per_novel_and_per_book_of_the_bible(tmp_path):
     novels = {
         "PRIDE AND PREJUDICE": ["", "PRIDE AND PREJUDICE", "", "It is a truth universally acknowledged"],
         "Persuasion": ["Persuasion", None, "Sir Walter Elliot"],
@@ -282,12 +297,28 @@ def test_books_one_document_per_novel(tmp_path):
     }
     data = rdb(*(xdr_character_vector(lines) for lines in novels.values()), xdr_character_vector(["", "  "]))
     folder = write(tmp_path / "janeaustenr/data", {"Rdata.rdb": data})
+    fake_bible(folder, bible_verses())
     splits = {split: load_corpus("books", split, folder) for split in common.SPLITS}
-    assert all(len(documents) == 1 for documents in splits.values())  # 3 novels: one in each split
     documents = {d.name: d.text for docs in splits.values() for d in docs}
-    assert sorted(documents) == ["Persuasion", "Pride and Prejudice", "Sense and Sensibility"]
+    assert len(documents) == 3 + 66 and all(splits.values())
+    assert {"Persuasion", "Pride and Prejudice", "Sense and Sensibility"} <= set(documents)
     assert documents["Pride and Prejudice"] == "\nPRIDE AND PREJUDICE\n\nIt is a truth universally acknowledged"
     assert documents["Persuasion"] == "Persuasion\n\nSir Walter Elliot"
+    assert documents["KJV: Genesis"] == "Genesis\n\n1:1 In the beginning.\n1:2 And the earth.\n\n2:1 Thus the heavens."
+    assert documents["KJV: Revelation"] == "Revelation\n\n1:1 Verse of book 65."
+    assert (folder / "arguments").read_text().split() == ["-f", "-p", str(folder / "usr/lib"), "gen1:1-rev22:21"]
+
+
+def test_books_refuse_a_bible_that_is_missing_or_misread(tmp_path):
+    folder = write(tmp_path / "janeaustenr/data", {"Rdata.rdb": rdb(xdr_character_vector(["EMMA", "text"]))})
+    with pytest.raises(CorpusUnavailable, match="no bible.data and bible under .*apt-get download bible-kjv-text"):
+        prepare_corpus("books", folder)
+    fake_bible(folder, bible_verses(65))
+    with pytest.raises(ValueError, match="printed 65 books, expected 66"):
+        prepare_corpus("books", folder)
+    fake_bible(folder, "Genesis 1\n")
+    with pytest.raises(ValueError, match="not a verse: 'Genesis 1'"):
+        prepare_corpus("books", folder)
 
 
 # --- tex, and Debian packages --------------------------------------------------------------

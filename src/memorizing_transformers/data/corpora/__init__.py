@@ -39,7 +39,7 @@ def prepare_corpus(name: str, source: str | Path | None = None, force: bool = Fa
     corpus = get_corpus(name)
     argument = str(Path(source).resolve()) if source is not None else None
     target = corpus_dir(name)
-    if not force and _is_current(target, argument):
+    if not force and _is_current(target, argument, corpus.version):
         return target
     built = corpus.build(Path(source) if source is not None else None)
     return write_corpus(corpus, built, argument)
@@ -59,19 +59,20 @@ def load_corpus(name: str, split: str, source: str | Path | None = None) -> list
         target = prepare_corpus(name, source)
     else:
         target = corpus_dir(name)
-        if not _is_current(target, None):
+        if not _is_current(target, None, corpus.version):
             command = f"mt data prepare {name}" + (" --source DIR" if corpus.needs_source else "")
             raise CorpusUnavailable(f"corpus {name!r} ({corpus.description}) is not prepared: run `{command}`")
     with open(target / f"{split}.jsonl", encoding="utf-8") as f:
         return [Document(**json.loads(line)) for line in f]
 
 
-def _is_current(target: Path, source_argument: str | None) -> bool:
-    """Whether `target` holds a complete corpus of this build version (from `source_argument`, if given)."""
+def _is_current(target: Path, source_argument: str | None, version: int) -> bool:
+    """Whether `target` holds a complete corpus of this build version and corpus version (from
+    `source_argument`, if given)."""
     try:
         meta = json.loads((target / "meta.json").read_text())
     except (OSError, ValueError):
         return False
-    if meta.get("build_version") != BUILD_VERSION:
+    if meta.get("build_version") != BUILD_VERSION or meta.get("corpus_version", 1) != version:
         return False
     return source_argument is None or meta.get("source_argument") == source_argument

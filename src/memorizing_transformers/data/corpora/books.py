@@ -1,25 +1,51 @@
-"""The `books` corpus (PG-19 analogue): Jane Austen's six novels, from Debian `r-cran-janeaustenr`.
+"""The `books` corpus (PG-19 analogue): Jane Austen's six novels and the 66 books of the King James Bible.
 
-The novels sit in the R lazy-load database data/Rdata.rdb, one character vector (a line
-of text per element) each. The file is a sequence of blocks, each a 4-byte big-endian
-length followed by a zlib stream holding an R serialisation in XDR format; it is read here
-in plain Python, without R. One document per novel, its lines joined with newlines,
-named by its title (the first non-empty line, e.g. "Pride and Prejudice").
+The novels come from Debian `r-cran-janeaustenr`: they sit in the R lazy-load database
+data/Rdata.rdb, one character vector (a line of text per element) each. The file is a
+sequence of blocks, each a 4-byte big-endian length followed by a zlib stream holding an R
+serialisation in XDR format; it is read here in plain Python, without R. One document per
+novel, its lines joined with newlines, named by its title (the first non-empty line, e.g.
+"Pride and Prejudice").
 
-`--source` is a folder holding Rdata.rdb (or an unpacked package).
+The Bible comes from Debian `bible-kjv-text` (bible.data, in the compressed format of its
+own reader) and is read out by that reader, the `bible` program of Debian `bible-kjv`
+(`bible -f -p DIR gen1:1-rev22:21`: one verse a line, "Ge1:1 In the beginning ..."); no
+other program reads the format, and writing a decoder for it would copy that one. One
+document per book, named "KJV: Genesis" and so on: its name, then a line
+"CHAPTER:VERSE text" per verse, a blank line between chapters.
+
+`--source` is a folder holding Rdata.rdb (or an unpacked janeaustenr package) and, anywhere
+under it, bible.data and the `bible` program (the two Bible packages unpacked there).
 """
 
 from __future__ import annotations
 
+import json
+import os
+import re
 import struct
+import subprocess
 import zlib
 from pathlib import Path
 
-from .common import Built, Corpus, CorpusUnavailable, Document, raw_folder, split_documents
+from .common import Built, Corpus, CorpusUnavailable, Document, debian_package, raw_folder, run_tool, split_documents
 
 PACKAGE = "r-cran-janeaustenr"
 INNER = "usr/lib/R/site-library/janeaustenr/data"
 DATABASE = "Rdata.rdb"
+BIBLE_TEXT, BIBLE_READER = "bible-kjv-text", "bible-kjv"
+BIBLE_DATA, BIBLE_PROGRAM = "bible.data", "bible"
+BIBLE_RANGE = "gen1:1-rev22:21"
+BIBLE_BOOKS = (
+    "Genesis", "Exodus", "Leviticus", "Numbers", "Deuteronomy", "Joshua", "Judges", "Ruth", "1 Samuel", "2 Samuel",
+    "1 Kings", "2 Kings", "1 Chronicles", "2 Chronicles", "Ezra", "Nehemiah", "Esther", "Job", "Psalms", "Proverbs",
+    "Ecclesiastes", "Song of Solomon", "Isaiah", "Jeremiah", "Lamentations", "Ezekiel", "Daniel", "Hosea", "Joel",
+    "Amos", "Obadiah", "Jonah", "Micah", "Nahum", "Habakkuk", "Zephaniah", "Haggai", "Zechariah", "Malachi",
+    "Matthew", "Mark", "Luke", "John", "Acts", "Romans", "1 Corinthians", "2 Corinthians", "Galatians", "Ephesians",
+    "Philippians", "Colossians", "1 Thessalonians", "2 Thessalonians", "1 Timothy", "2 Timothy", "Titus", "Philemon",
+    "Hebrews", "James", "1 Peter", "2 Peter", "1 John", "2 John", "3 John", "Jude", "Revelation",
+)  # fmt: skip
+_VERSE = re.compile(r"(\d?[A-Za-z]+)(\d+):(\d+) (.*)")
 
 # R's SEXP types and CHARSXP encoding flags (R Internals, "Serialization Formats").
 STRSXP, CHARSXP = 16, 9
@@ -32,7 +58,70 @@ def build(source: Path | None) -> Built:
     path = folder / DATABASE
     if not path.is_file():
         raise CorpusUnavailable(f"corpus 'books': no {DATABASE} in {folder}")
-    return Built(source=description, splits=split_documents(novels(read_rdb(path.read_bytes()))))
+    data, program, bible = bible_files(source)
+    documents = novels(read_rdb(path.read_bytes())) + bible_books(read_bible(data, program))
+    return Built(source=f"{description}; {bible}", splits=split_documents(documents))
+
+
+def bible_files(source: Path | None) -> tuple[Path, Path, str]:
+    """bible.data, the `bible` program that reads it, and a description of where they came from."""
+    if source is None:
+        packages = {package: debian_package(package, "books") for package in (BIBLE_TEXT, BIBLE_READER)}
+        roots = list(packages.values())
+        described = [f"Debian package {package} {json_version(root)}" for package, root in packages.items()]
+    else:
+        roots, described = [source], [str(source.resolve())]
+    data = next((p for root in roots for p in sorted(root.rglob(BIBLE_DATA))), None)
+    program = next((p for root in roots for p in sorted(root.rglob(BIBLE_PROGRAM)) if p.is_file()), None)
+    if data is None or program is None:
+        missing = " and ".join(name for name, found in ((BIBLE_DATA, data), (BIBLE_PROGRAM, program)) if found is None)
+        raise CorpusUnavailable(
+            f"corpus 'books': no {missing} under {', '.join(map(str, roots))} (unpack the Debian packages "
+            f"{BIBLE_TEXT} and {BIBLE_READER} there: `apt-get download {BIBLE_TEXT} {BIBLE_READER}`, then "
+            "`dpkg-deb -x FILE DIR` for each)"
+        )
+    return data, program, "King James Bible: " + ", ".join(described)
+
+
+def json_version(root: Path) -> str:
+    return json.loads((root / ".package.json").read_text())["version"]
+
+
+def read_bible(data: Path, program: Path) -> str:
+    """Every verse, one a line ("Ge1:1 In the beginning ..."), as the Bible's own reader prints them."""
+    try:
+        os.chmod(program, os.stat(program).st_mode | 0o111)
+        return run_tool([str(program), "-f", "-p", str(data.parent), BIBLE_RANGE])
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", None) or error
+        raise CorpusUnavailable(f"corpus 'books': the Bible's reader {program} could not run here: {detail}") from error
+
+
+def bible_books(verses: str) -> list[Document]:
+    """One document per book of the reader's output, in order, named by BIBLE_BOOKS."""
+    books: list[tuple[str, list[tuple[int, int, str]]]] = []
+    for line in verses.splitlines():
+        if not line.strip():
+            continue
+        match = _VERSE.fullmatch(line.strip())
+        if match is None:
+            raise ValueError(f"the Bible's reader printed a line that is not a verse: {line[:80]!r}")
+        book, chapter, verse, text = match.groups()
+        if not books or books[-1][0] != book:
+            books.append((book, []))
+        books[-1][1].append((int(chapter), int(verse), text))
+    if len(books) != len(BIBLE_BOOKS):
+        raise ValueError(f"the Bible's reader printed {len(books)} books, expected {len(BIBLE_BOOKS)}")
+    documents = []
+    for name, (_, verses_of_book) in zip(BIBLE_BOOKS, books):
+        lines, chapter = [name], None
+        for number, verse, text in verses_of_book:
+            if number != chapter:
+                lines.append("")
+                chapter = number
+            lines.append(f"{number}:{verse} {text}")
+        documents.append(Document(f"KJV: {name}", "\n".join(lines)))
+    return documents
 
 
 def novels(vectors: list[list[str | None]]) -> list[Document]:
@@ -127,7 +216,9 @@ class _XDRReader:
 
 CORPUS = Corpus(
     name="books",
-    description="Jane Austen's six novels (Debian r-cran-janeaustenr), one document per novel",
-    licence="public-domain texts; janeaustenr package MIT (Debian r-cran-janeaustenr)",
+    description="Jane Austen's six novels (Debian r-cran-janeaustenr) and the 66 books of the King James Bible "
+    "(Debian bible-kjv-text), one document per novel or book",
+    licence="public-domain texts; janeaustenr package MIT (Debian r-cran-janeaustenr); bible-kjv-text public domain",
     build=build,
+    version=2,  # 2: the King James Bible added
 )

@@ -66,6 +66,7 @@ class Corpus:
     build: Callable[[Path | None], Built]
     self_contained: bool = False
     needs_source: bool = False
+    version: int = 1  # bumped when this corpus's builder changes what it writes (its cache is then rebuilt)
 
 
 def split_key(name: str) -> float:
@@ -239,6 +240,7 @@ def write_corpus(corpus: Corpus, built: Built, source_argument: str | None) -> P
             "licence": corpus.licence,
             "split_rule": built.split_rule,
             "build_version": BUILD_VERSION,
+            "corpus_version": corpus.version,
             "splits": counts,
         }
         (work / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
