@@ -33,30 +33,16 @@ from benchmarks.common import parse_arguments, write_results
 NAMES = ["alpha", "beta", "gamma", "delta", "omega", "sigma", "kappa", "theta"]
 
 
+def train_args(run: Path, steps: int, *extra: str) -> list[str]:
+    """`mt` arguments training the tiny preset on the `files` corpus for `steps` steps into `run`."""
+    return ["train", "--out", str(run), "--corpus", "files", "--preset", "tiny", "--vocab-size", "300",
+            "--eval-every", "0", "--log-every", "1", "--steps", str(steps), *extra]  # fmt: skip
+
+
 def train_command(run: Path, steps: int, resume: bool = False) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "memorizing_transformers.cli",
-        "train",
-        "--out",
-        str(run),
-        "--corpus",
-        "files",
-        "--preset",
-        "tiny",
-        "--vocab-size",
-        "300",
-        "--steps",
-        str(steps),
-        "--checkpoint-every",
-        "3",
-        "--log-every",
-        "1",
-        "--eval-every",
-        "0",
-        *(["--resume"] if resume else []),
-    ]
+    """The same in a process of its own, checkpointing every 3 steps."""
+    extra = ["--checkpoint-every", "3", *(["--resume"] if resume else [])]
+    return [sys.executable, "-m", "memorizing_transformers.cli", *train_args(run, steps, *extra)]
 
 
 def run_mt(command: list[str], env: dict[str, str]) -> subprocess.CompletedProcess:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.faults import write_texts
+from benchmarks.faults import train_args, write_texts
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
 from memorizing_transformers.atomic import write_atomically
 from memorizing_transformers.cli import main
@@ -32,27 +32,6 @@ def corpus(tmp_path_factory):
         mp.setenv("MT_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "mt-cache"))
         main(["data", "prepare", "files", "--source", str(write_texts(base / "texts"))])
     return base
-
-
-def train_args(run: Path, steps: int, *extra: str) -> list[str]:
-    return [
-        "train",
-        "--out",
-        str(run),
-        "--corpus",
-        "files",
-        "--preset",
-        "tiny",
-        "--vocab-size",
-        "300",
-        "--eval-every",
-        "0",
-        "--log-every",
-        "1",
-        "--steps",
-        str(steps),
-        *extra,
-    ]
 
 
 @pytest.fixture(scope="module")
