@@ -469,3 +469,14 @@ def test_pg19_from_the_hub_names_books_by_gutenberg_id(monkeypatch):
     monkeypatch.setattr(pg19, "stream_dataset", offline)
     with pytest.raises(CorpusUnavailable, match="OfflineModeIsEnabled.*--source DIR"):
         prepare_corpus("pg19", force=True)
+
+
+def test_a_rebuilt_corpus_gets_caches_of_its_own(monkeypatch):
+    import dataclasses
+
+    from memorizing_transformers.data import corpora
+    from memorizing_transformers.data.pipeline import corpus_key, corpus_tokenizer_dir
+
+    assert corpus_key("code") == "code" and corpus_key("books") == "books-c2"  # books 2: the Bible added
+    monkeypatch.setitem(corpora.CORPORA, "code", dataclasses.replace(corpora.CORPORA["code"], version=3))
+    assert corpus_tokenizer_dir("code", 512).name == "code-c3-bpe512"

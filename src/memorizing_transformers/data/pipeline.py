@@ -10,7 +10,7 @@ from tokenizers import decoders
 from transformers import PreTrainedTokenizerBase
 
 from ..atomic import write_atomically
-from .corpora import Document, load_corpus
+from .corpora import Document, get_corpus, load_corpus
 from .streaming import TokenizedDocument
 from .tokenizer import cache_dir, train_bpe
 
@@ -19,8 +19,15 @@ TOKENIZED_VERSION = 2  # 2: num_bytes counts the bytes of the scored tokens only
 TOKENIZE_GROUP = 32  # documents tokenized at once
 
 
+def corpus_key(corpus: str) -> str:
+    """The corpus's name in the caches made from it; from version 2 on, with its version, so a
+    rebuilt corpus gets a tokenizer and token ids of its own."""
+    version = get_corpus(corpus).version
+    return f"{corpus}-c{version}" if version > 1 else corpus
+
+
 def corpus_tokenizer_dir(corpus: str, vocab_size: int) -> Path:
-    return cache_dir() / "tokenizers" / f"{corpus}-bpe{vocab_size}"
+    return cache_dir() / "tokenizers" / f"{corpus_key(corpus)}-bpe{vocab_size}"
 
 
 def corpus_tokenizer(corpus: str, vocab_size: int) -> Path:
@@ -62,10 +69,11 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
 
 
 def load_tokenized(corpus: str, split: str, tokenizer: PreTrainedTokenizerBase) -> list[TokenizedDocument]:
-    """A corpus split as token ids; cached on disk per (corpus, split, tokenizer)."""
+    """A corpus split as token ids; cached on disk per (corpus and its version, split, tokenizer)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    path = cache_dir() / "tokenized" / f"{corpus}-{tokenizer_fingerprint(tokenizer)}-v{TOKENIZED_VERSION}" / f"{split}.pt"
+    folder = f"{corpus_key(corpus)}-{tokenizer_fingerprint(tokenizer)}-v{TOKENIZED_VERSION}"
+    path = cache_dir() / "tokenized" / folder / f"{split}.pt"
     if path.is_file():
         saved = torch.load(path, weights_only=True)
         return [TokenizedDocument(name, ids, num_bytes=int(n)) for name, ids, n in zip(saved["names"], saved["ids"], saved["bytes"])]
