@@ -283,6 +283,7 @@ GRIDS = {
         *questions("pycode", finetune_tokens=2_000_000, eval_tokens=200_000),
         budgets("pycode", tokens=(250_000, 500_000, 1_000_000), scratch_tokens=20_000_000, eval_tokens=200_000),
         table4("proofs", pretrain_tokens=8_000_000, finetune_tokens=1_000_000),
+        table4("books", pretrain_tokens=8_000_000, finetune_tokens=1_000_000),
         Grid(
             "quick",
             "a smoke test of the runner: a pre-training and two fine-tunes of a few steps",
