@@ -255,6 +255,24 @@ def budgets(corpus: str, tokens: tuple[int, ...], scratch_tokens: int, eval_toke
                 lr=1e-3,
             )
         )
+    # Two ways a fine-tune might put its memory to use sooner, at the middle budget: the gate
+    # starting half open (the paper's init; the local circuits exist already, so the reason to
+    # start it shut when training from scratch is gone), and the joint softmax (no gate).
+    middle = tokens[len(tokens) // 2]
+    for name, label, model in (
+        ("gate0", "gate starting at 0.5", dict(memory_gate_init=0.0)),
+        ("joint", "one softmax over local and retrieved entries", dict(memory_combine="joint_softmax")),
+    ):
+        runs.append(
+            Run(
+                f"L-mem8k-xl-{name}-{middle // 1000}k",
+                f"context {L} + memory 8K + XL {L}, {label}",
+                dict(xl_length=L, memory_size=8192, **model),
+                middle,
+                init_from=source,
+                lr=1e-3,
+            )
+        )
     runs.append(
         Run(
             "scratch-mem8k-xl",

@@ -176,12 +176,17 @@ def smollm2_table() -> str:
     return "\n".join(lines)
 
 
-T4, Q = "table4-pycode", "questions-pycode"
+T4, Q, B = "table4-pycode", "questions-pycode", "budgets-pycode"
 TABLE4_ROWS = ["L", "4L", "L-xl", "L-mem8k", "L-mem8k-xl", "L-mem8k-xl-joint", "L-mem64k-xl"]
 TABLES: dict[str, Callable[[], str]] = {
     "table4-pycode": lambda: grid_table([(T4, run) for run in TABLE4_ROWS], (T4, "L-xl"), "vs XL alone"),
     "budgets-pycode": budget_table,
     "memory-sizes-pycode": memory_size_table,
+    "variants-pycode": lambda: grid_table(
+        [(B, "L-xl-500k"), (B, "L-mem8k-xl-500k"), (B, "L-mem8k-xl-gate0-500k"), (B, "L-mem8k-xl-joint-500k")],
+        (B, "L-xl-500k"),
+        "vs XL alone",
+    ),
     "others-pycode": lambda: grid_table(
         [
             (T4, "L-xl"),
