@@ -134,6 +134,40 @@ def budget_table() -> str:
     return "\n".join(lines)
 
 
+def fine_tune_into_memory_table() -> str:
+    """The paper's fine-tuning into memory: the share of the gap between the vanilla pre-training
+    and a memory model trained from scratch as long that fine-tunes with a memory close."""
+    vanilla, scratch = load("table4-pycode", "pretrain"), load("budgets-pycode", "scratch-mem8k-xl")
+    if vanilla is None or scratch is None:
+        return (
+            "Not finished yet: "
+            + " and ".join(
+                name for name, row in (("the pre-training", vanilla), ("scratch-mem8k-xl", scratch)) if row is None
+            )
+            + "."
+        )
+    start, goal = main_result(vanilla)["perplexity"], main_result(scratch)["perplexity"]
+    lines = [
+        f"Vanilla pre-training ({vanilla['train_tokens']:,} tokens): {start:.2f}; memory 8K + XL from scratch "
+        f"({scratch['train_tokens']:,} tokens): {goal:.2f}.",
+        "",
+        "| fine-tuning tokens | share of the pre-training | memory 8K + XL fine-tuned | share of the gap closed |",
+        "|---:|---:|---:|---:|",
+    ]
+    for tokens, grid, run in [
+        (t, "budgets-pycode", f"L-mem8k-xl-{t // 1000}k") for t in (250_000, 500_000, 1_000_000)
+    ] + [(2_000_000, "table4-pycode", "L-mem8k-xl")]:
+        if not (rows := seeds(grid, run)):
+            lines.append(f"| {tokens:,} | not finished yet | | |")
+            continue
+        tuned = perplexity(rows)
+        lines.append(
+            f"| {tokens:,} | {100 * tokens / vanilla['train_tokens']:.1f}% | {tuned:.2f} | "
+            f"{100 * (start - tuned) / (start - goal):.0f}% |"
+        )
+    return "\n".join(lines)
+
+
 def memory_size_table() -> str:
     """Table 5 in kind: the 2K-memory model tested with larger memories, and after a fine-tune at 128K."""
     row, tuned = load("table4-pycode", "L-mem2k-xl-s0"), load("table4-pycode", "L-mem2k-xl-ft128k")
@@ -182,6 +216,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "table4-pycode": lambda: grid_table([(T4, run) for run in TABLE4_ROWS], (T4, "L-xl"), "vs XL alone"),
     "budgets-pycode": budget_table,
     "memory-sizes-pycode": memory_size_table,
+    "fine-tune-into-memory-pycode": fine_tune_into_memory_table,
     "variants-pycode": lambda: grid_table(
         [(B, "L-xl-500k"), (B, "L-mem8k-xl-500k"), (B, "L-mem8k-xl-gate0-500k"), (B, "L-mem8k-xl-joint-500k")],
         (B, "L-xl-500k"),
