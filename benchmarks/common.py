@@ -8,6 +8,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,54 @@ def median_seconds(run: Callable[[], Any], repeats: int, warmup: int = 1, device
     for _ in range(warmup):
         timed()
     return statistics.median(timed() for _ in range(repeats))
+
+
+@dataclass
+class Case:
+    """One timed variant of an interleaved benchmark: `step()` does one unit of work (a training
+    step) reading `tokens` tokens; `set_fill(share)`, when given, resets its memory to that share
+    of its capacity before each round (a memory with no steady state, timed across its cycle)."""
+
+    owner: str  # "ours", or the implementation it is set beside
+    variant: str
+    step: Callable[[], None]
+    tokens: int
+    set_fill: Callable[[float], None] | None = None
+
+
+def seconds_per_call(run: Callable[[], Any], calls: int, device: torch.device | None = None) -> float:
+    """Mean wall time of `calls` consecutive calls of `run()` (synchronising CUDA around them)."""
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    began = time.perf_counter()
+    for _ in range(calls):
+        run()
+    if device is not None and device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - began) / calls
+
+
+def interleaved(cases: list[Case], rounds: int, calls: int, warmup: int, device: torch.device) -> list[list[float]]:
+    """Seconds per step of every case in every round: each case first warms up with `warmup`
+    steps, then every round times `calls` steps of each case in turn, the order rotated by
+    one case each round, so that a slow spell of the machine falls on all cases alike.
+    Returns times[case][round]; cases with `set_fill` are refilled to (round + 1/2) / rounds
+    of their capacity before each of their rounds."""
+    for case in cases:
+        for _ in range(warmup):
+            case.step()
+    times: list[list[float]] = [[] for _ in cases]
+    for r in range(rounds):
+        for i in [(r + j) % len(cases) for j in range(len(cases))]:
+            if cases[i].set_fill is not None:
+                cases[i].set_fill((r + 0.5) / rounds)
+            times[i].append(seconds_per_call(cases[i].step, calls, device))
+    return times
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """Median, min and max."""
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
 
 
 def write_results(name: str, results: dict[str, Any], table: str, out_dir: Path) -> None:

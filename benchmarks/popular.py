@@ -17,15 +17,15 @@ and an index is wiped whole once it would hold more than `max_knn_memories` entr
 
 from __future__ import annotations
 
+import contextlib
 import tempfile
 
 import torch
 import torch.nn.functional as F
 
-from .common import median_seconds
+from .common import Case
 
 VARIANTS = ("vanilla", "XL only", "memory", "memory + XL")
-WARMUP = 2
 
 
 def available() -> bool:
@@ -36,12 +36,15 @@ def available() -> bool:
     return True
 
 
-def step_seconds(variant: str, vocab_size: int, d_model: int, n_layers: int, n_heads: int, head_dim: int,
-                 knn_layer: int, k: int, segment_length: int, batch: int, memory_size: int, xl_length: int,
-                 repeats: int, device: torch.device = torch.device("cpu")) -> float:
-    """Median seconds of one AdamW step (forward with loss, backward, update) of their model.
+def case(label: str, variant: str, vocab_size: int, d_model: int, n_layers: int, n_heads: int, head_dim: int,
+         knn_layer: int, k: int, segment_length: int, batch: int, memory_size: int, xl_length: int,
+         resources: contextlib.ExitStack, device: torch.device = torch.device("cpu")) -> Case:
+    """One AdamW step (forward with loss, backward, update) of their model, as a benchmark case.
 
-    `knn_layer` counts from 0, as ours does; their model gets `knn_layer + 1`.
+    `knn_layer` counts from 0, as ours does; their model gets `knn_layer + 1`. Their memory is
+    wiped whole once full, so it has no steady state: the case's `set_fill` refills it to a
+    share of its capacity, and rounds at evenly spaced shares cover a whole fill-and-wipe cycle.
+    Files and memories stay open in `resources` until the benchmark closes it.
     """
     from memorizing_transformers_pytorch import MemorizingTransformer
 
@@ -49,32 +52,32 @@ def step_seconds(variant: str, vocab_size: int, d_model: int, n_layers: int, n_h
         raise ValueError(f"unknown variant {variant!r}: choose one of {VARIANTS}")
     use_knn, use_xl = variant.startswith("memory"), variant.endswith("XL")
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as directory:
-        model = MemorizingTransformer(
-            num_tokens=vocab_size, dim=d_model, depth=n_layers, heads=n_heads, dim_head=head_dim,
-            memorizing_layers=(knn_layer + 1,) if use_knn else (), max_knn_memories=memory_size,
-            num_retrieved_memories=k, xl_max_memories=xl_length if use_xl else 0, knn_memories_directory=directory,
-        ).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        tokens = torch.randint(1, vocab_size, (batch, segment_length + 1), device=device)  # 0 is their ignored pad
-        inputs, labels = tokens[:, :-1], tokens[:, 1:]
-        with model.knn_memories_context(batch_size=batch) as knn_memories:
-            # They wipe a full index rather than evict the oldest entries, so there is no full steady state:
-            # fill to just below capacity, so that the timed steps (each adds <= segment_length entries per
-            # row) search a nearly full index and never wipe it.
-            fill = memory_size - (WARMUP + repeats) * segment_length
-            for memory in knn_memories:
-                if fill > 0:
-                    keys = F.normalize(torch.randn(batch, fill, head_dim), dim=-1)
-                    memory.add(torch.stack((keys, torch.randn(batch, fill, head_dim)), dim=-2))
-            xl_memories = None
+    directory = resources.enter_context(tempfile.TemporaryDirectory())
+    model = MemorizingTransformer(
+        num_tokens=vocab_size, dim=d_model, depth=n_layers, heads=n_heads, dim_head=head_dim,
+        memorizing_layers=(knn_layer + 1,) if use_knn else (), max_knn_memories=memory_size,
+        num_retrieved_memories=k, xl_max_memories=xl_length if use_xl else 0, knn_memories_directory=directory,
+    ).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    tokens = torch.randint(1, vocab_size, (batch, segment_length + 1), device=device)  # 0 is their ignored pad
+    inputs, labels = tokens[:, :-1], tokens[:, 1:]
+    knn_memories = resources.enter_context(model.knn_memories_context(batch_size=batch))
+    xl_memories = None
 
-            def step() -> None:
-                nonlocal xl_memories
-                out = model(inputs, knn_memories, xl_memories=xl_memories, labels=labels)
-                loss, xl_memories = out if use_xl else (out, None)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+    def step() -> None:
+        nonlocal xl_memories
+        out = model(inputs, knn_memories, xl_memories=xl_memories, labels=labels)
+        loss, xl_memories = out if use_xl else (out, None)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
 
-            return median_seconds(step, repeats, warmup=WARMUP, device=device)
+    def set_fill(share: float) -> None:
+        fill = int(share * memory_size)
+        for memory in knn_memories:
+            memory.clear()
+            if fill > 0:
+                keys = F.normalize(torch.randn(batch, fill, head_dim), dim=-1)
+                memory.add(torch.stack((keys, torch.randn(batch, fill, head_dim)), dim=-2))
+
+    return Case("popular", label, step, batch * segment_length, set_fill if use_knn else None)

@@ -1,13 +1,19 @@
-"""Training-step time with and without memory, as ratios to the XL-only model of the same run.
+"""Training-step time with and without memory, as ratios to the XL-only model of the same rounds.
 
 Reference configuration (the one the popular PyTorch implementation was measured at):
 vocab 8,192, d_model 256, 6 layers, 4 heads x 64, kNN in the 4th layer, k 32, batch 4 x
 256-token segments, one AdamW step per segment; then the `small` preset (the same with
-the GPT-2 vocabulary of 50,257). Memories are filled to capacity before timing, so every
-search covers the whole memory (steady state). Rows marked IVF use the approximate
+the GPT-2 vocabulary of 50,257). Our memories are filled to capacity before timing, so
+every search covers the whole memory (steady state). Rows marked IVF use the approximate
 `faiss_ivf` backend; the others search exactly. When memorizing-transformers-pytorch
-0.4.1 is installed (see benchmarks/popular.py), the same table is measured for it at the
-reference configuration in the same run.
+0.4.1 is installed (see benchmarks/popular.py), its steps are timed in the same rounds.
+
+Every variant, ours and theirs, is built once and warmed up alike; then each round times a
+few steps of every variant in turn, the order rotated each round (see common.interleaved).
+A row gives the median over rounds with the min-max beside it; a ratio is taken per round
+(variant and XL only timed minutes apart at most) and summarised the same way. Their
+memory is wiped whole when full, so their memory rows refill it to evenly spaced shares of
+its capacity round by round: over the rounds they cover a whole fill-and-wipe cycle.
 
     python -m benchmarks.train_step            # the reference configuration
     python -m benchmarks.train_step --quick    # a tiny configuration, seconds
@@ -15,7 +21,9 @@ reference configuration in the same run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import statistics
 from pathlib import Path
 
 import torch
@@ -25,7 +33,7 @@ from memorizing_transformers import MemorizingConfig, MemorizingTransformer
 from memorizing_transformers.training.trainer import segment_loss
 
 from . import popular
-from .common import device_description, median_seconds, parse_arguments, write_results
+from .common import Case, device_description, interleaved, parse_arguments, spread, write_results
 
 REFERENCE = MemorizingConfig(
     vocab_size=8192, d_model=256, n_layers=6, n_heads=4, head_dim=64, d_ff=1024,
@@ -53,7 +61,8 @@ def variants(base: MemorizingConfig, large_memory: int) -> dict[str, MemorizingC
     }
 
 
-def step_seconds(config: MemorizingConfig, batch: int, repeats: int, device: torch.device) -> float:
+def our_case(variant: str, config: MemorizingConfig, batch: int, device: torch.device) -> Case:
+    """One AdamW step of our model on one segment, its memories full."""
     torch.manual_seed(0)
     model = MemorizingTransformer(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -72,73 +81,92 @@ def step_seconds(config: MemorizingConfig, batch: int, repeats: int, device: tor
         loss.backward()
         optimizer.step()
 
-    return median_seconds(step, repeats, warmup=2, device=device)
+    return Case("ours", variant, step, batch * config.segment_length)
 
 
-def measure(base: MemorizingConfig, large: int, batch: int, repeats: int, device: torch.device) -> list[dict]:
-    rows = []
-    for label, config in variants(base, large).items():
-        seconds = step_seconds(config, batch, repeats, device)
-        rows.append({"variant": label, "seconds": seconds, "tokens_per_s": batch * config.segment_length / seconds})
-        print(f"{label:>24}: {seconds:.3f} s/step")
-    return with_ratios(rows)
-
-
-def measure_popular(base: MemorizingConfig, large: int, batch: int, repeats: int, device: torch.device) -> list[dict]:
+def popular_cases(base: MemorizingConfig, large: int, batch: int, device: torch.device, resources) -> list[Case]:
     """The popular implementation's steps at `base`, labelled like ours."""
     shape = dict(vocab_size=base.vocab_size, d_model=base.d_model, n_layers=base.n_layers, n_heads=base.n_heads,
                  head_dim=base.head_dim, knn_layer=base.memory_layer_indices[0], k=base.knn_k,
-                 segment_length=base.segment_length, batch=batch, xl_length=base.xl_length, repeats=repeats, device=device)
-    cases = [("vanilla", "vanilla", base.memory_size), ("XL only", "XL only", base.memory_size)]
+                 segment_length=base.segment_length, batch=batch, xl_length=base.xl_length, device=device)
+    labelled = [("vanilla", "vanilla", base.memory_size), ("XL only", "XL only", base.memory_size)]
     for size in (base.memory_size, large):
-        cases += [(f"memory {size_label(size)}", "memory", size), (f"memory {size_label(size)} + XL", "memory + XL", size)]
+        labelled += [(f"memory {size_label(size)}", "memory", size),
+                     (f"memory {size_label(size)} + XL", "memory + XL", size)]
+    return [popular.case(label, variant, memory_size=size, resources=resources, **shape)
+            for label, variant, size in labelled]
+
+
+def rows_of(cases: list[Case], times: list[list[float]], owner: str) -> list[dict]:
+    """One row per case of `owner`: seconds per step and the ratio to its XL only, per round summarised."""
+    xl = next(t for case, t in zip(cases, times) if case.owner == owner and case.variant == "XL only")
     rows = []
-    for label, variant, size in cases:
-        seconds = popular.step_seconds(variant, memory_size=size, **shape)
-        rows.append({"variant": label, "seconds": seconds, "tokens_per_s": batch * base.segment_length / seconds})
-        print(f"{'popular ' + label:>24}: {seconds:.3f} s/step")
-    return with_ratios(rows)
-
-
-def with_ratios(rows: list[dict]) -> list[dict]:
-    xl = next(r["seconds"] for r in rows if r["variant"] == "XL only")
-    for r in rows:
-        r["ratio_to_xl"] = r["seconds"] / xl
+    for case, t in zip(cases, times):
+        if case.owner != owner:
+            continue
+        seconds, ratio = spread(t), spread([a / b for a, b in zip(t, xl)])
+        row = {"variant": case.variant, "seconds": seconds["median"], "seconds_min": seconds["min"],
+               "seconds_max": seconds["max"], "tokens_per_s": case.tokens / seconds["median"],
+               "ratio_to_xl": ratio["median"], "ratio_min": ratio["min"], "ratio_max": ratio["max"],
+               "round_seconds": t}
+        if case.set_fill is not None:  # evenly spaced fills: the mean over rounds is the cycle's mean
+            row["cycle_mean_seconds"] = statistics.fmean(t)
+        rows.append(row)
     return rows
 
 
+def speedups(cases: list[Case], times: list[list[float]]) -> dict[str, dict[str, float]]:
+    """Our tokens/s over theirs, per round, for each of our rows against theirs of the same label
+    (our IVF rows against their memory of the same size, with XL or not)."""
+    by = {(case.owner, case.variant): t for case, t in zip(cases, times)}
+    result = {}
+    for (owner, variant), ours in by.items():
+        if owner != "ours":
+            continue
+        theirs = by.get(("popular", variant.replace(" IVF", "")))
+        if theirs is not None:
+            result[variant] = spread([b / a for a, b in zip(ours, theirs)])
+    return result
+
+
 def table(rows: list[dict]) -> str:
-    lines = ["| variant | s / step | tokens / s | ratio to XL only |", "|---|---:|---:|---:|"]
+    lines = ["| variant | s / step, median | min-max | tokens / s | ratio to XL only, median | min-max |",
+             "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['seconds']:.3f} | {r['tokens_per_s']:,.0f} | {r['ratio_to_xl']:.2f}x |")
+        lines.append(f"| {r['variant']} | {r['seconds']:.3f} | {r['seconds_min']:.3f}-{r['seconds_max']:.3f} | "
+                     f"{r['tokens_per_s']:,.0f} | {r['ratio_to_xl']:.2f}x | {r['ratio_min']:.2f}-{r['ratio_max']:.2f}x |")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     args, device = parse_arguments(__doc__, argv)
     if args.quick:
-        configs, large, batch, repeats = {"quick": QUICK}, 2048, 2, 3
+        configs, large, batch, rounds, calls, warmup = {"quick": QUICK}, 2048, 2, 3, 1, 1
     else:
-        configs, large, batch, repeats = {"reference": REFERENCE, "small": MemorizingConfig.preset("small")}, 65536, 4, 7
+        configs, large, batch, rounds, calls, warmup = (
+            {"reference": REFERENCE, "small": MemorizingConfig.preset("small")}, 65536, 4, 6, 3, 2)
     results = {"command": "python -m benchmarks.train_step" + (" --quick" if args.quick else ""),
-               "device": device_description(device), "batch_size": batch, "repeats": repeats, "configs": {}}
+               "device": device_description(device), "batch_size": batch, "rounds": rounds,
+               "steps_per_round": calls, "warmup_steps": warmup, "configs": {}}
     sections = []
     for name, base in configs.items():
-        rows = measure(base, large, batch, repeats, device)
+        with contextlib.ExitStack() as resources:
+            cases = [our_case(label, config, batch, device) for label, config in variants(base, large).items()]
+            if popular.available():
+                cases += popular_cases(base, large, batch, device, resources)
+            times = interleaved(cases, rounds, calls, warmup, device)
+        rows = rows_of(cases, times, "ours")
         results["configs"][name] = {"config": base.to_dict(), "rows": rows}
-        sections.append(f"### {name} configuration (vocab {base.vocab_size:,}), batch {batch} x {base.segment_length}\n\n{table(rows)}")
-        if name == "reference" and popular.available():
-            theirs = measure_popular(base, large, batch, repeats, device)
-            results["configs"][name]["popular_rows"] = theirs
-            label = f"memory {size_label(large)}"
-            theirs_large = next(r["tokens_per_s"] for r in theirs if r["variant"] == label)
-            speedups = {v: next(r["tokens_per_s"] for r in rows if r["variant"] == v) / theirs_large for v in (label, label + " IVF")}
-            results["configs"][name]["tokens_per_s_vs_popular_at_large_memory"] = speedups
+        sections.append(f"### {name} configuration (vocab {base.vocab_size:,}), batch {batch} x {base.segment_length}"
+                        f"\n\n{table(rows)}")
+        if any(case.owner == "popular" for case in cases):
+            theirs, faster = rows_of(cases, times, "popular"), speedups(cases, times)
+            results["configs"][name] |= {"popular_rows": theirs, "tokens_per_s_vs_popular": faster}
             sections.append(
-                f"### memorizing-transformers-pytorch 0.4.1, reference configuration, same run\n\n{table(theirs)}\n\n"
-                f"Tokens/s at memory {size_label(large)}, ours over theirs: {speedups[label]:.2f}x with exact search, "
-                f"{speedups[label + ' IVF']:.2f}x with `faiss_ivf` (its memory: one key head shared by all heads, "
-                f"HNSW, wiped whole when full; ours: per head, FIFO)."
+                f"### memorizing-transformers-pytorch 0.4.1, {name} configuration, same rounds\n\n{table(theirs)}\n\n"
+                "Tokens/s, ours over theirs, per round (median, min-max): "
+                + "; ".join(f"{variant} {s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f}x)" for variant, s in faster.items())
+                + ". Their memory: one key head shared by all heads, HNSW, wiped whole when full; ours: per head, FIFO."
             )
     text = "\n\n".join(sections)
     print(text)
