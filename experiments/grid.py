@@ -294,11 +294,35 @@ def budgets(corpus: str, tokens: tuple[int, ...], scratch_tokens: int, eval_toke
     )
 
 
+def batch16(corpus: str, finetune_tokens: int, eval_tokens: int | None) -> Grid:
+    """table4's XL and memory rows read four times the tokens per step (16 x 128, as 4L reads
+    4 x 512), fine-tuned for the same tokens from the same pre-training: whether what separates
+    4L from L + XL there is the wider window or the less noisy steps."""
+    L, source = SMALL["segment_length"], f"table4-{corpus}/pretrain"
+    rows = [
+        ("L-xl", f"context {L} + XL {L}", dict(NO_MEMORY, xl_length=L)),
+        ("L-mem8k-xl", f"context {L} + memory 8K + XL {L}", dict(xl_length=L, memory_size=8192)),
+        ("L", f"context {L}", dict(NO_MEMORY, xl_length=0)),
+    ]
+    return Grid(
+        f"batch16-{corpus}",
+        f"Rows of table4-{corpus} with batches of 16 x {L} tokens (4L's tokens per step), fine-tuned for "
+        f"{finetune_tokens:,} tokens from its pre-training",
+        corpus,
+        4096,
+        SMALL,
+        tuple(Run(name, label, model, finetune_tokens, init_from=source, lr=1e-3) for name, label, model in rows),
+        batch_size=16,
+        eval_tokens=eval_tokens,
+    )
+
+
 GRIDS = {
     grid.name: grid
     for grid in (
         table4("pycode", pretrain_tokens=20_000_000, finetune_tokens=2_000_000, eval_tokens=200_000),
         *questions("pycode", finetune_tokens=2_000_000, eval_tokens=200_000),
+        batch16("pycode", finetune_tokens=2_000_000, eval_tokens=200_000),
         budgets("pycode", tokens=(250_000, 500_000, 1_000_000), scratch_tokens=20_000_000, eval_tokens=200_000),
         table4("proofs", pretrain_tokens=8_000_000, finetune_tokens=1_000_000),
         table4("books", pretrain_tokens=8_000_000, finetune_tokens=1_000_000),
@@ -496,6 +520,15 @@ def train_run(
         "token_gain": gains,
         "peak_memory": peak_memory(grid, run, device),
         "memory_gates": model.memory_gates(),
+        # what decides how much a retrieved entry weighs, per memory layer and head: the softmax
+        # temperature, and the position bias the joint softmax gives it (the farthest bucket's)
+        "memory_attention": {
+            str(i): {
+                "qk_scale": model.blocks[i].attn.log_scale.detach().exp().tolist(),
+                "farthest_bias": model.blocks[i].attn.position_bias.embedding.weight[-1].detach().tolist(),
+            }
+            for i in config.memory_layer_indices
+        },
         "machine": {
             "device": str(device),
             "platform": platform.platform(),
