@@ -93,13 +93,14 @@ def grid_table(runs: list[tuple[str, str]], reference: tuple[str, str] | None = 
         + " train tokens/s | ms/token (test) | forward GFLOP/token | peak MB train / test |",
         "|---|---|---:|---:|---:|" + "---:|" * (len(compared) + 4),
     ]
+    mixed = len({grid for grid, _ in runs}) > 1  # then rows are named GRID/RUN
     for grid, run in runs:
-        rows = seeds(grid, run)
+        rows, name = seeds(grid, run), f"{grid}/{run}" if mixed else run
         if not rows:
-            lines.append(f"| {run} | not finished yet |" + " |" * (len(compared) + 7))
+            lines.append(f"| {name} | not finished yet |" + " |" * (len(compared) + 7))
             continue
         off = [r["test"]["memory off"]["perplexity"] for r in rows if "memory off" in r["test"]]
-        cells = [run, rows[0]["label"], str(len(rows)), spread([main_result(r)["perplexity"] for r in rows])]
+        cells = [name, rows[0]["label"], str(len(rows)), spread([main_result(r)["perplexity"] for r in rows])]
         cells.append(spread(off) if off else "-")
         if reference:
             cells.append("reference" if (grid, run) == reference else change(perplexity(rows), reference_ppl))
@@ -164,6 +165,20 @@ def fine_tune_into_memory_table() -> str:
         lines.append(
             f"| {tokens:,} | {100 * tokens / vanilla['train_tokens']:.1f}% | {tuned:.2f} | "
             f"{100 * (start - tuned) / (start - goal):.0f}% |"
+        )
+    return "\n".join(lines)
+
+
+def cross_context_table() -> str:
+    """Final weights tested with another context (experiments/cross_context.py)."""
+    path = HERE / "results" / "cross_context.json"
+    if not path.is_file():
+        return "Not run yet: `python experiments/cross_context.py`."
+    lines = ["| run | trained with segment / XL | tested with segment / XL | test perplexity |", "|---|---|---|---:|"]
+    for r in json.loads(path.read_text())["rows"]:
+        lines.append(
+            f"| {r['grid']}/{r['run']} | {r['trained_segment']} / {r['trained_xl']} | "
+            f"{r['tested_segment']} / {r['tested_xl']} | {r['perplexity']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -241,6 +256,22 @@ TABLES: dict[str, Callable[[], str]] = {
     ),
     "short-pycode": lambda: grid_table(
         [("short-pycode", "short-xl"), ("short-pycode", "short-mem8k-xl")], ("short-pycode", "short-xl"), "vs XL alone"
+    ),
+    "steps-pycode": lambda: (
+        grid_table(
+            [
+                (T4, "4L"),
+                (T4, "L-xl"),
+                (T4, "L-mem8k-xl"),
+                ("batch16-pycode", "L"),
+                ("batch16-pycode", "L-xl"),
+                ("batch16-pycode", "L-mem8k-xl"),
+            ],
+            (T4, "4L"),
+            "vs 4L",
+        )
+        + "\n\n"
+        + cross_context_table()
     ),
     "smollm2": smollm2_table,
 }
