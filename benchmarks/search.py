@@ -10,6 +10,10 @@ speed-up and recall@32 (the share of the exact top-32 that it returns), on rando
 vectors and, with --checkpoint, on the keys and queries of a trained model's memory layer
 (real keys cluster; uniform random vectors in 64 dimensions are the worst case of IVF).
 
+The contenders of a row are timed in interleaved rounds (see common.interleaved); a time
+is the median over rounds, a ratio the median of the per-round ratios, with their min and
+max in the JSON.
+
     python -m benchmarks.search                                   # random vectors
     python -m benchmarks.search --checkpoint runs/demo/full/code-memory --corpus code
     python -m benchmarks.search --quick                           # small sizes, seconds
@@ -17,8 +21,10 @@ vectors and, with --checkpoint, on the keys and queries of a trained model's mem
 
 from __future__ import annotations
 
+import statistics
 import time
 from pathlib import Path
+from typing import Any
 
 import faiss
 import numpy as np
@@ -30,7 +36,7 @@ from memorizing_transformers import KNNMemory, MemorizingTransformer
 from memorizing_transformers.data.pipeline import load_tokenized
 from memorizing_transformers.training.checkpoint import resolve_model_dir
 
-from .common import device_description, median_seconds, parse_arguments, write_results
+from .common import Case, device_description, interleaved, parse_arguments, spread, write_results
 
 
 def random_unit(heads: int, n: int, dim: int, seed: int) -> torch.Tensor:
@@ -69,6 +75,18 @@ def filled(keys: torch.Tensor, backend: str, device: torch.device) -> KNNMemory:
     return memory
 
 
+def race(contenders: dict[str, Any], rounds: int, device: torch.device) -> dict[str, list[float]]:
+    """Seconds per call of each contender in each round, interleaved (see common.interleaved)."""
+    cases = [Case("ours", name, run, 0) for name, run in contenders.items()]
+    return dict(zip(contenders, interleaved(cases, rounds, calls=1, warmup=1, device=device)))
+
+
+def ratio_fields(name: str, over: list[float], under: list[float]) -> dict[str, float]:
+    """name (the median of over / under, per round), name_min and name_max."""
+    measured = spread([a / b for a, b in zip(over, under)])
+    return {name: measured["median"], f"{name}_min": measured["min"], f"{name}_max": measured["max"]}
+
+
 def exact_rows(sizes: list[int], heads: int, queries: int, dim: int, k: int, repeats: int, device: torch.device) -> list[dict]:
     rows = []
     for size in sizes:
@@ -76,21 +94,25 @@ def exact_rows(sizes: list[int], heads: int, queries: int, dim: int, k: int, rep
         memory = filled(keys, "exact", device)
         q_device = q[None].to(device)
         flops = 2.0 * heads * queries * size * dim
-        ours = median_seconds(lambda: memory.search(q_device, k), repeats, device=device)
         # The FLOP ceiling: the same product in one matmul, without top-k or masking.
         keys_t = memory.keys.transpose(-1, -2)
-        matmul = median_seconds(lambda: torch.matmul(q_device, keys_t), repeats, device=device)
         indices = [faiss.IndexFlatIP(dim) for _ in range(heads)]
         for h, index in enumerate(indices):
             index.add(keys[h].numpy())
         q_np = [np.ascontiguousarray(q[h].numpy()) for h in range(heads)]
-        flat = median_seconds(lambda: [index.search(q_np[h], k) for h, index in enumerate(indices)], repeats)
+        times = race({
+            "ours": lambda: memory.search(q_device, k),
+            "matmul": lambda: torch.matmul(q_device, keys_t),
+            "faiss flat": lambda: [index.search(q_np[h], k) for h, index in enumerate(indices)],
+        }, repeats, device)
+        ours, matmul, flat = (statistics.median(times[name]) for name in ("ours", "matmul", "faiss flat"))
         found = memory.search(q_device, k).slots.cpu()
         same = np.mean([np.array_equal(np.sort(indices[h].search(q_np[h], k)[1], axis=1), np.sort(found[0, h].numpy(), axis=1)) for h in range(heads)])
         rows.append({
             "memory_size": size, "ours_s": ours, "faiss_flat_s": flat, "matmul_s": matmul,
-            "speedup_vs_faiss_flat": flat / ours, "ours_gflops": flops / ours / 1e9, "matmul_gflops": flops / matmul / 1e9,
-            "fraction_of_matmul": matmul / ours, "same_neighbours_as_faiss": float(same),
+            **ratio_fields("speedup_vs_faiss_flat", times["faiss flat"], times["ours"]),
+            "ours_gflops": flops / ours / 1e9, "matmul_gflops": flops / matmul / 1e9,
+            **ratio_fields("fraction_of_matmul", times["matmul"], times["ours"]), "same_neighbours_as_faiss": float(same),
         })
         print(f"exact M={size:>9,}: ours {ours * 1e3:8.1f} ms, faiss flat {flat * 1e3:8.1f} ms, matmul {matmul * 1e3:8.1f} ms")
     return rows
@@ -104,11 +126,11 @@ def approximate_rows(data: str, keys: torch.Tensor, queries: torch.Tensor, sizes
         began = time.perf_counter()
         ivf = filled(keys[:, -size:], "faiss_ivf", device)
         build = time.perf_counter() - began
-        exact_s = median_seconds(lambda: exact.search(q, k), repeats, device=device)
-        ivf_s = median_seconds(lambda: ivf.search(q, k), repeats, device=device)
+        times = race({"exact": lambda: exact.search(q, k), "ivf": lambda: ivf.search(q, k)}, repeats, device)
+        exact_s, ivf_s = statistics.median(times["exact"]), statistics.median(times["ivf"])
         truth, found = exact.search(q, k).slots, ivf.search(q, k).slots
         recall = float((truth[..., :, None] == found[..., None, :]).any(-1).float().mean())
-        rows.append({"data": data, "queries": "x".join(map(str, queries.shape)), "memory_size": size, "exact_s": exact_s, "ivf_s": ivf_s, "speedup": exact_s / ivf_s,
+        rows.append({"data": data, "queries": "x".join(map(str, queries.shape)), "memory_size": size, "exact_s": exact_s, "ivf_s": ivf_s, **ratio_fields("speedup", times["exact"], times["ivf"]),
                      "recall_at_k": recall, "ivf_build_s": build, "ivf": repr(ivf.backend)})
         print(f"{data} M={size:>9,}: exact {exact_s * 1e3:8.1f} ms, ivf {ivf_s * 1e3:8.1f} ms, recall@{k} {recall:.3f}, build {build:.1f} s")
     return rows
@@ -144,7 +166,7 @@ def tables(exact: list[dict], approximate: list[dict], settings: dict) -> str:
 def main(argv: list[str] | None = None) -> None:
     args, device = parse_arguments(__doc__, argv, model_keys=True)
     sizes = [1024, 4096] if args.quick else [8192, 65536, 262144, 1048576]
-    settings = dict(heads=4, queries=64 if args.quick else 256, dim=64, k=32, repeats=2 if args.quick else 3)
+    settings = dict(heads=4, queries=64 if args.quick else 256, dim=64, k=32, repeats=2 if args.quick else 5)  # rounds
     exact = exact_rows(sizes, device=device, **settings)
     heads, queries, dim, k, repeats = (settings[n] for n in ("heads", "queries", "dim", "k", "repeats"))
     approximate_sizes = sizes[1:]
