@@ -1,11 +1,14 @@
-"""Grid runs' final weights tested with another segment length and XL cache than they were trained with.
+"""Grid runs' final weights tested with another segment length and XL cache than they were trained with,
+and with a memory added at test time.
 
     python experiments/cross_context.py --threads 1
 
 The relative position bias is length-free and the XL cache adds no weights, so a model
 trained with segments of 512 can be tested with segments of 128 and an XL cache of 128,
 and the other way round. This separates what a longer context gives at test time from
-what training with it gave the weights. Reads the final checkpoints of the runs
+what training with it gave the weights. A memory added at test time, with the joint
+softmax and no training (as `add_memory` gives one to a pretrained model), asks whether a
+model trained here to attend far can read far through a memory too. Reads the final checkpoints of the runs
 (runs/grids/GRID/RUN, made by experiments/grid.py); writes
 experiments/results/cross_context.json and .md.
 """
@@ -30,13 +33,23 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grid import GRIDS, initialise_from  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
-# (grid, run, segment length, XL length) at test time
+JOINT = dict(memory_size=8192, memory_combine="joint_softmax")  # a memory added at test time: no gate to learn
+# (grid, run, what changes at test time)
 CASES = [
-    ("table4-pycode", "4L-s0", 128, 128),
-    ("table4-pycode", "4L-s0", 256, 256),
-    ("table4-pycode", "L-xl-s0", 512, 0),
-    ("table4-pycode", "L-xl-s0", 128, 128),
+    ("table4-pycode", "4L-s0", dict(segment_length=128, xl_length=128)),
+    ("table4-pycode", "4L-s0", dict(segment_length=256, xl_length=256)),
+    ("table4-pycode", "L-xl-s0", dict(segment_length=512, xl_length=0)),
+    ("table4-pycode", "L-xl-s0", dict(segment_length=128, xl_length=128)),
+    # the retrofit's experiment on a model trained here: memory added with zero training, in one layer or all
+    ("table4-pycode", "4L-s0", dict(segment_length=128, xl_length=128, knn_layers=(-2,), **JOINT)),
+    ("table4-pycode", "4L-s0", dict(segment_length=128, xl_length=128, knn_layers=(0, 1, 2, 3), **JOINT)),
 ]
+
+
+def memory_added(row: dict) -> str:
+    if not row["tested_memory"]:
+        return "-"
+    return f"{row['tested_memory']:,} entries, joint softmax, layers {row['tested_memory_layers']}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -47,28 +60,29 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = []
-    for grid_name, run, segment, xl in CASES:
+    for grid_name, run, changes in CASES:
         grid = GRIDS[grid_name]
         trained = MemorizingTransformer.from_pretrained(resolve_model_dir(Path(args.runs) / grid_name / run))
-        config = dataclasses.replace(trained.config, segment_length=segment, xl_length=xl)
+        config = dataclasses.replace(trained.config, **changes)
         model = MemorizingTransformer(config, tokenizer=trained.tokenizer)
         initialise_from(model, trained)
         documents = load_tokenized(grid.corpus, "test", trained.tokenizer)
         result = evaluate(model, documents, max_tokens=grid.eval_tokens)
         rows.append({
             "grid": grid_name, "run": run, "trained_segment": trained.config.segment_length,
-            "trained_xl": trained.config.xl_length, "tested_segment": segment, "tested_xl": xl,
+            "trained_xl": trained.config.xl_length, "tested_segment": config.segment_length, "tested_xl": config.xl_length,
+            "tested_memory_layers": list(config.memory_layer_indices), "tested_memory": changes.get("memory_size"),
             "tokens": result.tokens, "perplexity": result.perplexity,
         })
-        print(f"{grid_name}/{run} tested with segment {segment}, XL {xl}: {result.perplexity:.3f}", flush=True)
+        print(f"{grid_name}/{run} tested with {changes}: {result.perplexity:.3f}", flush=True)
     command = "python experiments/cross_context.py"
     write_atomically(OUT / "cross_context.json", lambda tmp: Path(tmp).write_text(json.dumps(
         {"command": command, "threads": torch.get_num_threads(), "rows": rows}, indent=2)))
     lines = [f"Made by `{command}`: final weights tested with another context than they were trained with.", "",
-             "| run | trained: segment / XL | tested: segment / XL | test tokens | perplexity |",
-             "|---|---|---|---:|---:|"]
+             "| run | trained: segment / XL | tested: segment / XL | memory added at test time | test tokens | perplexity |",
+             "|---|---|---|---|---:|---:|"]
     lines += [f"| {r['grid']}/{r['run']} | {r['trained_segment']} / {r['trained_xl']} | {r['tested_segment']} / "
-              f"{r['tested_xl']} | {r['tokens']:,} | {r['perplexity']:.3f} |" for r in rows]
+              f"{r['tested_xl']} | {memory_added(r)} | {r['tokens']:,} | {r['perplexity']:.3f} |" for r in rows]
     write_atomically(OUT / "cross_context.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
 
 

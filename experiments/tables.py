@@ -174,11 +174,15 @@ def cross_context_table() -> str:
     path = HERE / "results" / "cross_context.json"
     if not path.is_file():
         return "Not run yet: `python experiments/cross_context.py`."
-    lines = ["| run | trained with segment / XL | tested with segment / XL | test perplexity |", "|---|---|---|---:|"]
+    lines = [
+        "| run | trained with segment / XL | tested with segment / XL | memory added at test time | test perplexity |",
+        "|---|---|---|---|---:|",
+    ]
     for r in json.loads(path.read_text())["rows"]:
+        memory = f"{r['tested_memory']:,}, layers {r['tested_memory_layers']}" if r.get("tested_memory") else "-"
         lines.append(
             f"| {r['grid']}/{r['run']} | {r['trained_segment']} / {r['trained_xl']} | "
-            f"{r['tested_segment']} / {r['tested_xl']} | {r['perplexity']:.2f} |"
+            f"{r['tested_segment']} / {r['tested_xl']} | {memory} | {r['perplexity']:.2f} |"
         )
     return "\n".join(lines)
 
