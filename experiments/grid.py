@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import multiprocessing
 import platform
 import sys
@@ -47,6 +48,7 @@ from memorizing_transformers.evaluation.perplexity import EvalResult, evaluate
 from memorizing_transformers.evaluation.report import forward_flops_per_token, plot_loss_by_position
 from memorizing_transformers.evaluation.token_gain import gain_tables, plot_gain, token_gain
 from memorizing_transformers.model.transformer import MemorizingTransformer
+from memorizing_transformers.training.checkpoint import resolve_model_dir
 from memorizing_transformers.training.trainer import TrainConfig, Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "grids"
@@ -255,13 +257,18 @@ def budgets(corpus: str, tokens: tuple[int, ...], scratch_tokens: int, eval_toke
                 lr=1e-3,
             )
         )
-    # Two ways a fine-tune might put its memory to use sooner, at the middle budget: the gate
+    # Ways a fine-tune might put its memory to use sooner, at the middle budget: the gate
     # starting half open (the paper's init; the local circuits exist already, so the reason to
-    # start it shut when training from scratch is gone), and the joint softmax (no gate).
+    # start it shut when training from scratch is gone); the joint softmax (no gate); and a
+    # memory temperature of its own, starting at 30 where the layer's is about 5 (the readout
+    # over 32 retrieved entries is then no longer a near-uniform average: a lead of 0.1 in
+    # cosine similarity gives the best entry about 40% of the weight), with either gate start.
     middle = tokens[len(tokens) // 2]
     for name, label, model in (
         ("gate0", "gate starting at 0.5", dict(memory_gate_init=0.0)),
         ("joint", "one softmax over local and retrieved entries", dict(memory_combine="joint_softmax")),
+        ("sharp", "memory temperature of its own from 30", dict(memory_qk_scale_init=30.0)),
+        ("sharp-gate0", "memory temperature from 30, gate from 0.5", dict(memory_qk_scale_init=30.0, memory_gate_init=0.0)),
     ):
         runs.append(
             Run(
@@ -519,6 +526,7 @@ def train_run(
         "test": {k: v.to_dict() for k, v in evaluated.items()},
         "token_gain": gains,
         "peak_memory": peak_memory(grid, run, device),
+        "memory_readout": memory_readout(model, test_docs) if memory else None,
         "memory_gates": model.memory_gates(),
         # what decides how much a retrieved entry weighs, per memory layer and head: the softmax
         # temperature, and the position bias the joint softmax gives it (the farthest bucket's)
@@ -526,6 +534,9 @@ def train_run(
             str(i): {
                 "qk_scale": model.blocks[i].attn.log_scale.detach().exp().tolist(),
                 "farthest_bias": model.blocks[i].attn.position_bias.embedding.weight[-1].detach().tolist(),
+                "memory_qk_scale": model.blocks[i].attn.memory_log_scale.detach().exp().tolist()
+                if hasattr(model.blocks[i].attn, "memory_log_scale")
+                else None,
             }
             for i in config.memory_layer_indices
         },
@@ -542,6 +553,44 @@ def train_run(
     write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     print(f"  {run.name}: test perplexity " + ", ".join(f"{k} {v.perplexity:.3f}" for k, v in evaluated.items()))
     return True
+
+
+READOUT_TOKENS = 16_384  # test tokens over which the memory's readout is inspected
+
+
+@torch.no_grad()
+def memory_readout(model: MemorizingTransformer, test_docs: list[TokenizedDocument]) -> dict[str, Any]:
+    """How each memory head reads what it retrieves, over the first READOUT_TOKENS test tokens
+    (queries that retrieved anything): the mean weight of its best entry and the entropy of
+    its weights over the k entries (a uniform average of k entries: 1/k and ln k), and the
+    share of its output that comes from the memory (the gate, or the joint softmax's mass)."""
+    layers = [model.blocks[i].attn for i in model.config.memory_layer_indices]
+    for attn in layers:
+        attn.trace = []
+    try:
+        evaluate(model, test_docs, max_tokens=READOUT_TOKENS)
+        result = {}
+        for i, attn in zip(model.config.memory_layer_indices, layers):
+            top, entropy, share, count = 0.0, 0.0, 0.0, 0.0
+            for record in attn.trace:
+                valid, any_valid = record["valid"], record["valid"].any(-1)  # (batch, heads, seq, k), (b, h, s)
+                weights = torch.softmax(record["logits"].masked_fill(~valid, float("-inf")), -1).nan_to_num(0.0)
+                used = any_valid.float()
+                top = top + (weights.max(-1).values * used).sum(dim=(0, 2))
+                entropy = entropy + (-(weights * weights.clamp_min(1e-12).log()).sum(-1) * used).sum(dim=(0, 2))
+                share = share + (record["share"] * used).sum(dim=(0, 2))
+                count = count + used.sum(dim=(0, 2))
+            count = torch.as_tensor(count).clamp_min(1)
+            result[str(i)] = {
+                "best_entry_weight": (torch.as_tensor(top) / count).tolist(),
+                "entropy": (torch.as_tensor(entropy) / count).tolist(),
+                "share_of_output": (torch.as_tensor(share) / count).tolist(),
+                "uniform_entropy": math.log(model.config.knn_k),
+            }
+        return result
+    finally:
+        for attn in layers:
+            attn.trace = None
 
 
 PEAK_STEPS = 20  # training steps measured once the memory is full (or from the start, without one)
@@ -585,11 +634,13 @@ def peak_memory(grid: Grid, run: Run, device: torch.device | str) -> dict[str, A
 
 def initialise_from(model: MemorizingTransformer, source: MemorizingTransformer) -> None:
     """Copy `source`'s weights into `model`; only the parameters of a mechanism one of them
-    lacks (memory gates, XL-cache compressions) may be missing from `source` (they keep their
+    lacks (memory gates and temperatures, XL-cache compressions) may be missing from `source` (they keep their
     initial value) or from `model` (they are dropped)."""
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
     bad = [
-        name for name in missing + unexpected if not name.endswith(("gate_bias", "compress_keys", "compress_values"))
+        name
+        for name in missing + unexpected
+        if not name.endswith(("gate_bias", "memory_log_scale", "compress_keys", "compress_values"))
     ]
     if bad:
         raise ValueError(f"cannot start from those weights: they differ in {bad}")
@@ -613,6 +664,7 @@ def run_grid(
             recorded = json.loads(path.read_text())["settings"]
             if recorded == json.loads(json.dumps(run_settings(grid, run))):
                 add_peak_memory(grid, run, path, device)
+                add_memory_readout(grid, run, path, runs_dir, device)
                 continue
             raise SystemExit(
                 f"{path} was made with other settings than the grid now gives {run.name}: "
@@ -635,6 +687,21 @@ def add_peak_memory(grid: Grid, run: Run, path: Path, device: torch.device) -> N
         print(f"  {run.name}: measuring its peak memory")
         result["peak_memory"] = peak_memory(grid, run, device)
         write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
+
+
+def add_memory_readout(grid: Grid, run: Run, path: Path, runs_dir: Path, device: torch.device) -> None:
+    """Inspect the memory readout of a finished memory run whose JSON predates it, from its final checkpoint."""
+    result = json.loads(path.read_text())
+    if "memory_readout" in result or not {**grid.base, **run.model}.get("knn_layers"):
+        return
+    try:
+        model = MemorizingTransformer.from_pretrained(resolve_model_dir(runs_dir / grid.name / run.name)).to(device)
+    except (FileNotFoundError, ValueError):
+        return  # its checkpoints are elsewhere: nothing to inspect here
+    print(f"  {run.name}: inspecting its memory readout")
+    test_docs = cut_documents(load_tokenized(grid.corpus, "test", model.tokenizer), grid.document_tokens)
+    result["memory_readout"] = memory_readout(model, test_docs)
+    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
 
 
 # ---------------------------------------------------------------------- tables

@@ -169,6 +169,26 @@ def fine_tune_into_memory_table() -> str:
     return "\n".join(lines)
 
 
+def readout_table(runs: list[tuple[str, str]]) -> str:
+    """How the memory heads read what they retrieve (experiments/grid.py `memory_readout`), means over heads."""
+    lines = [
+        "| run | model | best entry's weight | entropy of the weights (uniform: ln k) | share of the output from memory |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for grid, run in runs:
+        rows = [r for r in seeds(grid, run) if r.get("memory_readout")]
+        if not rows:
+            lines.append(f"| {grid}/{run} | not measured yet | | | |")
+            continue
+        heads = [layer for r in rows for layer in r["memory_readout"].values()]
+        mean = lambda key: statistics.fmean(v for layer in heads for v in layer[key])  # noqa: E731
+        lines.append(
+            f"| {grid}/{run} | {rows[0]['label']} | {mean('best_entry_weight'):.3f} | {mean('entropy'):.2f} "
+            f"({heads[0]['uniform_entropy']:.2f}) | {mean('share_of_output'):.3f} |"
+        )
+    return "\n".join(lines)
+
+
 def cross_context_table() -> str:
     """Final weights tested with another context (experiments/cross_context.py)."""
     path = HERE / "results" / "cross_context.json"
@@ -237,7 +257,17 @@ TABLES: dict[str, Callable[[], str]] = {
     "memory-sizes-pycode": memory_size_table,
     "fine-tune-into-memory-pycode": fine_tune_into_memory_table,
     "variants-pycode": lambda: grid_table(
-        [(B, "L-xl-500k"), (B, "L-mem8k-xl-500k"), (B, "L-mem8k-xl-gate0-500k"), (B, "L-mem8k-xl-joint-500k")],
+        [
+            (B, f"L-{row}500k")
+            for row in (
+                "xl-",
+                "mem8k-xl-",
+                "mem8k-xl-gate0-",
+                "mem8k-xl-joint-",
+                "mem8k-xl-sharp-",
+                "mem8k-xl-sharp-gate0-",
+            )
+        ],
         (B, "L-xl-500k"),
         "vs XL alone",
     ),
@@ -260,6 +290,13 @@ TABLES: dict[str, Callable[[], str]] = {
     ),
     "short-pycode": lambda: grid_table(
         [("short-pycode", "short-xl"), ("short-pycode", "short-mem8k-xl")], ("short-pycode", "short-xl"), "vs XL alone"
+    ),
+    "readout-pycode": lambda: readout_table(
+        [
+            (B, f"L-mem8k-xl-{t}")
+            for t in ("250k", "500k", "1000k", "gate0-500k", "joint-500k", "sharp-500k", "sharp-gate0-500k")
+        ]
+        + [(T4, "L-mem8k"), (T4, "L-mem8k-xl"), (T4, "L-mem8k-xl-joint")]
     ),
     "steps-pycode": lambda: (
         grid_table(

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -48,12 +49,20 @@ def test_a_grid_resumes_across_invocations_and_skips_finished_runs(quick_grid, t
     peak = rows["mem-xl"]["peak_memory"]
     assert peak["train_steps"] == 4 and peak["train_bytes"] > 0 and peak["test_bytes"] >= 0
     assert peak["test_tokens"] == 256  # the grid's test budget, under memory size + 4 segments
-    # Finished runs are skipped: a second call trains nothing, but measures a peak a JSON lacks.
-    del rows["xl"]["peak_memory"]  # (as in a JSON written before peaks were measured)
+    # How the memory heads read their k = 32 retrieved entries (the quick grid's k)
+    readout = rows["mem-xl"]["memory_readout"][layer]
+    assert all(1 / 32 - 1e-6 <= w <= 1 for w in readout["best_entry_weight"])
+    assert all(0 <= e <= readout["uniform_entropy"] + 1e-6 for e in readout["entropy"])
+    assert readout["uniform_entropy"] == pytest.approx(math.log(32)) and rows["xl"]["memory_readout"] is None
+    # Finished runs are skipped: a second call trains nothing, but measures what a JSON lacks
+    # (as in a JSON written before these were measured), from the run's final checkpoint.
+    del rows["xl"]["peak_memory"], rows["mem-xl"]["memory_readout"]
     (results / "quick" / "xl.json").write_text(json.dumps(rows["xl"]))
+    (results / "quick" / "mem-xl.json").write_text(json.dumps(rows["mem-xl"]))
     monkeypatch.setattr(grid_script, "train_run", lambda *a, **k: pytest.fail("trained a finished run"))
     assert grid_script.run_grid(quick_grid, runs, results, "cpu", max_minutes=None)
     assert json.loads((results / "quick" / "xl.json").read_text())["peak_memory"]["train_steps"] == 4
+    assert json.loads((results / "quick" / "mem-xl.json").read_text())["memory_readout"][layer] == readout
     table = grid_script.summarize(quick_grid, results)
     assert table.count("| ") > 3 and "| mem-xl | memory + XL |" in table and "peak MB train / test" in table
     gain = rows["mem-xl"]["token_gain"]

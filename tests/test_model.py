@@ -185,6 +185,32 @@ def test_attention_layer_retrieves_a_distinctive_earlier_key(combine):
     assert torch.nn.functional.cosine_similarity(out[0, 6], first[0, 3], dim=0) > 0.99
 
 
+def test_a_memory_temperature_of_its_own_makes_retrieval_sharp_where_local_attention_is_diffuse():
+    from memorizing_transformers import KNNMemory
+    from memorizing_transformers.model.positions import relative_position_bucket, segment_relative_positions
+
+    relative = segment_relative_positions(8, 0)
+    buckets, allowed = relative_position_bucket(relative), (relative <= 0)[None, None]
+    mask = torch.ones(1, 8, dtype=torch.bool)
+    torch.manual_seed(0)
+    past, probe = torch.randn(5, 1, 8, 16), torch.randn(1, 8, 16)
+    probe[0, 6] = past[2, 0, 3]
+    readout = {}
+    for memory_scale in (None, 50.0):
+        config = tiny(d_model=16, n_heads=1, head_dim=16, knn_k=32, qk_scale_init=1.0, memory_qk_scale_init=memory_scale)
+        layer = Attention(config, use_memory=True)
+        with torch.no_grad():
+            layer.qkv.weight.copy_(torch.cat([torch.eye(16)] * 3))
+            layer.out.weight.copy_(torch.eye(16))
+            layer.gate_bias.fill_(10.0)  # the output is the memory's readout
+        memory = KNNMemory(1, 1, 16, capacity=64)
+        for segment in past:
+            layer(segment, buckets, allowed, mask, None, memory)
+        readout[memory_scale] = layer(probe, buckets, allowed, mask, None, memory)[0][0, 6]
+    similarity = {s: torch.nn.functional.cosine_similarity(r, past[2, 0, 3], dim=0) for s, r in readout.items()}
+    assert similarity[50.0] > 0.99 > 0.8 > similarity[None]  # at the shared scale of 1, a blur of 32 values
+
+
 def test_retrieved_entries_get_the_farthest_buckets_bias_in_the_joint_softmax():
     # Full attention gives every key max_distance or more back the last bucket's bias; the
     # joint softmax gives it to retrieved entries: a very negative one silences the memory.

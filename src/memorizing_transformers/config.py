@@ -82,6 +82,11 @@ class MemorizingConfig:
     # Initial gate bias b_g (gate = sigmoid(b_g)): 0 in the paper. A negative value starts
     # with the memory nearly shut, which lets local copy circuits form first.
     memory_gate_init: float = 0.0
+    # The softmax temperature of retrieved entries: None shares the layer's learned per-head
+    # scale; a number gives memory layers a scale of their own per head, starting there, so
+    # that retrieval can be sharp where local attention is diffuse (its sharpness comes from
+    # the position bias, which retrieved entries lack).
+    memory_qk_scale_init: float | None = None
     # Added at initialisation to the first layer's position bias at distance 1 (every head),
     # so that layer starts out attending to the previous token. 0: no such prior.
     previous_token_bias_init: float = 0.0

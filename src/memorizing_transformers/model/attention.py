@@ -69,6 +69,8 @@ class Attention(nn.Module):
             # the newest cache entries meet the last columns, so a short cache uses the tail.
             self.compress_keys = nn.Parameter(torch.randn(config.xl_compression, config.xl_length) / math.sqrt(config.xl_length))
             self.compress_values = nn.Parameter(torch.randn(config.xl_compression, config.xl_length) / math.sqrt(config.xl_length))
+        if use_memory and config.memory_qk_scale_init is not None:
+            self.memory_log_scale = nn.Parameter(torch.full((config.n_heads,), math.log(config.memory_qk_scale_init)))
         if use_memory and self.combine == "gate":
             # g = sigmoid(gate_bias): the share of memory in each head's output (0.5 at the paper's init).
             self.gate_bias = nn.Parameter(torch.full((config.n_heads,), config.memory_gate_init))
@@ -121,7 +123,8 @@ class Attention(nn.Module):
         else:
             # Retrieve before writing: a query never sees its own segment in memory.
             found = memory.search(q, self.knn_k)  # entries (batch, heads, seq, k, head_dim)
-            mem_logits = torch.einsum("bhtd,bhtkd->bhtk", q_scaled, found.keys)  # (batch, heads, seq, k)
+            q_memory = q * self.memory_log_scale.exp()[None, :, None, None] if hasattr(self, "memory_log_scale") else q_scaled
+            mem_logits = torch.einsum("bhtd,bhtkd->bhtk", q_memory, found.keys)  # (batch, heads, seq, k)
             if self.combine == "gate":  # the farthest bucket's bias, a constant per head, would cancel
                 out = self._gated(q_scaled, keys, values, local_bias, mem_logits, found.values, found.valid)
             else:

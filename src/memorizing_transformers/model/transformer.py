@@ -160,7 +160,7 @@ class MemorizingTransformer(nn.Module):
             raise ValueError(f"{weights} is truncated or corrupt ({err})") from None
         except RuntimeError as err:  # shape mismatches
             raise ValueError(f"{directory} does not fit this configuration: {err}") from None
-        unexpected = [name for name in unexpected if not name.endswith("gate_bias")]
+        unexpected = [name for name in unexpected if not name.endswith(("gate_bias", "memory_log_scale"))]
         if missing or unexpected:
             raise ValueError(f"{directory} does not fit this configuration: missing {missing}, unexpected {unexpected}")
         return model
