@@ -211,6 +211,27 @@ def test_a_memory_temperature_of_its_own_makes_retrieval_sharp_where_local_atten
     assert similarity[50.0] > 0.99 > 0.8 > similarity[None]  # at the shared scale of 1, a blur of 32 values
 
 
+def test_exhaustive_joint_memory_of_evicted_entries_is_full_attention():
+    # A one-layer model whose memory holds what left its XL cache, searched exhaustively
+    # (k >= everything stored), with the joint softmax and the XL cache at least max_distance
+    # long: [memory ; XL cache ; segment] is the whole past, at the bias full attention gives.
+    config = tiny(n_layers=1, knn_layers=(0,), segment_length=16, xl_length=32, max_distance=32, memory_size=256,
+                  knn_k=64, memory_combine="joint_softmax", memory_writes="evicted", qk_scale_init=8.0)
+    model = MemorizingTransformer(config).eval()
+    with torch.no_grad():
+        model.blocks[0].attn.position_bias.embedding.weight.normal_(0, 1)
+    full = MemorizingTransformer(dataclasses.replace(config, knn_layers=(), segment_length=96, xl_length=0)).eval()
+    full.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 512, (2, 96))
+    streamed = model(ids)  # six segments: the memory fills from the fourth on
+    assert streamed.state.memory_fill() == {0: [96 - 32] * 2}  # all but what the cache holds at the end
+    torch.testing.assert_close(streamed.logits, full(ids).logits, atol=1e-4, rtol=1e-4)
+    # Writing each segment instead (the paper's rule) puts the cache's tokens in twice: no longer equal.
+    paper = MemorizingTransformer(dataclasses.replace(config, memory_writes="segment")).eval()
+    paper.load_state_dict(model.state_dict())
+    assert not torch.allclose(paper(ids).logits[:, 48:], streamed.logits[:, 48:], atol=1e-3)
+
+
 def test_retrieved_entries_get_the_farthest_buckets_bias_in_the_joint_softmax():
     # Full attention gives every key max_distance or more back the last bucket's bias; the
     # joint softmax gives it to retrieved entries: a very negative one silences the memory.

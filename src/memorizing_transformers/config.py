@@ -79,6 +79,12 @@ class MemorizingConfig:
     # attention by a learned per-head sigmoid gate (the paper). "joint_softmax":
     # retrieved entries join the local softmax.
     memory_combine: Literal["gate", "joint_softmax"] = "gate"
+    # What a memory layer writes: "segment", each segment's keys/values once it has attended
+    # (the paper: the memory then also holds what the XL cache holds); "evicted", what leaves
+    # the XL cache as the segment enters it, so that memory and cache never hold the same
+    # token (with the joint softmax and k as large as the memory, attention over [memory ;
+    # XL cache ; segment] is then full attention over the document).
+    memory_writes: Literal["segment", "evicted"] = "segment"
     # Initial gate bias b_g (gate = sigmoid(b_g)): 0 in the paper. A negative value starts
     # with the memory nearly shut, which lets local copy circuits form first.
     memory_gate_init: float = 0.0
@@ -116,6 +122,8 @@ class MemorizingConfig:
             raise ValueError(f"MemorizingConfig.memory_backend must be one of {list(BACKENDS)}, got {self.memory_backend!r}")
         if self.memory_combine not in ("gate", "joint_softmax"):
             raise ValueError(f"MemorizingConfig.memory_combine must be 'gate' or 'joint_softmax', got {self.memory_combine!r}")
+        if self.memory_writes not in ("segment", "evicted"):
+            raise ValueError(f"MemorizingConfig.memory_writes must be 'segment' or 'evicted', got {self.memory_writes!r}")
         if self.num_buckets < 2:
             raise ValueError(f"MemorizingConfig.num_buckets must be at least 2, got {self.num_buckets}")
         for i in self.knn_layers:

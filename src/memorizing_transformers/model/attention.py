@@ -8,7 +8,8 @@ bucket: the one full attention gives every key `max_distance` or more back, whic
 memory entry is whenever the XL cache is at least `max_distance` long (the joint softmax;
 in the gated combination, a constant per head, it would cancel in the memory's own softmax).
 In a memory layer the order is fixed:
-retrieve -> attend and combine -> write the segment's keys/values.
+retrieve -> attend and combine -> write the segment's keys/values (or, with
+`memory_writes="evicted"`, those that leave the XL cache as the segment enters it).
 """
 
 from __future__ import annotations
@@ -55,6 +56,7 @@ class Attention(nn.Module):
         self.eps = config.qk_norm_eps
         self.knn_k = config.knn_k
         self.combine = config.memory_combine
+        self.memory_writes, self.xl_length = config.memory_writes, config.xl_length
         inner = config.n_heads * config.head_dim
         self.qkv = nn.Linear(config.d_model, 3 * inner, bias=False)
         self.out = nn.Linear(inner, config.d_model, bias=False)
@@ -132,7 +134,7 @@ class Attention(nn.Module):
                 out = self._joint(q_scaled, keys, values, local_bias, mem_logits, found.values, found.valid)
             if self.trace is not None:
                 self.trace.append(self._record(q_scaled, keys, local_bias, mem_logits, found))
-            memory.add(k, v, mask=token_mask)
+            self._write(memory, cache, k, v, token_mask)
         return self.out(rearrange(out, "b h t d -> b t (h d)")), k.detach(), v.detach()
 
     def _compress_cache(self, cache: XLCache, k: torch.Tensor, v: torch.Tensor, local_bias: torch.Tensor):
@@ -149,6 +151,19 @@ class Attention(nn.Module):
         slot_bias = torch.zeros(1, 1, seq, slots, dtype=local_bias.dtype, device=k.device).masked_fill(~any_past, float("-inf"))
         local_bias = torch.cat([slot_bias.expand(local_bias.shape[0], local_bias.shape[1], -1, -1), local_bias[..., cache_len:]], dim=-1)
         return torch.cat([slot_keys, k], dim=2), torch.cat([slot_values, v], dim=2), local_bias
+
+    def _write(self, memory: KNNMemory, cache: XLCache | None, k: torch.Tensor, v: torch.Tensor,
+               token_mask: torch.Tensor) -> None:
+        """Write the segment's keys/values (batch, heads, seq, head_dim), or what leaves the XL cache as it enters."""
+        if self.memory_writes == "segment":
+            memory.add(k, v, mask=token_mask)
+            return
+        if cache is not None:
+            k, v = torch.cat([cache.keys.to(k.dtype), k], dim=2), torch.cat([cache.values.to(v.dtype), v], dim=2)
+            token_mask = torch.cat([cache.mask, token_mask], dim=1)
+        leaving = k.shape[2] - self.xl_length  # the oldest of [cache ; segment] beyond the cache's length
+        if leaving > 0:
+            memory.add(k[:, :, :leaving], v[:, :, :leaving], mask=token_mask[:, :leaving])
 
     @torch.no_grad()
     def _record(self, q, keys, local_bias, mem_logits, found) -> dict[str, torch.Tensor]:
