@@ -310,6 +310,16 @@ def batch16(corpus: str, finetune_tokens: int, eval_tokens: int | None) -> Grid:
         ("L-xl", f"context {L} + XL {L}", dict(NO_MEMORY, xl_length=L)),
         ("L-mem8k-xl", f"context {L} + memory 8K + XL {L}", dict(xl_length=L, memory_size=8192)),
         ("L", f"context {L}", dict(NO_MEMORY, xl_length=0)),
+        (
+            "L-mem8k-xl-sharp",
+            f"context {L} + memory 8K + XL {L}, memory temperature of its own from 30",
+            dict(xl_length=L, memory_size=8192, memory_qk_scale_init=30.0),
+        ),
+        (
+            "L-mem8k-xl-joint-evicted",
+            f"context {L} + memory 8K of what leaves XL {L}, one softmax over local and retrieved entries",
+            dict(xl_length=L, memory_size=8192, memory_combine="joint_softmax", memory_writes="evicted"),
+        ),
     ]
     return Grid(
         f"batch16-{corpus}",

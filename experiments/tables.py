@@ -200,7 +200,9 @@ def cross_context_table() -> str:
     ]
     for r in json.loads(path.read_text())["rows"]:
         writes = "of what leaves the XL cache" if r.get("tested_memory_writes") == "evicted" else "of each segment"
-        memory = f"{r['tested_memory']:,} {writes}, layers {r['tested_memory_layers']}" if r.get("tested_memory") else "-"
+        memory = (
+            f"{r['tested_memory']:,} {writes}, layers {r['tested_memory_layers']}" if r.get("tested_memory") else "-"
+        )
         lines.append(
             f"| {r['grid']}/{r['run']} | {r['trained_segment']} / {r['trained_xl']} | "
             f"{r['tested_segment']} / {r['tested_xl']} | {memory} | {r['perplexity']:.2f} |"
