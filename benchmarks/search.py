@@ -112,7 +112,8 @@ def exact_rows(sizes: list[int], heads: int, queries: int, dim: int, k: int, rep
             "memory_size": size, "ours_s": ours, "faiss_flat_s": flat, "matmul_s": matmul,
             **ratio_fields("speedup_vs_faiss_flat", times["faiss flat"], times["ours"]),
             "ours_gflops": flops / ours / 1e9, "matmul_gflops": flops / matmul / 1e9,
-            **ratio_fields("fraction_of_matmul", times["matmul"], times["ours"]), "same_neighbours_as_faiss": float(same),
+            **ratio_fields("fraction_of_matmul", times["matmul"], times["ours"]),
+            "same_neighbours_as_faiss": float(same),
         })
         print(f"exact M={size:>9,}: ours {ours * 1e3:8.1f} ms, faiss flat {flat * 1e3:8.1f} ms, matmul {matmul * 1e3:8.1f} ms")
     return rows
@@ -130,7 +131,8 @@ def approximate_rows(data: str, keys: torch.Tensor, queries: torch.Tensor, sizes
         exact_s, ivf_s = statistics.median(times["exact"]), statistics.median(times["ivf"])
         truth, found = exact.search(q, k).slots, ivf.search(q, k).slots
         recall = float((truth[..., :, None] == found[..., None, :]).any(-1).float().mean())
-        rows.append({"data": data, "queries": "x".join(map(str, queries.shape)), "memory_size": size, "exact_s": exact_s, "ivf_s": ivf_s, **ratio_fields("speedup", times["exact"], times["ivf"]),
+        rows.append({"data": data, "queries": "x".join(map(str, queries.shape)), "memory_size": size,
+                     "exact_s": exact_s, "ivf_s": ivf_s, **ratio_fields("speedup", times["exact"], times["ivf"]),
                      "recall_at_k": recall, "ivf_build_s": build, "ivf": repr(ivf.backend)})
         print(f"{data} M={size:>9,}: exact {exact_s * 1e3:8.1f} ms, ivf {ivf_s * 1e3:8.1f} ms, recall@{k} {recall:.3f}, build {build:.1f} s")
     return rows

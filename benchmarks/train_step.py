@@ -134,7 +134,8 @@ def table(rows: list[dict]) -> str:
              "|---|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['variant']} | {r['seconds']:.3f} | {r['seconds_min']:.3f}-{r['seconds_max']:.3f} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['ratio_to_xl']:.2f}x | {r['ratio_min']:.2f}-{r['ratio_max']:.2f}x |")
+                     f"{r['tokens_per_s']:,.0f} | {r['ratio_to_xl']:.2f}x | "
+                     f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}x |")
     return "\n".join(lines)
 
 
@@ -165,7 +166,8 @@ def main(argv: list[str] | None = None) -> None:
             sections.append(
                 f"### memorizing-transformers-pytorch 0.4.1, {name} configuration, same rounds\n\n{table(theirs)}\n\n"
                 "Tokens/s, ours over theirs, per round (median, min-max): "
-                + "; ".join(f"{variant} {s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f}x)" for variant, s in faster.items())
+                + "; ".join(f"{variant} {s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f}x)"
+                            for variant, s in faster.items())
                 + ". Their memory: one key head shared by all heads, HNSW, wiped whole when full; ours: per head, FIFO."
             )
     text = "\n\n".join(sections)

@@ -44,9 +44,16 @@ CASES = [
     ("table4-pycode", "4L-s0", dict(segment_length=128, xl_length=128, knn_layers=(-2,), **JOINT)),
     ("table4-pycode", "4L-s0", dict(segment_length=128, xl_length=128, knn_layers=(0, 1, 2, 3), **JOINT)),
     # the same with a memory of what left the XL cache only (no token in both; the retrofit's rule)
-    ("table4-pycode", "4L-s0", dict(segment_length=128, xl_length=128, knn_layers=(-2,), memory_writes="evicted", **JOINT)),
-    ("table4-pycode", "4L-s0", dict(segment_length=128, xl_length=128, knn_layers=(0, 1, 2, 3), memory_writes="evicted",
-                                    **JOINT)),
+    (
+        "table4-pycode",
+        "4L-s0",
+        dict(segment_length=128, xl_length=128, knn_layers=(-2,), memory_writes="evicted", **JOINT),
+    ),
+    (
+        "table4-pycode",
+        "4L-s0",
+        dict(segment_length=128, xl_length=128, knn_layers=(0, 1, 2, 3), memory_writes="evicted", **JOINT),
+    ),
 ]
 
 
@@ -81,22 +88,41 @@ def main(argv: list[str] | None = None) -> None:
         initialise_from(model, trained)
         documents = load_tokenized(grid.corpus, "test", trained.tokenizer)
         result = evaluate(model, documents, max_tokens=grid.eval_tokens)
-        rows.append({
-            "grid": grid_name, "run": run, "changes": changes, "trained_segment": trained.config.segment_length,
-            "trained_xl": trained.config.xl_length, "tested_segment": config.segment_length, "tested_xl": config.xl_length,
-            "tested_memory_layers": list(config.memory_layer_indices), "tested_memory": changes.get("memory_size"),
-            "tested_memory_writes": config.memory_writes,
-            "tokens": result.tokens, "perplexity": result.perplexity,
-        })
+        rows.append(
+            {
+                "grid": grid_name,
+                "run": run,
+                "changes": changes,
+                "trained_segment": trained.config.segment_length,
+                "trained_xl": trained.config.xl_length,
+                "tested_segment": config.segment_length,
+                "tested_xl": config.xl_length,
+                "tested_memory_layers": list(config.memory_layer_indices),
+                "tested_memory": changes.get("memory_size"),
+                "tested_memory_writes": config.memory_writes,
+                "tokens": result.tokens,
+                "perplexity": result.perplexity,
+            }
+        )
         print(f"{grid_name}/{run} tested with {changes}: {result.perplexity:.3f}", flush=True)
     command = "python experiments/cross_context.py"
-    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(
-        {"command": command, "threads": torch.get_num_threads(), "rows": rows}, indent=2)))
-    lines = [f"Made by `{command}`: final weights tested with another context than they were trained with.", "",
-             "| run | trained: segment / XL | tested: segment / XL | memory added at test time | test tokens | perplexity |",
-             "|---|---|---|---|---:|---:|"]
-    lines += [f"| {r['grid']}/{r['run']} | {r['trained_segment']} / {r['trained_xl']} | {r['tested_segment']} / "
-              f"{r['tested_xl']} | {memory_added(r)} | {r['tokens']:,} | {r['perplexity']:.3f} |" for r in rows]
+    write_atomically(
+        path,
+        lambda tmp: Path(tmp).write_text(
+            json.dumps({"command": command, "threads": torch.get_num_threads(), "rows": rows}, indent=2)
+        ),
+    )
+    lines = [
+        f"Made by `{command}`: final weights tested with another context than they were trained with.",
+        "",
+        "| run | trained: segment / XL | tested: segment / XL | memory added at test time | test tokens | perplexity |",
+        "|---|---|---|---|---:|---:|",
+    ]
+    lines += [
+        f"| {r['grid']}/{r['run']} | {r['trained_segment']} / {r['trained_xl']} | {r['tested_segment']} / "
+        f"{r['tested_xl']} | {memory_added(r)} | {r['tokens']:,} | {r['perplexity']:.3f} |"
+        for r in rows
+    ]
     write_atomically(OUT / "cross_context.md", lambda tmp: Path(tmp).write_text("\n".join(lines) + "\n"))
 
 

@@ -268,7 +268,11 @@ def budgets(corpus: str, tokens: tuple[int, ...], scratch_tokens: int, eval_toke
         ("gate0", "gate starting at 0.5", dict(memory_gate_init=0.0)),
         ("joint", "one softmax over local and retrieved entries", dict(memory_combine="joint_softmax")),
         ("sharp", "memory temperature of its own from 30", dict(memory_qk_scale_init=30.0)),
-        ("sharp-gate0", "memory temperature from 30, gate from 0.5", dict(memory_qk_scale_init=30.0, memory_gate_init=0.0)),
+        (
+            "sharp-gate0",
+            "memory temperature from 30, gate from 0.5",
+            dict(memory_qk_scale_init=30.0, memory_gate_init=0.0),
+        ),
     ):
         runs.append(
             Run(

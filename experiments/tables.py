@@ -172,7 +172,8 @@ def fine_tune_into_memory_table() -> str:
 def readout_table(runs: list[tuple[str, str]]) -> str:
     """How the memory heads read what they retrieve (experiments/grid.py `memory_readout`), means over heads."""
     lines = [
-        "| run | model | best entry's weight | entropy of the weights (uniform: ln k) | share of the output from memory |",
+        "| run | model | best entry's weight | entropy of the weights (uniform: ln k) | "
+        "share of the output from memory |",
         "|---|---|---:|---:|---:|",
     ]
     for grid, run in runs:
@@ -223,7 +224,8 @@ def memory_size_table() -> str:
             lines.append(f"| {label.split()[1]} (no fine-tune) | {result['perplexity']:.2f} | |")
     if tuned is not None:
         lines.append(
-            f"| 131,072 after {tuned['train_tokens']:,} tokens of fine-tuning | {main_result(tuned)['perplexity']:.2f} | "
+            f"| 131,072 after {tuned['train_tokens']:,} tokens of fine-tuning | "
+            f"{main_result(tuned)['perplexity']:.2f} | "
             f"{tuned['test']['memory off']['perplexity']:.2f} |"
         )
     return "\n".join(lines)
@@ -246,7 +248,8 @@ def smollm2_table() -> str:
         closed = [r["gap_closed"] for r in rows]
         beats = sum(r["window_memory"] < r["window_wide"] for r in rows)
         lines.append(
-            f"| {corpus} | {len(rows)} | {mean('window'):.3f} | {mean('window_wide'):.3f} | {mean('window_memory'):.3f} | "
+            f"| {corpus} | {len(rows)} | {mean('window'):.3f} | {mean('window_wide'):.3f} | "
+            f"{mean('window_memory'):.3f} | "
             f"{mean('full_prefix'):.3f} | {100 * min(closed):.0f}-{100 * max(closed):.0f}% | {beats} of {len(rows)} |"
         )
     return "\n".join(lines)

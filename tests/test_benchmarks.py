@@ -76,9 +76,11 @@ def test_targets_table_reads_the_measured_figures(tmp_path):
 
     (tmp_path / "train_step.json").write_text(json.dumps({"batch_size": 4, "rounds": 6, "configs": {"reference": {
         "config": {"n_heads": 4, "segment_length": 256, "head_dim": 64},
-        "rows": [step("XL only", 1.0, 1.0, 1.0), step("memory 8K", 1.10, 1.05, 1.12), step("memory 64K", 2.50, 2.4, 2.6),
+        "rows": [step("XL only", 1.0, 1.0, 1.0), step("memory 8K", 1.10, 1.05, 1.12),
+                 step("memory 64K", 2.50, 2.4, 2.6),
                  step("memory 64K IVF + XL", 1.28, 1.20, 1.36), step("memory 64K IVF", 1.2, 1.1, 1.3)],
-        "tokens_per_s_vs_popular": {"memory 64K IVF + XL": faster(1.6, 1.52, 1.7), "memory 64K IVF": faster(1.4, 1.3, 1.45),
+        "tokens_per_s_vs_popular": {"memory 64K IVF + XL": faster(1.6, 1.52, 1.7),
+                                    "memory 64K IVF": faster(1.4, 1.3, 1.45),
                                     "vanilla": faster(0.98, 0.9, 1.05), "XL only": faster(1.02, 1.01, 1.03)},
     }}}))
     (tmp_path / "search.json").write_text(json.dumps({
@@ -102,7 +104,8 @@ def test_targets_table_reads_the_measured_figures(tmp_path):
     assert "34 GFLOP at 40 GFLOP/s, puts the floor at 2.43x" in floor_row  # (0.6 + 34.36 / 40) / 0.6
     assert floor_row.endswith("| yes |")  # 2.4-2.6 within 10% of 2.43 (2.67)
     # a median under the goal whose rounds straddle it gets no verdict
-    assert met["step, memory 64K IVF + XL / XL only (recall@32 on model keys at 64K)"] == "spread too wide for a verdict"
+    ivf = "step, memory 64K IVF + XL / XL only (recall@32 on model keys at 64K)"
+    assert met[ivf] == "spread too wide for a verdict"
     assert met["tokens/s, ours memory 64K IVF + XL / theirs (same memory, exact), same rounds"] == "yes"
     assert met["tokens/s, ours memory 64K IVF / theirs (same memory, exact), same rounds"] == "no"
     assert met["tokens/s, ours vanilla / theirs, same rounds"] == "spread too wide for a verdict"

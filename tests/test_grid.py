@@ -38,7 +38,8 @@ def test_a_grid_resumes_across_invocations_and_skips_finished_runs(quick_grid, t
     assert rows["mem-xl"]["settings"]["model"]["memory_gate_init"] == -3.0
     attention = rows["mem-xl"]["memory_attention"]
     (layer,) = rows["mem-xl"]["memory_gates"]  # the one memory layer, 2 heads
-    assert list(attention) == [layer] and len(attention[layer]["farthest_bias"]) == len(attention[layer]["qk_scale"]) == 2
+    assert list(attention) == [layer]
+    assert len(attention[layer]["farthest_bias"]) == len(attention[layer]["qk_scale"]) == 2
     # The same command on the same machine gives the same figures: the pre-training run again
     # from nothing, into other folders, matches to the last bit.
     assert not grid_script.run_grid(quick_grid, tmp_path / "runs2", tmp_path / "results2", "cpu", None, ["pretrain"])

@@ -197,7 +197,9 @@ def test_a_memory_temperature_of_its_own_makes_retrieval_sharp_where_local_atten
     probe[0, 6] = past[2, 0, 3]
     readout = {}
     for memory_scale in (None, 50.0):
-        config = tiny(d_model=16, n_heads=1, head_dim=16, knn_k=32, qk_scale_init=1.0, memory_qk_scale_init=memory_scale)
+        config = tiny(
+            d_model=16, n_heads=1, head_dim=16, knn_k=32, qk_scale_init=1.0, memory_qk_scale_init=memory_scale
+        )
         layer = Attention(config, use_memory=True)
         with torch.no_grad():
             layer.qkv.weight.copy_(torch.cat([torch.eye(16)] * 3))

@@ -79,7 +79,8 @@ def test_validation_is_logged_and_checkpoints_rotate(tmp_path):
     assert all(math.isfinite(r["valid_loss"]) for r in records if "valid_loss" in r)
     # the memory gates per layer and head are logged over training (tiny: one memory layer, 4 heads)
     gates = records[-1]["memory_gates"]
-    assert list(gates) == [str(i) for i in trainer.model.config.memory_layer_indices] and len(gates[list(gates)[0]]) == 4
+    assert list(gates) == [str(i) for i in trainer.model.config.memory_layer_indices]
+    assert len(gates[list(gates)[0]]) == 4
     assert gates == trainer.model.memory_gates() and all(0 < g < 1 for g in gates[list(gates)[0]])
     assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-0000004", "step-0000006"]
     assert resolve_model_dir(tmp_path).name == "step-0000006"

@@ -123,7 +123,9 @@ class MemorizingConfig:
         if self.memory_combine not in ("gate", "joint_softmax"):
             raise ValueError(f"MemorizingConfig.memory_combine must be 'gate' or 'joint_softmax', got {self.memory_combine!r}")
         if self.memory_writes not in ("segment", "evicted"):
-            raise ValueError(f"MemorizingConfig.memory_writes must be 'segment' or 'evicted', got {self.memory_writes!r}")
+            raise ValueError(
+                f"MemorizingConfig.memory_writes must be 'segment' or 'evicted', got {self.memory_writes!r}"
+            )
         if self.num_buckets < 2:
             raise ValueError(f"MemorizingConfig.num_buckets must be at least 2, got {self.num_buckets}")
         for i in self.knn_layers:

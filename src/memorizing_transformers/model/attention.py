@@ -125,7 +125,8 @@ class Attention(nn.Module):
         else:
             # Retrieve before writing: a query never sees its own segment in memory.
             found = memory.search(q, self.knn_k)  # entries (batch, heads, seq, k, head_dim)
-            q_memory = q * self.memory_log_scale.exp()[None, :, None, None] if hasattr(self, "memory_log_scale") else q_scaled
+            own_scale = getattr(self, "memory_log_scale", None)  # (heads,) a temperature of the memory's own
+            q_memory = q_scaled if own_scale is None else q * own_scale.exp()[None, :, None, None]
             mem_logits = torch.einsum("bhtd,bhtkd->bhtk", q_memory, found.keys)  # (batch, heads, seq, k)
             if self.combine == "gate":  # the farthest bucket's bias, a constant per head, would cancel
                 out = self._gated(q_scaled, keys, values, local_bias, mem_logits, found.values, found.valid)
