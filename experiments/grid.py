@@ -67,6 +67,7 @@ class Run:
     lr: float = 2e-3
     warmup_fraction: float = 0.1
     eval_memory_sizes: tuple[int, ...] = ()  # also evaluate with these memory sizes (no fine-tune)
+    batch_size: int | None = None  # rows read per step; None: the grid's
 
 
 @dataclass(frozen=True)
@@ -106,12 +107,21 @@ SMALL = dict(
 NO_MEMORY = dict(knn_layers=())
 
 
-def table4(corpus: str, pretrain_tokens: int, finetune_tokens: int, eval_tokens: int | None = None) -> Grid:
+def table4(
+    corpus: str,
+    pretrain_tokens: int,
+    finetune_tokens: int,
+    eval_tokens: int | None = None,
+    tokens_per_step: int | None = None,
+) -> Grid:
     """The paper's Table 4 in kind: one vanilla pre-training, then every row fine-tuned from it
     for the same number of tokens (context L = 128: L alone, 4L alone, L + XL, L + memory 8K,
     L + memory 8K + XL, L + memory 64K + XL; two seeds of the XL and memory + XL rows; and the
-    memory + XL row with the joint softmax instead of the paper's gate)."""
+    memory + XL row with the joint softmax instead of the paper's gate). With `tokens_per_step`,
+    every run reads that many tokens a step (its batch: tokens_per_step / its segment length),
+    and the grid is named table4-CORPUS-TOKENS; without, every run reads 4 segments a step."""
     L = SMALL["segment_length"]
+    per_step = (lambda model: tokens_per_step // {**SMALL, **model}["segment_length"]) if tokens_per_step else None
     rows = [
         ("L", f"context {L}", dict(NO_MEMORY, xl_length=0), (0,)),
         ("4L", f"context {4 * L}", dict(NO_MEMORY, xl_length=0, segment_length=4 * L), (0,)),
@@ -160,14 +170,15 @@ def table4(corpus: str, pretrain_tokens: int, finetune_tokens: int, eval_tokens:
         )
     )
     scored = "whole test documents" if eval_tokens is None else f"the first {eval_tokens:,} test tokens"
+    steps = f", {tokens_per_step:,} tokens a step" if tokens_per_step else ""
     return Grid(
-        f"table4-{corpus}",
+        f"table4-{corpus}" + (f"-{tokens_per_step}" if tokens_per_step else ""),
         f"Table 4 in kind on `{corpus}`: {pretrain_tokens:,} tokens of vanilla pre-training, "
-        f"then each row fine-tuned from it for {finetune_tokens:,} tokens; {scored} scored",
+        f"then each row fine-tuned from it for {finetune_tokens:,} tokens{steps}; {scored} scored",
         corpus,
         4096,
         SMALL,
-        tuple(runs),
+        tuple(dataclasses.replace(run, batch_size=per_step(run.model)) if per_step else run for run in runs),
         eval_tokens=eval_tokens,
     )
 
@@ -342,6 +353,7 @@ GRIDS = {
     grid.name: grid
     for grid in (
         table4("pycode", pretrain_tokens=20_000_000, finetune_tokens=2_000_000, eval_tokens=200_000),
+        table4("pycode", pretrain_tokens=20_000_000, finetune_tokens=2_000_000, eval_tokens=200_000, tokens_per_step=2048),
         *questions("pycode", finetune_tokens=2_000_000, eval_tokens=200_000),
         batch16("pycode", finetune_tokens=2_000_000, eval_tokens=200_000),
         budgets("pycode", tokens=(250_000, 500_000, 1_000_000), scratch_tokens=20_000_000, eval_tokens=200_000),
@@ -381,18 +393,22 @@ def run_settings(grid: Grid, run: Run) -> dict[str, Any]:
     settings = {
         "corpus": grid.corpus,
         "vocab_size": grid.vocab_size,
-        "batch_size": grid.batch_size,
+        "batch_size": batch_size(grid, run),
         "model": config,
-        **{k: v for k, v in dataclasses.asdict(run).items() if k not in ("name", "label", "model")},
+        **{k: v for k, v in dataclasses.asdict(run).items() if k not in ("name", "label", "model", "batch_size")},
     }
     if grid.document_tokens is not None:
         settings["document_tokens"] = grid.document_tokens
     return settings
 
 
+def batch_size(grid: Grid, run: Run) -> int:
+    return run.batch_size or grid.batch_size
+
+
 def steps_for(grid: Grid, run: Run) -> int:
     segment = {**grid.base, **run.model}["segment_length"]
-    return max(1, run.tokens // (grid.batch_size * segment))
+    return max(1, run.tokens // (batch_size(grid, run) * segment))
 
 
 def result_path(grid: Grid, run: Run, results: Path) -> Path:
@@ -449,7 +465,7 @@ def build_trainer(grid: Grid, run: Run, run_dir: Path, device: torch.device, ste
     steps = steps or steps_for(grid, run)
     train = TrainConfig(
         steps=steps,
-        batch_size=grid.batch_size,
+        batch_size=batch_size(grid, run),
         lr=run.lr,
         warmup_steps=max(1, int(steps * run.warmup_fraction)),
         seed=run.seed,
@@ -532,7 +548,7 @@ def train_run(
         "settings": run_settings(grid, run),
         "parameters": sum(p.numel() for p in model.parameters()),
         "steps": steps,
-        "train_tokens": steps * grid.batch_size * config.segment_length,
+        "train_tokens": steps * batch_size(grid, run) * config.segment_length,
         "train_seconds": trainer.train_seconds,
         "eval_seconds": time.perf_counter() - began,
         "eval_seconds_by_variant": seconds,
