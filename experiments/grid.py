@@ -107,6 +107,15 @@ SMALL = dict(
 NO_MEMORY = dict(knn_layers=())
 
 
+def at_tokens_per_step(runs: list[Run], tokens_per_step: int | None) -> tuple[Run, ...]:
+    """The runs, each reading `tokens_per_step` tokens a step (its batch: that over its segment
+    length); unchanged (the grid's batch) when None."""
+    if tokens_per_step is None:
+        return tuple(runs)
+    batch = lambda run: tokens_per_step // {**SMALL, **run.model}["segment_length"]  # noqa: E731
+    return tuple(dataclasses.replace(run, batch_size=batch(run)) for run in runs)
+
+
 def table4(
     corpus: str,
     pretrain_tokens: int,
@@ -121,7 +130,6 @@ def table4(
     every run reads that many tokens a step (its batch: tokens_per_step / its segment length),
     and the grid is named table4-CORPUS-TOKENS; without, every run reads 4 segments a step."""
     L = SMALL["segment_length"]
-    per_step = (lambda model: tokens_per_step // {**SMALL, **model}["segment_length"]) if tokens_per_step else None
     rows = [
         ("L", f"context {L}", dict(NO_MEMORY, xl_length=0), (0,)),
         ("4L", f"context {4 * L}", dict(NO_MEMORY, xl_length=0, segment_length=4 * L), (0,)),
@@ -178,16 +186,20 @@ def table4(
         corpus,
         4096,
         SMALL,
-        tuple(dataclasses.replace(run, batch_size=per_step(run.model)) if per_step else run for run in runs),
+        at_tokens_per_step(runs, tokens_per_step),
         eval_tokens=eval_tokens,
     )
 
 
-def questions(corpus: str, finetune_tokens: int, eval_tokens: int | None) -> list[Grid]:
+def questions(
+    corpus: str, finetune_tokens: int, eval_tokens: int | None, tokens_per_step: int | None = None
+) -> list[Grid]:
     """The three questions of the project, as fine-tunes of the same pre-training as table4-CORPUS
     (whose XL and memory rows they are read against): (a) other long-range approaches, (b) a
-    wider window instead of a memory, (c) short documents."""
-    L, source = SMALL["segment_length"], f"table4-{corpus}/pretrain"
+    wider window instead of a memory, (c) short documents. With `tokens_per_step`, against
+    table4-CORPUS-TOKENS, every run reading that many tokens a step."""
+    suffix = f"-{tokens_per_step}" if tokens_per_step else ""
+    L, source = SMALL["segment_length"], f"table4-{corpus}{suffix}/pretrain"
     other = [
         (
             "window512",
@@ -211,14 +223,15 @@ def questions(corpus: str, finetune_tokens: int, eval_tokens: int | None) -> lis
         ("short-xl", f"context {L} + XL {L}", dict(NO_MEMORY, xl_length=L)),
         ("short-mem8k-xl", f"context {L} + memory 8K + XL {L}", dict(xl_length=L, memory_size=8192)),
     ]
-    make = lambda rows: tuple(
-        Run(name, label, model, finetune_tokens, init_from=source, lr=1e-3) for name, label, model in rows
-    )  # noqa: E731
+    make = lambda rows: at_tokens_per_step(  # noqa: E731
+        [Run(name, label, model, finetune_tokens, init_from=source, lr=1e-3) for name, label, model in rows],
+        tokens_per_step,
+    )
     return [
         Grid(
-            f"questions-{corpus}",
+            f"questions-{corpus}{suffix}",
             f"Other long-range approaches and wider windows on `{corpus}`, fine-tuned for "
-            f"{finetune_tokens:,} tokens from the pre-training of table4-{corpus} "
+            f"{finetune_tokens:,} tokens from the pre-training of table4-{corpus}{suffix} "
             "(read against its XL and memory rows)",
             corpus,
             4096,
@@ -227,9 +240,9 @@ def questions(corpus: str, finetune_tokens: int, eval_tokens: int | None) -> lis
             eval_tokens=eval_tokens,
         ),
         Grid(
-            f"short-{corpus}",
+            f"short-{corpus}{suffix}",
             f"Short documents: `{corpus}` cut into pieces of {2 * L} tokens (two segments), "
-            f"fine-tuned for {finetune_tokens:,} tokens from the pre-training of table4-{corpus}",
+            f"fine-tuned for {finetune_tokens:,} tokens from the pre-training of table4-{corpus}{suffix}",
             corpus,
             4096,
             SMALL,
@@ -240,12 +253,20 @@ def questions(corpus: str, finetune_tokens: int, eval_tokens: int | None) -> lis
     ]
 
 
-def budgets(corpus: str, tokens: tuple[int, ...], scratch_tokens: int, eval_tokens: int | None) -> Grid:
+def budgets(
+    corpus: str,
+    tokens: tuple[int, ...],
+    scratch_tokens: int,
+    eval_tokens: int | None,
+    tokens_per_step: int | None = None,
+) -> Grid:
     """How the memory's gain grows with training (fine-tunes of table4-CORPUS's pre-training of
     several lengths, XL alone and memory 8K + XL; table4's rows are the longest), and a memory
     model trained from scratch as long as the pre-training: the share of the gap to it that a
-    fine-tune closes, against its length (the paper: 85% in 4% of the steps)."""
-    L, source = SMALL["segment_length"], f"table4-{corpus}/pretrain"
+    fine-tune closes, against its length (the paper: 85% in 4% of the steps). With
+    `tokens_per_step`, from table4-CORPUS-TOKENS, every run reading that many tokens a step."""
+    suffix = f"-{tokens_per_step}" if tokens_per_step else ""
+    L, source = SMALL["segment_length"], f"table4-{corpus}{suffix}/pretrain"
     runs = []
     for budget in tokens:
         runs.append(
@@ -304,14 +325,14 @@ def budgets(corpus: str, tokens: tuple[int, ...], scratch_tokens: int, eval_toke
         )
     )
     return Grid(
-        f"budgets-{corpus}",
+        f"budgets-{corpus}{suffix}",
         f"The memory's gain against training tokens on `{corpus}`: fine-tunes of "
-        f"{', '.join(f'{t:,}' for t in tokens)} tokens from table4-{corpus}'s pre-training, and a memory model "
-        f"trained from scratch for {scratch_tokens:,} tokens",
+        f"{', '.join(f'{t:,}' for t in tokens)} tokens from table4-{corpus}{suffix}'s pre-training, and a memory "
+        f"model trained from scratch for {scratch_tokens:,} tokens",
         corpus,
         4096,
         SMALL,
-        tuple(runs),
+        at_tokens_per_step(runs, tokens_per_step),
         eval_tokens=eval_tokens,
     )
 
@@ -355,8 +376,16 @@ GRIDS = {
         table4("pycode", pretrain_tokens=20_000_000, finetune_tokens=2_000_000, eval_tokens=200_000),
         table4("pycode", pretrain_tokens=20_000_000, finetune_tokens=2_000_000, eval_tokens=200_000, tokens_per_step=2048),
         *questions("pycode", finetune_tokens=2_000_000, eval_tokens=200_000),
+        *questions("pycode", finetune_tokens=2_000_000, eval_tokens=200_000, tokens_per_step=2048),
         batch16("pycode", finetune_tokens=2_000_000, eval_tokens=200_000),
         budgets("pycode", tokens=(250_000, 500_000, 1_000_000), scratch_tokens=20_000_000, eval_tokens=200_000),
+        budgets(
+            "pycode",
+            tokens=(250_000, 500_000, 1_000_000),
+            scratch_tokens=20_000_000,
+            eval_tokens=200_000,
+            tokens_per_step=2048,
+        ),
         table4("proofs", pretrain_tokens=8_000_000, finetune_tokens=1_000_000),
         table4("books", pretrain_tokens=8_000_000, finetune_tokens=1_000_000),
         Grid(
