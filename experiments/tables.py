@@ -108,6 +108,15 @@ def grid_table(runs: list[tuple[str, str]], reference: tuple[str, str] | None = 
     return "\n".join(lines)
 
 
+def budget_points() -> list[tuple[int, str, str, str]]:
+    """The fine-tuning budgets measured: (tokens, grid, XL-alone run, memory 8K + XL run);
+    the budgets grid's fine-tunes, then table4's 2M-token rows."""
+    points = [
+        (t, "budgets-pycode", f"L-xl-{t // 1000}k", f"L-mem8k-xl-{t // 1000}k") for t in (250_000, 500_000, 1_000_000)
+    ]
+    return points + [(2_000_000, "table4-pycode", "L-xl", "L-mem8k-xl")]
+
+
 def budget_table() -> str:
     """The memory's gain against fine-tuning tokens, with the gates it ended with."""
     lines = [
@@ -115,11 +124,7 @@ def budget_table() -> str:
         "memory vs memory off | gates at the end (mean of 4 heads) |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    points = [
-        (t, "budgets-pycode", f"L-xl-{t // 1000}k", f"L-mem8k-xl-{t // 1000}k") for t in (250_000, 500_000, 1_000_000)
-    ]
-    points.append((2_000_000, "table4-pycode", "L-xl", "L-mem8k-xl"))
-    for tokens, grid, xl_run, memory_run in points:
+    for tokens, grid, xl_run, memory_run in budget_points():
         xl, memory = seeds(grid, xl_run), seeds(grid, memory_run)
         if not xl or not memory:
             lines.append(f"| {tokens:,} | not finished yet | | | | | |")
@@ -155,9 +160,7 @@ def fine_tune_into_memory_table() -> str:
         "| fine-tuning tokens | share of the pre-training | memory 8K + XL fine-tuned | share of the gap closed |",
         "|---:|---:|---:|---:|",
     ]
-    for tokens, grid, run in [
-        (t, "budgets-pycode", f"L-mem8k-xl-{t // 1000}k") for t in (250_000, 500_000, 1_000_000)
-    ] + [(2_000_000, "table4-pycode", "L-mem8k-xl")]:
+    for tokens, grid, _, run in budget_points():
         if not (rows := seeds(grid, run)):
             lines.append(f"| {tokens:,} | not finished yet | | |")
             continue
