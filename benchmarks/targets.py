@@ -26,10 +26,6 @@ def verdict(measured: dict[str, float], goal: float, at_most: bool) -> str:
     return "yes" if (measured["median"] <= goal if at_most else measured["median"] >= goal) else "no"
 
 
-def ratio(row: dict) -> dict[str, float]:
-    return {"median": row["ratio_to_xl"], "min": row["ratio_min"], "max": row["ratio_max"]}
-
-
 def rounds(row: dict, name: str) -> dict[str, float]:
     """A ratio measured over rounds: its median, min and max (min = max = median if not recorded)."""
     return {"median": row[name], "min": row.get(f"{name}_min", row[name]), "max": row.get(f"{name}_max", row[name])}
@@ -56,14 +52,15 @@ def rows(out: Path) -> list[tuple[str, str, str, str]]:
     flops = 2.0 * train["batch_size"] * config["n_heads"] * config["segment_length"] * 65536 * config["head_dim"]
     matmul_gflops = next(r["matmul_gflops"] for r in search["exact"] if r["memory_size"] == 65536)
     floor = (xl_s + flops / matmul_gflops / 1e9) / xl_s
-    ivf = ratio(by["memory 64K IVF + XL"])
+    ratio = {variant: rounds(row, "ratio_to_xl") for variant, row in by.items()}  # to XL only, over rounds
+    ivf = ratio["memory 64K IVF + XL"]
     table = [
-        ("step, memory 8K exact / XL only", "<= 1.15x", shown(ratio(by["memory 8K"])),
-         verdict(ratio(by["memory 8K"]), 1.15, at_most=True)),
+        ("step, memory 8K exact / XL only", "<= 1.15x", shown(ratio["memory 8K"]),
+         verdict(ratio["memory 8K"], 1.15, at_most=True)),
         ("step, memory 64K exact / XL only, against its floor", "within 10% of the floor",
-         f"{shown(ratio(by['memory 64K']))}; its search's matmul alone, {flops / 1e9:.0f} GFLOP at "
+         f"{shown(ratio['memory 64K'])}; its search's matmul alone, {flops / 1e9:.0f} GFLOP at "
          f"{matmul_gflops:.0f} GFLOP/s, puts the floor at {floor:.2f}x",
-         verdict(ratio(by["memory 64K"]), 1.10 * floor, at_most=True)),
+         verdict(ratio["memory 64K"], 1.10 * floor, at_most=True)),
         ("step, memory 64K IVF + XL / XL only (recall@32 on model keys at 64K)", "<= 1.30x at recall >= 0.9",
          f"{shown(ivf)} (recall {recall_65k:.3f})", verdict(ivf, 1.30, at_most=True) if recall_65k >= 0.9 else "no"),
     ]

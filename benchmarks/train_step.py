@@ -107,7 +107,7 @@ def rows_of(cases: list[Case], times: list[list[float]], owner: str) -> list[dic
         seconds, ratio = spread(t), spread([a / b for a, b in zip(t, xl)])
         row = {"variant": case.variant, "seconds": seconds["median"], "seconds_min": seconds["min"],
                "seconds_max": seconds["max"], "tokens_per_s": case.tokens / seconds["median"],
-               "ratio_to_xl": ratio["median"], "ratio_min": ratio["min"], "ratio_max": ratio["max"],
+               "ratio_to_xl": ratio["median"], "ratio_to_xl_min": ratio["min"], "ratio_to_xl_max": ratio["max"],
                "round_seconds": t}
         if case.set_fill is not None:  # evenly spaced fills: the mean over rounds is the cycle's mean
             row["cycle_mean_seconds"] = statistics.fmean(t)
@@ -135,7 +135,7 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         lines.append(f"| {r['variant']} | {r['seconds']:.3f} | {r['seconds_min']:.3f}-{r['seconds_max']:.3f} | "
                      f"{r['tokens_per_s']:,.0f} | {r['ratio_to_xl']:.2f}x | "
-                     f"{r['ratio_min']:.2f}-{r['ratio_max']:.2f}x |")
+                     f"{r['ratio_to_xl_min']:.2f}-{r['ratio_to_xl_max']:.2f}x |")
     return "\n".join(lines)
 
 

@@ -2,7 +2,7 @@ import json
 
 import torch
 
-from benchmarks import long_stream, memory_use, search, targets, train_step
+from benchmarks import long_stream, memory_step, memory_use, search, targets, train_step
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
 from memorizing_transformers.data.streaming import TokenizedDocument
 
@@ -25,10 +25,23 @@ def test_train_step_benchmark_quick(tmp_path):
         "vanilla", "XL only", "memory 512", "memory 2K", "memory 2K + XL", "memory 2K IVF", "memory 2K IVF + XL",
     ]
     xl = next(r for r in rows if r["variant"] == "XL only")
-    assert xl["ratio_to_xl"] == xl["ratio_min"] == xl["ratio_max"] == 1.0  # a ratio per round, to itself
+    assert xl["ratio_to_xl"] == xl["ratio_to_xl_min"] == xl["ratio_to_xl_max"] == 1.0  # a ratio per round, to itself
     # every variant timed in every round, in the same rounds
     assert all(len(r["round_seconds"]) == results["rounds"] == 3 for r in rows)
     assert all(r["seconds_min"] <= r["seconds"] <= r["seconds_max"] for r in rows)
+
+
+def test_memory_step_benchmark_quick(tmp_path):
+    memory_step.main(["--quick", "--out", str(tmp_path)])
+    backends = json.loads((tmp_path / "memory_step-quick.json").read_text())["backends"]
+    assert sorted(backends) == ["memory 2K", "memory 2K IVF"]
+    for rows in backends.values():
+        by = {r["part"].strip(): r for r in rows}
+        cost = by["the memory's cost (the difference)"]["round_seconds"]
+        parts = [by[name]["round_seconds"] for name in ("search", "gather", "write")]
+        rest = by["the rest: scoring, combination, backward (by subtraction)"]["round_seconds"]
+        # The parts and the rest add up to the memory's cost in every round.
+        assert all(abs(sum(p[r] for p in parts) + rest[r] - c) < 1e-9 for r, c in enumerate(cost))
 
 
 def test_memory_use_benchmark_quick(tmp_path):
@@ -68,8 +81,8 @@ def test_model_keys_are_the_keys_the_model_writes_to_its_memory(tmp_path, monkey
 
 def test_targets_table_reads_the_measured_figures(tmp_path):
     def step(variant, ratio, low, high):
-        return {"variant": variant, "ratio_to_xl": ratio, "ratio_min": low, "ratio_max": high, "seconds": 0.6 * ratio,
-                "tokens_per_s": 1700 / ratio}
+        return {"variant": variant, "ratio_to_xl": ratio, "ratio_to_xl_min": low, "ratio_to_xl_max": high,
+                "seconds": 0.6 * ratio, "tokens_per_s": 1700 / ratio}
 
     def faster(median, low, high):
         return {"median": median, "min": low, "max": high}

@@ -165,12 +165,14 @@ def identity_attention(combine: str) -> Attention:
 @pytest.mark.parametrize("combine", ["gate", "joint_softmax"])
 def test_attention_layer_retrieves_a_distinctive_earlier_key(combine):
     from memorizing_transformers import KNNMemory
-    from memorizing_transformers.model.positions import relative_position_bucket, segment_relative_positions
+    from memorizing_transformers.model.positions import (
+        relative_position_bucket, segment_distances, segment_relative_positions,
+    )
 
     layer = identity_attention(combine)
     memory = KNNMemory(1, 1, 16, capacity=256)
     relative = segment_relative_positions(8, 0)
-    buckets, allowed = relative_position_bucket(relative), (relative <= 0)[None, None]
+    buckets, allowed = relative_position_bucket(segment_distances(8, 0)), (relative <= 0)[None, None]
     mask = torch.ones(1, 8, dtype=torch.bool)
     first = torch.nn.functional.normalize(torch.randn(1, 8, 16), dim=-1) * 3
     layer(first, buckets, allowed, mask, None, memory)
@@ -187,10 +189,12 @@ def test_attention_layer_retrieves_a_distinctive_earlier_key(combine):
 
 def test_a_memory_temperature_of_its_own_makes_retrieval_sharp_where_local_attention_is_diffuse():
     from memorizing_transformers import KNNMemory
-    from memorizing_transformers.model.positions import relative_position_bucket, segment_relative_positions
+    from memorizing_transformers.model.positions import (
+        relative_position_bucket, segment_distances, segment_relative_positions,
+    )
 
     relative = segment_relative_positions(8, 0)
-    buckets, allowed = relative_position_bucket(relative), (relative <= 0)[None, None]
+    buckets, allowed = relative_position_bucket(segment_distances(8, 0)), (relative <= 0)[None, None]
     mask = torch.ones(1, 8, dtype=torch.bool)
     torch.manual_seed(0)
     past, probe = torch.randn(5, 1, 8, 16), torch.randn(1, 8, 16)
@@ -238,11 +242,13 @@ def test_retrieved_entries_get_the_farthest_buckets_bias_in_the_joint_softmax():
     # Full attention gives every key max_distance or more back the last bucket's bias; the
     # joint softmax gives it to retrieved entries: a very negative one silences the memory.
     from memorizing_transformers import KNNMemory
-    from memorizing_transformers.model.positions import relative_position_bucket, segment_relative_positions
+    from memorizing_transformers.model.positions import (
+        relative_position_bucket, segment_distances, segment_relative_positions,
+    )
 
     layer = identity_attention("joint_softmax")
     relative = segment_relative_positions(8, 0)
-    buckets, allowed = relative_position_bucket(relative), (relative <= 0)[None, None]
+    buckets, allowed = relative_position_bucket(segment_distances(8, 0)), (relative <= 0)[None, None]
     mask = torch.ones(1, 8, dtype=torch.bool)
     past, probe = torch.randn(1, 8, 16), torch.randn(1, 8, 16)
     probe[0, 6] = 3 * past[0, 3]  # a query that finds an earlier key (whose value is a third of its own)

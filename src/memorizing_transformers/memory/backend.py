@@ -19,7 +19,9 @@ BACKENDS = ("exact", "faiss_flat", "faiss_ivf")
 
 
 class SearchBackend(Protocol):
-    exact_scores: bool  # whether `search` returns exact inner products (else the memory recomputes the winners')
+    def exact_scores(self, memory: "KNNMemory") -> bool:
+        """Whether `search` returns the inner products with the stored keys themselves (else the
+        memory computes the winners' scores again from its store)."""
 
     def search(self, memory: "KNNMemory", queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k by inner product. queries: (batch, heads, seq, head_dim) on the memory's device.

@@ -40,7 +40,8 @@ def block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 class ExactSearch:
     """Brute-force search over the store itself: no index to keep in sync."""
 
-    exact_scores = True
+    def exact_scores(self, memory: "KNNMemory") -> bool:
+        return True
 
     def __repr__(self) -> str:
         return "ExactSearch()"

@@ -48,12 +48,16 @@ class FaissSearch:
         if list_size <= 0 or nprobe <= 0:
             raise ValueError(f"ivf list_size and nprobe must be positive, got {list_size} and {nprobe}")
         self.kind, self.list_size, self.nprobe = kind, list_size, nprobe
-        self.exact_scores = kind == "flat"  # IVF lists hold quantized (store-dtype) codes
         self.indices: list[list[faiss.Index] | None] = []  # [row][head]; None: an IVF row not trained yet
 
     def __repr__(self) -> str:
         extra = f", list_size={self.list_size}, nprobe={self.nprobe}" if self.kind == "ivf" else ""
         return f"FaissSearch(kind={self.kind!r}{extra})"
+
+    def exact_scores(self, memory: "KNNMemory") -> bool:
+        """Flat indices and float32 IVF lists score the stored keys in float32; bf16 / fp16 codes
+        are scored by faiss's scalar-quantizer kernels, a little off the stored keys' products."""
+        return self.kind == "flat" or memory.dtype == torch.float32
 
     def _lists(self, memory: "KNNMemory") -> int:
         return max(1, memory.capacity // self.list_size)

@@ -190,8 +190,8 @@ class KNNMemory:
         out_shape = (batch, heads, seq, k, dim)
         keys = self.keys.reshape(-1, dim).index_select(0, flat).view(out_shape).to(queries.dtype)
         values = self.values.reshape(-1, dim).index_select(0, flat).view(out_shape).to(queries.dtype)
-        if not self.backend.exact_scores:
-            # faiss's quantized lists round their scores: the winners' scores are computed again
+        if not self.backend.exact_scores(self):
+            # faiss's bf16 / fp16 lists are scored a little off: the winners' scores are computed again
             # from the stored keys, so that every backend reports the same inner products, best first.
             scores = torch.einsum("bhsd,bhskd->bhsk", queries.detach().float().to(self.device), keys.float())
             best_scores, order = scores.masked_fill(~valid, float("-inf")).sort(dim=-1, descending=True, stable=True)

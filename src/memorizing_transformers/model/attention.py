@@ -89,8 +89,9 @@ class Attention(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One segment through the layer.
 
-        x: (batch, seq, d_model). buckets: (seq, cache_len + seq) T5 buckets.
-        allowed: (batch, 1, seq, cache_len + seq) bool, which keys each query may attend.
+        x: (batch, seq, d_model). buckets: (cache_len + 2 seq - 1,) T5 buckets of the distances
+        key - query in the segment, ascending (positions.segment_distances).
+        allowed: (batch or 1, 1, seq, cache_len + seq) bool, which keys each query may attend.
         token_mask: (batch, seq) bool, False at padding (never written to memory).
         global_tokens: the stored global tokens (an XLCache of global_tokens slots, or None),
         their T5 buckets (batch, seq, slots) and which queries attend each (batch, 1, 1, slots).
@@ -108,8 +109,8 @@ class Attention(nn.Module):
             values = torch.cat([cache.values.to(v.dtype), v], dim=2)
         else:
             keys, values = k, v
-        bias = self.position_bias(buckets)[None].to(q.dtype)  # (1, heads, seq, cache_len + seq)
-        local_bias = bias.masked_fill(~allowed, float("-inf"))  # (batch, heads, seq, cache_len + seq)
+        bias = self.position_bias.segment(buckets, q.shape[2])[None].to(q.dtype)  # (1, heads, seq, cache_len + seq)
+        local_bias = bias.masked_fill(~allowed, float("-inf"))  # (batch or 1, heads, seq, cache_len + seq)
         if self.xl_compression and cache is not None:
             keys, values, local_bias = self._compress_cache(cache, k, v, local_bias)
         if global_tokens is not None and global_tokens[0] is not None:
@@ -147,6 +148,7 @@ class Attention(nn.Module):
         valid = cache.mask[:, None, :, None].to(k.dtype)  # (batch, 1, cache_len, 1)
         slot_keys = torch.einsum("rm,bhmd->bhrd", self.compress_keys[:, -cache_len:].to(k.dtype), cache.keys.to(k.dtype) * valid)
         slot_values = torch.einsum("rm,bhmd->bhrd", self.compress_values[:, -cache_len:].to(v.dtype), cache.values.to(v.dtype) * valid)
+        local_bias = local_bias.expand(k.shape[0], -1, -1, -1)  # a mask shared by the batch comes as one row
         seq, slots = k.shape[2], self.xl_compression
         any_past = cache.mask.any(dim=1)[:, None, None, None]  # (batch, 1, 1, 1): a reset row has no past
         slot_bias = torch.zeros(1, 1, seq, slots, dtype=local_bias.dtype, device=k.device).masked_fill(~any_past, float("-inf"))

@@ -34,6 +34,13 @@ def relative_position_bucket(
     return buckets + torch.where(is_small, distance, large)
 
 
+def segment_distances(query_length: int, cache_length: int, device: torch.device | None = None) -> torch.Tensor:
+    """Every `key - query` a segment's queries meet over keys [XL cache ; segment], ascending:
+    -(cache_length + query_length - 1) .. query_length - 1, a (cache_length + 2 query_length - 1,)
+    long tensor. Entry `query_length - 1 - i + j` is the distance from query i to key j."""
+    return torch.arange(-(cache_length + query_length - 1), query_length, device=device)
+
+
 def segment_relative_positions(query_length: int, cache_length: int, device: torch.device | None = None) -> torch.Tensor:
     """Relative positions `key - query` for queries of a segment over keys [XL cache ; segment].
 
@@ -59,3 +66,13 @@ class RelativePositionBias(nn.Module):
     def forward(self, buckets: torch.Tensor) -> torch.Tensor:
         """buckets (q, k) long -> bias (heads, q, k)."""
         return self.embedding(buckets).permute(2, 0, 1)
+
+    def segment(self, distance_buckets: torch.Tensor, query_length: int) -> torch.Tensor:
+        """The bias (heads, q, cache_len + q) of a segment's queries over [XL cache ; segment], from
+        the buckets of `segment_distances` (cache_len + 2q - 1,). It depends on key - query alone,
+        so it is one bias per distance laid out as a Toeplitz matrix (row i: the window of
+        distances starting at -(cache_len + i)): the gradient then sums over a few hundred
+        distances, not over every (query, key) pair as an embedding lookup's backward would."""
+        keys = distance_buckets.shape[0] - query_length + 1
+        per_distance = self.embedding(distance_buckets).T  # (heads, cache_len + 2q - 1)
+        return per_distance.unfold(1, keys, 1).flip(1)  # (heads, q, keys): row q - 1 - r is window r

@@ -21,7 +21,7 @@ from ..data.tokenizer import load_tokenizer
 from ..atomic import write_atomically
 from ..memory.files import fingerprint
 from .attention import Attention
-from .positions import relative_position_bucket, segment_relative_positions
+from .positions import relative_position_bucket, segment_distances, segment_relative_positions
 from .state import MemorizingState
 
 
@@ -260,7 +260,8 @@ class MemorizingTransformer(nn.Module):
         seq = input_ids.shape[1]
         cache_len = state.cache_length
         relative = segment_relative_positions(seq, cache_len, device=self.device)  # (seq, cache_len + seq)
-        buckets = relative_position_bucket(relative, True, self.config.num_buckets, self.config.max_distance)
+        distances = segment_distances(seq, cache_len, device=self.device)  # (cache_len + 2 seq - 1,)
+        buckets = relative_position_bucket(distances, True, self.config.num_buckets, self.config.max_distance)
         key_mask = token_mask if state.xl[0] is None else torch.cat([state.xl[0].mask, token_mask], dim=1)
         # A query sees earlier valid keys and always itself (so no row is fully masked).
         allowed = ((relative <= 0) & key_mask[:, None, None, :]) | (relative == 0)  # (batch, 1, seq, cache_len + seq)
@@ -270,6 +271,8 @@ class MemorizingTransformer(nn.Module):
         if self.config.global_tokens:
             globals_view, key_is_global = self._globals_view(state, token_mask, relative.shape[1] - seq)
             allowed = allowed | ((relative <= 0) & key_mask[:, None, None, :] & key_is_global[:, None, None, :])
+        if bool((allowed == allowed[:1]).all()):  # the usual case (no padding, no reset row): one mask for the batch
+            allowed = allowed[:1]
         x = self.embed(input_ids)
         for layer, block in enumerate(self.blocks):
             x = block(x, layer, state, buckets, allowed, token_mask, globals_view)

@@ -95,7 +95,8 @@ def segment_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     scored = targets != -100
     if not scored.any():
         return logits.sum() * 0.0
-    return F.cross_entropy(logits.float()[scored], targets[scored])
+    # ignore_index averages over the scored targets, without gathering their rows of logits
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-100)
 
 
 class Trainer:

@@ -1,0 +1,122 @@
+"""Where a memory layer's training-step time goes, at 64K entries with XL.
+
+The step of `benchmarks.train_step`'s reference configuration (batch 4 x 256, 4 heads x 64,
+k 32) with a full 64K memory, with `faiss_ivf` and with exact search, against XL only; the
+memory's share of the step is split into the parts timed on their own at the same shapes:
+the search (the backend alone), the gather of the winners' keys and values (the memory's
+search with the winners' slots already known), and the write of a segment into the full
+ring buffer (with the faiss index's remove and add of every overwritten slot). What is left
+of the difference (scoring the winners, the combination with local attention, and the
+backward through the gathered entries) is given by subtraction. Every part is timed in
+the same interleaved rounds (see common.interleaved).
+
+    python -m benchmarks.memory_step            # the reference configuration
+    python -m benchmarks.memory_step --quick    # a tiny configuration, seconds
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from memorizing_transformers import KNNMemory, MemorizingConfig
+from memorizing_transformers.memory.backend import make_backend
+
+from .common import Case, device_description, interleaved, parse_arguments, spread, write_results
+from .train_step import QUICK, REFERENCE, our_case, size_label, variants
+
+
+class KnownSlots:
+    """A backend that returns slots found earlier: the memory's search then costs its gather alone."""
+
+    def __init__(self, scores: torch.Tensor, slots: torch.Tensor) -> None:
+        self.scores, self.slots = scores, slots
+
+    def exact_scores(self, memory: KNNMemory) -> bool:
+        return True
+
+    def search(self, memory: KNNMemory, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.scores, self.slots
+
+    def written(self, memory: KNNMemory, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        pass
+
+    def reset(self, memory: KNNMemory, rows: torch.Tensor) -> None:
+        pass
+
+    def rebuild(self, memory: KNNMemory) -> None:
+        pass
+
+
+def part_cases(config: MemorizingConfig, backend: str, batch: int, device: torch.device, label: str) -> list[Case]:
+    """The search, gather and write of one memory layer, full, at the step's shapes."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    unit = lambda n: F.normalize(  # noqa: E731
+        torch.randn(batch, config.n_heads, n, config.head_dim, generator=generator, device=device), dim=-1)
+    memory = KNNMemory(batch, config.n_heads, config.head_dim, config.memory_size, device=device,
+                       backend=make_backend(backend, config.ivf_list_size, config.ivf_nprobe))
+    memory.add(unit(config.memory_size), unit(config.memory_size))
+    queries, segment = unit(config.segment_length), unit(config.segment_length)
+    gathering = copy.copy(memory)
+    gathering.backend = KnownSlots(*memory.backend.search(memory, queries, config.knn_k))
+    tokens = batch * config.segment_length
+    return [
+        Case("ours", f"{label}: search", lambda: memory.backend.search(memory, queries, config.knn_k), tokens),
+        Case("ours", f"{label}: gather", lambda: gathering.search(queries, config.knn_k), tokens),
+        Case("ours", f"{label}: write", lambda: memory.add(segment, segment), tokens),
+    ]
+
+
+def breakdown(cases: list[Case], times: list[list[float]], label: str) -> list[dict]:
+    """Rows for one backend: the steps, the memory's cost, its parts, and the rest (per round)."""
+    by = {case.variant: t for case, t in zip(cases, times)}
+    xl, step = by["XL only"], by[f"{label} + XL"]
+    cost = [s - x for s, x in zip(step, xl)]
+    parts = {name: by[f"{label}: {name}"] for name in ("search", "gather", "write")}
+    rest = [c - sum(p[r] for p in parts.values()) for r, c in enumerate(cost)]
+    named = [("step, XL only", xl), (f"step, {label} + XL", step), ("the memory's cost (the difference)", cost)]
+    named += [(f"  {name}", t) for name, t in parts.items()]
+    named.append(("  the rest: scoring, combination, backward (by subtraction)", rest))
+    rows = []
+    for name, t in named:
+        seconds, share = spread(t), spread([a / c for a, c in zip(t, cost)])
+        rows.append({"part": name, "seconds": seconds["median"], "seconds_min": seconds["min"],
+                     "seconds_max": seconds["max"], "share_of_memory_cost": share["median"], "round_seconds": t})
+    return rows
+
+
+def table(rows: list[dict], label: str) -> str:
+    lines = [f"| {label} | ms / step, median | min-max | share of the memory's cost |", "|---|---:|---:|---:|"]
+    for r in rows:
+        share = f"{100 * r['share_of_memory_cost']:.0f}%" if not r["part"].startswith("step") else ""
+        lines.append(f"| {r['part']} | {1e3 * r['seconds']:.1f} | {1e3 * r['seconds_min']:.1f}-"
+                     f"{1e3 * r['seconds_max']:.1f} | {share} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, device = parse_arguments(__doc__, argv)
+    base, large, batch, rounds, calls, warmup = (
+        (QUICK, 2048, 2, 3, 1, 1) if args.quick else (REFERENCE, 65536, 4, 6, 3, 2))
+    configs = variants(base, large)
+    size = size_label(large)
+    labels = {f"memory {size} IVF": "faiss_ivf", f"memory {size}": "exact"}
+    cases = [our_case("XL only", configs["XL only"], batch, device)]
+    for label, backend in labels.items():
+        cases.append(our_case(f"{label} + XL", configs[f"{label} + XL"], batch, device))
+        cases += part_cases(configs[f"{label} + XL"], backend, batch, device, label)
+    times = interleaved(cases, rounds, calls, warmup, device)
+    results = {"command": "python -m benchmarks.memory_step" + (" --quick" if args.quick else ""),
+               "device": device_description(device), "batch_size": batch, "rounds": rounds,
+               "steps_per_round": calls, "warmup_steps": warmup, "config": base.to_dict(), "memory_size": large,
+               "backends": {label: breakdown(cases, times, label) for label in labels}}
+    text = "\n\n".join(table(rows, label) for label, rows in results["backends"].items())
+    print(text)
+    write_results("memory_step-quick" if args.quick else "memory_step", results, text, Path(args.out))
+
+
+if __name__ == "__main__":
+    main()
