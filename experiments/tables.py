@@ -108,23 +108,24 @@ def grid_table(runs: list[tuple[str, str]], reference: tuple[str, str] | None = 
     return "\n".join(lines)
 
 
-def budget_points() -> list[tuple[int, str, str, str]]:
+def budget_points(suffix: str = "") -> list[tuple[int, str, str, str]]:
     """The fine-tuning budgets measured: (tokens, grid, XL-alone run, memory 8K + XL run);
-    the budgets grid's fine-tunes, then table4's 2M-token rows."""
+    the budgets grid's fine-tunes, then table4's 2M-token rows (grids named with `suffix`)."""
     points = [
-        (t, "budgets-pycode", f"L-xl-{t // 1000}k", f"L-mem8k-xl-{t // 1000}k") for t in (250_000, 500_000, 1_000_000)
+        (t, f"budgets-pycode{suffix}", f"L-xl-{t // 1000}k", f"L-mem8k-xl-{t // 1000}k")
+        for t in (250_000, 500_000, 1_000_000)
     ]
-    return points + [(2_000_000, "table4-pycode", "L-xl", "L-mem8k-xl")]
+    return points + [(2_000_000, f"table4-pycode{suffix}", "L-xl", "L-mem8k-xl")]
 
 
-def budget_table() -> str:
+def budget_table(suffix: str = "") -> str:
     """The memory's gain against fine-tuning tokens, with the gates it ended with."""
     lines = [
         "| fine-tuning tokens | XL alone | memory 8K + XL | its memory off | memory vs XL alone | "
         "memory vs memory off | gates at the end (mean of 4 heads) |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for tokens, grid, xl_run, memory_run in budget_points():
+    for tokens, grid, xl_run, memory_run in budget_points(suffix):
         xl, memory = seeds(grid, xl_run), seeds(grid, memory_run)
         if not xl or not memory:
             lines.append(f"| {tokens:,} | not finished yet | | | | | |")
@@ -140,10 +141,10 @@ def budget_table() -> str:
     return "\n".join(lines)
 
 
-def fine_tune_into_memory_table() -> str:
+def fine_tune_into_memory_table(suffix: str = "") -> str:
     """The paper's fine-tuning into memory: the share of the gap between the vanilla pre-training
     and a memory model trained from scratch as long that fine-tunes with a memory close."""
-    vanilla, scratch = load("table4-pycode", "pretrain"), load("budgets-pycode", "scratch-mem8k-xl")
+    vanilla, scratch = load(f"table4-pycode{suffix}", "pretrain"), load(f"budgets-pycode{suffix}", "scratch-mem8k-xl")
     if vanilla is None or scratch is None:
         return (
             "Not finished yet: "
@@ -160,7 +161,7 @@ def fine_tune_into_memory_table() -> str:
         "| fine-tuning tokens | share of the pre-training | memory 8K + XL fine-tuned | share of the gap closed |",
         "|---:|---:|---:|---:|",
     ]
-    for tokens, grid, _, run in budget_points():
+    for tokens, grid, _, run in budget_points(suffix):
         if not (rows := seeds(grid, run)):
             lines.append(f"| {tokens:,} | not finished yet | | |")
             continue
@@ -214,9 +215,10 @@ def cross_context_table() -> str:
     return "\n".join(lines)
 
 
-def memory_size_table() -> str:
+def memory_size_table(suffix: str = "") -> str:
     """Table 5 in kind: the 2K-memory model tested with larger memories, and after a fine-tune at 128K."""
-    row, tuned = load("table4-pycode", "L-mem2k-xl-s0"), load("table4-pycode", "L-mem2k-xl-ft128k")
+    grid = f"table4-pycode{suffix}"
+    row, tuned = load(grid, "L-mem2k-xl-s0"), load(grid, "L-mem2k-xl-ft128k")
     if row is None:
         return "Not finished yet: L-mem2k-xl-s0."
     lines = ["| memory at test time | test perplexity | memory off |", "|---|---:|---:|"]
@@ -258,56 +260,69 @@ def smollm2_table() -> str:
     return "\n".join(lines)
 
 
-T4, Q, B = "table4-pycode", "questions-pycode", "budgets-pycode"
 TABLE4_ROWS = ["L", "4L", "L-xl", "L-mem8k", "L-mem8k-xl", "L-mem8k-xl-joint", "L-mem64k-xl"]
-TABLES: dict[str, Callable[[], str]] = {
-    "table4-pycode": lambda: grid_table([(T4, run) for run in TABLE4_ROWS], (T4, "L-xl"), "vs XL alone"),
-    "budgets-pycode": budget_table,
-    "memory-sizes-pycode": memory_size_table,
-    "fine-tune-into-memory-pycode": fine_tune_into_memory_table,
-    "variants-pycode": lambda: grid_table(
-        [
-            (B, f"L-{row}500k")
-            for row in (
-                "xl-",
-                "mem8k-xl-",
-                "mem8k-xl-gate0-",
-                "mem8k-xl-joint-",
-                "mem8k-xl-sharp-",
-                "mem8k-xl-sharp-gate0-",
-            )
-        ],
-        (B, "L-xl-500k"),
-        "vs XL alone",
-    ),
-    "others-pycode": lambda: grid_table(
-        [
+
+
+def pycode_tables(suffix: str = "") -> dict[str, Callable[[], str]]:
+    """The tables of the pycode grids named with `suffix` ("" for 4 segments a step, "-2048"
+    for 2,048 tokens a step), each named after its table with the same suffix."""
+    T4, Q, B, S = (f"{name}-pycode{suffix}" for name in ("table4", "questions", "budgets", "short"))
+    return {
+        f"table4-pycode{suffix}": lambda: grid_table([(T4, run) for run in TABLE4_ROWS], (T4, "L-xl"), "vs XL alone"),
+        f"budgets-pycode{suffix}": lambda: budget_table(suffix),
+        f"memory-sizes-pycode{suffix}": lambda: memory_size_table(suffix),
+        f"fine-tune-into-memory-pycode{suffix}": lambda: fine_tune_into_memory_table(suffix),
+        f"variants-pycode{suffix}": lambda: grid_table(
+            [
+                (B, f"L-{row}500k")
+                for row in (
+                    "xl-",
+                    "mem8k-xl-",
+                    "mem8k-xl-gate0-",
+                    "mem8k-xl-joint-",
+                    "mem8k-xl-sharp-",
+                    "mem8k-xl-sharp-gate0-",
+                )
+            ],
+            (B, "L-xl-500k"),
+            "vs XL alone",
+        ),
+        f"others-pycode{suffix}": lambda: grid_table(
+            [
+                (T4, "L-xl"),
+                (Q, "window512"),
+                (Q, "window512-g8"),
+                (Q, "linformer64"),
+                (T4, "L-mem8k-xl"),
+                (T4, "L-mem8k-xl-joint"),
+            ],
             (T4, "L-xl"),
-            (Q, "window512"),
-            (Q, "window512-g8"),
-            (Q, "linformer64"),
-            (T4, "L-mem8k-xl"),
-            (T4, "L-mem8k-xl-joint"),
-        ],
-        (T4, "L-xl"),
-        "vs XL alone",
-    ),
-    "wider-pycode": lambda: grid_table(
-        [(T4, "L"), (Q, "2L"), (T4, "4L"), (T4, "L-mem8k"), (T4, "L-xl"), (Q, "2L-xl"), (T4, "L-mem8k-xl")],
-        (T4, "L"),
-        "vs context L",
-    ),
-    "short-pycode": lambda: grid_table(
-        [("short-pycode", "short-xl"), ("short-pycode", "short-mem8k-xl")], ("short-pycode", "short-xl"), "vs XL alone"
-    ),
-    "readout-pycode": lambda: readout_table(
-        [
-            (B, f"L-mem8k-xl-{t}")
-            for t in ("250k", "500k", "1000k", "gate0-500k", "joint-500k", "sharp-500k", "sharp-gate0-500k")
-        ]
-        + [(T4, "L-mem8k"), (T4, "L-mem8k-xl"), (T4, "L-mem8k-xl-joint")]
-        + [("batch16-pycode", run) for run in ("L-mem8k-xl", "L-mem8k-xl-sharp", "L-mem8k-xl-joint-evicted")]
-    ),
+            "vs XL alone",
+        ),
+        f"wider-pycode{suffix}": lambda: grid_table(
+            [(T4, "L"), (Q, "2L"), (T4, "4L"), (T4, "L-mem8k"), (T4, "L-xl"), (Q, "2L-xl"), (T4, "L-mem8k-xl")],
+            (T4, "L"),
+            "vs context L",
+        ),
+        f"short-pycode{suffix}": lambda: grid_table(
+            [(S, "short-xl"), (S, "short-mem8k-xl")], (S, "short-xl"), "vs XL alone"
+        ),
+        f"readout-pycode{suffix}": lambda: readout_table(
+            [
+                (B, f"L-mem8k-xl-{t}")
+                for t in ("250k", "500k", "1000k", "gate0-500k", "joint-500k", "sharp-500k", "sharp-gate0-500k")
+            ]
+            + [(T4, "L-mem8k"), (T4, "L-mem8k-xl"), (T4, "L-mem8k-xl-joint")]
+            + ([("batch16-pycode", run) for run in ("L-mem8k-xl", "L-mem8k-xl-sharp", "L-mem8k-xl-joint-evicted")]
+               if not suffix else [])
+        ),
+    }
+
+
+T4 = "table4-pycode"
+TABLES: dict[str, Callable[[], str]] = {
+    **pycode_tables(),
+    **pycode_tables("-2048"),
     "steps-pycode": lambda: (
         grid_table(
             [
