@@ -134,10 +134,29 @@ def memory_sizes(args) -> list[int]:
     return [int(size) for size in args.memory_sizes.split(",")] if args.memory_sizes else []
 
 
+def evaluation_settings(args) -> dict:
+    return {k: getattr(args, k) for k in EVALUATION_SETTINGS}
+
+
+def progress_file(args) -> Path:
+    """Where the zero-training rows measured so far are kept, so that an interrupted run resumes
+    at its next document (removed once the run's results are written)."""
+    return RESULTS / f"pretrained_memory{'-' + args.tag if args.tag else ''}.partial.json"
+
+
 @torch.no_grad()
 def evaluate(model, handle, tokenizer, args, baselines: dict | None = None) -> list[dict]:
-    rows = []
+    """Every document's row; zero-training rows (no `baselines`) measured by an interrupted run
+    with the same settings are taken from its progress file."""
+    progress, rows, done = progress_file(args), [], {}
+    if baselines is None and progress.is_file():
+        saved = json.loads(progress.read_text())
+        done = {r["document"]: r for r in saved["rows"]} if saved["settings"] == evaluation_settings(args) else {}
     for name, files, ids in documents(tokenizer, args):
+        if name in done:
+            print(f"{name}: measured by an earlier, interrupted run: kept")
+            rows.append(done[name])
+            continue
         scored = slice(args.tokens - 1 - args.score_last, args.tokens - 1)  # losses predict tokens 1..tokens-1
         began = time.perf_counter()
         if baselines is None:
@@ -166,6 +185,9 @@ def evaluate(model, handle, tokenizer, args, baselines: dict | None = None) -> l
         print(f"{name}: window {row['window']:.3f}, window + memory {row['window_memory']:.3f}, "
               f"full prefix {row['full_prefix']:.3f}, gap closed {row['gap_closed']:.0%}")
         rows.append(row)
+        if baselines is None:
+            record = json.dumps({"settings": evaluation_settings(args), "rows": rows}, indent=2)
+            write_atomically(progress, lambda tmp: Path(tmp).write_text(record))
     return rows
 
 
@@ -287,6 +309,7 @@ def main() -> None:
             f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if v != parser.get_default(k)
         )
         write_atomically(out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
+        progress_file(args).unlink(missing_ok=True)
     text = f"Made by `{results['command'].strip()}` on {results.get('platform', platform.platform())}.\n\n{table(results)}\n"
     print(text)
     write_atomically(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(text))
