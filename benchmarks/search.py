@@ -138,7 +138,33 @@ def approximate_rows(data: str, keys: torch.Tensor, queries: torch.Tensor, sizes
     return rows
 
 
-def tables(exact: list[dict], approximate: list[dict], settings: dict) -> str:
+def nprobe_rows(keys: torch.Tensor, queries: torch.Tensor, size: int, probes: tuple[int, ...], k: int, repeats: int,
+                device: torch.device) -> list[dict]:
+    """Recall and time of the `faiss_ivf` backend at `size` keys against the lists it probes per
+    query (its default, ivf_nprobe 16, among them): the trade-off a smaller scan would buy."""
+    q = queries[None].to(device)
+    exact, ivf = filled(keys[:, -size:], "exact", device), filled(keys[:, -size:], "faiss_ivf", device)
+    truth = exact.search(q, k).slots
+
+    def probing(n: int):
+        def search():
+            for index in ivf.backend.indices[0]:
+                index.nprobe = n
+            return ivf.search(q, k)
+        return search
+
+    times = race({"exact": lambda: exact.search(q, k), **{f"nprobe {n}": probing(n) for n in probes}}, repeats, device)
+    rows = []
+    for n in probes:
+        found = probing(n)().slots
+        rows.append({"memory_size": size, "nprobe": n, "lists": max(1, size // ivf.backend.list_size),
+                     "ivf_s": statistics.median(times[f"nprobe {n}"]),
+                     **ratio_fields("speedup", times["exact"], times[f"nprobe {n}"]),
+                     "recall_at_k": float((truth[..., :, None] == found[..., None, :]).any(-1).float().mean())})
+    return rows
+
+
+def tables(exact: list[dict], approximate: list[dict], settings: dict, probes: list[dict]) -> str:
     lines = [
         f"Exact top-{settings['k']} of {settings['heads']} heads x {settings['queries']} queries x {settings['dim']} dims, random unit vectors:",
         "",
@@ -162,6 +188,13 @@ def tables(exact: list[dict], approximate: list[dict], settings: dict) -> str:
             f"| {r['data']} | {r['queries']} | {r['memory_size']:,} | {r['exact_s'] * 1e3:.1f} | {r['ivf_s'] * 1e3:.1f} | {r['speedup']:.1f}x | "
             f"{r['recall_at_k']:.3f} | {r['ivf_build_s']:.1f} |"
         )
+    if probes:
+        lines += ["", f"The model's keys at {probes[0]['memory_size']:,}, `faiss_ivf` probing more or fewer of its "
+                  f"{probes[0]['lists']} lists per query (the default: 16):", "",
+                  f"| lists probed | share of the keys scanned | IVF (ms) | speed-up over exact | recall@{settings['k']} |",
+                  "|---:|---:|---:|---:|---:|"]
+        lines += [f"| {r['nprobe']} | {r['nprobe'] / r['lists']:.1%} | {r['ivf_s'] * 1e3:.1f} | {r['speedup']:.1f}x | "
+                  f"{r['recall_at_k']:.3f} |" for r in probes]
     return "\n".join(lines)
 
 
@@ -177,12 +210,15 @@ def main(argv: list[str] | None = None) -> None:
         approximate_sizes, k, repeats, device,
     )
     command = "python -m benchmarks.search" + (" --quick" if args.quick else "")
+    probes = []
     if args.checkpoint:
         keys, model_queries = model_keys(args.checkpoint, args.corpus, max(approximate_sizes))
         approximate += approximate_rows(f"model keys ({args.corpus})", keys, model_queries, approximate_sizes, k, repeats, device)
+        probes = nprobe_rows(keys, model_queries, approximate_sizes[0], (4, 8, 16, 32), k, repeats, device)
         command += f" --checkpoint {args.checkpoint} --corpus {args.corpus}"
-    results = {"command": command, "device": device_description(device), "settings": settings, "exact": exact, "approximate": approximate}
-    text = tables(exact, approximate, settings)
+    results = {"command": command, "device": device_description(device), "settings": settings, "exact": exact,
+               "approximate": approximate, "nprobe": probes}
+    text = tables(exact, approximate, settings, probes)
     print(text)
     write_results("search-quick" if args.quick else "search", results, text, Path(args.out))
 
