@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from memorizing_transformers import MemorizingConfig, MemorizingState, MemorizingTransformer
 from memorizing_transformers.data.pipeline import load_tokenized
 from memorizing_transformers.evaluation.peak_memory import process_memory_bytes
-from memorizing_transformers.memory.backend import make_backend
+from memorizing_transformers.memory.knn_memory import make_backend
 
 from .common import device_description, parse_arguments, write_results
 

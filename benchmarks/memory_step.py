@@ -23,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from memorizing_transformers import KNNMemory, MemorizingConfig
-from memorizing_transformers.memory.backend import make_backend
+from memorizing_transformers.memory.backend import Store
+from memorizing_transformers.memory.knn_memory import make_backend
 
 from .common import Case, device_description, interleaved, parse_arguments, spread, write_results
 from .train_step import QUICK, REFERENCE, our_case, size_label, variants
@@ -35,19 +36,19 @@ class KnownSlots:
     def __init__(self, scores: torch.Tensor, slots: torch.Tensor) -> None:
         self.scores, self.slots = scores, slots
 
-    def exact_scores(self, memory: KNNMemory) -> bool:
+    def exact_scores(self, store: Store) -> bool:
         return True
 
-    def search(self, memory: KNNMemory, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, store: Store, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.scores, self.slots
 
-    def written(self, memory: KNNMemory, rows: torch.Tensor, slots: torch.Tensor) -> None:
+    def written(self, store: Store, rows: torch.Tensor, slots: torch.Tensor) -> None:
         pass
 
-    def reset(self, memory: KNNMemory, rows: torch.Tensor) -> None:
+    def reset(self, store: Store, rows: torch.Tensor) -> None:
         pass
 
-    def rebuild(self, memory: KNNMemory) -> None:
+    def rebuild(self, store: Store) -> None:
         pass
 
 
@@ -61,10 +62,10 @@ def part_cases(config: MemorizingConfig, backend: str, batch: int, device: torch
     memory.add(unit(config.memory_size), unit(config.memory_size))
     queries, segment = unit(config.segment_length), unit(config.segment_length)
     gathering = copy.copy(memory)
-    gathering.backend = KnownSlots(*memory.backend.search(memory, queries, config.knn_k))
+    gathering.backend = KnownSlots(*memory.backend.search(memory.store, queries, config.knn_k))
     tokens = batch * config.segment_length
     return [
-        Case("ours", f"{label}: search", lambda: memory.backend.search(memory, queries, config.knn_k), tokens),
+        Case("ours", f"{label}: search", lambda: memory.backend.search(memory.store, queries, config.knn_k), tokens),
         Case("ours", f"{label}: gather", lambda: gathering.search(queries, config.knn_k), tokens),
         Case("ours", f"{label}: write", lambda: memory.add(segment, segment), tokens),
     ]

@@ -6,9 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from memorizing_transformers import KNNMemory, MemorizingConfig, MemorizingTransformer
-from memorizing_transformers.memory.backend import make_backend
 from memorizing_transformers.memory.exact import block_topk
-from memorizing_transformers.memory.faiss_search import FaissSearch
+from memorizing_transformers.memory.knn_memory import make_backend
 
 
 def unit(*shape):
@@ -19,7 +18,7 @@ def unit(*shape):
 EXACT_BACKENDS = {
     "exact": lambda: make_backend("exact"),
     "faiss_flat": lambda: make_backend("faiss_flat"),
-    "faiss_ivf_all_lists": lambda: FaissSearch("ivf", list_size=4, nprobe=1000),
+    "faiss_ivf_all_lists": lambda: make_backend("faiss_ivf", ivf_list_size=4, ivf_nprobe=1000),
 }
 
 
@@ -98,7 +97,8 @@ def test_ivf_recall_on_clustered_keys_stays_high_through_fifo_eviction():
     heads, dim, capacity, k = 2, 32, 4096, 32
     centres = F.normalize(torch.randn(64, dim, generator=generator), dim=-1)
     exact_memory = KNNMemory(1, heads, dim, capacity)
-    ivf = KNNMemory(1, heads, dim, capacity, backend=FaissSearch("ivf", list_size=128, nprobe=8))  # 32 lists
+    backend = make_backend("faiss_ivf", ivf_list_size=128, ivf_nprobe=8)  # 32 lists
+    ivf = KNNMemory(1, heads, dim, capacity, backend=backend)
     for _ in range(24):  # 6,144 writes: the ring wraps, the index follows
         keys = clustered(heads * 256, dim, centres, generator).view(1, heads, 256, dim)
         exact_memory.add(keys, keys)
@@ -148,7 +148,7 @@ def test_unknown_backend_is_refused():
 
 
 def test_ivf_rows_are_searched_exactly_until_they_hold_enough_keys_to_train():
-    backend = FaissSearch("ivf", list_size=4, nprobe=1)  # 16 lists, nprobe 1: far from exact once trained
+    backend = make_backend("faiss_ivf", ivf_list_size=4, ivf_nprobe=1)  # 16 lists, nprobe 1: inexact once trained
     memory = KNNMemory(2, 2, 8, capacity=64, backend=backend)
     reference = KNNMemory(2, 2, 8, capacity=64)
     keys = unit(2, 2, 40, 8)
@@ -167,7 +167,8 @@ def test_ivf_rows_are_searched_exactly_until_they_hold_enough_keys_to_train():
 
 @pytest.mark.parametrize("dtype, code_bytes", [(torch.float32, 4), (torch.bfloat16, 2), (torch.float16, 2)])
 def test_ivf_lists_hold_keys_in_the_stores_dtype(dtype, code_bytes):
-    memory = KNNMemory(1, 2, 16, capacity=256, dtype=dtype, backend=FaissSearch("ivf", list_size=32, nprobe=1000))
+    backend = make_backend("faiss_ivf", ivf_list_size=32, ivf_nprobe=1000)
+    memory = KNNMemory(1, 2, 16, capacity=256, dtype=dtype, backend=backend)
     memory.add(unit(1, 2, 256, 16), torch.randn(1, 2, 256, 16))
     for index in memory.backend.indices[0]:
         assert index.code_size == 16 * code_bytes

@@ -64,7 +64,7 @@ operation = st.one_of(
 @given(capacity=st.integers(1, 20), operations=st.lists(operation, min_size=1, max_size=12), seed=st.integers(0, 2**16))
 def test_memory_equals_a_brute_force_model(backend, capacity, operations, seed, tmp_path):
     # faiss_ivf with every list probed is exact too: the property holds for all three.
-    from memorizing_transformers.memory.backend import make_backend
+    from memorizing_transformers.memory.knn_memory import make_backend
 
     torch.manual_seed(seed)
 

@@ -5,11 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, get_origin, get_type_hints
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import torch
 
-from .memory.backend import BACKENDS
 
 MEMORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -116,16 +115,9 @@ class MemorizingConfig:
             raise ValueError("MemorizingConfig.xl_compression compresses the XL cache: it needs xl_length > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"MemorizingConfig.dropout must be in [0, 1), got {self.dropout}")
-        if self.memory_dtype not in MEMORY_DTYPES:
-            raise ValueError(f"MemorizingConfig.memory_dtype must be one of {sorted(MEMORY_DTYPES)}, got {self.memory_dtype!r}")
-        if self.memory_backend not in BACKENDS:
-            raise ValueError(f"MemorizingConfig.memory_backend must be one of {list(BACKENDS)}, got {self.memory_backend!r}")
-        if self.memory_combine not in ("gate", "joint_softmax"):
-            raise ValueError(f"MemorizingConfig.memory_combine must be 'gate' or 'joint_softmax', got {self.memory_combine!r}")
-        if self.memory_writes not in ("segment", "evicted"):
-            raise ValueError(
-                f"MemorizingConfig.memory_writes must be 'segment' or 'evicted', got {self.memory_writes!r}"
-            )
+        for name, choices in _CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"MemorizingConfig.{name} must be one of {list(choices)}, got {getattr(self, name)!r}")
         if self.num_buckets < 2:
             raise ValueError(f"MemorizingConfig.num_buckets must be at least 2, got {self.num_buckets}")
         for i in self.knn_layers:
@@ -188,6 +180,10 @@ def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+# The options a Literal field allows (memory_backend's are memory.backend.BACKENDS: a test keeps them equal).
+_CHOICES = {
+    name: get_args(hint) for name, hint in get_type_hints(MemorizingConfig).items() if get_origin(hint) is Literal
+}
 _FIELD_TYPES = {name: (hint if get_origin(hint) is not Literal else str)
                 for name, hint in get_type_hints(MemorizingConfig).items()}
 

@@ -1,53 +1,61 @@
-"""The search side of a KNNMemory: one small interface, several implementations.
+"""The search side of a KNNMemory: the data a backend reads, and the interface it implements.
 
-A `KNNMemory` owns the stored keys and values (a ring buffer per row) and asks its
-backend for the slots of the top-k entries; the memory gathers the entries itself, so
-every backend returns the same `SearchResult`. Backends that keep an index of their own
-hear of every write and reset, and rebuild it from the store after a load.
+A `KNNMemory` owns the stored keys and values (a ring buffer per row) and asks its backend
+for the slots of the top-k entries; the memory gathers the entries itself, so every backend
+returns the same `SearchResult`. A backend reads only a `Store` (the stored keys and which
+slots hold an entry), never the memory: data in, data out. Backends that keep an index of
+their own hear of every write and reset, and rebuild it from the store after a load.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol
+from dataclasses import dataclass
+from typing import Protocol
 
 import torch
-
-if TYPE_CHECKING:
-    from .knn_memory import KNNMemory
 
 BACKENDS = ("exact", "faiss_flat", "faiss_ivf")
 
 
+@dataclass(frozen=True)
+class Store:
+    """What a search backend reads of a memory."""
+
+    keys: torch.Tensor  # (batch, heads, capacity, head_dim), in the memory's dtype
+    valid: torch.Tensor  # (batch, capacity) bool: which slots hold an entry
+    extent: int  # slots [extent, capacity) are empty in every row
+
+    # The store's shape: (batch_size, num_heads, capacity, head_dim).
+    batch_size = property(lambda self: self.keys.shape[0])
+    num_heads = property(lambda self: self.keys.shape[1])
+    capacity = property(lambda self: self.keys.shape[2])
+    head_dim = property(lambda self: self.keys.shape[3])
+    device = property(lambda self: self.keys.device)
+    dtype = property(lambda self: self.keys.dtype)
+
+    @property
+    def fill(self) -> torch.Tensor:
+        """Stored entries per row: (batch,) long."""
+        return self.valid.sum(dim=1)
+
+
 class SearchBackend(Protocol):
-    def exact_scores(self, memory: "KNNMemory") -> bool:
+    def exact_scores(self, store: Store) -> bool:
         """Whether `search` returns the inner products with the stored keys themselves (else the
         memory computes the winners' scores again from its store)."""
 
-    def search(self, memory: "KNNMemory", queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k by inner product. queries: (batch, heads, seq, head_dim) on the memory's device.
+    def search(self, store: Store, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k by inner product. queries: (batch, heads, seq, head_dim) on the store's device.
 
         Returns scores (batch, heads, seq, k) float32, best first, -inf where fewer than k
         entries exist, and slots (batch, heads, seq, k) long into the ring buffer.
         """
 
-    def written(self, memory: "KNNMemory", rows: torch.Tensor, slots: torch.Tensor) -> None:
-        """`memory` has just stored entries at (rows[i], slots[i]), replacing what was there."""
+    def written(self, store: Store, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        """The store has just received entries at (rows[i], slots[i]), replacing what was there."""
 
-    def reset(self, memory: "KNNMemory", rows: torch.Tensor) -> None:
+    def reset(self, store: Store, rows: torch.Tensor) -> None:
         """The rows of the bool mask `rows` (batch,) have just been emptied."""
 
-    def rebuild(self, memory: "KNNMemory") -> None:
-        """The whole store has just been replaced (a load)."""
-
-
-def make_backend(name: str, ivf_list_size: int = 256, ivf_nprobe: int = 16) -> SearchBackend:
-    """A backend by name: "exact" (torch), "faiss_flat" (IndexFlatIP) or "faiss_ivf" (IVF, lists in the store's dtype)."""
-    if name == "exact":
-        from .exact import ExactSearch
-
-        return ExactSearch()
-    if name in ("faiss_flat", "faiss_ivf"):
-        from .faiss_search import FaissSearch
-
-        return FaissSearch(name.removeprefix("faiss_"), list_size=ivf_list_size, nprobe=ivf_nprobe)
-    raise ValueError(f"unknown memory backend {name!r}: choose one of {', '.join(BACKENDS)}")
+    def rebuild(self, store: Store) -> None:
+        """The whole store has just been replaced (a load, or rows selected from another memory)."""

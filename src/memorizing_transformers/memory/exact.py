@@ -2,17 +2,14 @@
 
 Inner products are computed block by block with one matmul per block, and a running
 top-k is merged across blocks, so the (queries x memory) score matrix is never
-materialised for a large memory.
+materialised for a large store.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-if TYPE_CHECKING:
-    from .knn_memory import KNNMemory
+from .backend import Store
 
 _SCORE_BLOCK_ELEMENTS = 1 << 25  # largest (rows, heads, queries, slots) score block searched at once
 _GROUP = 32  # slots per group in the two-stage top-k
@@ -40,29 +37,29 @@ def block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 class ExactSearch:
     """Brute-force search over the store itself: no index to keep in sync."""
 
-    def exact_scores(self, memory: "KNNMemory") -> bool:
+    def exact_scores(self, store: Store) -> bool:
         return True
 
     def __repr__(self) -> str:
         return "ExactSearch()"
 
-    def search(self, memory: "KNNMemory", queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, store: Store, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch, heads, seq, _ = queries.shape
         # CPUs without bf16/fp16 matrix units multiply low precision several times slower
         # than fp32: there, blocks are widened to fp32 before the product.
-        compute_dtype = torch.float32 if memory.device.type == "cpu" else memory.dtype
+        compute_dtype = torch.float32 if store.device.type == "cpu" else store.dtype
         q = queries.to(compute_dtype)
         chunk = max(k, _SCORE_BLOCK_ELEMENTS // max(1, batch * heads * seq))
         if chunk > _GROUP:
             chunk -= chunk % _GROUP  # whole groups per block, for block_topk
-        best_scores = torch.full((batch, heads, seq, k), float("-inf"), device=memory.device)
-        best_slots = torch.zeros((batch, heads, seq, k), dtype=torch.long, device=memory.device)
-        all_valid = bool(memory.valid[:, : memory.extent].all())  # the steady state: no slot to mask
-        for start in range(0, memory.extent, chunk):
-            block = memory.keys[:, :, start : min(start + chunk, memory.extent)]  # (batch, heads, c, head_dim)
+        best_scores = torch.full((batch, heads, seq, k), float("-inf"), device=store.device)
+        best_slots = torch.zeros((batch, heads, seq, k), dtype=torch.long, device=store.device)
+        all_valid = bool(store.valid[:, : store.extent].all())  # the steady state: no slot to mask
+        for start in range(0, store.extent, chunk):
+            block = store.keys[:, :, start : min(start + chunk, store.extent)]  # (batch, heads, c, head_dim)
             scores = torch.matmul(q, block.to(compute_dtype).transpose(-1, -2)).float()  # (batch, heads, seq, c)
             if not all_valid:
-                empty = ~memory.valid[:, None, None, start : start + block.shape[2]]  # (batch, 1, 1, c)
+                empty = ~store.valid[:, None, None, start : start + block.shape[2]]  # (batch, 1, 1, c)
                 scores.masked_fill_(empty, float("-inf"))
             top_scores, top_slots = block_topk(scores, min(k, scores.shape[-1]))
             merged_scores = torch.cat([best_scores, top_scores], dim=-1)
@@ -71,11 +68,11 @@ class ExactSearch:
             best_slots = merged_slots.gather(-1, order)
         return best_scores, best_slots
 
-    def written(self, memory: "KNNMemory", rows: torch.Tensor, slots: torch.Tensor) -> None:
+    def written(self, store: Store, rows: torch.Tensor, slots: torch.Tensor) -> None:
         pass
 
-    def reset(self, memory: "KNNMemory", rows: torch.Tensor) -> None:
+    def reset(self, store: Store, rows: torch.Tensor) -> None:
         pass
 
-    def rebuild(self, memory: "KNNMemory") -> None:
+    def rebuild(self, store: Store) -> None:
         pass

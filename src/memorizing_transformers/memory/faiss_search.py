@@ -15,15 +15,14 @@ kinds:
   otherwise, so the index costs no more than the keys themselves and scores the very keys
   the store holds. Its coarse quantizer is trained, once per (row, head), when that row
   first holds min(capacity, 64 x lists) keys (k-means, 10 iterations on a sample of 40 keys
-  per list). A row holding fewer keys than that is searched exactly (the torch search
-  over the store), so a young memory, or one just reset, loses no recall. A reset empties
+  per list). A row holding fewer keys than that is searched by the backend given as
+  `young_rows` (memory.knn_memory.make_backend gives the exact torch search), so a young
+  memory, or one just reset, loses no recall. A reset empties
   the lists and keeps the trained quantizer.
 faiss computes in float32 on the CPU: queries are copied to the host and results back.
 """
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -35,51 +34,51 @@ except ImportError as error:  # pragma: no cover - faiss is an optional extra
         "the faiss memory backends need faiss: pip install 'memorizing-transformers[faiss]' (or faiss-cpu)"
     ) from error
 
-from .exact import ExactSearch
-
-if TYPE_CHECKING:
-    from .knn_memory import KNNMemory
+from .backend import SearchBackend, Store
 
 
 class FaissSearch:
-    def __init__(self, kind: str = "ivf", list_size: int = 256, nprobe: int = 16) -> None:
+    """faiss indices per (row, head); `young_rows` searches the rows an IVF index cannot serve yet."""
+
+    def __init__(self, young_rows: SearchBackend, kind: str = "ivf", list_size: int = 256, nprobe: int = 16) -> None:
         if kind not in ("flat", "ivf"):
             raise ValueError(f"faiss index kind must be 'flat' or 'ivf', got {kind!r}")
         if list_size <= 0 or nprobe <= 0:
             raise ValueError(f"ivf list_size and nprobe must be positive, got {list_size} and {nprobe}")
-        self.kind, self.list_size, self.nprobe = kind, list_size, nprobe
+        self.kind, self.list_size, self.nprobe, self.young_rows = kind, list_size, nprobe, young_rows
         self.indices: list[list[faiss.Index] | None] = []  # [row][head]; None: an IVF row not trained yet
 
     def __repr__(self) -> str:
         extra = f", list_size={self.list_size}, nprobe={self.nprobe}" if self.kind == "ivf" else ""
         return f"FaissSearch(kind={self.kind!r}{extra})"
 
-    def exact_scores(self, memory: "KNNMemory") -> bool:
+    def exact_scores(self, store: Store) -> bool:
         """Flat indices and float32 IVF lists score the stored keys in float32; bf16 / fp16 codes
         are scored by faiss's scalar-quantizer kernels, a little off the stored keys' products."""
-        return self.kind == "flat" or memory.dtype == torch.float32
+        return self.kind == "flat" or store.dtype == torch.float32
 
-    def _lists(self, memory: "KNNMemory") -> int:
-        return max(1, memory.capacity // self.list_size)
+    def _lists(self, store: Store) -> int:
+        return max(1, store.capacity // self.list_size)
 
-    def train_size(self, memory: "KNNMemory") -> int:
+    def train_size(self, store: Store) -> int:
         """Keys a row must hold for its IVF index to be trained, and to be searched through it."""
-        return min(memory.capacity, 64 * self._lists(memory))
+        return min(store.capacity, 64 * self._lists(store))
 
-    def _ensure(self, memory: "KNNMemory") -> None:
-        if len(self.indices) != memory.batch_size:
-            self.indices = [self._flat(memory) if self.kind == "flat" else None for _ in range(memory.batch_size)]
+    def _ensure(self, store: Store) -> None:
+        if len(self.indices) != store.batch_size:
+            self.indices = [self._flat(store) if self.kind == "flat" else None for _ in range(store.batch_size)]
 
     @staticmethod
-    def _flat(memory: "KNNMemory") -> list[faiss.Index]:
-        return [faiss.IndexIDMap2(faiss.IndexFlatIP(memory.head_dim)) for _ in range(memory.num_heads)]
+    def _flat(store: Store) -> list[faiss.Index]:
+        return [faiss.IndexIDMap2(faiss.IndexFlatIP(store.head_dim)) for _ in range(store.num_heads)]
 
-    def _ivf(self, memory: "KNNMemory") -> faiss.Index:
-        """An untrained IVF index whose lists store keys in the memory's dtype."""
-        quantizer, dim, lists = faiss.IndexFlatIP(memory.head_dim), memory.head_dim, self._lists(memory)
-        if memory.dtype == torch.float32:
+    def _ivf(self, store: Store) -> faiss.Index:
+        """An untrained IVF index whose lists hold keys in the store's dtype."""
+        quantizer, dim, lists = faiss.IndexFlatIP(store.head_dim), store.head_dim, self._lists(store)
+        if store.dtype == torch.float32:
             return faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
-        codes = {torch.bfloat16: faiss.ScalarQuantizer.QT_bf16, torch.float16: faiss.ScalarQuantizer.QT_fp16}[memory.dtype]
+        codes = {torch.bfloat16: faiss.ScalarQuantizer.QT_bf16, torch.float16: faiss.ScalarQuantizer.QT_fp16}
+        codes = codes[store.dtype]
         index = faiss.IndexIVFScalarQuantizer(quantizer, dim, lists, codes, faiss.METRIC_INNER_PRODUCT)
         index.by_residual = False  # store the keys themselves: bit-identical to the store's
         return index
@@ -88,14 +87,14 @@ class FaissSearch:
     def _host(x: torch.Tensor) -> np.ndarray:
         return np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
 
-    def _train(self, memory: "KNNMemory", row: int) -> None:
+    def _train(self, store: Store, row: int) -> None:
         """Give a row IVF indices trained on, and holding, its stored keys."""
-        slots = memory.valid[row].nonzero().squeeze(1)  # (n,)
-        keys = memory.keys[row][:, slots]  # (heads, n, head_dim)
+        slots = store.valid[row].nonzero().squeeze(1)  # (n,)
+        keys = store.keys[row][:, slots]  # (heads, n, head_dim)
         indices = []
-        for head in range(memory.num_heads):
+        for head in range(store.num_heads):
             data = self._host(keys[head])
-            index = self._ivf(memory)
+            index = self._ivf(store)
             index.cp.niter, index.cp.max_points_per_centroid = 10, 40  # k-means on a fixed-seed sample
             index.train(data)
             index.nprobe = self.nprobe
@@ -103,58 +102,58 @@ class FaissSearch:
             indices.append(index)
         self.indices[row] = indices
 
-    def _add(self, memory: "KNNMemory", row: int, slots: torch.Tensor) -> None:
+    def _add(self, store: Store, row: int, slots: torch.Tensor) -> None:
         ids = slots.cpu().numpy()
-        keys = memory.keys[row][:, slots.to(memory.device)]  # (heads, n, head_dim)
+        keys = store.keys[row][:, slots.to(store.device)]  # (heads, n, head_dim)
         for head, index in enumerate(self.indices[row]):
             index.remove_ids(faiss.IDSelectorBatch(ids))  # the overwritten entries, if any
             index.add_with_ids(self._host(keys[head]), ids)
 
-    def written(self, memory: "KNNMemory", rows: torch.Tensor, slots: torch.Tensor) -> None:
-        self._ensure(memory)
+    def written(self, store: Store, rows: torch.Tensor, slots: torch.Tensor) -> None:
+        self._ensure(store)
         rows, slots = rows.cpu(), slots.cpu()
         for row in rows.unique().tolist():
             if self.indices[row] is not None:
-                self._add(memory, row, slots[rows == row])
-            elif int(memory.valid[row].sum()) >= self.train_size(memory):
-                self._train(memory, row)
+                self._add(store, row, slots[rows == row])
+            elif int(store.valid[row].sum()) >= self.train_size(store):
+                self._train(store, row)
 
-    def reset(self, memory: "KNNMemory", rows: torch.Tensor) -> None:
-        self._ensure(memory)
+    def reset(self, store: Store, rows: torch.Tensor) -> None:
+        self._ensure(store)
         for row in rows.nonzero().squeeze(1).tolist():
             for index in self.indices[row] or ():
                 index.reset()  # an IVF index keeps its trained quantizer
 
-    def rebuild(self, memory: "KNNMemory") -> None:
+    def rebuild(self, store: Store) -> None:
         self.indices = []
-        self._ensure(memory)
-        for row in range(memory.batch_size):
+        self._ensure(store)
+        for row in range(store.batch_size):
             if self.kind == "flat":
-                self._add(memory, row, memory.valid[row].nonzero().squeeze(1))
-            elif int(memory.valid[row].sum()) >= self.train_size(memory):
-                self._train(memory, row)
+                self._add(store, row, store.valid[row].nonzero().squeeze(1))
+            elif int(store.valid[row].sum()) >= self.train_size(store):
+                self._train(store, row)
 
-    def search(self, memory: "KNNMemory", queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        self._ensure(memory)
+    def search(self, store: Store, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._ensure(store)
         batch, heads, seq, _ = queries.shape
         if self.kind == "flat":
             indexed = list(range(batch))
-        else:  # a row holding fewer keys than it takes to train its lists is searched exactly
-            enough = (memory.fill >= self.train_size(memory)).tolist()
+        else:  # a row holding fewer keys than it takes to train its lists is searched by young_rows
+            enough = (store.fill >= self.train_size(store)).tolist()
             indexed = [row for row in range(batch) if self.indices[row] is not None and enough[row]]
         if len(indexed) < batch:
-            scores_t, slots_t = ExactSearch().search(memory, queries, k)
+            scores_t, slots_t = self.young_rows.search(store, queries, k)
             if not indexed:
                 return scores_t, slots_t
         else:
-            scores_t = torch.empty((batch, heads, seq, k), device=memory.device)
-            slots_t = torch.empty((batch, heads, seq, k), dtype=torch.long, device=memory.device)
+            scores_t = torch.empty((batch, heads, seq, k), device=store.device)
+            slots_t = torch.empty((batch, heads, seq, k), dtype=torch.long, device=store.device)
         host = self._host(queries[indexed])
         for i, row in enumerate(indexed):
             for head in range(heads):
                 scores, ids = self.indices[row][head].search(host[i, head], k)
                 ids_t = torch.from_numpy(ids)
                 missing = ids_t < 0  # faiss pads with id -1 when fewer than k entries are found
-                scores_t[row, head] = torch.from_numpy(scores).masked_fill_(missing, float("-inf")).to(memory.device)
-                slots_t[row, head] = ids_t.clamp_(min=0).to(memory.device)
+                scores_t[row, head] = torch.from_numpy(scores).masked_fill_(missing, float("-inf")).to(store.device)
+                slots_t[row, head] = ids_t.clamp_(min=0).to(store.device)
         return scores_t, slots_t

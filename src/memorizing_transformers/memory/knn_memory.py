@@ -2,8 +2,9 @@
 
 The stored keys and values are addressed by one ring-buffer pointer per row, so
 eviction can never desynchronise keys from their values. Search is delegated to a
-backend (`memory/backend.py`): exact torch search over the store itself by default,
-or faiss indices that mirror the store; the memory gathers the winners either way.
+backend (the interface: `memory/backend.py`), which reads only a `Store` view of the keys:
+exact torch search by default, or faiss indices that mirror the store; the memory
+gathers the winners either way. `make_backend` is the one way to build a backend by name.
 """
 
 from __future__ import annotations
@@ -14,10 +15,24 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .backend import SearchBackend, make_backend
+from .backend import BACKENDS, SearchBackend, Store
+from .exact import ExactSearch
 from .files import load_memory_file, save_memory_file
 
 FORMAT_VERSION = "1"
+
+
+def make_backend(name: str, ivf_list_size: int = 256, ivf_nprobe: int = 16) -> SearchBackend:
+    """A backend by name, with every setting a backend takes: "exact" (torch), "faiss_flat"
+    (IndexFlatIP) or "faiss_ivf" (IVF with memory_size / ivf_list_size lists, ivf_nprobe of them
+    searched per query, its rows searched exactly until they hold enough keys to train)."""
+    if name == "exact":
+        return ExactSearch()
+    if name in ("faiss_flat", "faiss_ivf"):
+        from .faiss_search import FaissSearch  # faiss is an optional extra
+
+        return FaissSearch(ExactSearch(), name.removeprefix("faiss_"), list_size=ivf_list_size, nprobe=ivf_nprobe)
+    raise ValueError(f"unknown memory backend {name!r}: choose one of {', '.join(BACKENDS)}")
 
 
 class SearchResult(NamedTuple):
@@ -48,6 +63,7 @@ class KNNMemory:
         device: torch.device | str | None = None,
         backend: str | SearchBackend = "exact",
     ) -> None:
+        """`backend`: a SearchBackend, or a name given to `make_backend` with its default settings."""
         for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("head_dim", head_dim), ("capacity", capacity)):
             if value <= 0:
                 raise ValueError(f"KNNMemory {name} must be positive, got {value}")
@@ -67,6 +83,11 @@ class KNNMemory:
     @property
     def device(self) -> torch.device:
         return self.keys.device
+
+    @property
+    def store(self) -> Store:
+        """What the backend reads: the stored keys and which slots hold an entry."""
+        return Store(self.keys, self.valid, self.extent)
 
     @property
     def fill(self) -> torch.Tensor:
@@ -126,7 +147,7 @@ class KNNMemory:
         self.next_slot = (self.next_slot + count) % self.capacity
         if slots.numel():
             self.extent = max(self.extent, int(slots.max()) + 1)
-            self.backend.written(self, rows, slots)
+            self.backend.written(self.store, rows, slots)
 
     @torch.no_grad()
     def reset(self, rows: torch.Tensor | Sequence[int] | None = None) -> None:
@@ -144,7 +165,7 @@ class KNNMemory:
         self.valid[rows] = False
         self.next_slot[rows] = 0
         self._update_extent()
-        self.backend.reset(self, rows)
+        self.backend.reset(self.store, rows)
 
     def _update_extent(self) -> None:
         used = self.valid.any(dim=0).nonzero()
@@ -164,7 +185,7 @@ class KNNMemory:
         for name in ("keys", "values", "valid", "next_slot"):
             setattr(selected, name, getattr(self, name).index_select(0, index))
         selected.backend = copy.copy(self.backend)
-        selected.backend.rebuild(selected)
+        selected.backend.rebuild(selected.store)
         return selected
 
     # ------------------------------------------------------------------ read
@@ -181,7 +202,7 @@ class KNNMemory:
             raise ValueError(f"k must be positive, got {k}")
         batch, heads, seq, dim = queries.shape
         k = min(k, self.capacity)
-        best_scores, best_slots = self.backend.search(self, queries.detach().to(self.device), k)
+        best_scores, best_slots = self.backend.search(self.store, queries.detach().to(self.device), k)
         valid = torch.isfinite(best_scores)  # (batch, heads, seq, k)
 
         # Gather the winners once from the flattened store: (batch*heads*capacity, head_dim).
@@ -190,7 +211,7 @@ class KNNMemory:
         out_shape = (batch, heads, seq, k, dim)
         keys = self.keys.reshape(-1, dim).index_select(0, flat).view(out_shape).to(queries.dtype)
         values = self.values.reshape(-1, dim).index_select(0, flat).view(out_shape).to(queries.dtype)
-        if not self.backend.exact_scores(self):
+        if not self.backend.exact_scores(self.store):
             # faiss's bf16 / fp16 lists are scored a little off: the winners' scores are computed again
             # from the stored keys, so that every backend reports the same inner products, best first.
             scores = torch.einsum("bhsd,bhskd->bhsk", queries.detach().float().to(self.device), keys.float())
@@ -217,7 +238,7 @@ class KNNMemory:
                 )
             target.copy_(state[name].to(target.device, target.dtype))
         self._update_extent()
-        self.backend.rebuild(self)
+        self.backend.rebuild(self.store)
 
     def metadata(self) -> dict[str, str]:
         return {

@@ -15,9 +15,8 @@ from typing import Sequence
 
 import torch
 from ..config import MemorizingConfig
-from ..memory.backend import make_backend
 from ..memory.files import load_memory_file, save_memory_file
-from ..memory.knn_memory import KNNMemory
+from ..memory.knn_memory import KNNMemory, make_backend
 
 STATE_FILE_FORMAT = "memorizing_transformers.MemorizingState"
 
