@@ -52,7 +52,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
 from ..memory.files import fingerprint, load_memory_file, memory_file_metadata, save_memory_file
-from ..model.attention import gate_share, joint_probs, memory_readout
+from ..model.attention import memory_attention
 from ..memory.knn_memory import KNNMemory
 
 ATTENTION_NAME = "memorizing"
@@ -444,24 +444,17 @@ def memorizing_attention(
 
     keys_all = key.repeat_interleave(groups, dim=1)  # (batch, heads, kv_len, head_dim)
     values_all = value.repeat_interleave(groups, dim=1)
-    local_logits = torch.matmul(query, keys_all.transpose(-1, -2)) * scaling
     if attention_mask is None:  # causal: the queries are the last `seq` of the keys
         kv_len = key.shape[2]
         future = torch.ones(seq, kv_len, dtype=torch.bool, device=query.device).triu(kv_len - seq + 1)
-        local_logits = local_logits.masked_fill(future, float("-inf"))
+        local_bias = torch.zeros(seq, kv_len, dtype=query.dtype, device=query.device).masked_fill(future, float("-inf"))
     else:
-        local_logits = local_logits + attention_mask[..., : key.shape[2]]
-    mem_values = mem_values.to(query.dtype)
+        local_bias = attention_mask[..., : key.shape[2]].to(query.dtype)
+    biased = mem_logits  # the joint softmax adds each head's learned retrieved-logit bias
     if layer.combine == "joint":
         biased = mem_logits + module.memory_bias[None, :, None, None].to(mem_logits.dtype)
-        local_probs, mem_probs = joint_probs(local_logits, biased, mem_valid)
-        out = torch.matmul(local_probs, values_all) + torch.einsum("bhsk,bhskd->bhsd", mem_probs, mem_values)
-        share = mem_probs.sum(-1)  # (batch, heads, seq): the retrieved entries' softmax mass
-    else:
-        local = torch.matmul(torch.softmax(local_logits.float(), dim=-1).to(query.dtype), values_all)
-        gate = gate_share(module.memory_gate, mem_valid)
-        out = gate * memory_readout(mem_logits, mem_values, mem_valid) + (1 - gate) * local
-        share = gate.squeeze(-1)
+    out, share = memory_attention(query * scaling, keys_all, values_all, local_bias, biased,
+                                  mem_values.to(query.dtype), mem_valid, getattr(module, "memory_gate", None))
     if layer.trace is not None:
         slots = rearrange(found_slots, "b h (g s) k -> b (h g) s k", g=groups)
         layer.trace.append({"slots": slots.cpu(), "logits": mem_logits.detach().float().cpu(), "valid": mem_valid.cpu(),

@@ -47,6 +47,39 @@ def gate_share(gate_bias: torch.Tensor, mem_valid: torch.Tensor) -> torch.Tensor
     return torch.sigmoid(gate_bias)[None, :, None, None] * mem_valid.any(dim=-1, keepdim=True)
 
 
+def memory_attention(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    local_bias: torch.Tensor,
+    mem_logits: torch.Tensor,
+    mem_values: torch.Tensor,
+    mem_valid: torch.Tensor,
+    gate_bias: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The memory-attention kernel, shared by our layers and the retrofit of pretrained models:
+    local attention over `keys`/`values` combined with the entries retrieved from a kNN memory.
+
+    q: (batch, heads, seq, head_dim), already scaled; keys, values: (batch, heads, kv_len, head_dim);
+    local_bias: additive, broadcastable to (batch, heads, seq, kv_len) (-inf where not allowed);
+    mem_logits: (batch, heads, seq, k) the retrieved entries' logits, scaled and biased as the
+    caller's combination wants; mem_values: (batch, heads, seq, k, head_dim); mem_valid:
+    (batch, heads, seq, k) bool. With `gate_bias` (heads,), the paper's gate: a separate softmax
+    over the retrieved entries mixed per head by sigmoid(gate_bias) (0 where nothing valid was
+    retrieved); without, one joint softmax over local and retrieved entries. Returns the output
+    (batch, heads, seq, head_dim) and the share of each query's output that came from memory
+    (batch, heads, seq): the gate, or the retrieved entries' softmax mass.
+    """
+    if gate_bias is not None:
+        local = F.scaled_dot_product_attention(q, keys, values, attn_mask=local_bias, scale=1.0)
+        gate = gate_share(gate_bias, mem_valid)
+        return gate * memory_readout(mem_logits, mem_values, mem_valid) + (1 - gate) * local, gate.squeeze(-1)
+    local_logits = torch.matmul(q, keys.transpose(-1, -2)) + local_bias  # (batch, heads, seq, kv_len)
+    local_probs, mem_probs = joint_probs(local_logits, mem_logits, mem_valid)
+    out = torch.matmul(local_probs, values) + torch.einsum("bhtk,bhtkd->bhtd", mem_probs, mem_values)
+    return out, mem_probs.sum(dim=-1)
+
+
 class Attention(nn.Module):
     """Multi-head attention with T5 bias and an XL cache; with `use_memory`, also a kNN memory."""
 
@@ -129,13 +162,13 @@ class Attention(nn.Module):
             own_scale = getattr(self, "memory_log_scale", None)  # (heads,) a temperature of the memory's own
             q_memory = q_scaled if own_scale is None else q * own_scale.exp()[None, :, None, None]
             mem_logits = torch.einsum("bhtd,bhtkd->bhtk", q_memory, found.keys)  # (batch, heads, seq, k)
-            if self.combine == "gate":  # the farthest bucket's bias, a constant per head, would cancel
-                out = self._gated(q_scaled, keys, values, local_bias, mem_logits, found.values, found.valid)
-            else:
+            if self.combine != "gate":  # in the gate's separate softmax this bias, a constant per head, would cancel
                 mem_logits = mem_logits + self.position_bias.embedding.weight[-1].to(q.dtype)[None, :, None, None]
-                out = self._joint(q_scaled, keys, values, local_bias, mem_logits, found.values, found.valid)
+            out, share = memory_attention(q_scaled, keys, values, local_bias, mem_logits, found.values, found.valid,
+                                          getattr(self, "gate_bias", None))
             if self.trace is not None:
-                self.trace.append(self._record(q_scaled, keys, local_bias, mem_logits, found))
+                self.trace.append({"slots": found.slots.cpu(), "logits": mem_logits.detach().float().cpu(),
+                                   "valid": found.valid.cpu(), "share": share.detach().float().cpu()})
             self._write(memory, cache, k, v, token_mask)
         return self.out(rearrange(out, "b h t d -> b t (h d)")), k.detach(), v.detach()
 
@@ -167,26 +200,3 @@ class Attention(nn.Module):
         leaving = k.shape[2] - self.xl_length  # the oldest of [cache ; segment] beyond the cache's length
         if leaving > 0:
             memory.add(k[:, :, :leaving], v[:, :, :leaving], mask=token_mask[:, :leaving])
-
-    @torch.no_grad()
-    def _record(self, q, keys, local_bias, mem_logits, found) -> dict[str, torch.Tensor]:
-        """What this segment's queries retrieved, and the share of each head's output that came
-        from memory: the gate (gated layers) or the retrieved entries' softmax mass (joint)."""
-        if self.combine == "gate":
-            share = gate_share(self.gate_bias, found.valid).squeeze(-1)  # (batch, heads, seq)
-        else:
-            local_logits = torch.matmul(q, keys.transpose(-1, -2)) + local_bias
-            share = joint_probs(local_logits, mem_logits, found.valid)[1].float().sum(-1)
-        return {"slots": found.slots.cpu(), "logits": mem_logits.float().cpu(), "valid": found.valid.cpu(), "share": share.float().cpu()}
-
-    def _gated(self, q, keys, values, local_bias, mem_logits, mem_values, mem_valid) -> torch.Tensor:
-        """Separate softmaxes, mixed per head by g = sigmoid(gate_bias); g = 0 where nothing was retrieved."""
-        local = F.scaled_dot_product_attention(q, keys, values, attn_mask=local_bias, scale=1.0)
-        gate = gate_share(self.gate_bias, mem_valid)
-        return gate * memory_readout(mem_logits, mem_values, mem_valid) + (1 - gate) * local
-
-    def _joint(self, q, keys, values, local_bias, mem_logits, mem_values, mem_valid) -> torch.Tensor:
-        """Retrieved entries join the local softmax (with the farthest bucket's position bias)."""
-        local_logits = torch.matmul(q, keys.transpose(-1, -2)) + local_bias  # (batch, heads, seq, cache_len + seq)
-        local_probs, mem_probs = joint_probs(local_logits, mem_logits, mem_valid)
-        return torch.matmul(local_probs, values) + torch.einsum("bhtk,bhtkd->bhtd", mem_probs, mem_values)
