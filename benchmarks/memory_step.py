@@ -56,9 +56,16 @@ def part_cases(config: MemorizingConfig, backend: str, batch: int, device: torch
     """The search, gather and write of one memory layer, full, at the step's shapes."""
     generator = torch.Generator(device=device).manual_seed(0)
     unit = lambda n: F.normalize(  # noqa: E731
-        torch.randn(batch, config.n_heads, n, config.head_dim, generator=generator, device=device), dim=-1)
-    memory = KNNMemory(batch, config.n_heads, config.head_dim, config.memory_size, device=device,
-                       backend=make_backend(backend, config.ivf_list_size, config.ivf_nprobe))
+        torch.randn(batch, config.n_heads, n, config.head_dim, generator=generator, device=device), dim=-1
+    )
+    memory = KNNMemory(
+        batch,
+        config.n_heads,
+        config.head_dim,
+        config.memory_size,
+        device=device,
+        backend=make_backend(backend, config.ivf_list_size, config.ivf_nprobe),
+    )
     memory.add(unit(config.memory_size), unit(config.memory_size))
     queries, segment = unit(config.segment_length), unit(config.segment_length)
     gathering = copy.copy(memory)
@@ -84,8 +91,16 @@ def breakdown(cases: list[Case], times: list[list[float]], label: str) -> list[d
     rows = []
     for name, t in named:
         seconds, share = spread(t), spread([a / c for a, c in zip(t, cost)])
-        rows.append({"part": name, "seconds": seconds["median"], "seconds_min": seconds["min"],
-                     "seconds_max": seconds["max"], "share_of_memory_cost": share["median"], "round_seconds": t})
+        rows.append(
+            {
+                "part": name,
+                "seconds": seconds["median"],
+                "seconds_min": seconds["min"],
+                "seconds_max": seconds["max"],
+                "share_of_memory_cost": share["median"],
+                "round_seconds": t,
+            }
+        )
     return rows
 
 
@@ -93,15 +108,18 @@ def table(rows: list[dict], label: str) -> str:
     lines = [f"| {label} | ms / step, median | min-max | share of the memory's cost |", "|---|---:|---:|---:|"]
     for r in rows:
         share = f"{100 * r['share_of_memory_cost']:.0f}%" if not r["part"].startswith("step") else ""
-        lines.append(f"| {r['part']} | {1e3 * r['seconds']:.1f} | {1e3 * r['seconds_min']:.1f}-"
-                     f"{1e3 * r['seconds_max']:.1f} | {share} |")
+        lines.append(
+            f"| {r['part']} | {1e3 * r['seconds']:.1f} | {1e3 * r['seconds_min']:.1f}-"
+            f"{1e3 * r['seconds_max']:.1f} | {share} |"
+        )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> None:
     args, device = parse_arguments(__doc__, argv)
     base, large, batch, rounds, calls, warmup = (
-        (QUICK, 2048, 2, 3, 1, 1) if args.quick else (REFERENCE, 65536, 4, 6, 3, 2))
+        (QUICK, 2048, 2, 3, 1, 1) if args.quick else (REFERENCE, 65536, 4, 6, 3, 2)
+    )
     configs = variants(base, large)
     size = size_label(large)
     labels = {f"memory {size} IVF": "faiss_ivf", f"memory {size}": "exact"}
@@ -110,10 +128,17 @@ def main(argv: list[str] | None = None) -> None:
         cases.append(our_case(f"{label} + XL", configs[f"{label} + XL"], batch, device))
         cases += part_cases(configs[f"{label} + XL"], backend, batch, device, label)
     times = interleaved(cases, rounds, calls, warmup, device)
-    results = {"command": "python -m benchmarks.memory_step" + (" --quick" if args.quick else ""),
-               "device": device_description(device), "batch_size": batch, "rounds": rounds,
-               "steps_per_round": calls, "warmup_steps": warmup, "config": base.to_dict(), "memory_size": large,
-               "backends": {label: breakdown(cases, times, label) for label in labels}}
+    results = {
+        "command": "python -m benchmarks.memory_step" + (" --quick" if args.quick else ""),
+        "device": device_description(device),
+        "batch_size": batch,
+        "rounds": rounds,
+        "steps_per_round": calls,
+        "warmup_steps": warmup,
+        "config": base.to_dict(),
+        "memory_size": large,
+        "backends": {label: breakdown(cases, times, label) for label in labels},
+    }
     text = "\n\n".join(table(rows, label) for label, rows in results["backends"].items())
     print(text)
     write_results("memory_step-quick" if args.quick else "memory_step", results, text, Path(args.out))

@@ -55,20 +55,34 @@ def main(argv: list[str] | None = None) -> None:
                 with spawn.Pool(1) as pool:
                     resident, peak = pool.apply(measure_one, (capacity, dtype, backend, str(device)))
                 store = 2 * HEADS * DIM * torch.finfo(getattr(torch, dtype)).bits // 8
-                rows.append({"memory_size": capacity, "dtype": dtype, "backend": backend, "resident_bytes": resident,
-                             "peak_bytes": peak, "bytes_per_token": resident / capacity, "store_bytes_per_token": store,
-                             "ratio_to_store": resident / capacity / store})
-                print(f"M={capacity:>8,} {dtype:>8} {backend:>9}: {resident / capacity:8.0f} B/token resident "
-                      f"(store {store} B), peak {peak / 2**20:.0f} MiB")
+                rows.append(
+                    {
+                        "memory_size": capacity,
+                        "dtype": dtype,
+                        "backend": backend,
+                        "resident_bytes": resident,
+                        "peak_bytes": peak,
+                        "bytes_per_token": resident / capacity,
+                        "store_bytes_per_token": store,
+                        "ratio_to_store": resident / capacity / store,
+                    }
+                )
+                print(
+                    f"M={capacity:>8,} {dtype:>8} {backend:>9}: {resident / capacity:8.0f} B/token resident "
+                    f"(store {store} B), peak {peak / 2**20:.0f} MiB"
+                )
     lines = [
         f"One layer's memory, {HEADS} heads x {DIM} dims, filled {SEGMENT} tokens at a time, then searched:",
         "",
-        "| memory size | dtype | backend | resident bytes / token | keys + values alone | ratio | peak with a search (MiB) |",
+        "| memory size | dtype | backend | resident bytes / token | keys + values alone | ratio | peak with a search "
+        "(MiB) |",
         "|---:|---|---|---:|---:|---:|---:|",
     ]
     for r in rows:
-        lines.append(f"| {r['memory_size']:,} | {r['dtype']} | {r['backend']} | {r['bytes_per_token']:,.0f} | "
-                     f"{r['store_bytes_per_token']:,} | {r['ratio_to_store']:.2f}x | {r['peak_bytes'] / 2**20:,.1f} |")
+        lines.append(
+            f"| {r['memory_size']:,} | {r['dtype']} | {r['backend']} | {r['bytes_per_token']:,.0f} | "
+            f"{r['store_bytes_per_token']:,} | {r['ratio_to_store']:.2f}x | {r['peak_bytes'] / 2**20:,.1f} |"
+        )
     text = "\n".join(lines)
     print(text)
     command = "python -m benchmarks.memory_use" + (" --quick" if args.quick else "")

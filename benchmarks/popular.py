@@ -36,9 +36,23 @@ def available() -> bool:
     return True
 
 
-def case(label: str, variant: str, vocab_size: int, d_model: int, n_layers: int, n_heads: int, head_dim: int,
-         knn_layer: int, k: int, segment_length: int, batch: int, memory_size: int, xl_length: int,
-         resources: contextlib.ExitStack, device: torch.device = torch.device("cpu")) -> Case:
+def case(
+    label: str,
+    variant: str,
+    vocab_size: int,
+    d_model: int,
+    n_layers: int,
+    n_heads: int,
+    head_dim: int,
+    knn_layer: int,
+    k: int,
+    segment_length: int,
+    batch: int,
+    memory_size: int,
+    xl_length: int,
+    resources: contextlib.ExitStack,
+    device: torch.device = torch.device("cpu"),
+) -> Case:
     """One AdamW step (forward with loss, backward, update) of their model, as a benchmark case.
 
     `knn_layer` counts from 0, as ours does; their model gets `knn_layer + 1`. Their memory is
@@ -54,9 +68,16 @@ def case(label: str, variant: str, vocab_size: int, d_model: int, n_layers: int,
     torch.manual_seed(0)
     directory = resources.enter_context(tempfile.TemporaryDirectory())
     model = MemorizingTransformer(
-        num_tokens=vocab_size, dim=d_model, depth=n_layers, heads=n_heads, dim_head=head_dim,
-        memorizing_layers=(knn_layer + 1,) if use_knn else (), max_knn_memories=memory_size,
-        num_retrieved_memories=k, xl_max_memories=xl_length if use_xl else 0, knn_memories_directory=directory,
+        num_tokens=vocab_size,
+        dim=d_model,
+        depth=n_layers,
+        heads=n_heads,
+        dim_head=head_dim,
+        memorizing_layers=(knn_layer + 1,) if use_knn else (),
+        max_knn_memories=memory_size,
+        num_retrieved_memories=k,
+        xl_max_memories=xl_length if use_xl else 0,
+        knn_memories_directory=directory,
     ).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     tokens = torch.randint(1, vocab_size, (batch, segment_length + 1), device=device)  # 0 is their ignored pad

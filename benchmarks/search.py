@@ -87,7 +87,9 @@ def ratio_fields(name: str, over: list[float], under: list[float]) -> dict[str, 
     return {name: measured["median"], f"{name}_min": measured["min"], f"{name}_max": measured["max"]}
 
 
-def exact_rows(sizes: list[int], heads: int, queries: int, dim: int, k: int, repeats: int, device: torch.device) -> list[dict]:
+def exact_rows(
+    sizes: list[int], heads: int, queries: int, dim: int, k: int, repeats: int, device: torch.device
+) -> list[dict]:
     rows = []
     for size in sizes:
         keys, q = random_unit(heads, size, dim, 0), random_unit(heads, queries, dim, 1)
@@ -100,26 +102,46 @@ def exact_rows(sizes: list[int], heads: int, queries: int, dim: int, k: int, rep
         for h, index in enumerate(indices):
             index.add(keys[h].numpy())
         q_np = [np.ascontiguousarray(q[h].numpy()) for h in range(heads)]
-        times = race({
-            "ours": lambda: memory.search(q_device, k),
-            "matmul": lambda: torch.matmul(q_device, keys_t),
-            "faiss flat": lambda: [index.search(q_np[h], k) for h, index in enumerate(indices)],
-        }, repeats, device)
+        times = race(
+            {
+                "ours": lambda: memory.search(q_device, k),
+                "matmul": lambda: torch.matmul(q_device, keys_t),
+                "faiss flat": lambda: [index.search(q_np[h], k) for h, index in enumerate(indices)],
+            },
+            repeats,
+            device,
+        )
         ours, matmul, flat = (statistics.median(times[name]) for name in ("ours", "matmul", "faiss flat"))
         found = memory.search(q_device, k).slots.cpu()
-        same = np.mean([np.array_equal(np.sort(indices[h].search(q_np[h], k)[1], axis=1), np.sort(found[0, h].numpy(), axis=1)) for h in range(heads)])
-        rows.append({
-            "memory_size": size, "ours_s": ours, "faiss_flat_s": flat, "matmul_s": matmul,
-            **ratio_fields("speedup_vs_faiss_flat", times["faiss flat"], times["ours"]),
-            "ours_gflops": flops / ours / 1e9, "matmul_gflops": flops / matmul / 1e9,
-            **ratio_fields("fraction_of_matmul", times["matmul"], times["ours"]),
-            "same_neighbours_as_faiss": float(same),
-        })
-        print(f"exact M={size:>9,}: ours {ours * 1e3:8.1f} ms, faiss flat {flat * 1e3:8.1f} ms, matmul {matmul * 1e3:8.1f} ms")
+        same = np.mean(
+            [
+                np.array_equal(np.sort(indices[h].search(q_np[h], k)[1], axis=1), np.sort(found[0, h].numpy(), axis=1))
+                for h in range(heads)
+            ]
+        )
+        rows.append(
+            {
+                "memory_size": size,
+                "ours_s": ours,
+                "faiss_flat_s": flat,
+                "matmul_s": matmul,
+                **ratio_fields("speedup_vs_faiss_flat", times["faiss flat"], times["ours"]),
+                "ours_gflops": flops / ours / 1e9,
+                "matmul_gflops": flops / matmul / 1e9,
+                **ratio_fields("fraction_of_matmul", times["matmul"], times["ours"]),
+                "same_neighbours_as_faiss": float(same),
+            }
+        )
+        print(
+            f"exact M={size:>9,}: ours {ours * 1e3:8.1f} ms, faiss flat {flat * 1e3:8.1f} ms, matmul "
+            f"{matmul * 1e3:8.1f} ms"
+        )
     return rows
 
 
-def approximate_rows(data: str, keys: torch.Tensor, queries: torch.Tensor, sizes: list[int], k: int, repeats: int, device: torch.device) -> list[dict]:
+def approximate_rows(
+    data: str, keys: torch.Tensor, queries: torch.Tensor, sizes: list[int], k: int, repeats: int, device: torch.device
+) -> list[dict]:
     rows = []
     q = queries[None].to(device)  # (1, heads, queries, head_dim)
     for size in sizes:
@@ -131,15 +153,35 @@ def approximate_rows(data: str, keys: torch.Tensor, queries: torch.Tensor, sizes
         exact_s, ivf_s = statistics.median(times["exact"]), statistics.median(times["ivf"])
         truth, found = exact.search(q, k).slots, ivf.search(q, k).slots
         recall = float((truth[..., :, None] == found[..., None, :]).any(-1).float().mean())
-        rows.append({"data": data, "queries": "x".join(map(str, queries.shape)), "memory_size": size,
-                     "exact_s": exact_s, "ivf_s": ivf_s, **ratio_fields("speedup", times["exact"], times["ivf"]),
-                     "recall_at_k": recall, "ivf_build_s": build, "ivf": repr(ivf.backend)})
-        print(f"{data} M={size:>9,}: exact {exact_s * 1e3:8.1f} ms, ivf {ivf_s * 1e3:8.1f} ms, recall@{k} {recall:.3f}, build {build:.1f} s")
+        rows.append(
+            {
+                "data": data,
+                "queries": "x".join(map(str, queries.shape)),
+                "memory_size": size,
+                "exact_s": exact_s,
+                "ivf_s": ivf_s,
+                **ratio_fields("speedup", times["exact"], times["ivf"]),
+                "recall_at_k": recall,
+                "ivf_build_s": build,
+                "ivf": repr(ivf.backend),
+            }
+        )
+        print(
+            f"{data} M={size:>9,}: exact {exact_s * 1e3:8.1f} ms, ivf {ivf_s * 1e3:8.1f} ms, recall@{k} "
+            f"{recall:.3f}, build {build:.1f} s"
+        )
     return rows
 
 
-def nprobe_rows(keys: torch.Tensor, queries: torch.Tensor, size: int, probes: tuple[int, ...], k: int, repeats: int,
-                device: torch.device) -> list[dict]:
+def nprobe_rows(
+    keys: torch.Tensor,
+    queries: torch.Tensor,
+    size: int,
+    probes: tuple[int, ...],
+    k: int,
+    repeats: int,
+    device: torch.device,
+) -> list[dict]:
     """Recall and time of the `faiss_ivf` backend at `size` keys against the lists it probes per
     query (its default, ivf_nprobe 16, among them): the trade-off a smaller scan would buy."""
     q = queries[None].to(device)
@@ -151,50 +193,70 @@ def nprobe_rows(keys: torch.Tensor, queries: torch.Tensor, size: int, probes: tu
             for index in ivf.backend.indices[0]:
                 index.nprobe = n
             return ivf.search(q, k)
+
         return search
 
     times = race({"exact": lambda: exact.search(q, k), **{f"nprobe {n}": probing(n) for n in probes}}, repeats, device)
     rows = []
     for n in probes:
         found = probing(n)().slots
-        rows.append({"memory_size": size, "nprobe": n, "lists": max(1, size // ivf.backend.list_size),
-                     "ivf_s": statistics.median(times[f"nprobe {n}"]),
-                     **ratio_fields("speedup", times["exact"], times[f"nprobe {n}"]),
-                     "recall_at_k": float((truth[..., :, None] == found[..., None, :]).any(-1).float().mean())})
+        rows.append(
+            {
+                "memory_size": size,
+                "nprobe": n,
+                "lists": max(1, size // ivf.backend.list_size),
+                "ivf_s": statistics.median(times[f"nprobe {n}"]),
+                **ratio_fields("speedup", times["exact"], times[f"nprobe {n}"]),
+                "recall_at_k": float((truth[..., :, None] == found[..., None, :]).any(-1).float().mean()),
+            }
+        )
     return rows
 
 
 def tables(exact: list[dict], approximate: list[dict], settings: dict, probes: list[dict]) -> str:
     lines = [
-        f"Exact top-{settings['k']} of {settings['heads']} heads x {settings['queries']} queries x {settings['dim']} dims, random unit vectors:",
+        f"Exact top-{settings['k']} of {settings['heads']} heads x {settings['queries']} queries x {settings['dim']} "
+        "dims, random unit vectors:",
         "",
-        "| memory size | ours (ms) | faiss IndexFlatIP (ms) | ours / faiss speed-up | ours GFLOP/s | matmul GFLOP/s | ours / matmul | same neighbours |",
+        "| memory size | ours (ms) | faiss IndexFlatIP (ms) | ours / faiss speed-up | ours GFLOP/s | matmul GFLOP/s "
+        "| ours / matmul | same neighbours |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in exact:
         lines.append(
-            f"| {r['memory_size']:,} | {r['ours_s'] * 1e3:.1f} | {r['faiss_flat_s'] * 1e3:.1f} | {r['speedup_vs_faiss_flat']:.2f}x | "
-            f"{r['ours_gflops']:.1f} | {r['matmul_gflops']:.1f} | {r['fraction_of_matmul']:.0%} | {r['same_neighbours_as_faiss']:.0%} |"
+            f"| {r['memory_size']:,} | {r['ours_s'] * 1e3:.1f} | {r['faiss_flat_s'] * 1e3:.1f} | "
+            f"{r['speedup_vs_faiss_flat']:.2f}x | "
+            f"{r['ours_gflops']:.1f} | {r['matmul_gflops']:.1f} | {r['fraction_of_matmul']:.0%} | "
+            f"{r['same_neighbours_as_faiss']:.0%} |"
         )
     lines += [
         "",
         f"Approximate (`faiss_ivf` backend) against exact on the same memory, top-{settings['k']}:",
         "",
-        f"| data | queries (heads x n x dim) | memory size | exact (ms) | IVF (ms) | IVF speed-up | recall@{settings['k']} | IVF build (s) |",
+        "| data | queries (heads x n x dim) | memory size | exact (ms) | IVF (ms) | IVF speed-up | "
+        f"recall@{settings['k']} | IVF build (s) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in approximate:
         lines.append(
-            f"| {r['data']} | {r['queries']} | {r['memory_size']:,} | {r['exact_s'] * 1e3:.1f} | {r['ivf_s'] * 1e3:.1f} | {r['speedup']:.1f}x | "
+            f"| {r['data']} | {r['queries']} | {r['memory_size']:,} | {r['exact_s'] * 1e3:.1f} | "
+            f"{r['ivf_s'] * 1e3:.1f} | {r['speedup']:.1f}x | "
             f"{r['recall_at_k']:.3f} | {r['ivf_build_s']:.1f} |"
         )
     if probes:
-        lines += ["", f"The model's keys at {probes[0]['memory_size']:,}, `faiss_ivf` probing more or fewer of its "
-                  f"{probes[0]['lists']} lists per query (the default: 16):", "",
-                  f"| lists probed | share of the keys scanned | IVF (ms) | speed-up over exact | recall@{settings['k']} |",
-                  "|---:|---:|---:|---:|---:|"]
-        lines += [f"| {r['nprobe']} | {r['nprobe'] / r['lists']:.1%} | {r['ivf_s'] * 1e3:.1f} | {r['speedup']:.1f}x | "
-                  f"{r['recall_at_k']:.3f} |" for r in probes]
+        lines += [
+            "",
+            f"The model's keys at {probes[0]['memory_size']:,}, `faiss_ivf` probing more or fewer of its "
+            f"{probes[0]['lists']} lists per query (the default: 16):",
+            "",
+            f"| lists probed | share of the keys scanned | IVF (ms) | speed-up over exact | recall@{settings['k']} |",
+            "|---:|---:|---:|---:|---:|",
+        ]
+        lines += [
+            f"| {r['nprobe']} | {r['nprobe'] / r['lists']:.1%} | {r['ivf_s'] * 1e3:.1f} | {r['speedup']:.1f}x | "
+            f"{r['recall_at_k']:.3f} |"
+            for r in probes
+        ]
     return "\n".join(lines)
 
 
@@ -206,18 +268,31 @@ def main(argv: list[str] | None = None) -> None:
     heads, queries, dim, k, repeats = (settings[n] for n in ("heads", "queries", "dim", "k", "repeats"))
     approximate_sizes = sizes[1:]
     approximate = approximate_rows(
-        "random unit vectors", random_unit(heads, max(approximate_sizes), dim, 0), random_unit(heads, queries, dim, 1),
-        approximate_sizes, k, repeats, device,
+        "random unit vectors",
+        random_unit(heads, max(approximate_sizes), dim, 0),
+        random_unit(heads, queries, dim, 1),
+        approximate_sizes,
+        k,
+        repeats,
+        device,
     )
     command = "python -m benchmarks.search" + (" --quick" if args.quick else "")
     probes = []
     if args.checkpoint:
         keys, model_queries = model_keys(args.checkpoint, args.corpus, max(approximate_sizes))
-        approximate += approximate_rows(f"model keys ({args.corpus})", keys, model_queries, approximate_sizes, k, repeats, device)
+        approximate += approximate_rows(
+            f"model keys ({args.corpus})", keys, model_queries, approximate_sizes, k, repeats, device
+        )
         probes = nprobe_rows(keys, model_queries, approximate_sizes[0], (4, 8, 16, 32), k, repeats, device)
         command += f" --checkpoint {args.checkpoint} --corpus {args.corpus}"
-    results = {"command": command, "device": device_description(device), "settings": settings, "exact": exact,
-               "approximate": approximate, "nprobe": probes}
+    results = {
+        "command": command,
+        "device": device_description(device),
+        "settings": settings,
+        "exact": exact,
+        "approximate": approximate,
+        "nprobe": probes,
+    }
     text = tables(exact, approximate, settings, probes)
     print(text)
     write_results("search-quick" if args.quick else "search", results, text, Path(args.out))

@@ -39,8 +39,10 @@ def rows(out: Path) -> list[tuple[str, str, str, str]]:
     search = json.loads((out / "search.json").read_text())
     train = json.loads((out / "train_step.json").read_text())
     if "rounds" not in train:
-        raise SystemExit(f"{out / 'train_step.json'} was written by the earlier, non-interleaved benchmark: "
-                         "run `python -m benchmarks.train_step` again first")
+        raise SystemExit(
+            f"{out / 'train_step.json'} was written by the earlier, non-interleaved benchmark: "
+            "run `python -m benchmarks.train_step` again first"
+        )
     steps = train["configs"]["reference"]
     stream = json.loads((out / "long_stream.json").read_text())
     by = {r["variant"]: r for r in steps["rows"]}
@@ -55,44 +57,83 @@ def rows(out: Path) -> list[tuple[str, str, str, str]]:
     ratio = {variant: rounds(row, "ratio_to_xl") for variant, row in by.items()}  # to XL only, over rounds
     ivf = ratio["memory 64K IVF + XL"]
     table = [
-        ("step, memory 8K exact / XL only", "<= 1.15x", shown(ratio["memory 8K"]),
-         verdict(ratio["memory 8K"], 1.15, at_most=True)),
-        ("step, memory 64K exact / XL only, against its floor", "within 10% of the floor",
-         f"{shown(ratio['memory 64K'])}; its search's matmul alone, {flops / 1e9:.0f} GFLOP at "
-         f"{matmul_gflops:.0f} GFLOP/s, puts the floor at {floor:.2f}x",
-         verdict(ratio["memory 64K"], 1.10 * floor, at_most=True)),
-        ("step, memory 64K IVF + XL / XL only (recall@32 on model keys at 64K)", "<= 1.30x at recall >= 0.9",
-         f"{shown(ivf)} (recall {recall_65k:.3f})", verdict(ivf, 1.30, at_most=True) if recall_65k >= 0.9 else "no"),
+        (
+            "step, memory 8K exact / XL only",
+            "<= 1.15x",
+            shown(ratio["memory 8K"]),
+            verdict(ratio["memory 8K"], 1.15, at_most=True),
+        ),
+        (
+            "step, memory 64K exact / XL only, against its floor",
+            "within 10% of the floor",
+            f"{shown(ratio['memory 64K'])}; its search's matmul alone, {flops / 1e9:.0f} GFLOP at "
+            f"{matmul_gflops:.0f} GFLOP/s, puts the floor at {floor:.2f}x",
+            verdict(ratio["memory 64K"], 1.10 * floor, at_most=True),
+        ),
+        (
+            "step, memory 64K IVF + XL / XL only (recall@32 on model keys at 64K)",
+            "<= 1.30x at recall >= 0.9",
+            f"{shown(ivf)} (recall {recall_65k:.3f})",
+            verdict(ivf, 1.30, at_most=True) if recall_65k >= 0.9 else "no",
+        ),
     ]
     popular = steps.get("tokens_per_s_vs_popular")
     if popular:
         goals = (("memory 64K IVF + XL", 1.5), ("memory 64K IVF", 1.5), ("vanilla", 1.0), ("XL only", 1.0))
         for variant, goal in goals:
             same_memory = " (same memory, exact)" if "IVF" in variant else ""
-            table.append((f"tokens/s, ours {variant} / theirs{same_memory}, same rounds", f">= {goal}x",
-                          shown(popular[variant]), verdict(popular[variant], goal, False)))
+            table.append(
+                (
+                    f"tokens/s, ours {variant} / theirs{same_memory}, same rounds",
+                    f">= {goal}x",
+                    shown(popular[variant]),
+                    verdict(popular[variant], goal, False),
+                )
+            )
         small = train["configs"].get("small", {}).get("tokens_per_s_vs_popular")
         for variant in ("vanilla", "XL only") if small else ():
-            table.append((f"tokens/s, ours {variant} / theirs, small preset, same rounds", ">= 1.0x",
-                          shown(small[variant]), verdict(small[variant], 1.0, False)))
+            table.append(
+                (
+                    f"tokens/s, ours {variant} / theirs, small preset, same rounds",
+                    ">= 1.0x",
+                    shown(small[variant]),
+                    verdict(small[variant], 1.0, False),
+                )
+            )
     else:
         versus = by["memory 64K IVF"]["tokens_per_s"] / POPULAR_REFERENCE_TOKENS_PER_S
-        table.append(("tokens/s at 64K (IVF) / popular implementation", ">= 1.5x",
-                      f"{versus:.2f}x its 980 tok/s (first measured; not installed for this run)",
-                      "yes" if versus >= 1.5 else "no"))
+        table.append(
+            (
+                "tokens/s at 64K (IVF) / popular implementation",
+                ">= 1.5x",
+                f"{versus:.2f}x its 980 tok/s (first measured; not installed for this run)",
+                "yes" if versus >= 1.5 else "no",
+            )
+        )
     faiss_flat, matmul_share = rounds(exact_262k, "speedup_vs_faiss_flat"), rounds(exact_262k, "fraction_of_matmul")
     ivf_speedup = rounds(ivf_262k, "speedup")
     table += [
         ("exact search at 262K / faiss IndexFlatIP", ">= 1.5x", shown(faiss_flat), verdict(faiss_flat, 1.5, False)),
-        ("exact search at 262K, share of matmul GFLOP/s", ">= 70%", shown(matmul_share, ""),
-         verdict(matmul_share, 0.70, False)),
-        ("IVF search at 262K / exact, recall@32 on model keys", ">= 5x at recall >= 0.9",
-         f"{shown(ivf_speedup)} at recall {ivf_262k['recall_at_k']:.3f}",
-         verdict(ivf_speedup, 5, False) if ivf_262k["recall_at_k"] >= 0.9 else "no"),
-        ("1M-token memory streamed at batch 1, bf16", "works; time per segment reported",
-         f"{stream['tokens']:,} tokens, memory {stream['memory_fill']:,}; "
-         f"{stream['by_fill'][-1]['median_s']:.3f} s / segment full ({stream['by_fill'][-1]['ratio_to_xl']:.2f}x XL only)",
-         "yes" if stream["memory_fill"] == stream["config"]["memory_size"] == 1 << 20 else "no"),
+        (
+            "exact search at 262K, share of matmul GFLOP/s",
+            ">= 70%",
+            shown(matmul_share, ""),
+            verdict(matmul_share, 0.70, False),
+        ),
+        (
+            "IVF search at 262K / exact, recall@32 on model keys",
+            ">= 5x at recall >= 0.9",
+            f"{shown(ivf_speedup)} at recall {ivf_262k['recall_at_k']:.3f}",
+            verdict(ivf_speedup, 5, False) if ivf_262k["recall_at_k"] >= 0.9 else "no",
+        ),
+        (
+            "1M-token memory streamed at batch 1, bf16",
+            "works; time per segment reported",
+            f"{stream['tokens']:,} tokens, memory {stream['memory_fill']:,}; "
+            f"{stream['by_fill'][-1]['median_s']:.3f} s / segment full ({stream['by_fill'][-1]['ratio_to_xl']:.2f}x "
+            "XL only)",
+            "yes" if stream["memory_fill"] == stream["config"]["memory_size"] == 1 << 20 else "no",
+        ),
     ]
     return table
 
@@ -101,8 +142,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="docs/benchmarks")
     out = Path(parser.parse_args(argv).out)
-    lines = ["Made by `python -m benchmarks.targets` from the JSON beside it.", "",
-             "| target | goal | measured | met |", "|---|---|---|---|"]
+    lines = [
+        "Made by `python -m benchmarks.targets` from the JSON beside it.",
+        "",
+        "| target | goal | measured | met |",
+        "|---|---|---|---|",
+    ]
     lines += [f"| {name} | {goal} | {measured} | {met} |" for name, goal, measured, met in rows(out)]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -36,11 +36,32 @@ from . import popular
 from .common import Case, device_description, interleaved, parse_arguments, spread, write_results
 
 REFERENCE = MemorizingConfig(
-    vocab_size=8192, d_model=256, n_layers=6, n_heads=4, head_dim=64, d_ff=1024,
-    segment_length=256, xl_length=256, knn_layers=(3,), memory_size=8192, knn_k=32,
+    vocab_size=8192,
+    d_model=256,
+    n_layers=6,
+    n_heads=4,
+    head_dim=64,
+    d_ff=1024,
+    segment_length=256,
+    xl_length=256,
+    knn_layers=(3,),
+    memory_size=8192,
+    knn_k=32,
 )
-QUICK = dataclasses.replace(REFERENCE, vocab_size=512, d_model=64, n_layers=2, n_heads=2, head_dim=32, d_ff=128,
-                            segment_length=32, xl_length=32, knn_layers=(1,), memory_size=512, knn_k=8)
+QUICK = dataclasses.replace(
+    REFERENCE,
+    vocab_size=512,
+    d_model=64,
+    n_layers=2,
+    n_heads=2,
+    head_dim=32,
+    d_ff=128,
+    segment_length=32,
+    xl_length=32,
+    knn_layers=(1,),
+    memory_size=512,
+    knn_k=8,
+)
 
 
 def size_label(n: int) -> str:
@@ -86,15 +107,29 @@ def our_case(variant: str, config: MemorizingConfig, batch: int, device: torch.d
 
 def popular_cases(base: MemorizingConfig, large: int, batch: int, device: torch.device, resources) -> list[Case]:
     """The popular implementation's steps at `base`, labelled like ours."""
-    shape = dict(vocab_size=base.vocab_size, d_model=base.d_model, n_layers=base.n_layers, n_heads=base.n_heads,
-                 head_dim=base.head_dim, knn_layer=base.memory_layer_indices[0], k=base.knn_k,
-                 segment_length=base.segment_length, batch=batch, xl_length=base.xl_length, device=device)
+    shape = dict(
+        vocab_size=base.vocab_size,
+        d_model=base.d_model,
+        n_layers=base.n_layers,
+        n_heads=base.n_heads,
+        head_dim=base.head_dim,
+        knn_layer=base.memory_layer_indices[0],
+        k=base.knn_k,
+        segment_length=base.segment_length,
+        batch=batch,
+        xl_length=base.xl_length,
+        device=device,
+    )
     labelled = [("vanilla", "vanilla", base.memory_size), ("XL only", "XL only", base.memory_size)]
     for size in (base.memory_size, large):
-        labelled += [(f"memory {size_label(size)}", "memory", size),
-                     (f"memory {size_label(size)} + XL", "memory + XL", size)]
-    return [popular.case(label, variant, memory_size=size, resources=resources, **shape)
-            for label, variant, size in labelled]
+        labelled += [
+            (f"memory {size_label(size)}", "memory", size),
+            (f"memory {size_label(size)} + XL", "memory + XL", size),
+        ]
+    return [
+        popular.case(label, variant, memory_size=size, resources=resources, **shape)
+        for label, variant, size in labelled
+    ]
 
 
 def rows_of(cases: list[Case], times: list[list[float]], owner: str) -> list[dict]:
@@ -105,10 +140,17 @@ def rows_of(cases: list[Case], times: list[list[float]], owner: str) -> list[dic
         if case.owner != owner:
             continue
         seconds, ratio = spread(t), spread([a / b for a, b in zip(t, xl)])
-        row = {"variant": case.variant, "seconds": seconds["median"], "seconds_min": seconds["min"],
-               "seconds_max": seconds["max"], "tokens_per_s": case.tokens / seconds["median"],
-               "ratio_to_xl": ratio["median"], "ratio_to_xl_min": ratio["min"], "ratio_to_xl_max": ratio["max"],
-               "round_seconds": t}
+        row = {
+            "variant": case.variant,
+            "seconds": seconds["median"],
+            "seconds_min": seconds["min"],
+            "seconds_max": seconds["max"],
+            "tokens_per_s": case.tokens / seconds["median"],
+            "ratio_to_xl": ratio["median"],
+            "ratio_to_xl_min": ratio["min"],
+            "ratio_to_xl_max": ratio["max"],
+            "round_seconds": t,
+        }
         if case.set_fill is not None:  # evenly spaced fills: the mean over rounds is the cycle's mean
             row["cycle_mean_seconds"] = statistics.fmean(t)
         rows.append(row)
@@ -130,12 +172,16 @@ def speedups(cases: list[Case], times: list[list[float]]) -> dict[str, dict[str,
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| variant | s / step, median | min-max | tokens / s | ratio to XL only, median | min-max |",
-             "|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| variant | s / step, median | min-max | tokens / s | ratio to XL only, median | min-max |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r['seconds']:.3f} | {r['seconds_min']:.3f}-{r['seconds_max']:.3f} | "
-                     f"{r['tokens_per_s']:,.0f} | {r['ratio_to_xl']:.2f}x | "
-                     f"{r['ratio_to_xl_min']:.2f}-{r['ratio_to_xl_max']:.2f}x |")
+        lines.append(
+            f"| {r['variant']} | {r['seconds']:.3f} | {r['seconds_min']:.3f}-{r['seconds_max']:.3f} | "
+            f"{r['tokens_per_s']:,.0f} | {r['ratio_to_xl']:.2f}x | "
+            f"{r['ratio_to_xl_min']:.2f}-{r['ratio_to_xl_max']:.2f}x |"
+        )
     return "\n".join(lines)
 
 
@@ -145,10 +191,22 @@ def main(argv: list[str] | None = None) -> None:
         configs, large, batch, rounds, calls, warmup = {"quick": QUICK}, 2048, 2, 3, 1, 1
     else:
         configs, large, batch, rounds, calls, warmup = (
-            {"reference": REFERENCE, "small": MemorizingConfig.preset("small")}, 65536, 4, 6, 3, 2)
-    results = {"command": "python -m benchmarks.train_step" + (" --quick" if args.quick else ""),
-               "device": device_description(device), "batch_size": batch, "rounds": rounds,
-               "steps_per_round": calls, "warmup_steps": warmup, "configs": {}}
+            {"reference": REFERENCE, "small": MemorizingConfig.preset("small")},
+            65536,
+            4,
+            6,
+            3,
+            2,
+        )
+    results = {
+        "command": "python -m benchmarks.train_step" + (" --quick" if args.quick else ""),
+        "device": device_description(device),
+        "batch_size": batch,
+        "rounds": rounds,
+        "steps_per_round": calls,
+        "warmup_steps": warmup,
+        "configs": {},
+    }
     sections = []
     for name, base in configs.items():
         with contextlib.ExitStack() as resources:
@@ -158,16 +216,19 @@ def main(argv: list[str] | None = None) -> None:
             times = interleaved(cases, rounds, calls, warmup, device)
         rows = rows_of(cases, times, "ours")
         results["configs"][name] = {"config": base.to_dict(), "rows": rows}
-        sections.append(f"### {name} configuration (vocab {base.vocab_size:,}), batch {batch} x {base.segment_length}"
-                        f"\n\n{table(rows)}")
+        sections.append(
+            f"### {name} configuration (vocab {base.vocab_size:,}), batch {batch} x {base.segment_length}"
+            f"\n\n{table(rows)}"
+        )
         if any(case.owner == "popular" for case in cases):
             theirs, faster = rows_of(cases, times, "popular"), speedups(cases, times)
             results["configs"][name] |= {"popular_rows": theirs, "tokens_per_s_vs_popular": faster}
             sections.append(
                 f"### memorizing-transformers-pytorch 0.4.1, {name} configuration, same rounds\n\n{table(theirs)}\n\n"
                 "Tokens/s, ours over theirs, per round (median, min-max): "
-                + "; ".join(f"{variant} {s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f}x)"
-                            for variant, s in faster.items())
+                + "; ".join(
+                    f"{variant} {s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f}x)" for variant, s in faster.items()
+                )
                 + ". Their memory: one key head shared by all heads, HNSW, wiped whole when full; ours: per head, FIFO."
             )
     text = "\n\n".join(sections)

@@ -374,7 +374,9 @@ GRIDS = {
     grid.name: grid
     for grid in (
         table4("pycode", pretrain_tokens=20_000_000, finetune_tokens=2_000_000, eval_tokens=200_000),
-        table4("pycode", pretrain_tokens=20_000_000, finetune_tokens=2_000_000, eval_tokens=200_000, tokens_per_step=2048),
+        table4(
+            "pycode", pretrain_tokens=20_000_000, finetune_tokens=2_000_000, eval_tokens=200_000, tokens_per_step=2048
+        ),
         *questions("pycode", finetune_tokens=2_000_000, eval_tokens=200_000),
         *questions("pycode", finetune_tokens=2_000_000, eval_tokens=200_000, tokens_per_step=2048),
         batch16("pycode", finetune_tokens=2_000_000, eval_tokens=200_000),

@@ -52,7 +52,9 @@ def trials(tokenizer, count: int, filler_tokens: int, seed: int) -> list[dict]:
 def run(args: argparse.Namespace) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
-    handle = add_memory(model, layers=range(model.config.num_hidden_layers), memory_size=args.filler + 512, k=args.k, combine="joint")
+    handle = add_memory(
+        model, layers=range(model.config.num_hidden_layers), memory_size=args.filler + 512, k=args.k, combine="joint"
+    )
     settings = dict(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     rows = []
     for trial in trials(tokenizer, args.trials, args.filler, args.seed):
@@ -60,8 +62,12 @@ def run(args: argparse.Namespace) -> dict:
         answers = {}
         with handle.disabled():
             last = ids[:, -args.window :]
-            answers["window"] = model.generate(last, attention_mask=torch.ones_like(last), **settings)[0, last.shape[1] :]
-            answers["full_context"] = model.generate(ids, attention_mask=torch.ones_like(ids), **settings)[0, ids.shape[1] :]
+            answers["window"] = model.generate(last, attention_mask=torch.ones_like(last), **settings)[
+                0, last.shape[1] :
+            ]
+            answers["full_context"] = model.generate(ids, attention_mask=torch.ones_like(ids), **settings)[
+                0, ids.shape[1] :
+            ]
         handle.reset()
         answers["window_memory"] = handle.generate(ids, window=args.window, **settings)[0, ids.shape[1] :]
         handle.reset()
@@ -77,7 +83,11 @@ def run(args: argparse.Namespace) -> dict:
 
 def table(results: dict) -> str:
     s, rows = results["settings"], results["rows"]
-    ways = [("window", f"window of {s['window']}"), ("window_memory", "window + memory"), ("full_context", "full context")]
+    ways = [
+        ("window", f"window of {s['window']}"),
+        ("window_memory", "window + memory"),
+        ("full_context", "full context"),
+    ]
     lines = [
         f"{len(rows)} facts, each followed by {s['filler']:,} tokens of other text, then asked; greedy, SmolLM2-135M, "
         f"memory in every layer (joint softmax, k {s['k']}, zero training).",

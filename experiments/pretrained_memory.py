@@ -16,7 +16,7 @@ corpus holding at least `--tokens` tokens instead of the standard-library ones.
 
     mt pretrained smollm2 --out models/smollm2-135m
     python experiments/pretrained_memory.py --checkpoint models/smollm2-135m
-    python experiments/pretrained_memory.py --corpus pycode --wide-window 2048 --memory-sizes 1024,2048,4096 --tag pycode
+    python experiments/pretrained_memory.py --corpus pycode --wide-window 2048 --tag pycode
 
 Writes experiments/results/pretrained_memory[-TAG].json and .md (the table, with the
 command); `--summarize` rewrites the .md from an existing .json.
@@ -60,8 +60,20 @@ def perplexity(losses: torch.Tensor) -> float:
     return math.exp(float(losses.mean()))
 
 
-TRAINING_FILES = ["inspect.py", "subprocess.py", "tarfile.py", "pydoc.py", "difflib.py", "ast.py", "enum.py",
-                  "functools.py", "threading.py", "zipfile.py", "logging/__init__.py", "collections/__init__.py"]
+TRAINING_FILES = [
+    "inspect.py",
+    "subprocess.py",
+    "tarfile.py",
+    "pydoc.py",
+    "difflib.py",
+    "ast.py",
+    "enum.py",
+    "functools.py",
+    "threading.py",
+    "zipfile.py",
+    "logging/__init__.py",
+    "collections/__init__.py",
+]
 
 
 MEMORY_PARAMETERS = ("memory_gate", "memory_bias")  # what add_memory adds: one per head and layer
@@ -73,8 +85,11 @@ def trained_parameters(model, train: str, layers: list[int]) -> list[torch.nn.Pa
     if train == "all":
         return list(model.parameters())
     memory_layers = {f".layers.{i}.self_attn." for i in layers}
-    return [p for n, p in model.named_parameters()
-            if n.endswith(MEMORY_PARAMETERS) or (train == "memory-layers" and any(m in n for m in memory_layers))]
+    return [
+        p
+        for n, p in model.named_parameters()
+        if n.endswith(MEMORY_PARAMETERS) or (train == "memory-layers" and any(m in n for m in memory_layers))
+    ]
 
 
 def finetune(model, handle, tokenizer, args) -> list[float]:
@@ -85,8 +100,14 @@ def finetune(model, handle, tokenizer, args) -> list[float]:
     and updates the chosen parameters: the memory is as full as in long documents while
     the graph holds one window."""
     stdlib = Path(sysconfig.get_paths()["stdlib"])
-    texts = [(stdlib / f).read_text(encoding="utf-8", errors="replace") for f in TRAINING_FILES if (stdlib / f).is_file()]
-    chunks = [ids for ids in (tokenizer(t, return_tensors="pt")["input_ids"] for t in texts) if ids.shape[1] > args.finetune_tokens]
+    texts = [
+        (stdlib / f).read_text(encoding="utf-8", errors="replace") for f in TRAINING_FILES if (stdlib / f).is_file()
+    ]
+    chunks = [
+        ids
+        for ids in (tokenizer(t, return_tensors="pt")["input_ids"] for t in texts)
+        if ids.shape[1] > args.finetune_tokens
+    ]
     params = trained_parameters(model, args.train, sorted(handle.layers))
     chosen = {id(p) for p in params}
     for p in model.parameters():
@@ -162,7 +183,9 @@ def evaluate(model, handle, tokenizer, args, baselines: dict | None = None) -> l
         if baselines is None:
             with handle.disabled():
                 logits = model(input_ids=ids, logits_to_keep=args.score_last + 1).logits[:, :-1]
-                full = torch.nn.functional.cross_entropy(logits.transpose(1, 2), ids[:, -args.score_last :], reduction="none")
+                full = torch.nn.functional.cross_entropy(
+                    logits.transpose(1, 2), ids[:, -args.score_last :], reduction="none"
+                )
                 window = perplexity(handle.stream(ids, args.window, args.stride, losses=True)[:, scored])
                 row = {"document": name, "files": files, "window": window, "full_prefix": perplexity(full)}
                 if args.wide_window:  # a wider window instead of a memory
@@ -177,13 +200,17 @@ def evaluate(model, handle, tokenizer, args, baselines: dict | None = None) -> l
             row["window_memory_sizes"] = {}
             for size in memory_sizes(args):
                 handle.resize(size)
-                row["window_memory_sizes"][str(size)] = perplexity(handle.stream(ids, args.window, args.stride, losses=True)[:, scored])
+                row["window_memory_sizes"][str(size)] = perplexity(
+                    handle.stream(ids, args.window, args.stride, losses=True)[:, scored]
+                )
             handle.resize(args.tokens)
         row["seconds"] = time.perf_counter() - began
         gap = row["window"] - row["full_prefix"]
         row["gap_closed"] = (row["window"] - row["window_memory"]) / gap if gap > 0 else float("nan")
-        print(f"{name}: window {row['window']:.3f}, window + memory {row['window_memory']:.3f}, "
-              f"full prefix {row['full_prefix']:.3f}, gap closed {row['gap_closed']:.0%}")
+        print(
+            f"{name}: window {row['window']:.3f}, window + memory {row['window_memory']:.3f}, "
+            f"full prefix {row['full_prefix']:.3f}, gap closed {row['gap_closed']:.0%}"
+        )
         rows.append(row)
         if baselines is None:
             record = json.dumps({"settings": evaluation_settings(args), "rows": rows}, indent=2)
@@ -192,8 +219,23 @@ def evaluate(model, handle, tokenizer, args, baselines: dict | None = None) -> l
 
 
 # Settings that decide the zero-training figures (the model, the documents, the memory).
-EVALUATION_SETTINGS = ("checkpoint", "tokens", "score_last", "window", "stride", "layers", "k", "combine", "gate_init",
-                       "corpus", "documents", "split", "wide_window", "memory_sizes", "sink_tokens")
+EVALUATION_SETTINGS = (
+    "checkpoint",
+    "tokens",
+    "score_last",
+    "window",
+    "stride",
+    "layers",
+    "k",
+    "combine",
+    "gate_init",
+    "corpus",
+    "documents",
+    "split",
+    "wide_window",
+    "memory_sizes",
+    "sink_tokens",
+)
 
 
 def zero_training_rows(model, handle, tokenizer, args, defaults: dict) -> list[dict]:
@@ -216,14 +258,28 @@ def run(args: argparse.Namespace, defaults: dict) -> dict:
         p.requires_grad_(False)
     n_layers = model.config.num_hidden_layers
     layers = list(range(n_layers)) if args.layers == "all" else [int(i) for i in args.layers.split(",")]
-    handle = add_memory(model, layers=layers, memory_size=args.tokens, k=args.k, combine=args.combine, gate_init=args.gate_init,
-                        sink_tokens=args.sink_tokens)
-    results = {"settings": vars(args), "layers": layers, "rows": zero_training_rows(model, handle, tokenizer, args, defaults)}
+    handle = add_memory(
+        model,
+        layers=layers,
+        memory_size=args.tokens,
+        k=args.k,
+        combine=args.combine,
+        gate_init=args.gate_init,
+        sink_tokens=args.sink_tokens,
+    )
+    results = {
+        "settings": vars(args),
+        "layers": layers,
+        "rows": zero_training_rows(model, handle, tokenizer, args, defaults),
+    }
     if args.finetune_steps:
         # Training only the memory's parameters leaves the model without memory as it was:
         # window alone and full prefix are kept; otherwise they are measured again.
-        baselines = ({r["document"]: {k: r[k] for k in ("document", "files", "window", "full_prefix")} for r in results["rows"]}
-                     if args.train == "memory-parameters" else None)
+        baselines = (
+            {r["document"]: {k: r[k] for k in ("document", "files", "window", "full_prefix")} for r in results["rows"]}
+            if args.train == "memory-parameters"
+            else None
+        )
         results["finetune_losses"] = finetune(model, handle, tokenizer, args)
         results["rows_finetuned"] = evaluate(model, handle, tokenizer, args, baselines)
     return results
@@ -234,40 +290,70 @@ def table(results: dict) -> str:
     tuned = results.get("rows_finetuned")
     combine = s.get("combine", "joint")
     lines = [
-        f"Perplexity of the last {s['score_last']:,} of {s['tokens']:,} tokens; window {s['window']} with stride {s['stride']}; "
-        f"memory ({'joint softmax' if combine == 'joint' else 'learned gate, initial bias ' + str(s.get('gate_init'))}, "
-        f"k {s['k']}) in layers {s['layers']}" + (f", {s['sink_tokens']} sink tokens" if s.get("sink_tokens") else "")
-        + (f"; then fine-tuned {s['finetune_steps']} steps of {s['finetune_tokens']} tokens ({s['train']}, lr {s['lr']})." if tuned else "."),
+        f"Perplexity of the last {s['score_last']:,} of {s['tokens']:,} tokens; window {s['window']} with stride "
+        f"{s['stride']}; "
+        "memory "
+        f"({'joint softmax' if combine == 'joint' else 'learned gate, initial bias ' + str(s.get('gate_init'))}, "
+        f"k {s['k']}) in layers {s['layers']}"
+        + (f", {s['sink_tokens']} sink tokens" if s.get("sink_tokens") else "")
+        + (
+            f"; then fine-tuned {s['finetune_steps']} steps of {s['finetune_tokens']} tokens ({s['train']}, lr "
+            f"{s['lr']})."
+            if tuned
+            else "."
+        ),
         "",
     ]
     if tuned and s["train"] in ("memory-layers", "all"):
         # The weights changed: every figure of the fine-tuned model was measured again.
-        return "\n".join(lines + _rows_table(results["rows"], "zero training")
-                         + ["", "After fine-tuning (the model's own weights changed too: all three measured again):", ""]
-                         + _rows_table(tuned, "fine-tuned"))
+        return "\n".join(
+            lines
+            + _rows_table(results["rows"], "zero training")
+            + ["", "After fine-tuning (the model's own weights changed too: all three measured again):", ""]
+            + _rows_table(tuned, "fine-tuned")
+        )
     wide = s.get("wide_window") or 0
     sizes = [size for size in (s.get("memory_sizes") or "").split(",") if size]
     lines += [
-        "| document | window | " + (f"window {wide} | " if wide else "") + "window + memory, zero training | "
-        + "".join(f"memory {int(size):,} | " for size in sizes) + ("after fine-tuning | " if tuned else "")
-        + "full prefix | share of the gap closed" + (" (zero training / fine-tuned)" if tuned else "") + " |",
-        "|---|---:|" + ("---:|" if wide else "") + "---:|" + "---:|" * len(sizes) + ("---:|" if tuned else "") + "---:|---:|",
+        "| document | window | "
+        + (f"window {wide} | " if wide else "")
+        + "window + memory, zero training | "
+        + "".join(f"memory {int(size):,} | " for size in sizes)
+        + ("after fine-tuning | " if tuned else "")
+        + "full prefix | share of the gap closed"
+        + (" (zero training / fine-tuned)" if tuned else "")
+        + " |",
+        "|---|---:|"
+        + ("---:|" if wide else "")
+        + "---:|"
+        + "---:|" * len(sizes)
+        + ("---:|" if tuned else "")
+        + "---:|---:|",
     ]
     for i, r in enumerate(results["rows"]):
         after = tuned[i] if tuned else None
         lines.append(
-            f"| {r['document']} | {r['window']:.3f} | " + (f"{r['window_wide']:.3f} | " if wide else "")
-            + f"{r['window_memory']:.3f} | " + "".join(f"{r['window_memory_sizes'][size]:.3f} | " for size in sizes)
+            f"| {r['document']} | {r['window']:.3f} | "
+            + (f"{r['window_wide']:.3f} | " if wide else "")
+            + f"{r['window_memory']:.3f} | "
+            + "".join(f"{r['window_memory_sizes'][size]:.3f} | " for size in sizes)
             + (f"{after['window_memory']:.3f} | " if after else "")
-            + f"{r['full_prefix']:.3f} | {r['gap_closed']:.0%}" + (f" / {after['gap_closed']:.0%}" if after else "") + " |"
+            + f"{r['full_prefix']:.3f} | {r['gap_closed']:.0%}"
+            + (f" / {after['gap_closed']:.0%}" if after else "")
+            + " |"
         )
     return "\n".join(lines)
 
 
 def _rows_table(rows: list[dict], which: str) -> list[str]:
-    return ["| document | window | window + memory, " + which + " | full prefix | share of the gap closed |",
-            "|---|---:|---:|---:|---:|"] + [
-        f"| {r['document']} | {r['window']:.3f} | {r['window_memory']:.3f} | {r['full_prefix']:.3f} | {r['gap_closed']:.0%} |" for r in rows]
+    return [
+        "| document | window | window + memory, " + which + " | full prefix | share of the gap closed |",
+        "|---|---:|---:|---:|---:|",
+    ] + [
+        f"| {r['document']} | {r['window']:.3f} | {r['window_memory']:.3f} | {r['full_prefix']:.3f} | "
+        f"{r['gap_closed']:.0%} |"
+        for r in rows
+    ]
 
 
 def main() -> None:
@@ -281,21 +367,44 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=32)
     parser.add_argument("--combine", choices=["joint", "gate"], default="joint")
     parser.add_argument("--gate-init", type=float, default=-3.0, help="initial gate bias with --combine gate")
-    parser.add_argument("--finetune-steps", type=int, default=0, help="then fine-tune this many steps and evaluate again")
-    parser.add_argument("--finetune-tokens", type=int, default=1024, help="tokens per fine-tuning step (the last window is scored)")
-    parser.add_argument("--train", choices=["memory-parameters", "memory-layers", "all"], default="memory-parameters",
-                        help="memory-parameters: only the gates (--combine gate) or retrieved-logit biases (joint)")
+    parser.add_argument(
+        "--finetune-steps", type=int, default=0, help="then fine-tune this many steps and evaluate again"
+    )
+    parser.add_argument(
+        "--finetune-tokens", type=int, default=1024, help="tokens per fine-tuning step (the last window is scored)"
+    )
+    parser.add_argument(
+        "--train",
+        choices=["memory-parameters", "memory-layers", "all"],
+        default="memory-parameters",
+        help="memory-parameters: only the gates (--combine gate) or retrieved-logit biases (joint)",
+    )
     parser.add_argument("--lr", type=float, default=1e-2)
     parser.add_argument("--zero-training-from", help="take the zero-training figures from this earlier results JSON")
-    parser.add_argument("--corpus", help="evaluate on the first --documents long test documents of this corpus "
-                        "instead of the three standard-library documents")
+    parser.add_argument(
+        "--corpus",
+        help="evaluate on the first --documents long test documents of this corpus "
+        "instead of the three standard-library documents",
+    )
     parser.add_argument("--documents", type=int, default=5)
-    parser.add_argument("--split", default="test", choices=["train", "valid", "test", "all"],
-                        help="where --corpus documents come from (the pretrained model was trained on none of them)")
-    parser.add_argument("--wide-window", type=int, default=0, help="also measure a wider window (stride half of it), no memory")
-    parser.add_argument("--memory-sizes", default="", help="also measure these memory sizes per layer, e.g. 1024,2048,4096,8192")
-    parser.add_argument("--sink-tokens", type=int, default=0,
-                        help="keep each document's first tokens apart, never evicted (add_memory's sink_tokens)")
+    parser.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "valid", "test", "all"],
+        help="where --corpus documents come from (the pretrained model was trained on none of them)",
+    )
+    parser.add_argument(
+        "--wide-window", type=int, default=0, help="also measure a wider window (stride half of it), no memory"
+    )
+    parser.add_argument(
+        "--memory-sizes", default="", help="also measure these memory sizes per layer, e.g. 1024,2048,4096,8192"
+    )
+    parser.add_argument(
+        "--sink-tokens",
+        type=int,
+        default=0,
+        help="keep each document's first tokens apart, never evicted (add_memory's sink_tokens)",
+    )
     parser.add_argument("--tag", default="")
     parser.add_argument("--summarize", action="store_true", help="only rewrite the .md from the existing .json")
     args = parser.parse_args()
@@ -310,7 +419,8 @@ def main() -> None:
         )
         write_atomically(out, lambda tmp: Path(tmp).write_text(json.dumps(results, indent=2)))
         progress_file(args).unlink(missing_ok=True)
-    text = f"Made by `{results['command'].strip()}` on {results.get('platform', platform.platform())}.\n\n{table(results)}\n"
+    made_on = results.get("platform", platform.platform())
+    text = f"Made by `{results['command'].strip()}` on {made_on}.\n\n{table(results)}\n"
     print(text)
     write_atomically(out.with_suffix(".md"), lambda tmp: Path(tmp).write_text(text))
     print(f"wrote {out} and {out.with_suffix('.md')}")

@@ -1,6 +1,6 @@
 """Tabulate every synthetic recall run in experiments/results/ as Markdown.
 
-    python experiments/summarize_synthetic.py > docs/results/synthetic_recall.md
+python experiments/summarize_synthetic.py > docs/results/synthetic_recall.md
 """
 
 from __future__ import annotations
@@ -36,17 +36,28 @@ def main() -> None:
     print("Made by `python experiments/summarize_synthetic.py` from the JSON files in `experiments/results/`")
     print("(each written by `experiments/synthetic_recall.py`; its log lies beside it). Accuracy at the last")
     print(f"evaluation, on held-out documents; chance is {reference['chance_accuracy']:.2%}. The milestones are the")
-    print("training steps (seconds) at which answers reachable only through the memory first passed twice chance, 50% and 90%.\n")
-    print("| run | differs from the reference by | model | steps | s | in segment | in XL | only in memory | 2x chance / 50% / 90% |")
+    print(
+        "training steps (seconds) at which answers reachable only through the memory first passed twice chance, 50% "
+        "and 90%.\n"
+    )
+    print(
+        "| run | differs from the reference by | model | steps | s | in segment | in XL | only in memory | 2x chance "
+        "/ 50% / 90% |"
+    )
     print("|---|---|---|---:|---:|---:|---:|---:|---|")
     for path in sorted(RESULTS.glob("synthetic_recall*.json")):
         result = json.loads(path.read_text())
         for name, run in result["runs"].items():
             final = run["final"]
             milestones = run.get("milestones_memory_only") or {}
-            reached = " / ".join(
-                f"{m['step']} ({m['train_seconds']:.0f})" if m else "never" for m in (milestones.get(k) for k in ("above_chance", "50%", "90%"))
-            ) if run["memory"] else "-"
+            reached = (
+                " / ".join(
+                    f"{m['step']} ({m['train_seconds']:.0f})" if m else "never"
+                    for m in (milestones.get(k) for k in ("above_chance", "50%", "90%"))
+                )
+                if run["memory"]
+                else "-"
+            )
             print(
                 f"| {path.stem} | {changes(result['settings'], reference['settings'])} | {name} | {run['steps']} | "
                 f"{run['train_seconds']:.0f} | {percent(final['acc_segment'])} | {percent(final['acc_xl'])} | "

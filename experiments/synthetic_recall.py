@@ -88,13 +88,30 @@ class Settings:
     # to the task's max_distance (0: no curriculum). Evaluation always uses the full task.
     curriculum_start: int = 32
     curriculum_steps: int = 500
-    task: dict[str, Any] = field(default_factory=lambda: dict(
-        num_names=32, num_values=16, document_length=512, min_distance=2, max_distance=512, question_rate=0.8,
-    ))
-    model: dict[str, Any] = field(default_factory=lambda: dict(
-        d_model=64, n_layers=2, n_heads=2, head_dim=32, d_ff=128,
-        segment_length=32, xl_length=32, knn_layers=(1,), memory_size=512, knn_k=8,
-    ))
+    task: dict[str, Any] = field(
+        default_factory=lambda: dict(
+            num_names=32,
+            num_values=16,
+            document_length=512,
+            min_distance=2,
+            max_distance=512,
+            question_rate=0.8,
+        )
+    )
+    model: dict[str, Any] = field(
+        default_factory=lambda: dict(
+            d_model=64,
+            n_layers=2,
+            n_heads=2,
+            head_dim=32,
+            d_ff=128,
+            segment_length=32,
+            xl_length=32,
+            knn_layers=(1,),
+            memory_size=512,
+            knn_k=8,
+        )
+    )
 
 
 def build_model(settings: Settings, task: RecallTask, memory: bool) -> MemorizingTransformer:
@@ -116,17 +133,33 @@ def train(settings: Settings, task: RecallTask, memory: bool, run_dir: Path) -> 
     `eval_every` steps; returns its curve and milestones."""
     model = build_model(settings, task, memory)
     config = model.config
-    documents = curriculum_documents(task, settings.steps, settings.batch_size, config.segment_length,
-                                     start=settings.curriculum_start, doubling_steps=settings.curriculum_steps,
-                                     seed=settings.seed)
+    documents = curriculum_documents(
+        task,
+        settings.steps,
+        settings.batch_size,
+        config.segment_length,
+        start=settings.curriculum_start,
+        doubling_steps=settings.curriculum_steps,
+        seed=settings.seed,
+    )
     train_config = TrainConfig(
-        steps=settings.steps, batch_size=settings.batch_size, lr=settings.learning_rate, min_lr_ratio=1.0,
-        warmup_steps=settings.warmup_steps, weight_decay=settings.weight_decay, seed=settings.seed, shuffle=False,
-        eval_every=0, checkpoint_every=0, log_every=settings.eval_every,
+        steps=settings.steps,
+        batch_size=settings.batch_size,
+        lr=settings.learning_rate,
+        min_lr_ratio=1.0,
+        warmup_steps=settings.warmup_steps,
+        weight_decay=settings.weight_decay,
+        seed=settings.seed,
+        shuffle=False,
+        eval_every=0,
+        checkpoint_every=0,
+        log_every=settings.eval_every,
     )
     trainer = Trainer(model, train_config, documents, None, run_dir)
     trainer.resume()
-    eval_docs = task.generate_many([EVAL_SEED_OFFSET + settings.seed * 10_000 + i for i in range(settings.eval_documents)])
+    eval_docs = task.generate_many(
+        [EVAL_SEED_OFFSET + settings.seed * 10_000 + i for i in range(settings.eval_documents)]
+    )
     curve_path = run_dir / "curve.json"
     curve = [p for p in json.loads(curve_path.read_text()) if p["step"] <= trainer.step] if curve_path.is_file() else []
     segments_per_document = -(-(task.document_length - 1) // config.segment_length)
@@ -135,30 +168,53 @@ def train(settings: Settings, task: RecallTask, memory: bool, run_dir: Path) -> 
         accuracy = recall_accuracy(model, eval_docs, batch_size=settings.batch_size)
         losses = [json.loads(line) for line in trainer.metrics_path.read_text().splitlines()] if trainer.step else []
         step = trainer.step
-        limit = task.max_distance if not settings.curriculum_steps else \
-            min(task.max_distance, settings.curriculum_start * 2 ** (step // settings.curriculum_steps))
-        point = {"step": step, "documents": settings.batch_size * -(-step // segments_per_document),
-                 "train_seconds": round(trainer.train_seconds, 1), "loss": losses[-1]["loss"] if losses else None,
-                 "train_max_distance": limit, **{f"acc_{name}": accuracy[name]["accuracy"] for name in DISTANCE_CATEGORIES}}
+        limit = (
+            task.max_distance
+            if not settings.curriculum_steps
+            else min(task.max_distance, settings.curriculum_start * 2 ** (step // settings.curriculum_steps))
+        )
+        point = {
+            "step": step,
+            "documents": settings.batch_size * -(-step // segments_per_document),
+            "train_seconds": round(trainer.train_seconds, 1),
+            "loss": losses[-1]["loss"] if losses else None,
+            "train_max_distance": limit,
+            **{f"acc_{name}": accuracy[name]["accuracy"] for name in DISTANCE_CATEGORIES},
+        }
         if memory:
             gates = torch.sigmoid(model.blocks[config.memory_layer_indices[0]].attn.gate_bias)
             point["memory_gate"] = [round(g, 3) for g in gates.tolist()]
         curve.append(point)
         write_atomically(curve_path, lambda tmp: Path(tmp).write_text(json.dumps(curve)))
-        log.info("%s step %6d  %6.0fs  loss %s  max distance %4d  acc segment %.3f  xl %.3f  memory %.3f%s",
-                 "memory   " if memory else "no-memory", step, point["train_seconds"],
-                 "-" if point["loss"] is None else f"{point['loss']:5.3f}", limit,
-                 point["acc_segment"], point["acc_xl"], point["acc_memory"],
-                 f"  gate {point['memory_gate']}" if memory else "")
+        log.info(
+            "%s step %6d  %6.0fs  loss %s  max distance %4d  acc segment %.3f  xl %.3f  memory %.3f%s",
+            "memory   " if memory else "no-memory",
+            step,
+            point["train_seconds"],
+            "-" if point["loss"] is None else f"{point['loss']:5.3f}",
+            limit,
+            point["acc_segment"],
+            point["acc_xl"],
+            point["acc_memory"],
+            f"  gate {point['memory_gate']}" if memory else "",
+        )
 
     if not curve or curve[-1]["step"] != trainer.step:
         record()
     while trainer.step < settings.steps:
         trainer.train(until_step=(trainer.step // settings.eval_every + 1) * settings.eval_every, progress=False)
         record()
-    return {"memory": memory, "config": config.to_dict(), "parameters": sum(p.numel() for p in model.parameters()),
-            "steps": trainer.step, "documents": curve[-1]["documents"], "train_seconds": curve[-1]["train_seconds"],
-            "final": curve[-1], "milestones_memory_only": milestones(curve, task.chance_accuracy), "curve": curve}
+    return {
+        "memory": memory,
+        "config": config.to_dict(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "steps": trainer.step,
+        "documents": curve[-1]["documents"],
+        "train_seconds": curve[-1]["train_seconds"],
+        "final": curve[-1],
+        "milestones_memory_only": milestones(curve, task.chance_accuracy),
+        "curve": curve,
+    }
 
 
 def milestones(curve: list[dict[str, Any]], chance: float) -> dict[str, dict[str, float] | None]:
@@ -183,8 +239,10 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     parser.add_argument("--memory-gate-init", type=float)
     parser.add_argument("--curriculum-start", type=int)
     parser.add_argument("--curriculum-steps", type=int)
-    parser.add_argument("--task", type=json.loads, default={}, help='task overrides as JSON, e.g. \'{"num_values": 8}\'')
-    parser.add_argument("--model", type=json.loads, default={}, help='model overrides as JSON, e.g. \'{"knn_k": 8}\'')
+    parser.add_argument(
+        "--task", type=json.loads, default={}, help="task overrides as JSON, e.g. '{\"num_values\": 8}'"
+    )
+    parser.add_argument("--model", type=json.loads, default={}, help="model overrides as JSON, e.g. '{\"knn_k\": 8}'")
     parser.add_argument("--memory-only", action="store_true", help="skip the no-memory baseline")
     parser.add_argument("--tag", default="", help="suffix of the result files")
     parser.add_argument("--results", type=Path, default=RESULTS, help="where the JSON and log go")
@@ -194,8 +252,17 @@ def parse_args(argv: list[str] | None = None) -> tuple[Settings, argparse.Namesp
     if args.quick:
         settings.steps, settings.eval_every, settings.eval_documents = 600, 100, 16
         settings.curriculum_steps, settings.task["document_length"] = 250, 256
-    for name in ("steps", "seed", "batch_size", "learning_rate", "eval_every",
-                 "previous_token_bias", "memory_gate_init", "curriculum_start", "curriculum_steps"):
+    for name in (
+        "steps",
+        "seed",
+        "batch_size",
+        "learning_rate",
+        "eval_every",
+        "previous_token_bias",
+        "memory_gate_init",
+        "curriculum_start",
+        "curriculum_steps",
+    ):
         if getattr(args, name) is not None:
             setattr(settings, name, getattr(args, name))
     settings.task.update(args.task)
@@ -229,10 +296,17 @@ def main(argv: list[str] | None = None) -> Path:
         "settings": asdict(settings),
         "task": asdict(task),
         "chance_accuracy": task.chance_accuracy,
-        "categories": {"segment": "binding in the query's segment", "xl": "in the XL window before it",
-                       "memory": "beyond the XL window: reachable only through the kNN memory"},
-        "machine": {"platform": platform.platform(), "processor": platform.processor(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
+        "categories": {
+            "segment": "binding in the query's segment",
+            "xl": "in the XL window before it",
+            "memory": "beyond the XL window: reachable only through the kNN memory",
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+        },
         "runs": {("memory" if run["memory"] else "no_memory"): run for run in runs},
     }
     path = args.results / f"{stem}.json"

@@ -313,8 +313,11 @@ def pycode_tables(suffix: str = "") -> dict[str, Callable[[], str]]:
                 for t in ("250k", "500k", "1000k", "gate0-500k", "joint-500k", "sharp-500k", "sharp-gate0-500k")
             ]
             + [(T4, "L-mem8k"), (T4, "L-mem8k-xl"), (T4, "L-mem8k-xl-joint")]
-            + ([("batch16-pycode", run) for run in ("L-mem8k-xl", "L-mem8k-xl-sharp", "L-mem8k-xl-joint-evicted")]
-               if not suffix else [])
+            + (
+                [("batch16-pycode", run) for run in ("L-mem8k-xl", "L-mem8k-xl-sharp", "L-mem8k-xl-joint-evicted")]
+                if not suffix
+                else []
+            )
         ),
     }
 

@@ -65,10 +65,23 @@ def test_fifo_wrap_around_and_resets_identical_across_backends(backend):
     batch, heads, dim, capacity, k = 3, 2, 8, 64, 5
     reference = KNNMemory(batch, heads, dim, capacity)
     other = KNNMemory(batch, heads, dim, capacity, backend=EXACT_BACKENDS[backend]())
-    events = [("add", 30), ("add", 50), ("reset", [1]), ("add", 7), ("add", 130), ("reset", [0, 2]), ("add", 64), ("add", 20)]
+    events = [
+        ("add", 30),
+        ("add", 50),
+        ("reset", [1]),
+        ("add", 7),
+        ("add", 130),
+        ("reset", [0, 2]),
+        ("add", 64),
+        ("add", 20),
+    ]
     for kind, arg in events:
         if kind == "add":
-            keys, values, mask = unit(batch, heads, arg, dim), torch.randn(batch, heads, arg, dim), torch.rand(batch, arg) > 0.25
+            keys, values, mask = (
+                unit(batch, heads, arg, dim),
+                torch.randn(batch, heads, arg, dim),
+                torch.rand(batch, arg) > 0.25,
+            )
             reference.add(keys, values, mask=mask)
             other.add(keys, values, mask=mask)
         else:
@@ -76,7 +89,9 @@ def test_fifo_wrap_around_and_resets_identical_across_backends(backend):
             other.reset(arg)
         # Every index holds exactly its row's stored entries: nothing stale, nothing missing.
         sizes = index_sizes(other)
-        assert [s for s in sizes if s is not None] == [[int(n)] * heads for s, n in zip(sizes, reference.fill) if s is not None]
+        assert [s for s in sizes if s is not None] == [
+            [int(n)] * heads for s, n in zip(sizes, reference.fill) if s is not None
+        ]
         queries = unit(batch, heads, 9, dim)
         a, b = reference.search(queries, k), other.search(queries, k)
         assert torch.equal(a.valid, b.valid)
@@ -133,7 +148,9 @@ def test_model_gives_the_same_logits_with_every_exact_backend(dtype):
     ids = torch.randint(0, config.vocab_size, (2, config.segment_length * 12))  # memory of 128 overflows
     logits = {}
     for backend in ("exact", "faiss_flat"):
-        reconfigured = MemorizingTransformer(MemorizingConfig.from_dict({**config.to_dict(), "memory_backend": backend}))
+        reconfigured = MemorizingTransformer(
+            MemorizingConfig.from_dict({**config.to_dict(), "memory_backend": backend})
+        )
         reconfigured.load_state_dict(model.state_dict())
         with torch.no_grad():
             logits[backend] = reconfigured(ids).logits

@@ -22,7 +22,13 @@ def test_train_step_benchmark_quick(tmp_path):
     results = json.loads((tmp_path / "train_step-quick.json").read_text())
     rows = results["configs"]["quick"]["rows"]
     assert [r["variant"] for r in rows] == [
-        "vanilla", "XL only", "memory 512", "memory 2K", "memory 2K + XL", "memory 2K IVF", "memory 2K IVF + XL",
+        "vanilla",
+        "XL only",
+        "memory 512",
+        "memory 2K",
+        "memory 2K + XL",
+        "memory 2K IVF",
+        "memory 2K IVF + XL",
     ]
     xl = next(r for r in rows if r["variant"] == "XL only")
     assert xl["ratio_to_xl"] == xl["ratio_to_xl_min"] == xl["ratio_to_xl_max"] == 1.0  # a ratio per round, to itself
@@ -48,7 +54,10 @@ def test_memory_use_benchmark_quick(tmp_path):
     memory_use.main(["--quick", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "memory_use-quick.json").read_text())["rows"]
     assert [(r["dtype"], r["backend"]) for r in rows] == [
-        ("float32", "exact"), ("float32", "faiss_ivf"), ("bfloat16", "exact"), ("bfloat16", "faiss_ivf"),
+        ("float32", "exact"),
+        ("float32", "faiss_ivf"),
+        ("bfloat16", "exact"),
+        ("bfloat16", "faiss_ivf"),
     ]
     # A memory can never take less than its keys and values, nor peak below what stays resident.
     assert all(r["bytes_per_token"] >= r["store_bytes_per_token"] for r in rows)
@@ -81,37 +90,75 @@ def test_model_keys_are_the_keys_the_model_writes_to_its_memory(tmp_path, monkey
 
 def test_targets_table_reads_the_measured_figures(tmp_path):
     def step(variant, ratio, low, high):
-        return {"variant": variant, "ratio_to_xl": ratio, "ratio_to_xl_min": low, "ratio_to_xl_max": high,
-                "seconds": 0.6 * ratio, "tokens_per_s": 1700 / ratio}
+        return {
+            "variant": variant,
+            "ratio_to_xl": ratio,
+            "ratio_to_xl_min": low,
+            "ratio_to_xl_max": high,
+            "seconds": 0.6 * ratio,
+            "tokens_per_s": 1700 / ratio,
+        }
 
     def faster(median, low, high):
         return {"median": median, "min": low, "max": high}
 
-    (tmp_path / "train_step.json").write_text(json.dumps({"batch_size": 4, "rounds": 6, "configs": {"reference": {
-        "config": {"n_heads": 4, "segment_length": 256, "head_dim": 64},
-        "rows": [step("XL only", 1.0, 1.0, 1.0), step("memory 8K", 1.10, 1.05, 1.12),
-                 step("memory 64K", 2.50, 2.4, 2.6),
-                 step("memory 64K IVF + XL", 1.28, 1.20, 1.36), step("memory 64K IVF", 1.2, 1.1, 1.3)],
-        "tokens_per_s_vs_popular": {"memory 64K IVF + XL": faster(1.6, 1.52, 1.7),
-                                    "memory 64K IVF": faster(1.4, 1.3, 1.45),
-                                    "vanilla": faster(0.98, 0.9, 1.05), "XL only": faster(1.02, 1.01, 1.03)},
-    }}}))
-    (tmp_path / "search.json").write_text(json.dumps({
-        "exact": [{"memory_size": 65536, "matmul_gflops": 40.0},
-                  {"memory_size": 262144, "speedup_vs_faiss_flat": 2.0, "fraction_of_matmul": 0.75}],
-        "approximate": [
-            {"data": "model keys (code)", "memory_size": 65536, "recall_at_k": 0.99, "speedup": 2.0},
-            {"data": "model keys (code)", "memory_size": 262144, "recall_at_k": 0.85, "speedup": 9.0},
-        ],
-    }))
-    (tmp_path / "long_stream.json").write_text(json.dumps({
-        "tokens": 1052672, "memory_fill": 1 << 20, "config": {"memory_size": 1 << 20},
-        "by_fill": [{"median_s": 0.2, "ratio_to_xl": 1.5}],
-    }))
+    (tmp_path / "train_step.json").write_text(
+        json.dumps(
+            {
+                "batch_size": 4,
+                "rounds": 6,
+                "configs": {
+                    "reference": {
+                        "config": {"n_heads": 4, "segment_length": 256, "head_dim": 64},
+                        "rows": [
+                            step("XL only", 1.0, 1.0, 1.0),
+                            step("memory 8K", 1.10, 1.05, 1.12),
+                            step("memory 64K", 2.50, 2.4, 2.6),
+                            step("memory 64K IVF + XL", 1.28, 1.20, 1.36),
+                            step("memory 64K IVF", 1.2, 1.1, 1.3),
+                        ],
+                        "tokens_per_s_vs_popular": {
+                            "memory 64K IVF + XL": faster(1.6, 1.52, 1.7),
+                            "memory 64K IVF": faster(1.4, 1.3, 1.45),
+                            "vanilla": faster(0.98, 0.9, 1.05),
+                            "XL only": faster(1.02, 1.01, 1.03),
+                        },
+                    }
+                },
+            }
+        )
+    )
+    (tmp_path / "search.json").write_text(
+        json.dumps(
+            {
+                "exact": [
+                    {"memory_size": 65536, "matmul_gflops": 40.0},
+                    {"memory_size": 262144, "speedup_vs_faiss_flat": 2.0, "fraction_of_matmul": 0.75},
+                ],
+                "approximate": [
+                    {"data": "model keys (code)", "memory_size": 65536, "recall_at_k": 0.99, "speedup": 2.0},
+                    {"data": "model keys (code)", "memory_size": 262144, "recall_at_k": 0.85, "speedup": 9.0},
+                ],
+            }
+        )
+    )
+    (tmp_path / "long_stream.json").write_text(
+        json.dumps(
+            {
+                "tokens": 1052672,
+                "memory_fill": 1 << 20,
+                "config": {"memory_size": 1 << 20},
+                "by_fill": [{"median_s": 0.2, "ratio_to_xl": 1.5}],
+            }
+        )
+    )
     targets.main(["--out", str(tmp_path)])
     page = (tmp_path / "targets.md").read_text().splitlines()
-    met = {line.split(" | ")[0].strip("| "): line.rstrip(" |").split(" | ")[-1] for line in page
-           if line.startswith("| ") and "goal" not in line}
+    met = {
+        line.split(" | ")[0].strip("| "): line.rstrip(" |").split(" | ")[-1]
+        for line in page
+        if line.startswith("| ") and "goal" not in line
+    }
     assert met["step, memory 8K exact / XL only"] == "yes"  # 1.05-1.12, all under 1.15
     floor_row = next(line for line in page if "memory 64K exact" in line)
     assert "34 GFLOP at 40 GFLOP/s, puts the floor at 2.43x" in floor_row  # (0.6 + 34.36 / 40) / 0.6

@@ -15,8 +15,25 @@ def corpus_folder(tmp_path):
 def test_prepare_train_resume_evaluate(tmp_path, corpus_folder, capsys, cli_error):
     main(["data", "prepare", "files", "--source", str(corpus_folder)])
     run = tmp_path / "run"
-    common = ["train", "--out", str(run), "--corpus", "files", "--preset", "tiny", "--vocab-size", "300",
-              "--eval-tokens", "64", "--eval-every", "2", "--checkpoint-every", "2", "--log-every", "1"]
+    common = [
+        "train",
+        "--out",
+        str(run),
+        "--corpus",
+        "files",
+        "--preset",
+        "tiny",
+        "--vocab-size",
+        "300",
+        "--eval-tokens",
+        "64",
+        "--eval-every",
+        "2",
+        "--checkpoint-every",
+        "2",
+        "--log-every",
+        "1",
+    ]
     main(common + ["--steps", "2"])
     assert "already holds a run" in cli_error(common + ["--steps", "4"])
     main(common + ["--steps", "4", "--resume"])

@@ -10,8 +10,14 @@ from pathlib import Path
 
 import pytest
 
-from memorizing_transformers.data.corpora import CORPORA, CorpusUnavailable, Document, load_corpus, prepare_corpus
-from memorizing_transformers.data.corpora import common
+from memorizing_transformers.data.corpora import (
+    CORPORA,
+    CorpusUnavailable,
+    Document,
+    common,
+    load_corpus,
+    prepare_corpus,
+)
 
 LATIN1 = b"caf\xe9 = 1\n"  # not valid UTF-8
 
@@ -96,7 +102,9 @@ def test_pycode_documents_are_directories_of_source(stdlib, monkeypatch):
     write(stdlib, {"email/mime/base.py": "BASE = 7\n", "memorizing_transformers/model.py": "SKIPPED = 0\n"})
     documents = all_documents("pycode", stdlib)
     assert sorted(documents) == ["src/.", "src/email", "src/email/mime", "src/idlelib"]  # emptypkg: too short
-    assert documents["src/email/mime"] == "# file: email/mime/base.py\nBASE = 7\n\n# file: email/mime/text.py\nTEXT = 2\n"
+    assert (
+        documents["src/email/mime"] == "# file: email/mime/base.py\nBASE = 7\n\n# file: email/mime/text.py\nTEXT = 2\n"
+    )
     assert documents["src/."].startswith("# file: _pydecimal.py\nDECIMAL = 6\n")
     assert not any("SKIPPED" in text or "not python" in text for text in documents.values())
 
@@ -209,7 +217,11 @@ def test_proofs_documents_follow_require_order(tmp_path):
 def test_proofs_dependency_cycles_are_broken_by_name():
     from memorizing_transformers.data.corpora.proofs import dependency_order, required_modules
 
-    assert required_modules("Require Import A B.C. (* Require D. *) From X Require Export E.\nImport F.") == {"A", "C", "E"}
+    assert required_modules("Require Import A B.C. (* Require D. *) From X Require Export E.\nImport F.") == {
+        "A",
+        "C",
+        "E",
+    }
     assert dependency_order({"C": "Require A.", "B": "Require C.", "A": "Require Import B."}) == ["A", "C", "B"]
     assert dependency_order({"B": "", "A": "Require B.", "C": "Require A."}) == ["B", "A", "C"]
 
@@ -253,7 +265,11 @@ def xdr_character_vector(lines: list[str | None], version: int = 3, latin1: bool
 
 
 def xdr_integer_vector(values: list[int]) -> bytes:
-    return b"X\n" + struct.pack(">iii", 2, 0x040201, 0x020300) + struct.pack(f">ii{len(values)}i", 13, len(values), *values)
+    return (
+        b"X\n"
+        + struct.pack(">iii", 2, 0x040201, 0x020300)
+        + struct.pack(f">ii{len(values)}i", 13, len(values), *values)
+    )
 
 
 def rdb(*payloads: bytes) -> bytes:

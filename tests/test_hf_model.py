@@ -72,14 +72,18 @@ def test_generation_reads_a_memory_filled_beforehand():
 def manual_beam_search(model: MemorizingTransformer, prompt: torch.Tensor, steps: int, beams: int, state=None):
     """Beam search by hand, no length penalty: every step keeps the `beams` best continuations by
     summed log-probability; each beam streams with a state of its own (a copy of `state`)."""
+
     def start():
         return None if state is None else state.select_rows([0])
 
     out = model(prompt, state=start())
     candidates = [(0.0, [], out.state, out.logits[0, -1].log_softmax(-1))]
     for step in range(steps):
-        scored = [(score + float(logp[t]), tokens + [t], beam_state)
-                  for score, tokens, beam_state, logp in candidates for t in range(logp.numel())]
+        scored = [
+            (score + float(logp[t]), tokens + [t], beam_state)
+            for score, tokens, beam_state, logp in candidates
+            for t in range(logp.numel())
+        ]
         best = sorted(scored, key=lambda c: c[0], reverse=True)[:beams]
         candidates = []
         for score, tokens, beam_state in best:
@@ -101,13 +105,21 @@ def test_beam_search_follows_its_beams_with_their_caches_and_memories(filled):
         model.model.blocks[2].attn.gate_bias.fill_(3.0)
     torch.manual_seed(2)
     document, prompt = torch.randint(0, 512, (1, 80)), torch.randint(0, 512, (1, 21))
-    settings = dict(max_new_tokens=6, num_beams=3, num_return_sequences=3, do_sample=False, length_penalty=0.0,
-                    early_stopping=True, eos_token_id=None, pad_token_id=0)
+    settings = dict(
+        max_new_tokens=6,
+        num_beams=3,
+        num_return_sequences=3,
+        do_sample=False,
+        length_penalty=0.0,
+        early_stopping=True,
+        eos_token_id=None,
+        pad_token_id=0,
+    )
     with torch.no_grad():
         state = model(document).cache if filled else None
         before = None if state is None else state.memory_fill()
         generated = model.generate(prompt, cache=state, **settings)
         expected = manual_beam_search(model.model, prompt, 6, beams=3, state=state)
-    assert torch.equal(generated[:, prompt.shape[1]:], expected)
+    assert torch.equal(generated[:, prompt.shape[1] :], expected)
     if filled:
         assert state.batch_size == 1 and state.memory_fill() == before  # the caller's state is left as it was

@@ -26,7 +26,9 @@ def model() -> MemorizingTransformer:
 @pytest.mark.parametrize("combine", ["gate", "joint_softmax"])
 def test_report_data(combine):
     torch.manual_seed(0)
-    model = MemorizingTransformer(MemorizingConfig.preset("tiny", vocab_size=50257, memory_size=64, memory_combine=combine)).eval()
+    model = MemorizingTransformer(
+        MemorizingConfig.preset("tiny", vocab_size=50257, memory_size=64, memory_combine=combine)
+    ).eval()
     report = inspect_document(model, TEXT, top=3)
     n = len(report["tokens"])
     assert n == len(model.tokenizer(TEXT)["input_ids"]) and "".join(report["tokens"]) == TEXT
@@ -63,13 +65,33 @@ def test_retrieved_positions_point_at_the_tokens_whose_keys_were_found(model):
 def test_page_in_headless_chromium(model, tmp_path):
     model.save_pretrained(tmp_path / "model")
     (tmp_path / "doc.txt").write_text(TEXT)
-    main(["inspect", str(tmp_path / "model"), str(tmp_path / "doc.txt"), "--out", str(tmp_path / "report.html"), "--top", "3"])
+    main(
+        [
+            "inspect",
+            str(tmp_path / "model"),
+            str(tmp_path / "doc.txt"),
+            "--out",
+            str(tmp_path / "report.html"),
+            "--top",
+            "3",
+        ]
+    )
     n = len(model.tokenizer(TEXT)["input_ids"])
     selected = 3 * 16 + 5  # a token of the fourth segment: its queries found earlier tokens
     dom = subprocess.run(
-        ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=5000", "--dump-dom",
-         f"file://{tmp_path / 'report.html'}#{selected}"],
-        capture_output=True, text=True, timeout=120, check=True,
+        [
+            "chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            f"file://{tmp_path / 'report.html'}#{selected}",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
     ).stdout
     assert len(re.findall(r'<span class="token[^"]*" id="t\d+"', dom)) == n  # the script built every token
     assert f'id="t{selected}"' in dom and 'class="token selected"' in dom
@@ -84,8 +106,17 @@ def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    return LlamaForCausalLM(LlamaConfig(vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3)).eval()
+    return LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=50257,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            initializer_range=0.3,
+        )
+    ).eval()
 
 
 @pytest.mark.parametrize("combine", ["joint", "gate"])
@@ -119,11 +150,32 @@ def test_inspect_command_with_a_hugging_face_model(tmp_path, cli_error):
     tiny_llama().save_pretrained(tmp_path / "llama")
     load_tokenizer().save_pretrained(tmp_path / "llama")
     (tmp_path / "doc.txt").write_text(TEXT)
-    main(["inspect", str(tmp_path / "llama"), str(tmp_path / "doc.txt"), "--out", str(tmp_path / "report.html"),
-          "--layers", "0,1", "--layer", "1", "--window", "16", "--stride", "8", "--top", "2"])
+    main(
+        [
+            "inspect",
+            str(tmp_path / "llama"),
+            str(tmp_path / "doc.txt"),
+            "--out",
+            str(tmp_path / "report.html"),
+            "--layers",
+            "0,1",
+            "--layer",
+            "1",
+            "--window",
+            "16",
+            "--stride",
+            "8",
+            "--top",
+            "2",
+        ]
+    )
     page = (tmp_path / "report.html").read_text()
-    data = json.loads(page.split('<script id="data" type="application/json">')[1].split("</script>")[0].replace("<\\/", "</"))
+    data = json.loads(
+        page.split('<script id="data" type="application/json">')[1].split("</script>")[0].replace("<\\/", "</")
+    )
     assert (data["layer"], data["heads"], data["segment_length"]) == (1, 4, 16)
     assert "".join(data["tokens"]) == TEXT
-    message = cli_error(["inspect", tmp_path / "llama", tmp_path / "doc.txt", "--out", tmp_path / "r.html", "--layer", "5"])
+    message = cli_error(
+        ["inspect", tmp_path / "llama", tmp_path / "doc.txt", "--out", tmp_path / "r.html", "--layer", "5"]
+    )
     assert "layer 5 has no memory; the memory layers are [0, 1]" in message

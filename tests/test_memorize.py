@@ -6,7 +6,9 @@ import torch
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
 from memorizing_transformers.cli import main
 
-TEXT = "The secret ingredient of the Fallowmere stew is cardamom. " + "Unrelated filler text about rivers and hills. " * 30
+TEXT = (
+    "The secret ingredient of the Fallowmere stew is cardamom. " + "Unrelated filler text about rivers and hills. " * 30
+)
 
 
 def tiny_model(seed: int = 0, **overrides) -> MemorizingTransformer:
@@ -56,7 +58,9 @@ def test_memorize_and_generate_commands(tmp_path, capsys, saved_as):
     from memorizing_transformers.hf.modeling import MemorizingForCausalLM
 
     model = tiny_model()
-    (model if saved_as == "MemorizingTransformer" else MemorizingForCausalLM.from_memorizing(model)).save_pretrained(tmp_path / "model")
+    (model if saved_as == "MemorizingTransformer" else MemorizingForCausalLM.from_memorizing(model)).save_pretrained(
+        tmp_path / "model"
+    )
     (tmp_path / "doc.txt").write_text(TEXT)
     main(["memorize", str(tmp_path / "model"), str(tmp_path / "doc.txt"), "--out", str(tmp_path / "kb.safetensors")])
     assert "memorized" in capsys.readouterr().out
@@ -76,8 +80,16 @@ def tiny_llama_checkpoint(path) -> None:
     from memorizing_transformers.data.tokenizer import load_tokenizer
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=50257, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=1024, initializer_range=0.3)
+    config = LlamaConfig(
+        vocab_size=50257,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        initializer_range=0.3,
+    )
     LlamaForCausalLM(config).save_pretrained(path)
     load_tokenizer().save_pretrained(path)
 
@@ -90,7 +102,21 @@ def test_memorize_and_generate_commands_with_a_hugging_face_model(tmp_path, caps
     tiny_llama_checkpoint(tmp_path / "llama")
     (tmp_path / "doc.txt").write_text(TEXT)
     kb = str(tmp_path / "kb.safetensors")
-    main(["memorize", str(tmp_path / "llama"), str(tmp_path / "doc.txt"), "--out", kb, "--layers", "-1", "--k", "8", "--window", "64"])
+    main(
+        [
+            "memorize",
+            str(tmp_path / "llama"),
+            str(tmp_path / "doc.txt"),
+            "--out",
+            kb,
+            "--layers",
+            "-1",
+            "--k",
+            "8",
+            "--window",
+            "64",
+        ]
+    )
     assert "memorized" in capsys.readouterr().out
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "llama")
     memorized = len(tokenizer(TEXT)["input_ids"])
@@ -113,12 +139,23 @@ def test_memorize_and_generate_commands_with_a_hugging_face_model(tmp_path, caps
     ids = tokenizer(prompt[1], return_tensors="pt")["input_ids"]
     with torch.no_grad():
         out = handle.generate(ids, window=512, max_new_tokens=8, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    assert tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True) + "\n" == with_memory
+    assert tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True) + "\n" == with_memory
 
 
 def test_pretrained_options_are_refused_for_our_own_checkpoints(tmp_path, cli_error):
     tiny_model().save_pretrained(tmp_path / "model")
     (tmp_path / "doc.txt").write_text(TEXT)
-    message = cli_error(["memorize", tmp_path / "model", tmp_path / "doc.txt", "--out", tmp_path / "kb.safetensors",
-                         "--layers", "0", "--k", "4"])
+    message = cli_error(
+        [
+            "memorize",
+            tmp_path / "model",
+            tmp_path / "doc.txt",
+            "--out",
+            tmp_path / "kb.safetensors",
+            "--layers",
+            "0",
+            "--k",
+            "4",
+        ]
+    )
     assert "--layers --k: only for Hugging Face models other than ours" in message

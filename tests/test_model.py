@@ -143,7 +143,9 @@ def test_empty_memory_rows_contribute_nothing_in_a_batch():
     model = make_model()
     ids = torch.randint(0, 512, (2, 16))
     state = model.new_state(2)
-    state.memories[2].add(torch.randn(2, 4, 8, 16), torch.randn(2, 4, 8, 16), mask=torch.tensor([[False] * 8, [True] * 8]))
+    state.memories[2].add(
+        torch.randn(2, 4, 8, 16), torch.randn(2, 4, 8, 16), mask=torch.tensor([[False] * 8, [True] * 8])
+    )
     out = model(ids, state=state)
     plain = model(ids)  # empty state
     assert torch.allclose(out.logits[0], plain.logits[0], atol=1e-6)
@@ -166,7 +168,9 @@ def identity_attention(combine: str) -> Attention:
 def test_attention_layer_retrieves_a_distinctive_earlier_key(combine):
     from memorizing_transformers import KNNMemory
     from memorizing_transformers.model.positions import (
-        relative_position_bucket, segment_distances, segment_relative_positions,
+        relative_position_bucket,
+        segment_distances,
+        segment_relative_positions,
     )
 
     layer = identity_attention(combine)
@@ -190,7 +194,9 @@ def test_attention_layer_retrieves_a_distinctive_earlier_key(combine):
 def test_a_memory_temperature_of_its_own_makes_retrieval_sharp_where_local_attention_is_diffuse():
     from memorizing_transformers import KNNMemory
     from memorizing_transformers.model.positions import (
-        relative_position_bucket, segment_distances, segment_relative_positions,
+        relative_position_bucket,
+        segment_distances,
+        segment_relative_positions,
     )
 
     relative = segment_relative_positions(8, 0)
@@ -221,8 +227,18 @@ def test_exhaustive_joint_memory_of_evicted_entries_is_full_attention():
     # A one-layer model whose memory holds what left its XL cache, searched exhaustively
     # (k >= everything stored), with the joint softmax and the XL cache at least max_distance
     # long: [memory ; XL cache ; segment] is the whole past, at the bias full attention gives.
-    config = tiny(n_layers=1, knn_layers=(0,), segment_length=16, xl_length=32, max_distance=32, memory_size=256,
-                  knn_k=64, memory_combine="joint_softmax", memory_writes="evicted", qk_scale_init=8.0)
+    config = tiny(
+        n_layers=1,
+        knn_layers=(0,),
+        segment_length=16,
+        xl_length=32,
+        max_distance=32,
+        memory_size=256,
+        knn_k=64,
+        memory_combine="joint_softmax",
+        memory_writes="evicted",
+        qk_scale_init=8.0,
+    )
     model = MemorizingTransformer(config).eval()
     with torch.no_grad():
         model.blocks[0].attn.position_bias.embedding.weight.normal_(0, 1)
@@ -243,7 +259,9 @@ def test_retrieved_entries_get_the_farthest_buckets_bias_in_the_joint_softmax():
     # joint softmax gives it to retrieved entries: a very negative one silences the memory.
     from memorizing_transformers import KNNMemory
     from memorizing_transformers.model.positions import (
-        relative_position_bucket, segment_distances, segment_relative_positions,
+        relative_position_bucket,
+        segment_distances,
+        segment_relative_positions,
     )
 
     layer = identity_attention("joint_softmax")
@@ -274,7 +292,8 @@ def test_gradient_reaches_local_attention_and_gate_but_never_the_memory():
     handle.remove()
     attn = model.blocks[2].attn
     grads = torch.autograd.grad(
-        second.loss, [attn.qkv.weight, attn.gate_bias, attn.log_scale, attn.position_bias.embedding.weight, captured[0]],
+        second.loss,
+        [attn.qkv.weight, attn.gate_bias, attn.log_scale, attn.position_bias.embedding.weight, captured[0]],
         allow_unused=True,
     )
     for g in grads[:4]:
@@ -304,7 +323,9 @@ def test_presets():
 
 def test_bad_input_gets_clear_errors():
     model = make_model()
-    with pytest.raises(ValueError, match=r"input_ids must have shape \(batch, seq\) or \(seq,\), got shape \(1, 2, 3\)"):
+    with pytest.raises(
+        ValueError, match=r"input_ids must have shape \(batch, seq\) or \(seq,\), got shape \(1, 2, 3\)"
+    ):
         model(torch.zeros(1, 2, 3, dtype=torch.long))
     with pytest.raises(ValueError, match="token id 512 is out of range for vocab_size 512"):
         model(torch.tensor([[1, 512]]))

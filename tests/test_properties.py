@@ -6,11 +6,10 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from test_streaming import documents, replay
 
 from memorizing_transformers import KNNMemory
 from memorizing_transformers.data.streaming import StreamingBatcher
-
-from test_streaming import documents, replay
 
 BATCH, HEADS, DIM = 2, 2, 8
 

@@ -3,7 +3,7 @@ import dataclasses
 import torch
 
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
-from memorizing_transformers.data.synthetic import curriculum_documents, RecallTask
+from memorizing_transformers.data.synthetic import RecallTask, curriculum_documents
 from memorizing_transformers.evaluation.recall import recall_accuracy
 
 
@@ -19,7 +19,9 @@ class Oracle(MemorizingTransformer):
                 self.next_token[(tuple(ids[: t + 1].tolist()))] = int(ids[t + 1])
 
     def forward(self, input_ids, attention_mask=None, state=None, start_of_document=None, **kwargs):
-        out = super().forward(input_ids, attention_mask=attention_mask, state=state, start_of_document=start_of_document)
+        out = super().forward(
+            input_ids, attention_mask=attention_mask, state=state, start_of_document=start_of_document
+        )
         self.history = getattr(self, "history", [[] for _ in range(input_ids.shape[0])])
         logits = torch.zeros_like(out.logits)
         for row in range(input_ids.shape[0]):

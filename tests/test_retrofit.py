@@ -10,15 +10,25 @@ from memorizing_transformers.hf.retrofit import add_memory, memory_file_settings
 
 def tiny_llama(kv_heads: int = 2, seed: int = 0, **overrides) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=kv_heads, max_position_embeddings=256,
-                         initializer_range=0.3, **overrides)  # sharp attention: small logit errors show
+    config = LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=256,
+        initializer_range=0.3,
+        **overrides,
+    )  # sharp attention: small logit errors show
     return LlamaForCausalLM(config).eval()
 
 
 def tiny_gpt2() -> GPT2LMHeadModel:
     torch.manual_seed(0)
-    return GPT2LMHeadModel(GPT2Config(vocab_size=97, n_embd=32, n_layer=3, n_head=4, n_positions=256, initializer_range=0.3)).eval()
+    return GPT2LMHeadModel(
+        GPT2Config(vocab_size=97, n_embd=32, n_layer=3, n_head=4, n_positions=256, initializer_range=0.3)
+    ).eval()
 
 
 MODELS = {"llama-gqa": lambda: tiny_llama(2), "llama-mha": lambda: tiny_llama(4), "gpt2": tiny_gpt2}
@@ -190,8 +200,11 @@ def test_streams_go_on_where_the_last_one_ended_also_after_save_and_load(name, t
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
-@pytest.mark.parametrize("settings", [dict(num_beams=2, num_return_sequences=2, do_sample=False),
-                                      dict(do_sample=True, num_return_sequences=3, top_k=5)], ids=["beams", "samples"])
+@pytest.mark.parametrize(
+    "settings",
+    [dict(num_beams=2, num_return_sequences=2, do_sample=False), dict(do_sample=True, num_return_sequences=3, top_k=5)],
+    ids=["beams", "samples"],
+)
 def test_generate_expands_the_memory_to_beams_and_return_sequences(name, settings):
     # The memory holds the prompt's older tokens (retrieved whole): beam search and several
     # sequences per prompt read each row's memory, equal to full attention over the prompt,
@@ -289,7 +302,8 @@ def test_sink_tokens_stay_when_a_small_memory_evicts_them(name, tmp_path):
         fresh = add_memory(MODELS[name](), **memory_file_settings(tmp_path / "kb.safetensors"))
         fresh.load(tmp_path / "kb.safetensors")
         assert fresh.layers[0].sink.memory.fill.tolist() == [4] and torch.equal(
-            fresh.layers[0].sink.memory.keys, handle.layers[0].sink.memory.keys)
+            fresh.layers[0].sink.memory.keys, handle.layers[0].sink.memory.keys
+        )
     no_sinks = add_memory(MODELS[name](), layers=[0, 1, 2], memory_size=8, k=40)
     with torch.no_grad():
         evicted = no_sinks.stream(ids, window=8)

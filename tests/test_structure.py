@@ -49,7 +49,7 @@ def cycles_among(graph: dict[str, set[str]], prefix: str) -> list[list[str]]:
         state[node] = "open"
         for target in sorted(graph[node] & nodes):
             if state.get(target) == "open":
-                found.append(path[path.index(target):] + [target] if target in path else [node, target])
+                found.append(path[path.index(target) :] + [target] if target in path else [node, target])
             elif target not in state:
                 visit(target, path + [target])
         state[node] = "done"
@@ -66,8 +66,13 @@ def test_no_module_of_the_package_imports_itself_through_others():
 
 def test_the_memory_package_needs_nothing_above_it():
     graph = imports()
-    outside = {t for n, ts in graph.items() if n.startswith("memorizing_transformers.memory") for t in ts
-               if not t.startswith("memorizing_transformers.memory")}
+    outside = {
+        t
+        for n, ts in graph.items()
+        if n.startswith("memorizing_transformers.memory")
+        for t in ts
+        if not t.startswith("memorizing_transformers.memory")
+    }
     assert outside <= {"memorizing_transformers.atomic"}
     # Each backend knows only the interface module.
     for backend in ("exact", "faiss_search"):

@@ -17,8 +17,13 @@ from memorizing_transformers.cli import main
 from memorizing_transformers.hf.retrofit import add_memory
 
 KEYS, VALUES, FILLERS, BODY, QUESTIONS = 4, 8, 16, 24, 4
-WORDS = (["<unk>"] + [f"k{i}=v{j}" for i in range(KEYS) for j in range(VALUES)] + [f"k{i}?" for i in range(KEYS)]
-         + [f"v{j}" for j in range(VALUES)] + [f"w{i}" for i in range(FILLERS)])
+WORDS = (
+    ["<unk>"]
+    + [f"k{i}=v{j}" for i in range(KEYS) for j in range(VALUES)]
+    + [f"k{i}?" for i in range(KEYS)]
+    + [f"v{j}" for j in range(VALUES)]
+    + [f"w{i}" for i in range(FILLERS)]
+)
 
 
 def fact_tokenizer() -> PreTrainedTokenizerFast:
@@ -55,8 +60,16 @@ def trained(tmp_path_factory):
     """The trained model, saved as a Hugging Face folder with its tokenizer."""
     tokenizer = fact_tokenizer()
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(WORDS), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     generator = torch.Generator().manual_seed(0)

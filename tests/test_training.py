@@ -17,13 +17,26 @@ from memorizing_transformers.training.trainer import TrainConfig, Trainer
 
 def docs(n=6, length=70, seed=0):
     g = torch.Generator().manual_seed(seed)
-    return [TokenizedDocument(f"d{i}", torch.randint(0, 512, (length + 7 * i,), generator=g), num_bytes=300) for i in range(n)]
+    return [
+        TokenizedDocument(f"d{i}", torch.randint(0, 512, (length + 7 * i,), generator=g), num_bytes=300)
+        for i in range(n)
+    ]
 
 
 def new_trainer(run_dir, steps=4, **overrides):
     torch.manual_seed(0)
     model = MemorizingTransformer(MemorizingConfig.preset("tiny"))
-    config = TrainConfig(steps=steps, batch_size=2, warmup_steps=2, lr=3e-3, eval_every=0, checkpoint_every=2, log_every=1, eval_tokens=50, **overrides)
+    config = TrainConfig(
+        steps=steps,
+        batch_size=2,
+        warmup_steps=2,
+        lr=3e-3,
+        eval_every=0,
+        checkpoint_every=2,
+        log_every=1,
+        eval_tokens=50,
+        **overrides,
+    )
     return Trainer(model, config, docs(), docs(2, seed=1), run_dir)
 
 
@@ -109,7 +122,9 @@ def test_log_binned_loss_is_token_weighted():
     from memorizing_transformers.evaluation.perplexity import EvalResult
     from memorizing_transformers.evaluation.report import log_binned
 
-    result = EvalResult(1.0, 2.7, None, 0, 1, loss_by_segment=[1.0, 2.0, 3.0, 5.0, 1.0], tokens_by_segment=[10, 10, 10, 30, 10])
+    result = EvalResult(
+        1.0, 2.7, None, 0, 1, loss_by_segment=[1.0, 2.0, 3.0, 5.0, 1.0], tokens_by_segment=[10, 10, 10, 30, 10]
+    )
     positions, losses = log_binned(result, segment_length=100)
     assert positions == [50.0, 150.0, 300.0, 450.0]
     assert losses == [1.0, 2.0, 4.5, 1.0]
@@ -122,6 +137,7 @@ def test_atomic_writes_keep_the_old_file_on_failure_and_get_normal_permissions(t
     old_mask = os.umask(0o022)
     try:
         write_atomically(target, lambda tmp: Path(tmp).write_bytes(b"first"))
+
         def killed_midway(tmp: str) -> None:
             Path(tmp).write_bytes(b"half")
             raise RuntimeError("killed")

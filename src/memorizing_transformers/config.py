@@ -9,7 +9,6 @@ from typing import Any, Literal, get_args, get_origin, get_type_hints
 
 import torch
 
-
 MEMORY_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -99,11 +98,19 @@ class MemorizingConfig:
     def __post_init__(self) -> None:
         self._check_types()
         positive = {
-            "vocab_size": self.vocab_size, "d_model": self.d_model, "n_layers": self.n_layers,
-            "n_heads": self.n_heads, "head_dim": self.head_dim, "d_ff": self.d_ff,
-            "segment_length": self.segment_length, "num_buckets": self.num_buckets,
-            "max_distance": self.max_distance, "memory_size": self.memory_size, "knn_k": self.knn_k,
-            "ivf_list_size": self.ivf_list_size, "ivf_nprobe": self.ivf_nprobe,
+            "vocab_size": self.vocab_size,
+            "d_model": self.d_model,
+            "n_layers": self.n_layers,
+            "n_heads": self.n_heads,
+            "head_dim": self.head_dim,
+            "d_ff": self.d_ff,
+            "segment_length": self.segment_length,
+            "num_buckets": self.num_buckets,
+            "max_distance": self.max_distance,
+            "memory_size": self.memory_size,
+            "knn_k": self.knn_k,
+            "ivf_list_size": self.ivf_list_size,
+            "ivf_nprobe": self.ivf_nprobe,
         }
         for name, value in positive.items():
             if value <= 0:
@@ -139,9 +146,14 @@ class MemorizingConfig:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                     raise ValueError(f"MemorizingConfig.{f.name} must be a number, got {value!r}")
                 setattr(self, f.name, float(value))
-        if isinstance(self.knn_layers, (str, bytes)) or not hasattr(self.knn_layers, "__iter__") \
-                or not all(_is_int(i) for i in self.knn_layers):
-            raise ValueError(f"MemorizingConfig.knn_layers must be a list of layer indices, e.g. [-2], got {self.knn_layers!r}")
+        if (
+            isinstance(self.knn_layers, (str, bytes))
+            or not hasattr(self.knn_layers, "__iter__")
+            or not all(_is_int(i) for i in self.knn_layers)
+        ):
+            raise ValueError(
+                f"MemorizingConfig.knn_layers must be a list of layer indices, e.g. [-2], got {self.knn_layers!r}"
+            )
         self.knn_layers = tuple(int(i) for i in self.knn_layers)
 
     @property
@@ -184,21 +196,40 @@ def _is_int(value: Any) -> bool:
 _CHOICES = {
     name: get_args(hint) for name, hint in get_type_hints(MemorizingConfig).items() if get_origin(hint) is Literal
 }
-_FIELD_TYPES = {name: (hint if get_origin(hint) is not Literal else str)
-                for name, hint in get_type_hints(MemorizingConfig).items()}
+_FIELD_TYPES = {
+    name: (hint if get_origin(hint) is not Literal else str) for name, hint in get_type_hints(MemorizingConfig).items()
+}
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Seconds on a CPU: what the tests use.
     "tiny": dict(
-        vocab_size=512, d_model=64, n_layers=4, n_heads=4, head_dim=16, d_ff=128,
-        segment_length=16, xl_length=16, knn_layers=(2,), memory_size=128, knn_k=4,
+        vocab_size=512,
+        d_model=64,
+        n_layers=4,
+        n_heads=4,
+        head_dim=16,
+        d_ff=128,
+        segment_length=16,
+        xl_length=16,
+        knn_layers=(2,),
+        memory_size=128,
+        knn_k=4,
     ),
     # Minutes on a CPU.
     "small": dict(),
     # The final model of the paper: 12 layers, d 1024, 8 x 128 heads, FFN 4096,
     # 512-token segments with an XL cache of one segment, memory 65,536 in layer -4, k 32.
     "paper": dict(
-        vocab_size=32000, d_model=1024, n_layers=12, n_heads=8, head_dim=128, d_ff=4096,
-        segment_length=512, xl_length=512, knn_layers=(-4,), memory_size=65536, knn_k=32,
+        vocab_size=32000,
+        d_model=1024,
+        n_layers=12,
+        n_heads=8,
+        head_dim=128,
+        d_ff=4096,
+        segment_length=512,
+        xl_length=512,
+        knn_layers=(-4,),
+        memory_size=65536,
+        knn_k=32,
     ),
 }

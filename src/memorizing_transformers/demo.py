@@ -34,20 +34,40 @@ from .training.trainer import TrainConfig, Trainer
 
 # A model small enough to train in minutes on two CPU cores: 4 layers, memory in layer -2.
 DEMO_MODEL: dict[str, Any] = dict(
-    d_model=128, n_layers=4, n_heads=4, head_dim=32, d_ff=512,
-    segment_length=128, xl_length=128, knn_layers=(-2,), memory_size=4096, knn_k=32,
+    d_model=128,
+    n_layers=4,
+    n_heads=4,
+    head_dim=32,
+    d_ff=512,
+    segment_length=128,
+    xl_length=128,
+    knn_layers=(-2,),
+    memory_size=4096,
+    knn_k=32,
 )
 
 
 # The recall task: 32 names bound to 16 values, asked again up to 512 tokens later, so
 # most answers lie beyond the 32-token segment and its 32-token XL cache.
-RECALL_TASK = RecallTask(num_names=32, num_values=16, document_length=512, min_distance=2, max_distance=512, question_rate=0.8)
+RECALL_TASK = RecallTask(
+    num_names=32, num_values=16, document_length=512, min_distance=2, max_distance=512, question_rate=0.8
+)
 # Three choices make the memory learnable in a minute or two on a CPU (docs/RESULTS.md):
 # the memory gate starts nearly shut, layer 0 starts as a previous-token layer, and the
 # distances grow by a curriculum.
 RECALL_MODEL: dict[str, Any] = dict(
-    d_model=64, n_layers=2, n_heads=2, head_dim=32, d_ff=128, segment_length=32, xl_length=32,
-    knn_layers=(1,), memory_size=512, knn_k=8, memory_gate_init=-3.0, previous_token_bias_init=5.0,
+    d_model=64,
+    n_layers=2,
+    n_heads=2,
+    head_dim=32,
+    d_ff=128,
+    segment_length=32,
+    xl_length=32,
+    knn_layers=(1,),
+    memory_size=512,
+    knn_k=8,
+    memory_gate_init=-3.0,
+    previous_token_bias_init=5.0,
 )
 EVAL_SEED_OFFSET = 1_000_000_000  # evaluation documents never share a seed with training ones
 
@@ -63,8 +83,18 @@ class DemoScale:
     recall_eval_documents: int
 
 
-FULL = DemoScale(vocab_size=4096, steps=2500, batch_size=4, max_documents=None, test_tokens=None, recall_steps=2000, recall_eval_documents=64)
-QUICK = DemoScale(vocab_size=512, steps=3, batch_size=2, max_documents=3, test_tokens=512, recall_steps=20, recall_eval_documents=8)
+FULL = DemoScale(
+    vocab_size=4096,
+    steps=2500,
+    batch_size=4,
+    max_documents=None,
+    test_tokens=None,
+    recall_steps=2000,
+    recall_eval_documents=64,
+)
+QUICK = DemoScale(
+    vocab_size=512, steps=3, batch_size=2, max_documents=3, test_tokens=512, recall_steps=20, recall_eval_documents=8
+)
 
 
 def code_documents(scale: DemoScale, out: Path):
@@ -78,7 +108,14 @@ def code_documents(scale: DemoScale, out: Path):
     return tokenizer, tokenize_documents(train, tokenizer), tokenize_documents(test, tokenizer)
 
 
-def train(label: str, config: MemorizingConfig, train_config: TrainConfig, train_docs: list[TokenizedDocument], run_dir: Path, tokenizer=None) -> tuple[MemorizingTransformer, float]:
+def train(
+    label: str,
+    config: MemorizingConfig,
+    train_config: TrainConfig,
+    train_docs: list[TokenizedDocument],
+    run_dir: Path,
+    tokenizer=None,
+) -> tuple[MemorizingTransformer, float]:
     """Train (or finish training, resuming from the run's checkpoint) one model; returns it and the seconds spent."""
     torch.manual_seed(train_config.seed)
     model = MemorizingTransformer(config, tokenizer=tokenizer)
@@ -95,12 +132,20 @@ def code_stage(scale: DemoScale, out: Path) -> tuple[list[dict[str, Any]], str, 
     """Train the same small model with and without memory on the code corpus; evaluate on held-out packages."""
     print("-- the code corpus: the standard library, one document per package, split by document")
     tokenizer, train_docs, test_docs = code_documents(scale, out)
-    print(f"   {len(train_docs)} training documents ({sum(d.ids.numel() for d in train_docs):,} tokens), "
-          f"{len(test_docs)} test documents ({sum(d.ids.numel() for d in test_docs):,} tokens), BPE of {len(tokenizer)} tokens")
+    print(
+        f"   {len(train_docs)} training documents ({sum(d.ids.numel() for d in train_docs):,} tokens), "
+        f"{len(test_docs)} test documents ({sum(d.ids.numel() for d in test_docs):,} tokens), BPE of "
+        f"{len(tokenizer)} tokens"
+    )
     base = MemorizingConfig.preset("small", **DEMO_MODEL, vocab_size=len(tokenizer))
     train_config = TrainConfig(
-        steps=scale.steps, batch_size=scale.batch_size, lr=2e-3, warmup_steps=max(1, scale.steps // 10),
-        eval_every=0, checkpoint_every=max(1, scale.steps // 4), log_every=max(1, scale.steps // 20),
+        steps=scale.steps,
+        batch_size=scale.batch_size,
+        lr=2e-3,
+        warmup_steps=max(1, scale.steps // 10),
+        eval_every=0,
+        checkpoint_every=max(1, scale.steps // 4),
+        log_every=max(1, scale.steps // 20),
     )
     results: dict[str, EvalResult] = {}
     rows = []
@@ -109,9 +154,19 @@ def code_stage(scale: DemoScale, out: Path) -> tuple[list[dict[str, Any]], str, 
         model, train_seconds = train(label, config, train_config, train_docs, out / f"code-{slug}", tokenizer)
         began = time.perf_counter()
         results[label] = result = evaluate(model, test_docs, max_tokens=scale.test_tokens, progress=True)
-        print(f"  {label}: test perplexity {result.perplexity:.2f} ({result.tokens:,} tokens), trained {train_seconds:.0f} s")
-        rows.append({"label": label, **describe(model), **result.to_dict(),
-                     "train_seconds": train_seconds, "eval_seconds": time.perf_counter() - began})
+        print(
+            f"  {label}: test perplexity {result.perplexity:.2f} ({result.tokens:,} tokens), trained "
+            f"{train_seconds:.0f} s"
+        )
+        rows.append(
+            {
+                "label": label,
+                **describe(model),
+                **result.to_dict(),
+                "train_seconds": train_seconds,
+                "eval_seconds": time.perf_counter() - began,
+            }
+        )
     plot = out / "code_loss_by_position.png"
     plot_loss_by_position(results, base.segment_length, plot, f"code corpus, test split, {scale.steps} training steps")
     return rows, markdown_table(rows), plot
@@ -119,15 +174,25 @@ def code_stage(scale: DemoScale, out: Path) -> tuple[list[dict[str, Any]], str, 
 
 def recall_stage(scale: DemoScale, out: Path) -> tuple[list[dict[str, Any]], str]:
     """Train the recall model with and without memory; answer accuracy by where the binding lies."""
-    print(f"-- the recall task: {RECALL_TASK.num_names} names bound to {RECALL_TASK.num_values} values, "
-          f"asked again up to {RECALL_TASK.max_distance} tokens later; loss on the answers only")
+    print(
+        f"-- the recall task: {RECALL_TASK.num_names} names bound to {RECALL_TASK.num_values} values, "
+        f"asked again up to {RECALL_TASK.max_distance} tokens later; loss on the answers only"
+    )
     config = MemorizingConfig(**RECALL_MODEL, vocab_size=RECALL_TASK.vocab_size)
     train_config = TrainConfig(
-        steps=scale.recall_steps, batch_size=32, lr=3e-3, warmup_steps=min(100, scale.recall_steps), weight_decay=0.0,
-        shuffle=False, eval_every=0, checkpoint_every=scale.recall_steps, log_every=max(1, scale.recall_steps // 20),
+        steps=scale.recall_steps,
+        batch_size=32,
+        lr=3e-3,
+        warmup_steps=min(100, scale.recall_steps),
+        weight_decay=0.0,
+        shuffle=False,
+        eval_every=0,
+        checkpoint_every=scale.recall_steps,
+        log_every=max(1, scale.recall_steps // 20),
     )
-    train_docs = curriculum_documents(RECALL_TASK, scale.recall_steps, train_config.batch_size, config.segment_length,
-                                      start=32, doubling_steps=500)
+    train_docs = curriculum_documents(
+        RECALL_TASK, scale.recall_steps, train_config.batch_size, config.segment_length, start=32, doubling_steps=500
+    )
     eval_docs = RECALL_TASK.generate_many(range(EVAL_SEED_OFFSET, EVAL_SEED_OFFSET + scale.recall_eval_documents))
     rows = []
     for label, variant in (("XL + kNN memory", config), ("XL only", dataclasses.replace(config, knn_layers=()))):
@@ -135,13 +200,18 @@ def recall_stage(scale: DemoScale, out: Path) -> tuple[list[dict[str, Any]], str
         model, seconds = train(label, variant, train_config, train_docs, out / f"recall-{slug}")
         accuracy = recall_accuracy(model, eval_docs)
         rows.append({"label": label, "train_seconds": seconds, "accuracy": accuracy})
-        print(f"  {label}: answers beyond the XL window {accuracy['memory']['accuracy']:.1%} right, trained {seconds:.0f} s")
+        print(
+            f"  {label}: answers beyond the XL window {accuracy['memory']['accuracy']:.1%} right, trained "
+            f"{seconds:.0f} s"
+        )
     lines = [
         "| model | answer in its segment | in the XL cache | only in memory | chance |",
         "|---|---:|---:|---:|---:|",
     ]
     for row in rows:
-        cells = " | ".join(f"{row['accuracy'][c]['accuracy']:.1%} ({row['accuracy'][c]['count']})" for c in DISTANCE_CATEGORIES)
+        cells = " | ".join(
+            f"{row['accuracy'][c]['accuracy']:.1%} ({row['accuracy'][c]['count']})" for c in DISTANCE_CATEGORIES
+        )
         lines.append(f"| {row['label']} | {cells} | {RECALL_TASK.chance_accuracy:.1%} |")
     return rows, "\n".join(lines)
 
@@ -163,8 +233,10 @@ def run_demo(quick: bool = False, out_dir: Path = Path("runs/demo"), docs_dir: P
     }
     write_atomically(out / "demo.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2)))
     print()
-    print(f"Recall task, {scale.recall_eval_documents} held-out documents, answer accuracy by where the binding lies "
-          f"(same seed and {scale.recall_steps} steps each):")
+    print(
+        f"Recall task, {scale.recall_eval_documents} held-out documents, answer accuracy by where the binding lies "
+        f"(same seed and {scale.recall_steps} steps each):"
+    )
     print(recall_table)
     print()
     print(f"Code corpus, held-out documents, same seed and {scale.steps} steps each:")

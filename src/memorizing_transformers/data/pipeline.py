@@ -76,8 +76,15 @@ def load_tokenized(corpus: str, split: str, tokenizer: PreTrainedTokenizerBase) 
     path = cache_dir() / "tokenized" / folder / f"{split}.pt"
     if path.is_file():
         saved = torch.load(path, weights_only=True)
-        return [TokenizedDocument(name, ids, num_bytes=int(n)) for name, ids, n in zip(saved["names"], saved["ids"], saved["bytes"])]
+        return [
+            TokenizedDocument(name, ids, num_bytes=int(n))
+            for name, ids, n in zip(saved["names"], saved["ids"], saved["bytes"])
+        ]
     documents = tokenize_documents(load_corpus(corpus, split), tokenizer)
-    payload = {"names": [d.name for d in documents], "ids": [d.ids for d in documents], "bytes": [d.num_bytes for d in documents]}
+    payload = {
+        "names": [d.name for d in documents],
+        "ids": [d.ids for d in documents],
+        "bytes": [d.num_bytes for d in documents],
+    }
     write_atomically(path, lambda tmp: torch.save(payload, tmp))
     return documents

@@ -26,7 +26,10 @@ class TokenizedDocument:
         if self.ids.dim() != 1:
             raise ValueError(f"document {self.name!r}: ids must be 1-D, got shape {tuple(self.ids.shape)}")
         if self.loss_mask is not None and self.loss_mask.shape != self.ids.shape:
-            raise ValueError(f"document {self.name!r}: loss_mask shape {tuple(self.loss_mask.shape)} != ids shape {tuple(self.ids.shape)}")
+            raise ValueError(
+                f"document {self.name!r}: loss_mask shape {tuple(self.loss_mask.shape)} != ids shape "
+                f"{tuple(self.ids.shape)}"
+            )
 
 
 @dataclass

@@ -34,7 +34,6 @@ sensible parameters; fillers are never in the loss).
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import random
 from dataclasses import dataclass
@@ -188,7 +187,12 @@ def accuracy_by_category(correct: torch.Tensor, categories: torch.Tensor) -> dic
 
 
 def curriculum_documents(
-    task: RecallTask, steps: int, batch_size: int, segment_length: int, start: int = 32, doubling_steps: int = 500,
+    task: RecallTask,
+    steps: int,
+    batch_size: int,
+    segment_length: int,
+    start: int = 32,
+    doubling_steps: int = 500,
     seed: int = 0,
 ) -> list[TokenizedDocument]:
     """Training documents of `task` in the order the rows of a `StreamingBatcher` (shuffle
@@ -199,7 +203,11 @@ def curriculum_documents(
     documents = []
     for index in range(batch_size * (steps // segments_per_document + 1)):
         step = index // batch_size * segments_per_document
-        limit = task.max_distance if not doubling_steps else min(task.max_distance, start * 2 ** (step // doubling_steps))
+        limit = (
+            task.max_distance if not doubling_steps else min(task.max_distance, start * 2 ** (step // doubling_steps))
+        )
         limit = max(task.min_distance, limit)
-        documents.append(dataclasses.replace(task, max_distance=limit).generate(seed=seed * 10_000_000 + index).document)
+        documents.append(
+            dataclasses.replace(task, max_distance=limit).generate(seed=seed * 10_000_000 + index).document
+        )
     return documents

@@ -9,9 +9,10 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any, Iterable
 
-from ..atomic import atomic_dir
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+from ..atomic import atomic_dir
 
 DEFAULT_TOKENIZER = "gpt2"
 END_OF_TEXT = "<|endoftext|>"
@@ -77,7 +78,10 @@ def train_bpe(texts: Iterable[str], vocab_size: int, directory: str | Path) -> P
     )
     tokenizer.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, unk_token=END_OF_TEXT,
+        tokenizer_object=tokenizer,
+        bos_token=END_OF_TEXT,
+        eos_token=END_OF_TEXT,
+        unk_token=END_OF_TEXT,
         model_max_length=1 << 60,
     )
     directory = Path(directory)

@@ -61,13 +61,30 @@ def inspect_document(model: MemorizingTransformer, text: str, top: int = 5) -> d
     length = model.config.segment_length
     # Segment i's queries are tokens i * length onwards; tokens before them are in memory.
     calls = [(record, index * length, 0) for index, record in enumerate(trace)]
-    return _report(ids, model.tokenizer, with_memory, without_memory, calls, top, layer=layer, heads=model.config.n_heads,
-                   segment_length=length, memory_size=model.config.memory_size)
+    return _report(
+        ids,
+        model.tokenizer,
+        with_memory,
+        without_memory,
+        calls,
+        top,
+        layer=layer,
+        heads=model.config.n_heads,
+        segment_length=length,
+        memory_size=model.config.memory_size,
+    )
 
 
 @torch.no_grad()
-def inspect_pretrained(handle: MemoryHandle, tokenizer, text: str, window: int = 512, stride: int | None = None,
-                       layer: int | None = None, top: int = 5) -> dict[str, Any]:
+def inspect_pretrained(
+    handle: MemoryHandle,
+    tokenizer,
+    text: str,
+    window: int = 512,
+    stride: int | None = None,
+    layer: int | None = None,
+    top: int = 5,
+) -> dict[str, Any]:
     """The same data for a Hugging Face model with `add_memory`: the document is streamed
     (`MemoryHandle.stream`) with its memory and with the memory disabled; the page shows
     memory layer `layer` (default: the first)."""
@@ -93,13 +110,29 @@ def inspect_pretrained(handle: MemoryHandle, tokenizer, text: str, window: int =
     # Call c reads tokens c * stride onwards, all earlier ones in memory; it scores those
     # the previous call did not (from window - stride on).
     calls = [(record, c * stride, 0 if c == 0 else window - stride) for c, record in enumerate(trace)]
-    return _report(ids, tokenizer, with_memory, without_memory, calls, top, layer=layer,
-                   heads=handle.model.config.num_attention_heads, segment_length=window,
-                   memory_size=handle.layers[layer].capacity)
+    return _report(
+        ids,
+        tokenizer,
+        with_memory,
+        without_memory,
+        calls,
+        top,
+        layer=layer,
+        heads=handle.model.config.num_attention_heads,
+        segment_length=window,
+        memory_size=handle.layers[layer].capacity,
+    )
 
 
-def _report(ids: torch.Tensor, tokenizer, with_memory: torch.Tensor, without_memory: torch.Tensor,
-            calls: list[tuple[dict[str, torch.Tensor], int, int]], top: int, **about: Any) -> dict[str, Any]:
+def _report(
+    ids: torch.Tensor,
+    tokenizer,
+    with_memory: torch.Tensor,
+    without_memory: torch.Tensor,
+    calls: list[tuple[dict[str, torch.Tensor], int, int]],
+    top: int,
+    **about: Any,
+) -> dict[str, Any]:
     """The page's data. `calls`: per forward call, the memory layer's record, the number of
     tokens written to memory before it (in order, from slot 0, so slot = position mod
     capacity), and its first query that is the document's next token."""
@@ -110,10 +143,18 @@ def _report(ids: torch.Tensor, tokenizer, with_memory: torch.Tensor, without_mem
         keep = min(top, record["slots"].shape[-1])
         positions = before - 1 - (before - 1 - record["slots"][0, :, :, :keep]) % capacity  # (heads, seq, keep)
         for t in range(first, record["slots"].shape[2]):
-            retrieved.append([
-                [[int(p), round(float(s), 3)] for p, s, v in zip(positions[h, t], record["logits"][0, h, t, :keep], record["valid"][0, h, t, :keep]) if v]
-                for h in range(positions.shape[0])
-            ])
+            retrieved.append(
+                [
+                    [
+                        [int(p), round(float(s), 3)]
+                        for p, s, v in zip(
+                            positions[h, t], record["logits"][0, h, t, :keep], record["valid"][0, h, t, :keep]
+                        )
+                        if v
+                    ]
+                    for h in range(positions.shape[0])
+                ]
+            )
             share.append([round(float(x), 4) for x in record["share"][0, :, t]])
     return {
         "tokens": [tokenizer.decode([i]) for i in ids.tolist()],
@@ -156,7 +197,8 @@ function show(i) {
     out += `<h3>head ${h}: memory share ${(100 * data.memory_share[i][h]).toFixed(1)}%</h3>`;
     out += '<table class="retrieved"><tr><th>position</th><th>score</th><th>token</th></tr>';
     entries.forEach(([p, s]) => {
-      out += `<tr class="hit"><td><a href="#${p}">${p}</a></td><td>${s.toFixed(3)}</td><td>${quote(p).replace(/</g, '&lt;')}</td></tr>`;
+      out += `<tr class="hit"><td><a href="#${p}">${p}</a></td><td>${s.toFixed(3)}</td>`;
+      out += `<td>${quote(p).replace(/</g, '&lt;')}</td></tr>`;
     });
     out += '</table>';
   });
@@ -183,7 +225,7 @@ def render_html(report: dict[str, Any], title: str) -> str:
 <html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{_STYLE}</style></head>
 <body>
 <div id="doc"><h1>{html.escape(title)}</h1>
-<p class="legend">Memory layer {report['layer']}, {report['heads']} heads, memory of {report['memory_size']:,} tokens.
+<p class="legend">Memory layer {report["layer"]}, {report["heads"]} heads, memory of {report["memory_size"]:,} tokens.
 Colour: <span style="background:rgba(40,160,60,.6)">memory lowered the loss</span>
 <span style="background:rgba(200,40,40,.6)">memory raised it</span>
 (of the next token). Hover or click a token.</p>

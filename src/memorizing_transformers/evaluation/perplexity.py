@@ -51,12 +51,21 @@ def evaluate(
     by_segment_loss: dict[int, float] = {}
     by_segment_count: dict[int, int] = {}
     per_token = [torch.full((d.ids.numel(),), float("nan")) for d in batcher.documents] if token_losses else None
-    bar = tqdm(total=max_tokens or sum(d.ids.numel() - 1 for d in batcher.documents), disable=not progress, unit="tok", desc="evaluate")
+    bar = tqdm(
+        total=max_tokens or sum(d.ids.numel() - 1 for d in batcher.documents),
+        disable=not progress,
+        unit="tok",
+        desc="evaluate",
+    )
     for batch in batcher:
-        out = model(batch.input_ids, attention_mask=batch.attention_mask, state=state, start_of_document=batch.start_of_document)
+        out = model(
+            batch.input_ids, attention_mask=batch.attention_mask, state=state, start_of_document=batch.start_of_document
+        )
         state = out.state
         scored = batch.targets != -100  # (batch, seq)
-        losses = F.cross_entropy(out.logits.float().transpose(1, 2), batch.targets.to(model.device), ignore_index=-100, reduction="none")
+        losses = F.cross_entropy(
+            out.logits.float().transpose(1, 2), batch.targets.to(model.device), ignore_index=-100, reduction="none"
+        )
         losses = losses.cpu()
         if per_token is not None:
             for row in scored.any(dim=1).nonzero().flatten().tolist():

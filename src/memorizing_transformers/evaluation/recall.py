@@ -10,19 +10,25 @@ from ..model.transformer import MemorizingTransformer
 
 
 @torch.no_grad()
-def recall_accuracy(model: MemorizingTransformer, documents: list[RecallDocument], batch_size: int = 8) -> dict[str, dict[str, float]]:
+def recall_accuracy(
+    model: MemorizingTransformer, documents: list[RecallDocument], batch_size: int = 8
+) -> dict[str, dict[str, float]]:
     """Stream the documents (fresh state of its own, rows pinned to documents) and score the
     greedy prediction at every answer, grouped into "segment", "xl" and "memory" answers."""
     was_training = model.training
     model.eval()
     config = model.config
-    batcher = StreamingBatcher([d.document for d in documents], batch_size, config.segment_length, shuffle=False, epochs=1)
+    batcher = StreamingBatcher(
+        [d.document for d in documents], batch_size, config.segment_length, shuffle=False, epochs=1
+    )
     if len(batcher.documents) != len(documents):
         raise ValueError("every recall document must hold at least 2 tokens")
     correct = [torch.zeros(d.document.ids.numel(), dtype=torch.bool) for d in documents]  # per position
     state = model.new_state(batch_size)
     for batch in batcher:
-        out = model(batch.input_ids, attention_mask=batch.attention_mask, state=state, start_of_document=batch.start_of_document)
+        out = model(
+            batch.input_ids, attention_mask=batch.attention_mask, state=state, start_of_document=batch.start_of_document
+        )
         state = out.state
         hits = (out.logits.argmax(dim=-1).cpu() == batch.targets) & (batch.targets != -100)  # (batch, seq)
         for row, column in hits.nonzero().tolist():

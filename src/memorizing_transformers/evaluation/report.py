@@ -53,7 +53,7 @@ def log_binned(result: EvalResult, segment_length: int) -> tuple[list[float], li
     while start < len(result.loss_by_segment):
         stop = min(len(result.loss_by_segment), max(1, 2 * start))
         counts = result.tokens_by_segment[start:stop]
-        total = sum(l * n for l, n in zip(result.loss_by_segment[start:stop], counts))
+        total = sum(loss * n for loss, n in zip(result.loss_by_segment[start:stop], counts))
         positions.append((start + stop) / 2 * segment_length)
         losses.append(total / sum(counts))
         start = stop
@@ -99,7 +99,9 @@ def evaluate_checkpoint(
     model = MemorizingTransformer.from_pretrained(model_dir, **overrides).to(device)
     variants = {"with memory" if model.config.knn_layers else "no memory": model}
     if model.config.knn_layers and compare_without_memory:
-        variants["memory off"] = MemorizingTransformer.from_pretrained(model_dir, **{**overrides, "knn_layers": ()}).to(device)
+        variants["memory off"] = MemorizingTransformer.from_pretrained(model_dir, **{**overrides, "knn_layers": ()}).to(
+            device
+        )
     documents = load_tokenized(corpus, split, model.tokenizer)
     results: dict[str, EvalResult] = {}
     rows = []
@@ -130,7 +132,11 @@ def forward_flops_per_token(c: MemorizingConfig, memory_fill: int | None = None)
     parts = {"layers": c.n_layers * per_layer, "lm_head": 2.0 * c.d_model * c.vocab_size}
     if c.knn_layers:
         stored = c.memory_size if memory_fill is None else memory_fill
-        searched = stored if c.memory_backend != "faiss_ivf" else stored * min(1.0, c.ivf_nprobe * c.ivf_list_size / max(1, stored))
+        searched = (
+            stored
+            if c.memory_backend != "faiss_ivf"
+            else stored * min(1.0, c.ivf_nprobe * c.ivf_list_size / max(1, stored))
+        )
         parts["memory_search"] = len(c.knn_layers) * 2.0 * inner * searched
         parts["memory_attention"] = len(c.knn_layers) * 2 * 2.0 * inner * c.knn_k
     parts["total"] = sum(parts.values())

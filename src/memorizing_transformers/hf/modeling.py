@@ -99,12 +99,19 @@ class MemorizingForCausalLM(PreTrainedModel, GenerationMixin):
         **kwargs: Any,
     ) -> MemorizingCausalLMOutput:
         """See MemorizingTransformer.forward; `cache` is its `state`."""
-        out = self.model(input_ids, attention_mask=attention_mask, labels=labels, state=cache, start_of_document=start_of_document)
+        out = self.model(
+            input_ids, attention_mask=attention_mask, labels=labels, state=cache, start_of_document=start_of_document
+        )
         return MemorizingCausalLMOutput(loss=out.loss, logits=out.logits, cache=out.state)
 
-    def prepare_inputs_for_generation(self, input_ids: torch.Tensor, cache: MemorizingState | None = None,
-                                      attention_mask: torch.Tensor | None = None, is_first_iteration: bool = False,
-                                      **kwargs: Any) -> dict[str, Any]:
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.Tensor,
+        cache: MemorizingState | None = None,
+        attention_mask: torch.Tensor | None = None,
+        is_first_iteration: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
         """The tokens the stream has not read yet, with their part of the attention mask. On the
         first step the whole prompt is new, even to a cache passed in with a memory already filled."""
         if is_first_iteration and cache is not None:

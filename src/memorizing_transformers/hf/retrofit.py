@@ -52,8 +52,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
 from ..memory.files import fingerprint, load_memory_file, memory_file_metadata, save_memory_file
-from ..model.attention import memory_attention
 from ..memory.knn_memory import KNNMemory
+from ..model.attention import memory_attention
 
 ATTENTION_NAME = "memorizing"
 MEMORY_FILE_FORMAT = "memorizing_transformers.RetrofitMemory"
@@ -83,8 +83,13 @@ class LayerMemory:
     sink: "LayerMemory | None" = None
 
     def shape(self, batch_size: int) -> dict[str, int | str]:
-        shape = {"batch_size": batch_size, "num_kv_heads": self.num_kv_heads, "head_dim": self.head_dim,
-                 "capacity": self.capacity, "dtype": str(self.dtype).removeprefix("torch.")}
+        shape = {
+            "batch_size": batch_size,
+            "num_kv_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "capacity": self.capacity,
+            "dtype": str(self.dtype).removeprefix("torch."),
+        }
         return shape | ({"sink_tokens": self.sink.capacity} if self.sink else {})
 
     def stores(self) -> list["LayerMemory"]:
@@ -99,8 +104,15 @@ class LayerMemory:
         other mismatch is refused."""
         memory = self.memory
         if memory is None or (memory.batch_size != batch_size and not bool(memory.valid.any())):
-            self.memory = KNNMemory(batch_size, self.num_kv_heads, self.head_dim, self.capacity,
-                                    dtype=self.dtype, device=device, backend=self.backend)
+            self.memory = KNNMemory(
+                batch_size,
+                self.num_kv_heads,
+                self.head_dim,
+                self.capacity,
+                dtype=self.dtype,
+                device=device,
+                backend=self.backend,
+            )
             self.expanded = None
             return self.memory
         if memory.batch_size == batch_size:
@@ -108,7 +120,8 @@ class LayerMemory:
         if writes or batch_size % memory.batch_size:
             raise ValueError(
                 f"the memory of layer {self.layer} holds {memory.batch_size} filled row(s), but this input has "
-                f"{batch_size} rows: give one input row per memory row, or reset() the memory first")
+                f"{batch_size} rows: give one input row per memory row, or reset() the memory first"
+            )
         if self.expanded is None or self.expanded.batch_size != batch_size:
             repeats = batch_size // memory.batch_size
             self.expanded = memory.select_rows(torch.arange(memory.batch_size).repeat_interleave(repeats))
@@ -191,9 +204,11 @@ class MemoryHandle:
 
     def fill(self) -> dict[int, list[int]]:
         """Stored entries per layer and row."""
-        return {i: ([] if l.memory is None else l.memory.fill.tolist()) for i, l in self.layers.items()}
+        return {i: ([] if layer.memory is None else layer.memory.fill.tolist()) for i, layer in self.layers.items()}
 
-    def stream(self, input_ids: torch.Tensor, window: int, stride: int | None = None, losses: bool = False) -> torch.Tensor:
+    def stream(
+        self, input_ids: torch.Tensor, window: int, stride: int | None = None, losses: bool = False
+    ) -> torch.Tensor:
         """Read a long input through a sliding window, the memory holding what has left it.
 
         input_ids: (batch, seq). Calls cover `window` tokens and advance by `stride`
@@ -228,7 +243,9 @@ class MemoryHandle:
             new = 0 if start == 0 else window - stride  # the earlier tokens were scored by the previous call
             if losses:  # targets of positions start + new .. end - 1 (none after the input's last token)
                 targets = input_ids[:, start + new + 1 : end + 1]
-                out = F.cross_entropy(out[:, new : new + targets.shape[1]].transpose(1, 2).float(), targets, reduction="none")
+                out = F.cross_entropy(
+                    out[:, new : new + targets.shape[1]].transpose(1, 2).float(), targets, reduction="none"
+                )
                 logits.append(out)
             else:
                 logits.append(out[:, new:])
@@ -263,7 +280,9 @@ class MemoryHandle:
         positions = torch.arange(self.position, self.position + seq - split, device=input_ids.device).expand(batch, -1)
         self.writing = False
         try:
-            out = self.model.generate(last, attention_mask=torch.ones_like(last), position_ids=positions, **generate_kwargs)
+            out = self.model.generate(
+                last, attention_mask=torch.ones_like(last), position_ids=positions, **generate_kwargs
+            )
         finally:
             self.writing = True
         prefix = input_ids[:, :split].repeat_interleave(out.shape[0] // batch, dim=0)  # beams, return sequences
@@ -274,8 +293,12 @@ class MemoryHandle:
         `add_memory`, the streaming position, the shapes and the model's identity (its
         configuration's and weights' fingerprints), so that a model it does not fit refuses it."""
         tensors = {}
-        metadata = {"format": MEMORY_FILE_FORMAT, "model": json.dumps(model_identity(self.model)),
-                    "settings": json.dumps(self.settings), "position": str(self.position)}
+        metadata = {
+            "format": MEMORY_FILE_FORMAT,
+            "model": json.dumps(model_identity(self.model)),
+            "settings": json.dumps(self.settings),
+            "position": str(self.position),
+        }
         for i, layer in self.layers.items():
             if layer.memory is None:
                 raise ValueError(f"layer {i} has no memory yet: run the model on some input first")
@@ -289,28 +312,44 @@ class MemoryHandle:
         """Read memories written by `save`; refuses a file made for another model or other shapes."""
         metadata, tensors = load_memory_file(path, MEMORY_FILE_FORMAT, "a memory file of add_memory")
         saved, mine = json.loads(metadata["model"]), model_identity(self.model)
-        made_for = (f"{path} was made for the model {saved['model']} (fingerprints {saved['config']}/{saved['weights']}), "
-                    f"not for this one, {mine['model']} ({mine['config']}/{mine['weights']})")
+        made_for = (
+            f"{path} was made for the model {saved['model']} (fingerprints {saved['config']}/{saved['weights']}), "
+            f"not for this one, {mine['model']} ({mine['config']}/{mine['weights']})"
+        )
         if saved["model"] != mine["model"]:
             raise ValueError(made_for)
         saved_layers = sorted(int(key.split(".")[1]) for key in metadata if key.startswith("layer."))
         if saved_layers != sorted(self.layers):
-            raise ValueError(f"{path} holds memories of layers {saved_layers}, but this model has memory in {sorted(self.layers)}")
+            raise ValueError(
+                f"{path} holds memories of layers {saved_layers}, but this model has memory in {sorted(self.layers)}"
+            )
         shapes = {i: json.loads(metadata[f"layer.{i}"]) for i in saved_layers}
         for i, shape in shapes.items():
             if shape != self.layers[i].shape(shape["batch_size"]):
-                raise ValueError(f"{path}: the memory of layer {i} is {shape}, but this model's is {self.layers[i].shape(shape['batch_size'])}")
+                raise ValueError(
+                    f"{path}: the memory of layer {i} is {shape}, but this model's is "
+                    f"{self.layers[i].shape(shape['batch_size'])}"
+                )
         if saved != mine:
-            raise ValueError(made_for + (": same shapes, other configuration" if saved["config"] != mine["config"]
-                                         else ": same configuration, other weights"))
+            raise ValueError(
+                made_for
+                + (
+                    ": same shapes, other configuration"
+                    if saved["config"] != mine["config"]
+                    else ": same configuration, other weights"
+                )
+            )
         device = next(self.model.parameters()).device
         for i, layer in self.layers.items():
             for store, prefix in ((layer, f"layer.{i}."), (layer.sink, f"layer.{i}.sink.")):
                 if store is None:
                     continue
                 store.memory = store.expanded = None
-                saved_store = {name[len(prefix):]: t for name, t in tensors.items()
-                               if name.startswith(prefix) and "." not in name[len(prefix):]}
+                saved_store = {
+                    name[len(prefix) :]: t
+                    for name, t in tensors.items()
+                    if name.startswith(prefix) and "." not in name[len(prefix) :]
+                }
                 if saved_store:
                     store.for_call(shapes[i]["batch_size"], device, writes=True).load_state_dict(saved_store)
         self.position = int(metadata["position"])
@@ -324,8 +363,16 @@ def memory_file_settings(path: str | os.PathLike) -> dict:
 
 
 # Configuration fields that say how a model is run, not what it computes.
-_RUNTIME_FIELDS = {"_name_or_path", "transformers_version", "dtype", "torch_dtype", "use_cache", "return_dict",
-                   "output_attentions", "output_hidden_states"}
+_RUNTIME_FIELDS = {
+    "_name_or_path",
+    "transformers_version",
+    "dtype",
+    "torch_dtype",
+    "use_cache",
+    "return_dict",
+    "output_attentions",
+    "output_hidden_states",
+}
 
 
 def model_identity(model: PreTrainedModel) -> dict[str, str]:
@@ -333,15 +380,22 @@ def model_identity(model: PreTrainedModel) -> dict[str, str]:
     and one of every weight (the memory's own parameters included)."""
     config = model.config
     fields = {k: v for k, v in config.to_dict().items() if k not in _RUNTIME_FIELDS and not k.startswith("_")}
-    return {"model": f"{type(model).__name__}:layers={config.num_hidden_layers}:hidden={config.hidden_size}:vocab={config.vocab_size}",
-            "config": fingerprint(fields, {}), "weights": fingerprint({}, model.state_dict())}
+    return {
+        "model": f"{type(model).__name__}:layers={config.num_hidden_layers}:hidden={config.hidden_size}"
+        f":vocab={config.vocab_size}",
+        "config": fingerprint(fields, {}),
+        "weights": fingerprint({}, model.state_dict()),
+    }
 
 
 def _attention_modules(model: PreTrainedModel) -> list[nn.Module]:
     """The self-attention module of every decoder layer, in order (Llama and GPT-2 families)."""
     modules = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
     if not modules:
-        raise ValueError(f"{type(model).__name__}: no attention layers with a layer_idx found (Llama- and GPT-2-family models are supported)")
+        raise ValueError(
+            f"{type(model).__name__}: no attention layers with a layer_idx found (Llama- and GPT-2-family models are "
+            "supported)"
+        )
     return sorted(modules, key=lambda m: m.layer_idx)
 
 
@@ -383,7 +437,9 @@ def add_memory(
         module = modules[i]
         module.knn_memory = LayerMemory(i, memory_size, k, num_kv_heads, head_dim, combine, memory_dtype, backend)
         if sink_tokens:
-            module.knn_memory.sink = LayerMemory(i, sink_tokens, sink_tokens, num_kv_heads, head_dim, combine, memory_dtype, "exact")
+            module.knn_memory.sink = LayerMemory(
+                i, sink_tokens, sink_tokens, num_kv_heads, head_dim, combine, memory_dtype, "exact"
+            )
         device = next(module.parameters()).device
         if combine == "gate":
             module.memory_gate = nn.Parameter(torch.full((num_heads,), float(gate_init), device=device))
@@ -393,8 +449,15 @@ def add_memory(
     AttentionInterface.register(ATTENTION_NAME, memorizing_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, eager_mask)  # additive float masks
     model.set_attn_implementation(ATTENTION_NAME)
-    settings = {"layers": chosen, "memory_size": memory_size, "k": k, "combine": combine, "gate_init": gate_init,
-                "memory_dtype": str(memory_dtype).removeprefix("torch."), "backend": backend}
+    settings = {
+        "layers": chosen,
+        "memory_size": memory_size,
+        "k": k,
+        "combine": combine,
+        "gate_init": gate_init,
+        "memory_dtype": str(memory_dtype).removeprefix("torch."),
+        "backend": backend,
+    }
     if sink_tokens:
         settings["sink_tokens"] = sink_tokens
     handle = MemoryHandle(model, handle_layers, settings)
@@ -420,7 +483,9 @@ def memorizing_attention(
     (batch, 1, seq, kv_len). Returns (batch, seq, heads, head_dim), as HF's functions do."""
     layer: LayerMemory | None = getattr(module, "knn_memory", None)
     if layer is None or not layer.enabled:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     batch, heads, seq, dim = query.shape
     scaling = dim**-0.5 if scaling is None else scaling
     groups = heads // key.shape[1]
@@ -435,10 +500,15 @@ def memorizing_attention(
     found_keys, found_values, found_valid, found_slots = found.keys, found.values, found.valid, found.slots
     if sinks is not None:  # every sink token, for every query (slots past the memory's capacity)
         sunk = sinks.search(grouped, sinks.capacity)
-        found_keys, found_values = torch.cat([found_keys, sunk.keys], dim=3), torch.cat([found_values, sunk.values], dim=3)
+        found_keys, found_values = (
+            torch.cat([found_keys, sunk.keys], dim=3),
+            torch.cat([found_values, sunk.values], dim=3),
+        )
         found_valid = torch.cat([found_valid, sunk.valid], dim=3)
         found_slots = torch.cat([found_slots, sunk.slots + layer.capacity], dim=3)
-    mem_keys, mem_values = (rearrange(t, "b h (g s) k d -> b (h g) s k d", g=groups) for t in (found_keys, found_values))
+    mem_keys, mem_values = (
+        rearrange(t, "b h (g s) k d -> b (h g) s k d", g=groups) for t in (found_keys, found_values)
+    )
     mem_valid = rearrange(found_valid, "b h (g s) k -> b (h g) s k", g=groups)
     mem_logits = torch.einsum("bhsd,bhskd->bhsk", query, mem_keys.to(query.dtype)) * scaling
 
@@ -453,16 +523,32 @@ def memorizing_attention(
     biased = mem_logits  # the joint softmax adds each head's learned retrieved-logit bias
     if layer.combine == "joint":
         biased = mem_logits + module.memory_bias[None, :, None, None].to(mem_logits.dtype)
-    out, share = memory_attention(query * scaling, keys_all, values_all, local_bias, biased,
-                                  mem_values.to(query.dtype), mem_valid, getattr(module, "memory_gate", None))
+    out, share = memory_attention(
+        query * scaling,
+        keys_all,
+        values_all,
+        local_bias,
+        biased,
+        mem_values.to(query.dtype),
+        mem_valid,
+        getattr(module, "memory_gate", None),
+    )
     if layer.trace is not None:
         slots = rearrange(found_slots, "b h (g s) k -> b (h g) s k", g=groups)
-        layer.trace.append({"slots": slots.cpu(), "logits": mem_logits.detach().float().cpu(), "valid": mem_valid.cpu(),
-                            "share": share.detach().float().cpu()})
+        layer.trace.append(
+            {
+                "slots": slots.cpu(),
+                "logits": mem_logits.detach().float().cpu(),
+                "valid": mem_valid.cpu(),
+                "share": share.detach().float().cpu(),
+            }
+        )
 
     # Write this call's tokens (the last `seq` keys), unless the caller keeps them in a KV cache.
     if writes is not False:
-        written = torch.ones(batch, seq, dtype=torch.bool, device=key.device) if writes is None else writes.to(key.device)
+        written = (
+            torch.ones(batch, seq, dtype=torch.bool, device=key.device) if writes is None else writes.to(key.device)
+        )
         if sinks is not None:  # a row's first written tokens fill its sink store, the rest go to memory
             rank = written.long().cumsum(dim=1) - 1
             to_sinks = written & (rank < (sinks.capacity - sinks.fill.to(key.device))[:, None])

@@ -64,7 +64,12 @@ class KNNMemory:
         backend: str | SearchBackend = "exact",
     ) -> None:
         """`backend`: a SearchBackend, or a name given to `make_backend` with its default settings."""
-        for name, value in (("batch_size", batch_size), ("num_heads", num_heads), ("head_dim", head_dim), ("capacity", capacity)):
+        for name, value in (
+            ("batch_size", batch_size),
+            ("num_heads", num_heads),
+            ("head_dim", head_dim),
+            ("capacity", capacity),
+        ):
             if value <= 0:
                 raise ValueError(f"KNNMemory {name} must be positive, got {value}")
         if dtype not in (torch.float32, torch.bfloat16, torch.float16):
@@ -262,10 +267,17 @@ class KNNMemory:
         """Read a memory written by `save` (its index, if any, is rebuilt); refuses other files."""
         meta, tensors = load_memory_file(path, "memorizing_transformers.KNNMemory", "a KNNMemory file")
         if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{path} has memory format version {meta.get('format_version')}, expected {FORMAT_VERSION}")
+            raise ValueError(
+                f"{path} has memory format version {meta.get('format_version')}, expected {FORMAT_VERSION}"
+            )
         memory = cls(
-            int(meta["batch_size"]), int(meta["num_heads"]), int(meta["head_dim"]), int(meta["capacity"]),
-            dtype=getattr(torch, meta["dtype"]), device=device, backend=backend,
+            int(meta["batch_size"]),
+            int(meta["num_heads"]),
+            int(meta["head_dim"]),
+            int(meta["capacity"]),
+            dtype=getattr(torch, meta["dtype"]),
+            device=device,
+            backend=backend,
         )
         memory.load_state_dict(tensors)
         return memory

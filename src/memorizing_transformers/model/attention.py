@@ -27,7 +27,9 @@ from .positions import RelativePositionBias
 from .state import XLCache
 
 
-def joint_probs(local_logits: torch.Tensor, mem_logits: torch.Tensor, mem_valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def joint_probs(
+    local_logits: torch.Tensor, mem_logits: torch.Tensor, mem_valid: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """One softmax over the local logits (batch, heads, seq, keys) and the retrieved ones
     (batch, heads, seq, k), invalid entries excluded; the probabilities split back in two."""
     logits = torch.cat([local_logits, mem_logits.masked_fill(~mem_valid, float("-inf"))], dim=-1)
@@ -38,7 +40,9 @@ def joint_probs(local_logits: torch.Tensor, mem_logits: torch.Tensor, mem_valid:
 def memory_readout(mem_logits: torch.Tensor, mem_values: torch.Tensor, mem_valid: torch.Tensor) -> torch.Tensor:
     """A separate softmax over the retrieved entries: empty ones get probability 0, and a
     query with no valid entry gets a zero output. Returns (batch, heads, seq, head_dim)."""
-    probs = torch.softmax(mem_logits.float().masked_fill(~mem_valid, torch.finfo(torch.float32).min), dim=-1) * mem_valid
+    probs = (
+        torch.softmax(mem_logits.float().masked_fill(~mem_valid, torch.finfo(torch.float32).min), dim=-1) * mem_valid
+    )
     return torch.einsum("bhtk,bhtkd->bhtd", probs.to(mem_values.dtype), mem_values)
 
 
@@ -102,8 +106,12 @@ class Attention(nn.Module):
         if config.xl_compression:
             # (slots, xl_length) projections of the cache's keys and values along its length;
             # the newest cache entries meet the last columns, so a short cache uses the tail.
-            self.compress_keys = nn.Parameter(torch.randn(config.xl_compression, config.xl_length) / math.sqrt(config.xl_length))
-            self.compress_values = nn.Parameter(torch.randn(config.xl_compression, config.xl_length) / math.sqrt(config.xl_length))
+            self.compress_keys = nn.Parameter(
+                torch.randn(config.xl_compression, config.xl_length) / math.sqrt(config.xl_length)
+            )
+            self.compress_values = nn.Parameter(
+                torch.randn(config.xl_compression, config.xl_length) / math.sqrt(config.xl_length)
+            )
         if use_memory and config.memory_qk_scale_init is not None:
             self.memory_log_scale = nn.Parameter(torch.full((config.n_heads,), math.log(config.memory_qk_scale_init)))
         if use_memory and self.combine == "gate":
@@ -148,9 +156,16 @@ class Attention(nn.Module):
             keys, values, local_bias = self._compress_cache(cache, k, v, local_bias)
         if global_tokens is not None and global_tokens[0] is not None:
             store, global_buckets, global_allowed = global_tokens
-            global_bias = self.position_bias.embedding(global_buckets).permute(0, 3, 1, 2).to(q.dtype)  # (batch, heads, seq, slots)
-            local_bias = torch.cat([global_bias.masked_fill(~global_allowed, float("-inf")), local_bias.expand(
-                global_bias.shape[0], -1, -1, -1)], dim=-1)
+            global_bias = (
+                self.position_bias.embedding(global_buckets).permute(0, 3, 1, 2).to(q.dtype)
+            )  # (batch, heads, seq, slots)
+            local_bias = torch.cat(
+                [
+                    global_bias.masked_fill(~global_allowed, float("-inf")),
+                    local_bias.expand(global_bias.shape[0], -1, -1, -1),
+                ],
+                dim=-1,
+            )
             keys = torch.cat([store.keys.to(k.dtype), keys], dim=2)
             values = torch.cat([store.values.to(v.dtype), values], dim=2)
 
@@ -164,11 +179,25 @@ class Attention(nn.Module):
             mem_logits = torch.einsum("bhtd,bhtkd->bhtk", q_memory, found.keys)  # (batch, heads, seq, k)
             if self.combine != "gate":  # in the gate's separate softmax this bias, a constant per head, would cancel
                 mem_logits = mem_logits + self.position_bias.embedding.weight[-1].to(q.dtype)[None, :, None, None]
-            out, share = memory_attention(q_scaled, keys, values, local_bias, mem_logits, found.values, found.valid,
-                                          getattr(self, "gate_bias", None))
+            out, share = memory_attention(
+                q_scaled,
+                keys,
+                values,
+                local_bias,
+                mem_logits,
+                found.values,
+                found.valid,
+                getattr(self, "gate_bias", None),
+            )
             if self.trace is not None:
-                self.trace.append({"slots": found.slots.cpu(), "logits": mem_logits.detach().float().cpu(),
-                                   "valid": found.valid.cpu(), "share": share.detach().float().cpu()})
+                self.trace.append(
+                    {
+                        "slots": found.slots.cpu(),
+                        "logits": mem_logits.detach().float().cpu(),
+                        "valid": found.valid.cpu(),
+                        "share": share.detach().float().cpu(),
+                    }
+                )
             self._write(memory, cache, k, v, token_mask)
         return self.out(rearrange(out, "b h t d -> b t (h d)")), k.detach(), v.detach()
 
@@ -179,17 +208,26 @@ class Attention(nn.Module):
         Slots get no position bias. Returns keys, values and the additive mask for them."""
         cache_len = cache.keys.shape[2]
         valid = cache.mask[:, None, :, None].to(k.dtype)  # (batch, 1, cache_len, 1)
-        slot_keys = torch.einsum("rm,bhmd->bhrd", self.compress_keys[:, -cache_len:].to(k.dtype), cache.keys.to(k.dtype) * valid)
-        slot_values = torch.einsum("rm,bhmd->bhrd", self.compress_values[:, -cache_len:].to(v.dtype), cache.values.to(v.dtype) * valid)
+        slot_keys = torch.einsum(
+            "rm,bhmd->bhrd", self.compress_keys[:, -cache_len:].to(k.dtype), cache.keys.to(k.dtype) * valid
+        )
+        slot_values = torch.einsum(
+            "rm,bhmd->bhrd", self.compress_values[:, -cache_len:].to(v.dtype), cache.values.to(v.dtype) * valid
+        )
         local_bias = local_bias.expand(k.shape[0], -1, -1, -1)  # a mask shared by the batch comes as one row
         seq, slots = k.shape[2], self.xl_compression
         any_past = cache.mask.any(dim=1)[:, None, None, None]  # (batch, 1, 1, 1): a reset row has no past
-        slot_bias = torch.zeros(1, 1, seq, slots, dtype=local_bias.dtype, device=k.device).masked_fill(~any_past, float("-inf"))
-        local_bias = torch.cat([slot_bias.expand(local_bias.shape[0], local_bias.shape[1], -1, -1), local_bias[..., cache_len:]], dim=-1)
+        slot_bias = torch.zeros(1, 1, seq, slots, dtype=local_bias.dtype, device=k.device).masked_fill(
+            ~any_past, float("-inf")
+        )
+        local_bias = torch.cat(
+            [slot_bias.expand(local_bias.shape[0], local_bias.shape[1], -1, -1), local_bias[..., cache_len:]], dim=-1
+        )
         return torch.cat([slot_keys, k], dim=2), torch.cat([slot_values, v], dim=2), local_bias
 
-    def _write(self, memory: KNNMemory, cache: XLCache | None, k: torch.Tensor, v: torch.Tensor,
-               token_mask: torch.Tensor) -> None:
+    def _write(
+        self, memory: KNNMemory, cache: XLCache | None, k: torch.Tensor, v: torch.Tensor, token_mask: torch.Tensor
+    ) -> None:
         """Write the segment's keys/values (batch, heads, seq, head_dim), or what leaves the XL cache as it enters."""
         if self.memory_writes == "segment":
             memory.add(k, v, mask=token_mask)

@@ -41,7 +41,9 @@ def segment_distances(query_length: int, cache_length: int, device: torch.device
     return torch.arange(-(cache_length + query_length - 1), query_length, device=device)
 
 
-def segment_relative_positions(query_length: int, cache_length: int, device: torch.device | None = None) -> torch.Tensor:
+def segment_relative_positions(
+    query_length: int, cache_length: int, device: torch.device | None = None
+) -> torch.Tensor:
     """Relative positions `key - query` for queries of a segment over keys [XL cache ; segment].
 
     Query i of the segment sits at absolute position `cache_length + i`, i.e. it is

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+
 from ..config import MemorizingConfig
 from ..memory.files import load_memory_file, save_memory_file
 from ..memory.knn_memory import KNNMemory, make_backend
@@ -57,8 +58,12 @@ class MemorizingState:
         self.doc_tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # (batch,)
         self.memories: dict[int, KNNMemory] = {
             layer: KNNMemory(
-                batch_size, config.n_heads, config.head_dim, config.memory_size,
-                dtype=config.torch_memory_dtype, device=device,
+                batch_size,
+                config.n_heads,
+                config.head_dim,
+                config.memory_size,
+                dtype=config.torch_memory_dtype,
+                device=device,
                 backend=make_backend(config.memory_backend, config.ivf_list_size, config.ivf_nprobe),
             )
             for layer in config.memory_layer_indices
@@ -97,8 +102,14 @@ class MemorizingState:
         selected.config, selected.device, selected.tokens_seen = self.config, self.device, self.tokens_seen
         selected.batch_size = index.numel()
         selected.xl, selected.globals = (
-            [None if c is None else XLCache(*(t.index_select(0, index.to(t.device)) for t in (c.keys, c.values, c.mask)))
-             for c in caches] for caches in (self.xl, self.globals))
+            [
+                None
+                if c is None
+                else XLCache(*(t.index_select(0, index.to(t.device)) for t in (c.keys, c.values, c.mask)))
+                for c in caches
+            ]
+            for caches in (self.xl, self.globals)
+        )
         selected.doc_tokens = self.doc_tokens.index_select(0, index.to(self.device))
         selected.memories = {layer: memory.select_rows(index) for layer, memory in self.memories.items()}
         return selected
@@ -113,7 +124,8 @@ class MemorizingState:
         self.globals, self.doc_tokens = selected.globals, selected.doc_tokens
 
     def update_xl(self, layer: int, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
-        """Append a segment's keys/values (batch, heads, seq, head_dim) to a layer's cache, keeping the last xl_length."""
+        """Append a segment's keys/values (batch, heads, seq, head_dim) to a layer's cache, keeping the
+        last xl_length."""
         length = self.config.xl_length
         if length == 0:
             return
@@ -124,15 +136,19 @@ class MemorizingState:
             mask = torch.cat([cache.mask, mask], dim=1)
         self.xl[layer] = XLCache(keys[:, :, -length:].detach(), values[:, :, -length:].detach(), mask[:, -length:])
 
-    def update_globals(self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor,
-                       mask: torch.Tensor) -> None:
+    def update_globals(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
+    ) -> None:
         """Keep the keys/values (batch, heads, seq, head_dim) of the segment's tokens that are among
         their document's first global_tokens (positions (batch, seq): document positions)."""
         count = self.config.global_tokens
         if self.globals[layer] is None:
             shape = (keys.shape[0], keys.shape[1], count, keys.shape[3])
-            self.globals[layer] = XLCache(keys.new_zeros(shape), values.new_zeros(shape),
-                                          torch.zeros(keys.shape[0], count, dtype=torch.bool, device=keys.device))
+            self.globals[layer] = XLCache(
+                keys.new_zeros(shape),
+                values.new_zeros(shape),
+                torch.zeros(keys.shape[0], count, dtype=torch.bool, device=keys.device),
+            )
         rows, tokens = (mask & (positions < count)).nonzero(as_tuple=True)
         store, slots = self.globals[layer], positions[rows, tokens]
         store.keys[rows, :, slots] = keys.detach()[rows, :, tokens]
@@ -144,48 +160,73 @@ class MemorizingState:
         tensors: dict[str, torch.Tensor] = {}
         for layer, cache in enumerate(self.xl):
             if cache is not None:
-                tensors.update({f"xl.{layer}.keys": cache.keys, f"xl.{layer}.values": cache.values, f"xl.{layer}.mask": cache.mask})
+                tensors.update(
+                    {f"xl.{layer}.keys": cache.keys, f"xl.{layer}.values": cache.values, f"xl.{layer}.mask": cache.mask}
+                )
         for layer, memory in self.memories.items():
             tensors.update({f"memory.{layer}.{name}": t for name, t in memory.state_dict().items()})
         if self.config.global_tokens:
             tensors["doc_tokens"] = self.doc_tokens
             for layer, store in enumerate(self.globals):
                 if store is not None:
-                    tensors.update({f"globals.{layer}.keys": store.keys, f"globals.{layer}.values": store.values,
-                                    f"globals.{layer}.mask": store.mask})
+                    tensors.update(
+                        {
+                            f"globals.{layer}.keys": store.keys,
+                            f"globals.{layer}.values": store.values,
+                            f"globals.{layer}.mask": store.mask,
+                        }
+                    )
         return tensors
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
         for layer in range(self.config.n_layers):
             if f"xl.{layer}.keys" in tensors:
-                self.xl[layer] = XLCache(*(tensors[f"xl.{layer}.{name}"].to(self.device) for name in ("keys", "values", "mask")))
+                self.xl[layer] = XLCache(
+                    *(tensors[f"xl.{layer}.{name}"].to(self.device) for name in ("keys", "values", "mask"))
+                )
             else:
                 self.xl[layer] = None
         for layer, memory in self.memories.items():
             prefix = f"memory.{layer}."
-            memory.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+            memory.load_state_dict({k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)})
         if "doc_tokens" in tensors:
             self.doc_tokens = tensors["doc_tokens"].to(self.device)
-        self.globals = [XLCache(*(tensors[f"globals.{layer}.{name}"].to(self.device) for name in ("keys", "values", "mask")))
-                        if f"globals.{layer}.keys" in tensors else None for layer in range(self.config.n_layers)]
+        self.globals = [
+            XLCache(*(tensors[f"globals.{layer}.{name}"].to(self.device) for name in ("keys", "values", "mask")))
+            if f"globals.{layer}.keys" in tensors
+            else None
+            for layer in range(self.config.n_layers)
+        ]
 
     def save(self, path: str | os.PathLike, model_fingerprint: str) -> None:
         """Write the whole state (XL caches and memories) to a safetensors file, atomically, with
         the fingerprint of the model that made it (`MemorizingTransformer.fingerprint()`)."""
-        metadata = {"format": STATE_FILE_FORMAT, "model": model_fingerprint, "batch_size": str(self.batch_size),
-                    "tokens_seen": str(self.tokens_seen), "config": json.dumps(self.config.to_dict())}
+        metadata = {
+            "format": STATE_FILE_FORMAT,
+            "model": model_fingerprint,
+            "batch_size": str(self.batch_size),
+            "tokens_seen": str(self.tokens_seen),
+            "config": json.dumps(self.config.to_dict()),
+        }
         save_memory_file(path, self.state_dict(), metadata)
 
     @classmethod
-    def load(cls, path: str | os.PathLike, config: MemorizingConfig, model_fingerprint: str,
-             device: torch.device | str | None = None) -> "MemorizingState":
+    def load(
+        cls,
+        path: str | os.PathLike,
+        config: MemorizingConfig,
+        model_fingerprint: str,
+        device: torch.device | str | None = None,
+    ) -> "MemorizingState":
         """Read a state written by `save`; refuses one made by another model (weights or configuration)."""
         metadata, tensors = load_memory_file(path, STATE_FILE_FORMAT, "a memory file of a MemorizingTransformer")
         if metadata["model"] != model_fingerprint:
             saved = MemorizingConfig.from_dict(json.loads(metadata["config"]))
             differences = sorted(k for k, v in saved.to_dict().items() if config.to_dict().get(k) != v)
             reason = f"configurations differ in {differences}" if differences else "same configuration, other weights"
-            raise ValueError(f"{path} was made by model {metadata['model']}, not by this one ({model_fingerprint}): {reason}")
+            raise ValueError(
+                f"{path} was made by model {metadata['model']}, not by this one ({model_fingerprint}): {reason}"
+            )
         state = cls(config, int(metadata["batch_size"]), device=device)
         state.load_state_dict(tensors)
         state.tokens_seen = int(metadata["tokens_seen"])

@@ -11,14 +11,14 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from safetensors import SafetensorError
 from safetensors.torch import load_model, save_model
+from torch import nn
 from transformers.utils import ModelOutput
 
+from ..atomic import write_atomically
 from ..config import MemorizingConfig
 from ..data.tokenizer import load_tokenizer
-from ..atomic import write_atomically
 from ..memory.files import fingerprint
 from .attention import Attention
 from .positions import relative_position_bucket, segment_distances, segment_relative_positions
@@ -59,10 +59,23 @@ class Block(nn.Module):
         )
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, layer: int, state: MemorizingState, buckets, allowed, token_mask,
-                globals_view: "GlobalView | None" = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        layer: int,
+        state: MemorizingState,
+        buckets,
+        allowed,
+        token_mask,
+        globals_view: "GlobalView | None" = None,
+    ) -> torch.Tensor:
         attended, keys, values = self.attn(
-            self.attn_norm(x), buckets, allowed, token_mask, state.xl[layer], state.memories.get(layer),
+            self.attn_norm(x),
+            buckets,
+            allowed,
+            token_mask,
+            state.xl[layer],
+            state.memories.get(layer),
             None if globals_view is None else (state.globals[layer], globals_view.buckets, globals_view.allowed),
         )
         state.update_xl(layer, keys, values, token_mask)
@@ -102,7 +115,11 @@ class MemorizingTransformer(nn.Module):
         # GPT-2 style: N(0, 0.02), residual projections scaled down by depth.
         for name, p in self.named_parameters():
             if p.dim() == 2 and "position_bias" not in name and "compress_" not in name:  # projections keep their own
-                std = 0.02 / math.sqrt(2 * self.config.n_layers) if name.endswith(("out.weight", "mlp.2.weight")) else 0.02
+                std = (
+                    0.02 / math.sqrt(2 * self.config.n_layers)
+                    if name.endswith(("out.weight", "mlp.2.weight"))
+                    else 0.02
+                )
                 nn.init.normal_(p, mean=0.0, std=std)
         with torch.no_grad():  # causal T5 bucket 1 is exactly distance 1
             self.blocks[0].attn.position_bias.embedding.weight[1] += self.config.previous_token_bias_init
@@ -128,7 +145,9 @@ class MemorizingTransformer(nn.Module):
         """Write config.json, model.safetensors and (when loaded) the tokenizer into `directory`."""
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        write_atomically(directory / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(self.config.to_dict(), indent=2)))
+        write_atomically(
+            directory / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(self.config.to_dict(), indent=2))
+        )
         # save_model (not save_file) because the embedding and output weights may be tied.
         write_atomically(directory / "model.safetensors", lambda tmp: save_model(self, tmp))
         if self._tokenizer is not None or self._tokenizer_source is not None:
@@ -245,7 +264,10 @@ class MemorizingTransformer(nn.Module):
         state.tokens_seen += seq
         L = self.config.segment_length
         hidden = torch.cat(
-            [self._forward_segment(input_ids[:, s : s + L], attention_mask[:, s : s + L], state) for s in range(0, seq, L)],
+            [
+                self._forward_segment(input_ids[:, s : s + L], attention_mask[:, s : s + L], state)
+                for s in range(0, seq, L)
+            ],
             dim=1,
         )
         logits = self.lm_head(self.norm(hidden))  # (batch, seq, vocab)
@@ -255,7 +277,9 @@ class MemorizingTransformer(nn.Module):
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return MemorizingTransformerOutput(loss=loss, logits=logits, state=state)
 
-    def _forward_segment(self, input_ids: torch.Tensor, token_mask: torch.Tensor, state: MemorizingState) -> torch.Tensor:
+    def _forward_segment(
+        self, input_ids: torch.Tensor, token_mask: torch.Tensor, state: MemorizingState
+    ) -> torch.Tensor:
         """One segment (batch, seq <= segment_length) -> final hidden states (batch, seq, d_model)."""
         seq = input_ids.shape[1]
         cache_len = state.cache_length
@@ -288,18 +312,23 @@ class MemorizingTransformer(nn.Module):
         count = self.config.global_tokens
         positions = state.doc_tokens[:, None] + token_mask.long().cumsum(dim=1) - 1  # (batch, seq) document positions
         cache_mask = state.xl[0].mask if state.xl[0] is not None else token_mask[:, :0]
-        cache_positions = state.doc_tokens[:, None] - cache_mask.long().flip(1).cumsum(dim=1).flip(1)  # valid entries only
+        cache_positions = state.doc_tokens[:, None] - cache_mask.long().flip(1).cumsum(dim=1).flip(
+            1
+        )  # valid entries only
         key_positions = torch.cat([cache_positions, positions], dim=1)  # (batch, cache_len + seq)
         key_is_global = (key_positions >= 0) & (key_positions < count)
         first_in_view = state.doc_tokens - cache_mask.sum(dim=1)  # (batch,) the oldest key position still in view
         slots = torch.arange(count, device=self.device)
         stored = state.globals[0].mask if state.globals[0] is not None else torch.zeros_like(key_is_global[:, :count])
         allowed = (stored & (slots[None, :] < first_in_view[:, None]))[:, None, None, :]  # (batch, 1, 1, count)
-        buckets = relative_position_bucket(slots[None, None, :] - positions[:, :, None], True,
-                                           self.config.num_buckets, self.config.max_distance)  # (batch, seq, count)
+        buckets = relative_position_bucket(
+            slots[None, None, :] - positions[:, :, None], True, self.config.num_buckets, self.config.max_distance
+        )  # (batch, seq, count)
         return GlobalView(positions, buckets, allowed), key_is_global
 
-    def _prepare_inputs(self, input_ids, attention_mask, labels) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    def _prepare_inputs(
+        self, input_ids, attention_mask, labels
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Validate and convert inputs to (batch, seq) tensors on the model's device."""
         if isinstance(input_ids, Mapping):
             if "input_ids" not in input_ids:
@@ -321,7 +350,9 @@ class MemorizingTransformer(nn.Module):
             attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
         attention_mask = _as_2d("attention_mask", attention_mask, self.device).bool()
         if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}")
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}"
+            )
         if labels is not None:
             labels = _as_2d("labels", labels, self.device).long()
             if labels.shape != input_ids.shape:

@@ -29,7 +29,12 @@ from ..data.streaming import StreamingBatcher, TokenizedDocument
 from ..evaluation.perplexity import evaluate
 from ..model.transformer import MemorizingTransformer
 from .checkpoint import (
-    latest_checkpoint, load_training_state, resume_candidates, run_lock, save_checkpoint, truncate_metrics,
+    latest_checkpoint,
+    load_training_state,
+    resume_candidates,
+    run_lock,
+    save_checkpoint,
+    truncate_metrics,
 )
 
 
@@ -115,7 +120,12 @@ class Trainer:
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self.batcher = StreamingBatcher(
-            train_docs, config.batch_size, model.config.segment_length, seed=config.seed, shuffle=config.shuffle, epochs=None
+            train_docs,
+            config.batch_size,
+            model.config.segment_length,
+            seed=config.seed,
+            shuffle=config.shuffle,
+            epochs=None,
         )
         self.optimizer = make_optimizer(model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, config))
@@ -148,9 +158,13 @@ class Trainer:
     def save(self) -> Path:
         """Checkpoint the run; refused (`TrainingDiverged`) when a weight is no longer finite."""
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
-            raise TrainingDiverged(f"step {self.step}: the weights are no longer finite; stopped without writing a "
-                                   f"checkpoint (the last one: {latest_checkpoint(self.run_dir) or 'none'})")
-        return save_checkpoint(self.run_dir, self.step, self.model, self.training_state(), keep=self.config.keep_checkpoints)
+            raise TrainingDiverged(
+                f"step {self.step}: the weights are no longer finite; stopped without writing a "
+                f"checkpoint (the last one: {latest_checkpoint(self.run_dir) or 'none'})"
+            )
+        return save_checkpoint(
+            self.run_dir, self.step, self.model, self.training_state(), keep=self.config.keep_checkpoints
+        )
 
     def resume(self) -> bool:
         """Continue from the run's newest checkpoint that loads (the one `latest` names first,
@@ -174,7 +188,10 @@ class Trainer:
 
     def _load(self, checkpoint: Path) -> None:
         saved = load_training_state(checkpoint)
-        if saved["train_config"]["batch_size"] != self.config.batch_size or saved["train_config"]["seed"] != self.config.seed:
+        if (
+            saved["train_config"]["batch_size"] != self.config.batch_size
+            or saved["train_config"]["seed"] != self.config.seed
+        ):
             raise ValueError(f"cannot resume {checkpoint}: it was trained with another batch size or seed")
         weights = checkpoint / "model.safetensors"
         try:
@@ -210,8 +227,13 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
-        stats = {"loss": loss.item(), "grad_norm": grad_norm.item(), "targets": batch.num_targets,
-                 "tokens": int(batch.attention_mask.sum()), "skipped": False}
+        stats = {
+            "loss": loss.item(),
+            "grad_norm": grad_norm.item(),
+            "targets": batch.num_targets,
+            "tokens": int(batch.attention_mask.sum()),
+            "skipped": False,
+        }
         if not (math.isfinite(stats["loss"]) and math.isfinite(stats["grad_norm"])):
             what = "loss" if not math.isfinite(stats["loss"]) else "gradient norm"
             if self.skipped >= self.config.skip_nonfinite:
@@ -220,7 +242,8 @@ class Trainer:
                     f"step {self.step + 1}: the {what} is {stats['loss'] if what == 'loss' else stats['grad_norm']}; "
                     f"stopped without writing a checkpoint (the last one: {last or 'none'}). Lower the learning rate "
                     f"(now {self.scheduler.get_last_lr()[0]:.3g}), or allow skipped steps with skip_nonfinite"
-                    + (f" (already {self.skipped} skipped)" if self.skipped else ""))
+                    + (f" (already {self.skipped} skipped)" if self.skipped else "")
+                )
             self.optimizer.zero_grad(set_to_none=True)  # skipped: no update, the schedule goes on
             self.skipped += 1
             stats["skipped"] = True
@@ -243,7 +266,9 @@ class Trainer:
         result = evaluate(self.model, self.valid_docs, batch_size=1, max_tokens=self.config.eval_tokens)
         return {"valid_loss": result.loss, "valid_perplexity": result.perplexity, "valid_tokens": result.tokens}
 
-    def train(self, max_seconds: float | None = None, progress: bool = True, until_step: int | None = None) -> dict[str, Any]:
+    def train(
+        self, max_seconds: float | None = None, progress: bool = True, until_step: int | None = None
+    ) -> dict[str, Any]:
         """Run until `config.steps` (or `max_seconds` of wall time, or step `until_step`, to
         look at the model between parts of a run); returns the last logged record. A part
         ends with a checkpoint, as the run's end does.
@@ -278,7 +303,8 @@ class Trainer:
                     "lr": self.scheduler.get_last_lr()[0],
                     "grad_norm": stats["grad_norm"],
                     "tokens_per_s": window_tokens / max(elapsed, 1e-9),
-                    "memory_fill": sum(sum(rows) for rows in fill.values()) / max(1, sum(len(rows) for rows in fill.values())),
+                    "memory_fill": sum(sum(rows) for rows in fill.values())
+                    / max(1, sum(len(rows) for rows in fill.values())),
                     "time": time.time(),
                     "skipped_steps": self.skipped,
                 }
@@ -287,7 +313,11 @@ class Trainer:
                 if self.valid_docs and ((config.eval_every and self.step % config.eval_every == 0) or last):
                     record.update(self.validate())
                 self.log(record)
-                bar.set_postfix(loss=f"{record['loss'] or float('nan'):.3f}", tok_s=f"{record['tokens_per_s']:.0f}", fill=f"{record['memory_fill']:.0f}")
+                bar.set_postfix(
+                    loss=f"{record['loss'] or float('nan'):.3f}",
+                    tok_s=f"{record['tokens_per_s']:.0f}",
+                    fill=f"{record['memory_fill']:.0f}",
+                )
                 window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.perf_counter()
             now = time.perf_counter()
             self.train_seconds, counted = self.train_seconds + now - counted, now

@@ -16,7 +16,9 @@ from .common import BUILD_VERSION, SPLITS, Corpus, CorpusUnavailable, Document, 
 
 __all__ = ["CORPORA", "Corpus", "CorpusUnavailable", "Document", "get_corpus", "load_corpus", "prepare_corpus"]
 
-CORPORA: dict[str, Corpus] = {module.CORPUS.name: module.CORPUS for module in (code, pycode, proofs, metamath, books, tex, pg19, files)}
+CORPORA: dict[str, Corpus] = {
+    module.CORPUS.name: module.CORPUS for module in (code, pycode, proofs, metamath, books, tex, pg19, files)
+}
 
 
 def get_corpus(name: str) -> Corpus:

@@ -65,7 +65,8 @@ def package_files(root: Path, package: Path) -> Iterator[tuple[str, str]]:
 
 CORPUS = Corpus(
     name="code",
-    description="Python standard library: one document per top-level package, single-file modules grouped by first letter",
+    description="Python standard library: one document per top-level package, "
+    "single-file modules grouped by first letter",
     licence="PSF-2.0 (Python Software Foundation License)",
     build=build,
     self_contained=True,
