@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 import torch
+from tiny_models import tiny_llama as shared_tiny_llama
 
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
 from memorizing_transformers.cli import main
@@ -103,20 +104,8 @@ def test_page_in_headless_chromium(model, tmp_path):
 
 
 def tiny_llama():
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    return LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=50257,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            initializer_range=0.3,
-        )
-    ).eval()
+    """A tiny Llama with the GPT-2 tokenizer's vocabulary."""
+    return shared_tiny_llama(vocab_size=50257, num_hidden_layers=2, max_position_embeddings=2048)
 
 
 @pytest.mark.parametrize("combine", ["joint", "gate"])

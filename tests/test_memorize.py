@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from tiny_models import tiny_llama
 
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
 from memorizing_transformers.cli import main
@@ -75,22 +76,9 @@ def test_memorize_and_generate_commands(tmp_path, capsys, saved_as):
 
 def tiny_llama_checkpoint(path) -> None:
     """A random tiny Llama with the GPT-2 tokenizer, saved as any Hugging Face model is."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     from memorizing_transformers.data.tokenizer import load_tokenizer
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=50257,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        initializer_range=0.3,
-    )
-    LlamaForCausalLM(config).save_pretrained(path)
+    tiny_llama(vocab_size=50257, num_hidden_layers=2, max_position_embeddings=1024).save_pretrained(path)
     load_tokenizer().save_pretrained(path)
 
 

@@ -3,33 +3,9 @@
 import pytest
 import torch
 from safetensors.torch import save_file
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+from tiny_models import tiny_gpt2, tiny_llama
 
 from memorizing_transformers.hf.retrofit import add_memory, memory_file_settings
-
-
-def tiny_llama(kv_heads: int = 2, seed: int = 0, **overrides) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=97,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
-        max_position_embeddings=256,
-        initializer_range=0.3,
-        **overrides,
-    )  # sharp attention: small logit errors show
-    return LlamaForCausalLM(config).eval()
-
-
-def tiny_gpt2() -> GPT2LMHeadModel:
-    torch.manual_seed(0)
-    return GPT2LMHeadModel(
-        GPT2Config(vocab_size=97, n_embd=32, n_layer=3, n_head=4, n_positions=256, initializer_range=0.3)
-    ).eval()
-
 
 MODELS = {"llama-gqa": lambda: tiny_llama(2), "llama-mha": lambda: tiny_llama(4), "gpt2": tiny_gpt2}
 
