@@ -34,7 +34,7 @@ from einops import rearrange
 
 from memorizing_transformers import KNNMemory, MemorizingTransformer
 from memorizing_transformers.data.pipeline import load_tokenized
-from memorizing_transformers.training.checkpoint import resolve_model_dir
+from memorizing_transformers.runs import resolve_model_dir
 
 from .common import Case, device_description, interleaved, parse_arguments, spread, write_results
 

@@ -27,7 +27,7 @@ from memorizing_transformers import MemorizingTransformer
 from memorizing_transformers.atomic import write_atomically
 from memorizing_transformers.data.pipeline import load_tokenized
 from memorizing_transformers.evaluation.perplexity import evaluate
-from memorizing_transformers.training.checkpoint import resolve_model_dir
+from memorizing_transformers.runs import resolve_model_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grid import GRIDS, initialise_from  # noqa: E402

@@ -48,7 +48,7 @@ from memorizing_transformers.evaluation.perplexity import EvalResult, evaluate
 from memorizing_transformers.evaluation.report import forward_flops_per_token, plot_loss_by_position
 from memorizing_transformers.evaluation.token_gain import gain_tables, plot_gain, token_gain
 from memorizing_transformers.model.transformer import MemorizingTransformer
-from memorizing_transformers.training.checkpoint import resolve_model_dir
+from memorizing_transformers.runs import resolve_model_dir
 from memorizing_transformers.training.trainer import TrainConfig, Trainer
 
 RESULTS = Path(__file__).resolve().parent / "results" / "grids"

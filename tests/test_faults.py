@@ -20,7 +20,8 @@ from memorizing_transformers.atomic import write_atomically
 from memorizing_transformers.cli import main
 from memorizing_transformers.data.streaming import TokenizedDocument
 from memorizing_transformers.model.state import MemorizingState
-from memorizing_transformers.training.checkpoint import RunLocked, checkpoints, run_lock
+from memorizing_transformers.runs import checkpoints
+from memorizing_transformers.training.checkpoint import RunLocked, run_lock
 from memorizing_transformers.training.trainer import TrainConfig, Trainer, TrainingDiverged
 
 

@@ -64,6 +64,14 @@ def test_no_module_of_the_package_imports_itself_through_others():
     assert cycles_among(imports(), "memorizing_transformers") == []
 
 
+def test_no_subpackage_imports_itself_through_others():
+    top = lambda module: ".".join(module.split(".")[:2])  # noqa: E731  the subpackage (or top-level module)
+    packages: dict[str, set[str]] = {}
+    for name, targets in imports().items():
+        packages.setdefault(top(name), set()).update(top(t) for t in targets if top(t) != top(name))
+    assert cycles_among(packages, "memorizing_transformers") == []
+
+
 def test_the_memory_package_needs_nothing_above_it():
     graph = imports()
     outside = {

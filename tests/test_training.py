@@ -10,8 +10,8 @@ import torch
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
 from memorizing_transformers.data.streaming import TokenizedDocument
 from memorizing_transformers.evaluation.perplexity import evaluate
+from memorizing_transformers.runs import latest_checkpoint, resolve_model_dir
 from memorizing_transformers.training import checkpoint
-from memorizing_transformers.training.checkpoint import latest_checkpoint, resolve_model_dir
 from memorizing_transformers.training.trainer import TrainConfig, Trainer
 
 

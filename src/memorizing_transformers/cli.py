@@ -204,7 +204,7 @@ def _is_pretrained(args: argparse.Namespace) -> bool:
 def _load_model(checkpoint: str, memory_size: int | None, device: str):
     from .hf.modeling import MODEL_TYPE, MemorizingForCausalLM
     from .model.transformer import MemorizingTransformer
-    from .training.checkpoint import resolve_model_dir
+    from .runs import resolve_model_dir
 
     overrides = {} if memory_size is None else {"memory_size": memory_size}
     if _transformers_model_type(checkpoint) == MODEL_TYPE:

@@ -28,8 +28,8 @@ from tqdm.auto import tqdm
 from ..data.streaming import StreamingBatcher, TokenizedDocument
 from ..evaluation.perplexity import evaluate
 from ..model.transformer import MemorizingTransformer
+from ..runs import latest_checkpoint
 from .checkpoint import (
-    latest_checkpoint,
     load_training_state,
     resume_candidates,
     run_lock,
