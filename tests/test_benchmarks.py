@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from benchmarks import long_stream, memory_step, memory_use, search, targets, train_step
@@ -50,6 +51,7 @@ def test_memory_step_benchmark_quick(tmp_path):
         assert all(abs(sum(p[r] for p in parts) + rest[r] - c) < 1e-9 for r, c in enumerate(cost))
 
 
+@pytest.mark.slow
 def test_memory_use_benchmark_quick(tmp_path):
     memory_use.main(["--quick", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "memory_use-quick.json").read_text())["rows"]
@@ -64,6 +66,7 @@ def test_memory_use_benchmark_quick(tmp_path):
     assert all(r["peak_bytes"] >= r["resident_bytes"] for r in rows)
 
 
+@pytest.mark.slow
 def test_long_stream_benchmark_quick(tmp_path):
     long_stream.main(["--quick", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "long_stream-quick.json").read_text())
@@ -172,6 +175,7 @@ def test_targets_table_reads_the_measured_figures(tmp_path):
     assert met["IVF search at 262K / exact, recall@32 on model keys"] == "no"  # fast, but recall 0.85 < 0.9
 
 
+@pytest.mark.slow
 def test_fault_script_quick(tmp_path):
     from benchmarks import faults
 

@@ -58,6 +58,7 @@ def test_train_rejects_unknown_config_keys(tmp_path, cli_error):
     assert "unknown keys" in cli_error(["train", "--config", str(config), "--out", str(tmp_path / "r")])
 
 
+@pytest.mark.slow
 def test_demo_quick_runs_every_stage(tmp_path, capsys):
     main(["demo", "--quick", "--out", str(tmp_path), "--docs", str(tmp_path / "docs")])
     out = capsys.readouterr().out

@@ -21,6 +21,7 @@ def quick_grid(tmp_path):
     return dataclasses.replace(grid_script.GRIDS["quick"], corpus="files", vocab_size=300)
 
 
+@pytest.mark.slow
 def test_a_grid_resumes_across_invocations_and_skips_finished_runs(quick_grid, tmp_path, monkeypatch, capsys):
     runs, results = tmp_path / "runs", tmp_path / "results"
     # A first invocation with no time left trains nothing and finishes nothing.
@@ -83,6 +84,7 @@ def test_a_grid_resumes_across_invocations_and_skips_finished_runs(quick_grid, t
         grid_script.run_grid(changed, runs, results, "cpu", max_minutes=None)
 
 
+@pytest.mark.slow
 def test_synthetic_recall_trains_through_the_trainer_and_resumes(tmp_path):
     import synthetic_recall
 

@@ -96,6 +96,7 @@ def answer(model, tokenizer, ids: torch.Tensor, **kwargs) -> str:
     return tokenizer.convert_ids_to_tokens(int(model(input_ids=ids, **kwargs).logits[0, -1].argmax()))
 
 
+@pytest.mark.slow
 def test_a_memorized_fact_beyond_the_window_decides_the_answer(trained):
     tokenizer = fact_tokenizer()
     model = LlamaForCausalLM.from_pretrained(trained).eval()
