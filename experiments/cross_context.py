@@ -30,7 +30,7 @@ from memorizing_transformers.evaluation.perplexity import evaluate
 from memorizing_transformers.runs import resolve_model_dir
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grid import GRIDS, initialise_from  # noqa: E402
+from grid import GRIDS  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
 JOINT = dict(memory_size=8192, memory_combine="joint_softmax")  # a memory added at test time: no gate to learn
@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
         trained = MemorizingTransformer.from_pretrained(resolve_model_dir(Path(args.runs) / grid_name / run))
         config = dataclasses.replace(trained.config, **changes)
         model = MemorizingTransformer(config, tokenizer=trained.tokenizer)
-        initialise_from(model, trained)
+        model.take_weights(trained)
         documents = load_tokenized(grid.corpus, "test", trained.tokenizer)
         result = evaluate(model, documents, max_tokens=grid.eval_tokens)
         rows.append(

@@ -516,7 +516,7 @@ def start_weights(grid: Grid, run: Run, model: MemorizingTransformer, results: P
     if run.init_from is None:
         return None
     source = weights_dir(*source_of(grid, run), results)
-    initialise_from(model, MemorizingTransformer.from_pretrained(source))
+    model.take_weights(MemorizingTransformer.from_pretrained(source))
     return source
 
 
@@ -555,8 +555,7 @@ def train_run(
     }
     gains = None
     if memory:
-        off = MemorizingTransformer(dataclasses.replace(config, knn_layers=()), tokenizer=tokenizer).to(device)
-        initialise_from(off, model)
+        off = model.without_memory()
         evaluated["memory off"] = timed_evaluate("memory off", off, token_losses=True)
         counts = torch.bincount(torch.cat([d.ids for d in trainer.batcher.documents]), minlength=config.vocab_size)
         gains = token_gain(
@@ -570,7 +569,7 @@ def train_run(
         )
     for size in run.eval_memory_sizes:  # the same weights with a larger (or smaller) memory at test time
         resized = MemorizingTransformer(dataclasses.replace(config, memory_size=size), tokenizer=tokenizer).to(device)
-        initialise_from(resized, model)
+        resized.take_weights(model)
         evaluated[f"memory {size:,}"] = timed_evaluate(f"memory {size:,}", resized)
     result = {
         "grid": grid.name,
@@ -691,20 +690,6 @@ def peak_memory(grid: Grid, run: Run, device: torch.device | str) -> dict[str, A
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             measured |= pool.apply(measure_peak, (grid, run, phase, str(device), torch.get_num_threads()))
     return measured
-
-
-def initialise_from(model: MemorizingTransformer, source: MemorizingTransformer) -> None:
-    """Copy `source`'s weights into `model`; only the parameters of a mechanism one of them
-    lacks (memory gates and temperatures, XL-cache compressions) may be missing from `source` (they keep their
-    initial value) or from `model` (they are dropped)."""
-    missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
-    bad = [
-        name
-        for name in missing + unexpected
-        if not name.endswith(("gate_bias", "memory_log_scale", "compress_keys", "compress_values"))
-    ]
-    if bad:
-        raise ValueError(f"cannot start from those weights: they differ in {bad}")
 
 
 def run_grid(

@@ -127,4 +127,4 @@ def test_rows_start_from_another_grid_and_short_documents_are_cut():
     from memorizing_transformers import MemorizingConfig, MemorizingTransformer
 
     plain = MemorizingTransformer(MemorizingConfig.preset("tiny", knn_layers=()))
-    grid_script.initialise_from(MemorizingTransformer(MemorizingConfig.preset("tiny", xl_compression=4)), plain)
+    MemorizingTransformer(MemorizingConfig.preset("tiny", xl_compression=4)).take_weights(plain)

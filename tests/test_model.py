@@ -361,3 +361,15 @@ def test_initialisation_options():
     default = MemorizingTransformer(tiny())
     assert default.blocks[2].attn.gate_bias.eq(0).all()
     assert default.blocks[0].attn.position_bias.embedding.weight.eq(0).all()
+
+
+def test_without_memory_is_the_same_weights_with_the_memory_off():
+    model = make_model()
+    ids = torch.randint(0, 512, (2, 16))  # one segment: the memory is still empty, its gate shut
+    twin = model.without_memory()
+    assert twin.config.knn_layers == () and not twin.training
+    torch.testing.assert_close(twin(ids).logits, model(ids).logits)
+    longer = torch.randint(0, 512, (2, 64))  # later segments read the memory: the twin differs
+    assert not torch.allclose(twin(longer).logits, model(longer).logits, atol=1e-4)
+    with pytest.raises(ValueError, match="do not fit this model"):
+        MemorizingTransformer(tiny(d_ff=64)).take_weights(model)

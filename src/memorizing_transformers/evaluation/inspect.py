@@ -11,7 +11,6 @@ segment by segment; a Hugging Face model with `add_memory` through its sliding w
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import json
 from pathlib import Path
@@ -54,9 +53,7 @@ def inspect_document(model: MemorizingTransformer, text: str, top: int = 5) -> d
         trace = attention.trace
     finally:
         attention.trace = None
-    plain = MemorizingTransformer(dataclasses.replace(model.config, knn_layers=())).to(model.device).eval()
-    plain.load_state_dict(model.state_dict(), strict=False)  # the same weights, without the gates
-    without_memory = _stream_losses(plain, ids)
+    without_memory = _stream_losses(model.without_memory().eval(), ids)
 
     length = model.config.segment_length
     # Segment i's queries are tokens i * length onwards; tokens before them are in memory.

@@ -99,9 +99,7 @@ def evaluate_checkpoint(
     model = MemorizingTransformer.from_pretrained(model_dir, **overrides).to(device)
     variants = {"with memory" if model.config.knn_layers else "no memory": model}
     if model.config.knn_layers and compare_without_memory:
-        variants["memory off"] = MemorizingTransformer.from_pretrained(model_dir, **{**overrides, "knn_layers": ()}).to(
-            device
-        )
+        variants["memory off"] = model.without_memory()
     documents = load_tokenized(corpus, split, model.tokenizer)
     results: dict[str, EvalResult] = {}
     rows = []

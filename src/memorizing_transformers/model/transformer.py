@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from collections.abc import Iterable, Mapping
@@ -23,6 +24,10 @@ from ..memory.files import fingerprint
 from .attention import Attention
 from .positions import relative_position_bucket, segment_distances, segment_relative_positions
 from .state import MemorizingState
+
+# Parameters only some configurations have (the memory's gate and temperature, the XL cache's
+# compression): weights moved between configurations may lack them or leave them behind.
+OPTIONAL_PARAMETERS = ("gate_bias", "memory_log_scale", "compress_keys", "compress_values")
 
 
 @dataclass
@@ -179,10 +184,31 @@ class MemorizingTransformer(nn.Module):
             raise ValueError(f"{weights} is truncated or corrupt ({err})") from None
         except RuntimeError as err:  # shape mismatches
             raise ValueError(f"{directory} does not fit this configuration: {err}") from None
-        unexpected = [name for name in unexpected if not name.endswith(("gate_bias", "memory_log_scale"))]
+        unexpected = [name for name in unexpected if not name.endswith(OPTIONAL_PARAMETERS)]
         if missing or unexpected:
             raise ValueError(f"{directory} does not fit this configuration: missing {missing}, unexpected {unexpected}")
         return model
+
+    def take_weights(self, source: "MemorizingTransformer") -> None:
+        """Copy `source`'s weights into this model. Only the parameters of a mechanism one of the
+        two lacks (OPTIONAL_PARAMETERS) may be missing from `source` (they keep their initial
+        values) or from this model (they are dropped); any other difference is refused."""
+        try:
+            missing, unexpected = self.load_state_dict(source.state_dict(), strict=False)
+        except RuntimeError as err:  # shapes that differ
+            raise ValueError(f"those weights do not fit this model: {err}") from None
+        differ = [name for name in missing + unexpected if not name.endswith(OPTIONAL_PARAMETERS)]
+        if differ:
+            raise ValueError(f"those weights do not fit this model: they differ in {differ}")
+
+    def without_memory(self) -> "MemorizingTransformer":
+        """The same weights with the kNN memory switched off: its layers attend to the segment and
+        the XL cache only (the memory's gates and temperatures are dropped)."""
+        twin = MemorizingTransformer(dataclasses.replace(self.config, knn_layers=()), tokenizer=self._tokenizer_source)
+        twin._tokenizer = self._tokenizer
+        twin.to(self.device).train(self.training)
+        twin.take_weights(self)
+        return twin
 
     def new_state(self, batch_size: int) -> MemorizingState:
         """An empty stream state (no cache, empty memories) for `batch_size` rows, on the model's device."""
