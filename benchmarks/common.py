@@ -20,7 +20,8 @@ from memorizing_transformers.atomic import write_atomically
 def device_description(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} CPU, {torch.get_num_threads()} threads"
+    threads = torch.get_num_threads()
+    return f"{platform.processor() or platform.machine()} CPU, {threads} thread{'' if threads == 1 else 's'}"
 
 
 def median_seconds(run: Callable[[], Any], repeats: int, warmup: int = 1, device: torch.device | None = None) -> float:
