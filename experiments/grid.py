@@ -24,6 +24,7 @@ GRID.png beside the JSON files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -47,7 +48,7 @@ from memorizing_transformers.evaluation.peak_memory import PeakMemory
 from memorizing_transformers.evaluation.perplexity import EvalResult, evaluate
 from memorizing_transformers.evaluation.report import forward_flops_per_token, plot_loss_by_position
 from memorizing_transformers.evaluation.token_gain import gain_tables, plot_gain, token_gain
-from memorizing_transformers.model.transformer import MemorizingTransformer
+from memorizing_transformers.pretrained import MemorizingTransformer
 from memorizing_transformers.runs import resolve_model_dir
 from memorizing_transformers.training.trainer import TrainConfig, Trainer
 
@@ -624,33 +625,29 @@ def memory_readout(model: MemorizingTransformer, test_docs: list[TokenizedDocume
     (queries that retrieved anything): the mean weight of its best entry and the entropy of
     its weights over the k entries (a uniform average of k entries: 1/k and ln k), and the
     share of its output that comes from the memory (the gate, or the joint softmax's mass)."""
-    layers = [model.blocks[i].attn for i in model.config.memory_layer_indices]
-    for attn in layers:
-        attn.trace = []
-    try:
+    layers = model.config.memory_layer_indices
+    with contextlib.ExitStack() as stack:
+        traces = [stack.enter_context(model.blocks[i].attn.retrieved.record()) for i in layers]
         evaluate(model, test_docs, max_tokens=READOUT_TOKENS)
-        result = {}
-        for i, attn in zip(model.config.memory_layer_indices, layers):
-            top, entropy, share, count = 0.0, 0.0, 0.0, 0.0
-            for record in attn.trace:
-                valid, any_valid = record["valid"], record["valid"].any(-1)  # (batch, heads, seq, k), (b, h, s)
-                weights = torch.softmax(record["logits"].masked_fill(~valid, float("-inf")), -1).nan_to_num(0.0)
-                used = any_valid.float()
-                top = top + (weights.max(-1).values * used).sum(dim=(0, 2))
-                entropy = entropy + (-(weights * weights.clamp_min(1e-12).log()).sum(-1) * used).sum(dim=(0, 2))
-                share = share + (record["share"] * used).sum(dim=(0, 2))
-                count = count + used.sum(dim=(0, 2))
-            count = torch.as_tensor(count).clamp_min(1)
-            result[str(i)] = {
-                "best_entry_weight": (torch.as_tensor(top) / count).tolist(),
-                "entropy": (torch.as_tensor(entropy) / count).tolist(),
-                "share_of_output": (torch.as_tensor(share) / count).tolist(),
-                "uniform_entropy": math.log(model.config.knn_k),
-            }
-        return result
-    finally:
-        for attn in layers:
-            attn.trace = None
+    result = {}
+    for i, trace in zip(layers, traces):
+        top, entropy, share, count = 0.0, 0.0, 0.0, 0.0
+        for record in trace:
+            valid, any_valid = record["valid"], record["valid"].any(-1)  # (batch, heads, seq, k), (b, h, s)
+            weights = torch.softmax(record["logits"].masked_fill(~valid, float("-inf")), -1).nan_to_num(0.0)
+            used = any_valid.float()
+            top = top + (weights.max(-1).values * used).sum(dim=(0, 2))
+            entropy = entropy + (-(weights * weights.clamp_min(1e-12).log()).sum(-1) * used).sum(dim=(0, 2))
+            share = share + (record["share"] * used).sum(dim=(0, 2))
+            count = count + used.sum(dim=(0, 2))
+        count = torch.as_tensor(count).clamp_min(1)
+        result[str(i)] = {
+            "best_entry_weight": (torch.as_tensor(top) / count).tolist(),
+            "entropy": (torch.as_tensor(entropy) / count).tolist(),
+            "share_of_output": (torch.as_tensor(share) / count).tolist(),
+            "uniform_entropy": math.log(model.config.knn_k),
+        }
+    return result
 
 
 PEAK_STEPS = 20  # training steps measured once the memory is full (or from the start, without one)

@@ -138,8 +138,8 @@ def test_global_tokens_streamed_equal_one_pass_and_start_again_with_each_documen
         assert not torch.allclose(without(ids).logits[:, 40:], reference[:, 40:], atol=1e-3)
         # the state (globals included) survives save/load, and a new document starts without them
         path = tmp_path / "state.safetensors"
-        state.save(path, "m")
-        loaded = type(state).load(path, streamed.config, "m")
+        streamed.save_memory(state, path)
+        loaded = streamed.load_memory(path)
         assert torch.equal(loaded.doc_tokens, torch.tensor([64, 64])) and loaded.globals[0].mask.all()
         fresh = streamed(ids[:, :16], state=loaded, start_of_document=torch.tensor([True, False]))
         torch.testing.assert_close(fresh.logits[0], streamed(ids[:1, :16]).logits[0])

@@ -260,7 +260,7 @@ def test_a_second_process_on_one_run_is_refused_naming_the_holder(tmp_path, cli_
 def test_a_state_without_memory_layers_keeps_its_device():
     config = MemorizingConfig.preset("tiny", knn_layers=())
     cpu = MemorizingState(config, 1)
-    cpu.update_xl(0, torch.randn(1, 4, 3, 16), torch.randn(1, 4, 3, 16), torch.ones(1, 3, dtype=torch.bool))
+    cpu.update(0, torch.randn(1, 4, 3, 16), torch.randn(1, 4, 3, 16), torch.ones(1, 3, dtype=torch.bool))
     meta = MemorizingState(config, 1, device="meta")  # stands in for an accelerator
     meta.load_state_dict(cpu.state_dict())
     assert meta.xl[0].keys.device.type == "meta"

@@ -85,7 +85,8 @@ def tiny_llama_checkpoint(path) -> None:
 def test_memorize_and_generate_commands_with_a_hugging_face_model(tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from memorizing_transformers.hf.retrofit import add_memory, memory_file_settings
+    from memorizing_transformers.hf.files import memory_file_settings
+    from memorizing_transformers.hf.retrofit import add_memory
 
     tiny_llama_checkpoint(tmp_path / "llama")
     (tmp_path / "doc.txt").write_text(TEXT)

@@ -164,6 +164,13 @@ def identity_attention(combine: str) -> Attention:
     return layer
 
 
+def layer_state(config: MemorizingConfig, memory) -> MemorizingState:
+    """A stream state that gives layer 0 `memory` and no XL cache."""
+    state = MemorizingState(dataclasses.replace(config, xl_length=0), 1)
+    state.memories = {0: memory}
+    return state
+
+
 @pytest.mark.parametrize("combine", ["gate", "joint_softmax"])
 def test_attention_layer_retrieves_a_distinctive_earlier_key(combine):
     from memorizing_transformers import KNNMemory
@@ -175,18 +182,19 @@ def test_attention_layer_retrieves_a_distinctive_earlier_key(combine):
 
     layer = identity_attention(combine)
     memory = KNNMemory(1, 1, 16, capacity=256)
+    state = layer_state(tiny(d_model=16, n_heads=1, head_dim=16), memory)
     relative = segment_relative_positions(8, 0)
     buckets, allowed = relative_position_bucket(segment_distances(8, 0)), (relative <= 0)[None, None]
     mask = torch.ones(1, 8, dtype=torch.bool)
     first = torch.nn.functional.normalize(torch.randn(1, 8, 16), dim=-1) * 3
-    layer(first, buckets, allowed, mask, None, memory)
+    layer(first, buckets, allowed, mask, state, 0)
     for _ in range(5):
-        layer(torch.randn(1, 8, 16), buckets, allowed, mask, None, memory)
+        layer(torch.randn(1, 8, 16), buckets, allowed, mask, state, 0)
     probe = torch.randn(1, 8, 16)
     probe[0, 6] = first[0, 3] / 3  # a later query equal (in direction) to an early key
     found = memory.search(torch.nn.functional.normalize(probe, dim=-1)[:, None], 4)
     assert found.slots[0, 0, 6, 0] == 3 and found.scores[0, 0, 6, 0] > 0.999
-    out, _, _ = layer(probe, buckets, allowed, mask, None, memory)
+    out, _, _ = layer(probe, buckets, allowed, mask, state, 0)
     # The output at that query is (almost) the value stored with the distinctive key.
     assert torch.nn.functional.cosine_similarity(out[0, 6], first[0, 3], dim=0) > 0.99
 
@@ -215,10 +223,10 @@ def test_a_memory_temperature_of_its_own_makes_retrieval_sharp_where_local_atten
             layer.qkv.weight.copy_(torch.cat([torch.eye(16)] * 3))
             layer.out.weight.copy_(torch.eye(16))
             layer.gate_bias.fill_(10.0)  # the output is the memory's readout
-        memory = KNNMemory(1, 1, 16, capacity=64)
+        state = layer_state(config, KNNMemory(1, 1, 16, capacity=64))
         for segment in past:
-            layer(segment, buckets, allowed, mask, None, memory)
-        readout[memory_scale] = layer(probe, buckets, allowed, mask, None, memory)[0][0, 6]
+            layer(segment, buckets, allowed, mask, state, 0)
+        readout[memory_scale] = layer(probe, buckets, allowed, mask, state, 0)[0][0, 6]
     similarity = {s: torch.nn.functional.cosine_similarity(r, past[2, 0, 3], dim=0) for s, r in readout.items()}
     assert similarity[50.0] > 0.99 > 0.8 > similarity[None]  # at the shared scale of 1, a blur of 32 values
 
@@ -274,10 +282,11 @@ def test_retrieved_entries_get_the_farthest_buckets_bias_in_the_joint_softmax():
     for far_bias in (0.0, -1e4):
         with torch.no_grad():
             layer.position_bias.embedding.weight[-1].fill_(far_bias)
-        memory = KNNMemory(1, 1, 16, capacity=64)
-        layer(past, buckets, allowed, mask, None, memory)
-        outputs[far_bias] = layer(probe, buckets, allowed, mask, None, memory)[0]
-    alone = layer(probe, buckets, allowed, mask, None, KNNMemory(1, 1, 16, capacity=64))[0]
+        state = layer_state(tiny(d_model=16, n_heads=1, head_dim=16), KNNMemory(1, 1, 16, capacity=64))
+        layer(past, buckets, allowed, mask, state, 0)
+        outputs[far_bias] = layer(probe, buckets, allowed, mask, state, 0)[0]
+    empty = layer_state(tiny(d_model=16, n_heads=1, head_dim=16), KNNMemory(1, 1, 16, capacity=64))
+    alone = layer(probe, buckets, allowed, mask, empty, 0)[0]
     assert torch.allclose(outputs[-1e4], alone, atol=1e-5)
     assert not torch.allclose(outputs[0.0][0, 6], alone[0, 6], atol=1e-3)
 

@@ -5,7 +5,8 @@ import torch
 from safetensors.torch import save_file
 from tiny_models import tiny_gpt2, tiny_llama
 
-from memorizing_transformers.hf.retrofit import add_memory, memory_file_settings
+from memorizing_transformers.hf.files import memory_file_settings
+from memorizing_transformers.hf.retrofit import add_memory
 
 MODELS = {"llama-gqa": lambda: tiny_llama(2), "llama-mha": lambda: tiny_llama(4), "gpt2": tiny_gpt2}
 
@@ -76,11 +77,11 @@ def test_the_joint_bias_weighs_the_retrieved_entries():
         handle = add_memory(model, layers=[1], memory_size=64, k=4, combine="joint")
         bias = model.model.layers[1].self_attn.memory_bias
         model(ids)
-        handle.writing = False
         distances = {}
-        for value in (-1e4, 0.0, 3.0):
-            bias.fill_(value)
-            distances[value] = float((model(ids).logits - reference).abs().max())
+        with handle.read_only():
+            for value in (-1e4, 0.0, 3.0):
+                bias.fill_(value)
+                distances[value] = float((model(ids).logits - reference).abs().max())
     assert distances[-1e4] < 1e-5
     assert distances[3.0] > distances[0.0] > 1e-3
 

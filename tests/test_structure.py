@@ -1,6 +1,7 @@
 """The package's structure: which modules import which (read from the source, lazy imports included)."""
 
 import ast
+import sys
 from pathlib import Path
 
 from memorizing_transformers import MemorizingConfig
@@ -85,6 +86,22 @@ def test_the_memory_package_needs_nothing_above_it():
     # Each backend knows only the interface module.
     for backend in ("exact", "faiss_search"):
         assert graph[f"memorizing_transformers.memory.{backend}"] == {"memorizing_transformers.memory.backend"}
+
+
+def test_the_model_imports_only_torch_einops_and_the_core():
+    # The network reads in one sitting: no tokenizer, no files, no Hugging Face.
+    core = ("memorizing_transformers.config", "memorizing_transformers.memory", "memorizing_transformers.model")
+    for path in (PACKAGE / "model").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                name = module_name(path).rsplit(".", 1)[0].rsplit(".", node.level - 1)[0] + "." + (node.module or "")
+            elif isinstance(node, (ast.ImportFrom, ast.Import)):
+                name = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+            else:
+                continue
+            top = name.split(".")[0]
+            allowed = name.startswith(core) or top in {"torch", "einops"} or top in sys.stdlib_module_names
+            assert allowed, f"{path.name} imports {name}"
 
 
 def test_the_configuration_imports_nothing_of_the_memory():

@@ -110,10 +110,9 @@ def test_a_memorized_fact_beyond_the_window_decides_the_answer(trained):
                 prompt = torch.tensor([tokenizer.convert_tokens_to_ids(["w1", "w2", "w3", f"k{key}?"])])
                 handle.reset()
                 handle.stream(torch.tensor([tokenizer.convert_tokens_to_ids(words)]), window=8)
-                handle.writing = False  # the prompt follows the document, at positions 24-27, read-only
                 positions = torch.arange(handle.position, handle.position + prompt.shape[1])[None]
-                with_memory += answer(model, tokenizer, prompt, position_ids=positions) == f"v{values[key]}"
-                handle.writing = True
+                with handle.read_only():  # the prompt follows the document, at positions 24-27, read-only
+                    with_memory += answer(model, tokenizer, prompt, position_ids=positions) == f"v{values[key]}"
                 with handle.disabled():
                     without += answer(model, tokenizer, prompt) == f"v{values[key]}"
                 asked += 1

@@ -4,11 +4,13 @@ from .config import MemorizingConfig
 from .memory.knn_memory import KNNMemory
 from .model.positions import relative_position_bucket
 from .model.state import MemorizingState
-from .model.transformer import MemorizingTransformer, MemorizingTransformerOutput
+from .model.transformer import MemorizingLM, MemorizingTransformerOutput
+from .pretrained import MemorizingTransformer
 
 __all__ = [
     "KNNMemory",
     "MemorizingConfig",
+    "MemorizingLM",
     "MemorizingState",
     "MemorizingTransformer",
     "MemorizingTransformerOutput",

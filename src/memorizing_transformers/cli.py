@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from .atomic import write_atomically
-from .config import PRESETS, MemorizingConfig
+from .config import PRESETS
 from .memory.backend import BACKENDS
 
 
@@ -98,45 +98,10 @@ def load_run_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .training.checkpoint import run_lock
+    from .training.run import train_run
 
-    run = load_run_config(args)
-    out = Path(args.out)
-    with run_lock(out):
-        _train(args, run, out)
-
-
-def _train(args: argparse.Namespace, run: dict[str, Any], out: Path) -> None:
-    from .data.pipeline import corpus_tokenizer, load_tokenized
-    from .data.tokenizer import load_tokenizer
-    from .model.transformer import MemorizingTransformer
-    from .training.trainer import TrainConfig, Trainer
-
-    saved_run = out / "run_config.json"
-    if args.resume and saved_run.is_file():
-        previous = json.loads(saved_run.read_text())
-        if {k: v for k, v in previous.items() if k != "train"} != {k: v for k, v in run.items() if k != "train"}:
-            raise SystemExit(f"--resume: {saved_run} describes another model or corpus than these flags")
-    elif saved_run.is_file() and not args.resume:
-        raise SystemExit(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
-    tokenizer_dir = run["tokenizer"] or str(corpus_tokenizer(run["corpus"], run["vocab_size"]))
-    tokenizer = load_tokenizer(tokenizer_dir)
-    config = MemorizingConfig.preset(run["preset"], **{**run["model"], "vocab_size": len(tokenizer)})
-    train_config = TrainConfig(**run["train"], extra={"corpus": run["corpus"], "preset": run["preset"]})
-    train_docs = load_tokenized(run["corpus"], "train", tokenizer)
-    valid_docs = load_tokenized(run["corpus"], "valid", tokenizer)
-    torch.manual_seed(train_config.seed)
-    model = MemorizingTransformer(config, tokenizer=tokenizer).to(pick_device(args.device))
-    trainer = Trainer(model, train_config, train_docs, valid_docs, out)
-    if args.resume and not trainer.resume():
-        print(f"no checkpoint in {out}: starting from step 0", file=sys.stderr)
-    write_atomically(saved_run, lambda tmp: Path(tmp).write_text(json.dumps(run, indent=2)))
-    params = sum(p.numel() for p in model.parameters())
-    print(
-        f"training {params / 1e6:.2f}M parameters on {run['corpus']} ({sum(d.ids.numel() for d in train_docs):,} "
-        f"tokens) into {out}"
-    )
-    record = trainer.train(max_seconds=args.max_minutes * 60 if args.max_minutes else None)
+    max_seconds = args.max_minutes * 60 if args.max_minutes else None
+    record = train_run(load_run_config(args), args.out, args.resume, pick_device(args.device), max_seconds)
     print(json.dumps(record, indent=2))
 
 
@@ -179,18 +144,11 @@ def cmd_demo(args: argparse.Namespace) -> None:
 PRETRAINED_ONLY = ("layers", "layer", "k", "window", "stride")  # options of the add_memory route
 
 
-def _transformers_model_type(checkpoint: str) -> str | None:
-    """The `model_type` of a Hugging Face model folder; None for our own folders and runs."""
-    config = Path(checkpoint) / "config.json"
-    return json.loads(config.read_text()).get("model_type") if config.is_file() else None
-
-
 def _is_pretrained(args: argparse.Namespace) -> bool:
     """Whether CHECKPOINT is another library's model (add_memory route); refuses its options otherwise."""
-    from .hf.modeling import MODEL_TYPE
+    from .loading import is_other_huggingface_model
 
-    model_type = _transformers_model_type(args.checkpoint)
-    if model_type is not None and model_type != MODEL_TYPE:
+    if is_other_huggingface_model(args.checkpoint):
         return True
     given = [f"--{name}" for name in PRETRAINED_ONLY if getattr(args, name, None) is not None]
     if given:
@@ -199,26 +157,6 @@ def _is_pretrained(args: argparse.Namespace) -> bool:
             "transformer)"
         )
     return False
-
-
-def _load_model(checkpoint: str, memory_size: int | None, device: str):
-    from .hf.modeling import MODEL_TYPE, MemorizingForCausalLM
-    from .model.transformer import MemorizingTransformer
-    from .runs import resolve_model_dir
-
-    overrides = {} if memory_size is None else {"memory_size": memory_size}
-    if _transformers_model_type(checkpoint) == MODEL_TYPE:
-        model = MemorizingForCausalLM.from_pretrained(checkpoint, **overrides).model
-    else:
-        model = MemorizingTransformer.from_pretrained(resolve_model_dir(checkpoint), **overrides)
-    return model.to(pick_device(device)).eval()
-
-
-def _load_pretrained(checkpoint: str, device: str):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).to(pick_device(device)).eval()
-    return model, AutoTokenizer.from_pretrained(checkpoint)
 
 
 def _read_texts(files: list[str]) -> list[str]:
@@ -252,39 +190,35 @@ def _add_memory_from_options(args: argparse.Namespace, model, tokens: int):
 
 
 def cmd_memorize(args: argparse.Namespace) -> None:
+    from .loading import load_huggingface, load_memorizing
+
     texts = _read_texts(args.files)
-    if _is_pretrained(args):
-        memorize_pretrained(args, texts)
+    if not _is_pretrained(args):
+        model = load_memorizing(args.checkpoint, args.memory_size, pick_device(args.device))
+        state = model.memorize(texts)
+        if state.tokens_seen == 0:
+            raise SystemExit("the files hold no tokens")
+        model.save_memory(state, args.out)
+        print(
+            f"memorized {state.tokens_seen:,} tokens from {len(texts)} file(s) into {args.out} "
+            f"(memory fill per layer: {state.memory_fill()})"
+        )
         return
-    model = _load_model(args.checkpoint, args.memory_size, args.device)
-    state = model.memorize(texts)
-    if state.tokens_seen == 0:
-        raise SystemExit("the files hold no tokens")
-    model.save_memory(state, args.out)
-    print(
-        f"memorized {state.tokens_seen:,} tokens from {len(texts)} file(s) into {args.out} "
-        f"(memory fill per layer: {state.memory_fill()})"
-    )
-
-
-def memorize_pretrained(args: argparse.Namespace, texts: list[str]) -> None:
-    """Stream the files, one after another, through a sliding window of a Hugging Face model
-    whose chosen layers have a memory (`add_memory`, joint softmax); save the memory."""
-    model, tokenizer = _load_pretrained(args.checkpoint, args.device)
+    # Another library's model: its chosen layers get a memory (add_memory, joint softmax) that
+    # the files stream into, one after another, through a sliding window.
+    model, tokenizer = load_huggingface(args.checkpoint, pick_device(args.device))
     documents = [ids for ids in (tokenizer(text, return_tensors="pt")["input_ids"] for text in texts) if ids.numel()]
     total = sum(ids.shape[1] for ids in documents)
     if total == 0:
         raise SystemExit("the files hold no tokens")
     handle = _add_memory_from_options(args, model, total)
-    with torch.no_grad():
-        for ids in documents:
-            handle.stream(ids.to(model.device), window=args.window or 512)
+    handle.memorize(documents, window=args.window or 512)
     handle.save(args.out)
-    limit = getattr(model.config, "max_position_embeddings", None)
     print(
         f"memorized {total:,} tokens from {len(texts)} file(s) into {args.out} (layers {sorted(handle.layers)}, "
         f"{min(total, handle.settings['memory_size']):,} entries per layer)"
     )
+    limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and total > limit:
         print(
             f"note: {total:,} tokens go past the {limit:,} positions {type(model).__name__} was trained on; "
@@ -294,44 +228,33 @@ def memorize_pretrained(args: argparse.Namespace, texts: list[str]) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from .loading import load_huggingface, load_memorizing
+
     if args.max_new_tokens <= 0:
         raise SystemExit(f"--max-new-tokens must be positive, got {args.max_new_tokens}")
     if not args.temperature >= 0:
         raise SystemExit(f"--temperature must be 0 (greedy) or positive, got {args.temperature}")
     sampling = {"do_sample": True, "temperature": args.temperature} if args.temperature > 0 else {"do_sample": False}
-    if _is_pretrained(args):
-        generate_pretrained(args, sampling)
+    options = {"max_new_tokens": args.max_new_tokens, **sampling}
+    if not _is_pretrained(args):
+        from .hf.modeling import generate_text
+
+        model = load_memorizing(args.checkpoint, args.memory_size, pick_device(args.device))
+        state = model.load_memory(args.memory) if args.memory else None
+        print(generate_text(model, args.prompt, state, **options))
         return
-    from .hf.modeling import MemorizingForCausalLM
-
-    model = _load_model(args.checkpoint, args.memory_size, args.device)
-    state = model.load_memory(args.memory) if args.memory else None
-    prompt = torch.tensor([model.tokenizer(args.prompt)["input_ids"]], device=model.device)
-    if prompt.numel() == 0:
-        raise SystemExit("the prompt is empty")
-    with torch.no_grad():
-        output = MemorizingForCausalLM.from_memorizing(model).generate(
-            prompt, cache=state, max_new_tokens=args.max_new_tokens, **sampling
-        )
-    print(model.tokenizer.decode(output[0, prompt.shape[1] :]))
-
-
-def generate_pretrained(args: argparse.Namespace, sampling: dict[str, Any]) -> None:
-    """Generate with a Hugging Face model; with --memory, the memory file's settings give it
-    its memory back (`add_memory`), and the prompt follows what was memorized."""
-    from .hf.retrofit import add_memory, memory_file_settings
+    # Another library's model; with --memory, the memory file's settings give it its memory
+    # back (add_memory), and the prompt follows what was memorized.
+    from .hf.files import memory_file_settings
+    from .hf.retrofit import add_memory
 
     if args.memory_size is not None:
         raise SystemExit("--memory-size: a Hugging Face model's memory takes its size from the memory file")
-    model, tokenizer = _load_pretrained(args.checkpoint, args.device)
+    model, tokenizer = load_huggingface(args.checkpoint, pick_device(args.device))
     prompt = tokenizer(args.prompt, return_tensors="pt")["input_ids"].to(model.device)
     if prompt.numel() == 0:
         raise SystemExit("the prompt is empty")
-    options = {
-        "max_new_tokens": args.max_new_tokens,
-        "pad_token_id": tokenizer.pad_token_id or tokenizer.eos_token_id,
-        **sampling,
-    }
+    options["pad_token_id"] = tokenizer.pad_token_id or tokenizer.eos_token_id
     with torch.no_grad():
         if args.memory:
             handle = add_memory(model, **memory_file_settings(args.memory))
@@ -344,19 +267,20 @@ def generate_pretrained(args: argparse.Namespace, sampling: dict[str, Any]) -> N
 
 def cmd_inspect(args: argparse.Namespace) -> None:
     from .evaluation.inspect import inspect_document, inspect_pretrained, write_report
+    from .loading import load_huggingface, load_memorizing
 
     if not Path(args.file).is_file():
         raise SystemExit(f"no such file: {args.file}")
     text = Path(args.file).read_text(encoding="utf-8", errors="replace")
     if _is_pretrained(args):
-        model, tokenizer = _load_pretrained(args.checkpoint, args.device)
-        tokens = len(tokenizer(text)["input_ids"])
-        handle = _add_memory_from_options(args, model, tokens)
+        model, tokenizer = load_huggingface(args.checkpoint, pick_device(args.device))
+        handle = _add_memory_from_options(args, model, len(tokenizer(text)["input_ids"]))
         report = inspect_pretrained(
             handle, tokenizer, text, window=args.window or 512, stride=args.stride, layer=args.layer, top=args.top
         )
     else:
-        report = inspect_document(_load_model(args.checkpoint, args.memory_size, args.device), text, top=args.top)
+        model = load_memorizing(args.checkpoint, args.memory_size, pick_device(args.device))
+        report = inspect_document(model, text, top=args.top)
     print(f"wrote {write_report(report, args.file, args.out)}")
 
 

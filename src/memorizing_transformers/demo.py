@@ -29,7 +29,7 @@ from .data.tokenizer import load_tokenizer, train_bpe
 from .evaluation.perplexity import EvalResult, evaluate
 from .evaluation.recall import recall_accuracy
 from .evaluation.report import describe, markdown_table, plot_loss_by_position
-from .model.transformer import MemorizingTransformer
+from .pretrained import MemorizingTransformer
 from .training.trainer import TrainConfig, Trainer
 
 # A model small enough to train in minutes on two CPU cores: 4 layers, memory in layer -2.

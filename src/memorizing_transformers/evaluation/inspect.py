@@ -17,23 +17,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from ..atomic import write_atomically
-from ..hf.retrofit import MemoryHandle
-from ..model.transformer import MemorizingTransformer
+from ..data.streaming import TokenizedDocument
+from ..hf.handle import MemoryHandle
+from ..pretrained import MemorizingTransformer
+from .perplexity import evaluate
 
 
 @torch.no_grad()
-def _stream_losses(model: MemorizingTransformer, ids: torch.Tensor) -> torch.Tensor:
-    """Next-token losses (n - 1,) of one document streamed segment by segment (batch 1)."""
-    state, losses, length = model.new_state(1), [], model.config.segment_length
-    for start in range(0, ids.numel() - 1, length):
-        segment = ids[start : start + length + 1]  # one more token: the last target
-        out = model(segment[None, :-1].to(model.device), state=state)
-        state = out.state
-        losses.append(F.cross_entropy(out.logits[0].float(), segment[1:].to(model.device), reduction="none").cpu())
-    return torch.cat(losses)
+def _token_losses(model: MemorizingTransformer, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token losses (n - 1,) of one document streamed segment by segment."""
+    return evaluate(model, [TokenizedDocument("document", ids)], token_losses=True).token_losses[0][1:]
 
 
 @torch.no_grad()
@@ -46,14 +41,9 @@ def inspect_document(model: MemorizingTransformer, text: str, top: int = 5) -> d
         raise ValueError("the document holds fewer than two tokens")
     model.eval()
     layer = model.config.memory_layer_indices[0]
-    attention = model.blocks[layer].attn
-    attention.trace = []
-    try:
-        with_memory = _stream_losses(model, ids)
-        trace = attention.trace
-    finally:
-        attention.trace = None
-    without_memory = _stream_losses(model.without_memory().eval(), ids)
+    with model.blocks[layer].attn.retrieved.record() as trace:
+        with_memory = _token_losses(model, ids)
+    without_memory = _token_losses(model.without_memory().eval(), ids)
 
     length = model.config.segment_length
     # Segment i's queries are tokens i * length onwards; tokens before them are in memory.
@@ -65,6 +55,7 @@ def inspect_document(model: MemorizingTransformer, text: str, top: int = 5) -> d
         without_memory,
         calls,
         top,
+        ids.numel() - 1,  # the last token is no query: it predicts nothing
         layer=layer,
         heads=model.config.n_heads,
         segment_length=length,
@@ -94,12 +85,8 @@ def inspect_pretrained(
     stride = window if stride is None else stride
     device = next(handle.model.parameters()).device
     handle.reset()
-    handle.layers[layer].trace = []
-    try:
+    with handle.layers[layer].retrieved.record() as trace:
         with_memory = handle.stream(ids[None].to(device), window, stride, losses=True)[0].cpu()
-        trace = handle.layers[layer].trace
-    finally:
-        handle.layers[layer].trace = None
     handle.reset()
     with handle.disabled():
         without_memory = handle.stream(ids[None].to(device), window, stride, losses=True)[0].cpu()
@@ -114,6 +101,7 @@ def inspect_pretrained(
         without_memory,
         calls,
         top,
+        ids.numel(),
         layer=layer,
         heads=handle.model.config.num_attention_heads,
         segment_length=window,
@@ -128,11 +116,13 @@ def _report(
     without_memory: torch.Tensor,
     calls: list[tuple[dict[str, torch.Tensor], int, int]],
     top: int,
+    queries: int,
     **about: Any,
 ) -> dict[str, Any]:
     """The page's data. `calls`: per forward call, the memory layer's record, the number of
     tokens written to memory before it (in order, from slot 0, so slot = position mod
-    capacity), and its first query that is the document's next token."""
+    capacity), and its first query that is the document's next token; the first `queries`
+    tokens were queries (the calls' later columns are padding)."""
     capacity = about["memory_size"]
     retrieved: list[list[list[list[float]]]] = []  # [token][head] -> [[position, score], ...]
     share: list[list[float]] = []  # [token][head]
@@ -157,8 +147,8 @@ def _report(
         "tokens": [tokenizer.decode([i]) for i in ids.tolist()],
         "loss_with_memory": [round(float(x), 4) for x in with_memory] + [None],
         "loss_without_memory": [round(float(x), 4) for x in without_memory] + [None],
-        "retrieved": retrieved[: ids.numel()],
-        "memory_share": share[: ids.numel()],
+        "retrieved": retrieved[:queries],
+        "memory_share": share[:queries],
         **about,
     }
 

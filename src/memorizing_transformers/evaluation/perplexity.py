@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..data.streaming import StreamingBatcher, TokenizedDocument
-from ..model.transformer import MemorizingTransformer
+from ..model.transformer import MemorizingLM
+from .stream import stream_batches
 
 
 @dataclass
@@ -30,23 +31,19 @@ class EvalResult:
         return {k: v for k, v in asdict(self).items() if k != "token_losses"}
 
 
-@torch.no_grad()
 def evaluate(
-    model: MemorizingTransformer,
+    model: MemorizingLM,
     documents: list[TokenizedDocument],
     batch_size: int = 1,
     max_tokens: int | None = None,
     progress: bool = False,
     token_losses: bool = False,
 ) -> EvalResult:
-    """Stream `documents` once (in order, rows pinned to documents) with a fresh state of
-    its own, and score every target. `max_tokens` stops early (a partial, quicker estimate);
+    """Stream `documents` once (in order, rows pinned to documents, `stream_batches`) and score
+    every target. `max_tokens` stops early (a partial, quicker estimate);
     `token_losses` keeps every token's loss (`EvalResult.token_losses`)."""
-    was_training = model.training
-    model.eval()
     L = model.config.segment_length
     batcher = StreamingBatcher(documents, batch_size, L, shuffle=False, epochs=1)
-    state = model.new_state(batch_size)
     total_loss, total_tokens = 0.0, 0
     by_segment_loss: dict[int, float] = {}
     by_segment_count: dict[int, int] = {}
@@ -57,14 +54,11 @@ def evaluate(
         unit="tok",
         desc="evaluate",
     )
-    for batch in batcher:
-        out = model(
-            batch.input_ids, attention_mask=batch.attention_mask, state=state, start_of_document=batch.start_of_document
-        )
-        state = out.state
+    batches = stream_batches(model, batcher)
+    for batch, logits in batches:
         scored = batch.targets != -100  # (batch, seq)
         losses = F.cross_entropy(
-            out.logits.float().transpose(1, 2), batch.targets.to(model.device), ignore_index=-100, reduction="none"
+            logits.float().transpose(1, 2), batch.targets.to(model.device), ignore_index=-100, reduction="none"
         )
         losses = losses.cpu()
         if per_token is not None:
@@ -80,8 +74,8 @@ def evaluate(
         bar.update(int(scored.sum()))
         if max_tokens is not None and total_tokens >= max_tokens:
             break
+    batches.close()  # the model back in its mode
     bar.close()
-    model.train(was_training)
     if total_tokens == 0:
         raise ValueError("no token was scored: the documents hold no targets")
     complete = max_tokens is None and all(d.num_bytes for d in batcher.documents)

@@ -6,17 +6,15 @@ import torch
 
 from ..data.streaming import StreamingBatcher
 from ..data.synthetic import RecallDocument, accuracy_by_category
-from ..model.transformer import MemorizingTransformer
+from ..model.transformer import MemorizingLM
+from .stream import stream_batches
 
 
-@torch.no_grad()
 def recall_accuracy(
-    model: MemorizingTransformer, documents: list[RecallDocument], batch_size: int = 8
+    model: MemorizingLM, documents: list[RecallDocument], batch_size: int = 8
 ) -> dict[str, dict[str, float]]:
-    """Stream the documents (fresh state of its own, rows pinned to documents) and score the
+    """Stream the documents (rows pinned to documents, `stream_batches`) and score the
     greedy prediction at every answer, grouped into "segment", "xl" and "memory" answers."""
-    was_training = model.training
-    model.eval()
     config = model.config
     batcher = StreamingBatcher(
         [d.document for d in documents], batch_size, config.segment_length, shuffle=False, epochs=1
@@ -24,16 +22,10 @@ def recall_accuracy(
     if len(batcher.documents) != len(documents):
         raise ValueError("every recall document must hold at least 2 tokens")
     correct = [torch.zeros(d.document.ids.numel(), dtype=torch.bool) for d in documents]  # per position
-    state = model.new_state(batch_size)
-    for batch in batcher:
-        out = model(
-            batch.input_ids, attention_mask=batch.attention_mask, state=state, start_of_document=batch.start_of_document
-        )
-        state = out.state
-        hits = (out.logits.argmax(dim=-1).cpu() == batch.targets) & (batch.targets != -100)  # (batch, seq)
+    for batch, logits in stream_batches(model, batcher):
+        hits = (logits.argmax(dim=-1).cpu() == batch.targets) & (batch.targets != -100)  # (batch, seq)
         for row, column in hits.nonzero().tolist():
             correct[int(batch.document_index[row])][batch.positions[row, column]] = True
-    model.train(was_training)
     hits = torch.cat([c[d.answer_positions] for c, d in zip(correct, documents)])
     categories = torch.cat([d.categories(config.segment_length, config.xl_length) for d in documents])
     return accuracy_by_category(hits, categories)

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 from ..atomic import write_atomically  # noqa: E402
 from ..config import MemorizingConfig  # noqa: E402
 from ..data.pipeline import load_tokenized  # noqa: E402
-from ..model.transformer import MemorizingTransformer  # noqa: E402
+from ..pretrained import MemorizingTransformer  # noqa: E402
 from ..runs import resolve_model_dir  # noqa: E402
 from .perplexity import EvalResult, evaluate  # noqa: E402
 

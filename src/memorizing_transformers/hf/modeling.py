@@ -24,7 +24,7 @@ from transformers.utils import ModelOutput
 
 from ..config import MemorizingConfig
 from ..model.state import MemorizingState
-from ..model.transformer import MemorizingTransformer
+from ..pretrained import MemorizingTransformer
 
 MODEL_TYPE = "memorizing_transformer"
 FIELDS = tuple(f.name for f in dataclasses.fields(MemorizingConfig))
@@ -47,6 +47,34 @@ class MemorizingHFConfig(PretrainedConfig):
     @classmethod
     def from_memorizing(cls, config: MemorizingConfig, **kwargs: Any) -> "MemorizingHFConfig":
         return cls(**config.to_dict(), **kwargs)
+
+
+class GenerationState(MemorizingState):
+    """The stream state as Hugging Face's `generate` carries it: a cache that is recurrent (as a
+    linear-attention one is), so generate leaves the slicing of inputs to the model, and whose
+    rows follow beam search's reordering in place."""
+
+    is_compileable = False
+    is_croppable = False
+    is_linear = (True,)
+
+    @classmethod
+    def adopt(cls, state: MemorizingState) -> "GenerationState":
+        """`state` itself, given the methods generate asks of a cache (its class becomes this one:
+        the caller's object keeps being the one generation updates)."""
+        state.__class__ = cls
+        return state
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.tokens_seen
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Row i becomes row beam_idx[i], in place."""
+        if torch.equal(beam_idx.cpu(), torch.arange(self.batch_size)):
+            return
+        selected = self.select_rows(beam_idx)
+        self.batch_size, self.xl, self.memories = selected.batch_size, selected.xl, selected.memories
+        self.globals, self.doc_tokens = selected.globals, selected.doc_tokens
 
 
 @dataclass
@@ -102,7 +130,12 @@ class MemorizingForCausalLM(PreTrainedModel, GenerationMixin):
         out = self.model(
             input_ids, attention_mask=attention_mask, labels=labels, state=cache, start_of_document=start_of_document
         )
-        return MemorizingCausalLMOutput(loss=out.loss, logits=out.logits, cache=out.state)
+        return MemorizingCausalLMOutput(loss=out.loss, logits=out.logits, cache=GenerationState.adopt(out.state))
+
+    def generate(self, *args: Any, cache: MemorizingState | None = None, **kwargs: Any) -> Any:
+        """Hugging Face's generate; a `cache` passed in (a state with a memory filled beforehand) is
+        read and updated in place."""
+        return super().generate(*args, cache=None if cache is None else GenerationState.adopt(cache), **kwargs)
 
     def prepare_inputs_for_generation(
         self,
@@ -127,6 +160,19 @@ class MemorizingForCausalLM(PreTrainedModel, GenerationMixin):
         new = input_ids[:, seen:]
         mask = None if attention_mask is None else attention_mask[:, seen:]
         return {"input_ids": new, "attention_mask": mask, "cache": cache}
+
+
+def generate_text(
+    model: MemorizingTransformer, prompt: str, state: MemorizingState | None = None, **kwargs: Any
+) -> str:
+    """The text `generate` continues `prompt` with (greedy unless `kwargs` say otherwise), reading
+    the memory of `state` (e.g. `model.load_memory(path)`) when one is given."""
+    ids = torch.tensor([model.tokenizer(prompt)["input_ids"]], device=model.device)
+    if ids.numel() == 0:
+        raise ValueError("the prompt is empty")
+    with torch.no_grad():
+        output = MemorizingForCausalLM.from_memorizing(model).generate(ids, cache=state, **kwargs)
+    return model.tokenizer.decode(output[0, ids.shape[1] :])
 
 
 AutoConfig.register(MODEL_TYPE, MemorizingHFConfig)

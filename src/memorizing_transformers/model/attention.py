@@ -15,6 +15,8 @@ retrieve -> attend and combine -> write the segment's keys/values (or, with
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +26,7 @@ from torch import nn
 from ..config import MemorizingConfig
 from ..memory.knn_memory import KNNMemory
 from .positions import RelativePositionBias
-from .state import XLCache
+from .state import MemorizingState, XLCache
 
 
 def joint_probs(
@@ -84,6 +86,31 @@ def memory_attention(
     return out, mem_probs.sum(dim=-1)
 
 
+class Retrieved(nn.Module):
+    """What a memory layer retrieved, passed through this module (which does nothing with it) so
+    that a forward hook can see it: `record()` collects it call by call (the inspector does)."""
+
+    def forward(self, slots: torch.Tensor, logits: torch.Tensor, valid: torch.Tensor, share: torch.Tensor) -> None:
+        """slots, logits, valid: (batch, heads, seq, k) the retrieved entries' slots, their logits
+        and which are valid; share: (batch, heads, seq) the share of the output from memory."""
+
+    @contextmanager
+    def record(self) -> Iterator[list[dict[str, torch.Tensor]]]:
+        """Within this block, every call's retrieval is appended to the list yielded (on the CPU,
+        logits and share in float32)."""
+        records: list[dict[str, torch.Tensor]] = []
+
+        def hook(module: nn.Module, args: tuple[torch.Tensor, ...], output: None) -> None:
+            slots, logits, valid, share = (t.detach().cpu() for t in args)
+            records.append({"slots": slots, "logits": logits.float(), "valid": valid, "share": share.float()})
+
+        handle = self.register_forward_hook(hook)
+        try:
+            yield records
+        finally:
+            handle.remove()
+
+
 class Attention(nn.Module):
     """Multi-head attention with T5 bias and an XL cache; with `use_memory`, also a kNN memory."""
 
@@ -100,8 +127,8 @@ class Attention(nn.Module):
         self.log_scale = nn.Parameter(torch.full((config.n_heads,), math.log(config.initial_qk_scale)))
         self.position_bias = RelativePositionBias(config.n_heads, config.num_buckets, config.max_distance)
         self.use_memory = use_memory
-        # A list to make a memory layer record, per segment, what it retrieved (see evaluation/inspect.py).
-        self.trace: list[dict[str, torch.Tensor]] | None = None
+        if use_memory:
+            self.retrieved = Retrieved()  # hooks see what the layer retrieves (see evaluation/inspect.py)
         self.xl_compression = config.xl_compression
         if config.xl_compression:
             # (slots, xl_length) projections of the cache's keys and values along its length;
@@ -124,8 +151,8 @@ class Attention(nn.Module):
         buckets: torch.Tensor,
         allowed: torch.Tensor,
         token_mask: torch.Tensor,
-        cache: XLCache | None,
-        memory: KNNMemory | None,
+        state: MemorizingState,
+        layer: int,
         global_tokens: tuple[XLCache | None, torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """One segment through the layer.
@@ -134,26 +161,26 @@ class Attention(nn.Module):
         key - query in the segment, ascending (positions.segment_distances).
         allowed: (batch or 1, 1, seq, cache_len + seq) bool, which keys each query may attend.
         token_mask: (batch, seq) bool, False at padding (never written to memory).
+        state, layer: the stream state, which gives this layer its XL cache and memory and keeps
+        the segment's keys and values.
         global_tokens: the stored global tokens (an XLCache of global_tokens slots, or None),
         their T5 buckets (batch, seq, slots) and which queries attend each (batch, 1, 1, slots).
         Returns the output (batch, seq, d_model) and this segment's normalised keys and
         values (batch, heads, seq, head_dim) for the XL cache.
         """
+        memory = state.memories.get(layer)
         if self.use_memory and memory is None:
-            raise ValueError("this attention layer has a kNN memory but no memory was passed")
+            raise ValueError("this attention layer has a kNN memory but the state holds none for it")
         q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_heads)
         q = F.normalize(q, dim=-1, eps=self.eps)  # (batch, heads, seq, head_dim)
         k = F.normalize(k, dim=-1, eps=self.eps)
         q_scaled = q * self.log_scale.exp()[None, :, None, None]
-        if cache is not None:
-            keys = torch.cat([cache.keys.to(k.dtype), k], dim=2)  # (batch, heads, cache_len + seq, head_dim)
-            values = torch.cat([cache.values.to(v.dtype), v], dim=2)
-        else:
-            keys, values = k, v
+        keys, values, key_mask = state.update(layer, k, v, token_mask)  # [XL cache ; segment]
+        cache_len = keys.shape[2] - k.shape[2]
         bias = self.position_bias.segment(buckets, q.shape[2])[None].to(q.dtype)  # (1, heads, seq, cache_len + seq)
         local_bias = bias.masked_fill(~allowed, float("-inf"))  # (batch or 1, heads, seq, cache_len + seq)
-        if self.xl_compression and cache is not None:
-            keys, values, local_bias = self._compress_cache(cache, k, v, local_bias)
+        if self.xl_compression and cache_len:
+            keys, values, local_bias = self._compress_cache(keys, values, key_mask, cache_len, local_bias)
         if global_tokens is not None and global_tokens[0] is not None:
             store, global_buckets, global_allowed = global_tokens
             global_bias = (
@@ -189,52 +216,50 @@ class Attention(nn.Module):
                 found.valid,
                 getattr(self, "gate_bias", None),
             )
-            if self.trace is not None:
-                self.trace.append(
-                    {
-                        "slots": found.slots.cpu(),
-                        "logits": mem_logits.detach().float().cpu(),
-                        "valid": found.valid.cpu(),
-                        "share": share.detach().float().cpu(),
-                    }
-                )
-            self._write(memory, cache, k, v, token_mask)
+            self.retrieved(found.slots, mem_logits, found.valid, share)
+            self._write(memory, keys, values, key_mask, k.shape[2])
         return self.out(rearrange(out, "b h t d -> b t (h d)")), k.detach(), v.detach()
 
-    def _compress_cache(self, cache: XLCache, k: torch.Tensor, v: torch.Tensor, local_bias: torch.Tensor):
-        """The XL cache's entries (batch, heads, cache_len, head_dim) projected along their length
-        to `xl_compression` slots (padding and reset rows contribute nothing), then the segment's
-        own keys and values. Every query may see every slot: all of them hold only the past.
-        Slots get no position bias. Returns keys, values and the additive mask for them."""
-        cache_len = cache.keys.shape[2]
-        valid = cache.mask[:, None, :, None].to(k.dtype)  # (batch, 1, cache_len, 1)
+    def _compress_cache(
+        self, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor, cache_len: int, local_bias: torch.Tensor
+    ):
+        """The XL cache's entries (the first `cache_len` of keys/values (batch, heads, cache_len + seq,
+        head_dim)) projected along their length to `xl_compression` slots (padding and reset rows
+        contribute nothing), then the segment's own keys and values. Every query may see every
+        slot: all of them hold only the past. Slots get no position bias. Returns keys, values
+        and the additive mask for them."""
+        cached = key_mask[:, :cache_len]  # (batch, cache_len)
+        valid = cached[:, None, :, None].to(keys.dtype)  # (batch, 1, cache_len, 1)
         slot_keys = torch.einsum(
-            "rm,bhmd->bhrd", self.compress_keys[:, -cache_len:].to(k.dtype), cache.keys.to(k.dtype) * valid
+            "rm,bhmd->bhrd", self.compress_keys[:, -cache_len:].to(keys.dtype), keys[:, :, :cache_len] * valid
         )
         slot_values = torch.einsum(
-            "rm,bhmd->bhrd", self.compress_values[:, -cache_len:].to(v.dtype), cache.values.to(v.dtype) * valid
+            "rm,bhmd->bhrd", self.compress_values[:, -cache_len:].to(values.dtype), values[:, :, :cache_len] * valid
         )
-        local_bias = local_bias.expand(k.shape[0], -1, -1, -1)  # a mask shared by the batch comes as one row
-        seq, slots = k.shape[2], self.xl_compression
-        any_past = cache.mask.any(dim=1)[:, None, None, None]  # (batch, 1, 1, 1): a reset row has no past
-        slot_bias = torch.zeros(1, 1, seq, slots, dtype=local_bias.dtype, device=k.device).masked_fill(
+        local_bias = local_bias.expand(keys.shape[0], -1, -1, -1)  # a mask shared by the batch comes as one row
+        seq, slots = keys.shape[2] - cache_len, self.xl_compression
+        any_past = cached.any(dim=1)[:, None, None, None]  # (batch, 1, 1, 1): a reset row has no past
+        slot_bias = torch.zeros(1, 1, seq, slots, dtype=local_bias.dtype, device=keys.device).masked_fill(
             ~any_past, float("-inf")
         )
         local_bias = torch.cat(
             [slot_bias.expand(local_bias.shape[0], local_bias.shape[1], -1, -1), local_bias[..., cache_len:]], dim=-1
         )
-        return torch.cat([slot_keys, k], dim=2), torch.cat([slot_values, v], dim=2), local_bias
+        segment = slice(cache_len, None)
+        return (
+            torch.cat([slot_keys, keys[:, :, segment]], dim=2),
+            torch.cat([slot_values, values[:, :, segment]], dim=2),
+            local_bias,
+        )
 
     def _write(
-        self, memory: KNNMemory, cache: XLCache | None, k: torch.Tensor, v: torch.Tensor, token_mask: torch.Tensor
+        self, memory: KNNMemory, keys: torch.Tensor, values: torch.Tensor, key_mask: torch.Tensor, seq: int
     ) -> None:
-        """Write the segment's keys/values (batch, heads, seq, head_dim), or what leaves the XL cache as it enters."""
+        """Write the segment's keys/values (the last `seq` of [XL cache ; segment], (batch, heads,
+        cache_len + seq, head_dim)), or what leaves the XL cache as the segment enters it."""
         if self.memory_writes == "segment":
-            memory.add(k, v, mask=token_mask)
+            memory.add(keys[:, :, -seq:], values[:, :, -seq:], mask=key_mask[:, -seq:])
             return
-        if cache is not None:
-            k, v = torch.cat([cache.keys.to(k.dtype), k], dim=2), torch.cat([cache.values.to(v.dtype), v], dim=2)
-            token_mask = torch.cat([cache.mask, token_mask], dim=1)
-        leaving = k.shape[2] - self.xl_length  # the oldest of [cache ; segment] beyond the cache's length
+        leaving = keys.shape[2] - self.xl_length  # the oldest of [cache ; segment] beyond the cache's length
         if leaving > 0:
-            memory.add(k[:, :, :leaving], v[:, :, :leaving], mask=token_mask[:, :leaving])
+            memory.add(keys[:, :, :leaving], values[:, :, :leaving], mask=key_mask[:, :leaving])

@@ -8,18 +8,13 @@ itself holds no per-stream state, so training and evaluation streams never mix.
 
 from __future__ import annotations
 
-import json
-import os
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
 from ..config import MemorizingConfig
-from ..memory.files import load_memory_file, save_memory_file
 from ..memory.knn_memory import KNNMemory, make_backend
-
-STATE_FILE_FORMAT = "memorizing_transformers.MemorizingState"
 
 
 @dataclass
@@ -33,15 +28,6 @@ class XLCache:
 
 class MemorizingState:
     """XL caches (one per layer) and kNN memories (one per memory layer) for `batch_size` streams."""
-
-    # What Hugging Face's generate() asks of a cache: this state is recurrent (like a
-    # linear-attention cache), so generate leaves the slicing of inputs to the model.
-    is_compileable = False
-    is_croppable = False
-    is_linear = (True,)
-
-    def get_seq_length(self, layer_idx: int = 0) -> int:
-        return self.tokens_seen
 
     def __init__(self, config: MemorizingConfig, batch_size: int, device: torch.device | str | None = None) -> None:
         if batch_size <= 0:
@@ -98,7 +84,7 @@ class MemorizingState:
         """A new state whose row i is a copy of row index[i] of this one (rows may repeat), XL
         caches and memories alike: how beam search expands a stream to its beams."""
         index = torch.as_tensor(index, dtype=torch.long)
-        selected = MemorizingState.__new__(MemorizingState)
+        selected = type(self).__new__(type(self))
         selected.config, selected.device, selected.tokens_seen = self.config, self.device, self.tokens_seen
         selected.batch_size = index.numel()
         selected.xl, selected.globals = (
@@ -114,27 +100,21 @@ class MemorizingState:
         selected.memories = {layer: memory.select_rows(index) for layer, memory in self.memories.items()}
         return selected
 
-    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
-        """Follow beam search's reordering of its beams (row i becomes row beam_idx[i]), in place;
-        what Hugging Face's generate asks of a cache."""
-        if torch.equal(beam_idx.cpu(), torch.arange(self.batch_size)):
-            return
-        selected = self.select_rows(beam_idx)
-        self.batch_size, self.xl, self.memories = selected.batch_size, selected.xl, selected.memories
-        self.globals, self.doc_tokens = selected.globals, selected.doc_tokens
-
-    def update_xl(self, layer: int, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor) -> None:
-        """Append a segment's keys/values (batch, heads, seq, head_dim) to a layer's cache, keeping the
-        last xl_length."""
-        length = self.config.xl_length
-        if length == 0:
-            return
+    def update(
+        self, layer: int, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A segment's keys/values (batch, heads, seq, head_dim) and mask (batch, seq) in; out, what the
+        layer attends: [XL cache ; segment] keys, values and mask (as Hugging Face's `Cache.update`
+        returns). The layer's cache keeps the last xl_length of them, detached."""
         cache = self.xl[layer]
         if cache is not None:
-            keys = torch.cat([cache.keys, keys], dim=2)
-            values = torch.cat([cache.values, values], dim=2)
-            mask = torch.cat([cache.mask, mask], dim=1)
-        self.xl[layer] = XLCache(keys[:, :, -length:].detach(), values[:, :, -length:].detach(), mask[:, -length:])
+            keys = torch.cat([cache.keys.to(keys.dtype), keys], dim=2)  # (batch, heads, cache_len + seq, head_dim)
+            values = torch.cat([cache.values.to(values.dtype), values], dim=2)
+            mask = torch.cat([cache.mask, mask], dim=1)  # (batch, cache_len + seq)
+        length = self.config.xl_length
+        if length:
+            self.xl[layer] = XLCache(keys[:, :, -length:].detach(), values[:, :, -length:].detach(), mask[:, -length:])
+        return keys, values, mask
 
     def update_globals(
         self, layer: int, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor
@@ -197,37 +177,3 @@ class MemorizingState:
             else None
             for layer in range(self.config.n_layers)
         ]
-
-    def save(self, path: str | os.PathLike, model_fingerprint: str) -> None:
-        """Write the whole state (XL caches and memories) to a safetensors file, atomically, with
-        the fingerprint of the model that made it (`MemorizingTransformer.fingerprint()`)."""
-        metadata = {
-            "format": STATE_FILE_FORMAT,
-            "model": model_fingerprint,
-            "batch_size": str(self.batch_size),
-            "tokens_seen": str(self.tokens_seen),
-            "config": json.dumps(self.config.to_dict()),
-        }
-        save_memory_file(path, self.state_dict(), metadata)
-
-    @classmethod
-    def load(
-        cls,
-        path: str | os.PathLike,
-        config: MemorizingConfig,
-        model_fingerprint: str,
-        device: torch.device | str | None = None,
-    ) -> "MemorizingState":
-        """Read a state written by `save`; refuses one made by another model (weights or configuration)."""
-        metadata, tensors = load_memory_file(path, STATE_FILE_FORMAT, "a memory file of a MemorizingTransformer")
-        if metadata["model"] != model_fingerprint:
-            saved = MemorizingConfig.from_dict(json.loads(metadata["config"]))
-            differences = sorted(k for k, v in saved.to_dict().items() if config.to_dict().get(k) != v)
-            reason = f"configurations differ in {differences}" if differences else "same configuration, other weights"
-            raise ValueError(
-                f"{path} was made by model {metadata['model']}, not by this one ({model_fingerprint}): {reason}"
-            )
-        state = cls(config, int(metadata["batch_size"]), device=device)
-        state.load_state_dict(tensors)
-        state.tokens_seen = int(metadata["tokens_seen"])
-        return state

@@ -1,27 +1,22 @@
-"""The Memorizing Transformer: a decoder-only LM whose memory layers retrieve from a kNN memory."""
+"""The Memorizing Transformer's network: a decoder-only LM whose memory layers retrieve from a kNN memory.
+
+This file is the whole model, with no files and no tokenizer (those are `MemorizingTransformer`'s,
+in pretrained.py): embeddings, blocks, the position bias, the stream state carried across segments.
+"""
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
-from safetensors import SafetensorError
-from safetensors.torch import load_model, save_model
 from torch import nn
-from transformers.utils import ModelOutput
 
-from ..atomic import write_atomically
 from ..config import MemorizingConfig
-from ..data.tokenizer import load_tokenizer
-from ..memory.files import fingerprint
 from .attention import Attention
+from .inputs import prepare_inputs
 from .positions import relative_position_bucket, segment_distances, segment_relative_positions
 from .state import MemorizingState
 
@@ -31,8 +26,9 @@ OPTIONAL_PARAMETERS = ("gate_bias", "memory_log_scale", "compress_keys", "compre
 
 
 @dataclass
-class MemorizingTransformerOutput(ModelOutput):
-    """loss: mean next-token cross-entropy (when labels are given). logits: (batch, seq, vocab).
+class MemorizingTransformerOutput:
+    """What the forward pass returns, by name as in a Hugging Face ModelOutput.
+    loss: mean next-token cross-entropy (when labels are given). logits: (batch, seq, vocab).
     state: the stream state after this input, to pass to the next call."""
 
     loss: torch.Tensor | None = None
@@ -79,30 +75,25 @@ class Block(nn.Module):
             buckets,
             allowed,
             token_mask,
-            state.xl[layer],
-            state.memories.get(layer),
+            state,
+            layer,
             None if globals_view is None else (state.globals[layer], globals_view.buckets, globals_view.allowed),
         )
-        state.update_xl(layer, keys, values, token_mask)
         if globals_view is not None:
             state.update_globals(layer, keys, values, globals_view.positions, token_mask)
         x = x + self.dropout(attended)
         return x + self.dropout(self.mlp(self.mlp_norm(x)))
 
 
-class MemorizingTransformer(nn.Module):
+class MemorizingLM(nn.Module):
     """Decoder-only transformer with Transformer-XL caches and kNN memory layers (Wu et al., 2022).
-
-    Example:
-        model = MemorizingTransformer()
-        tokenized = model.tokenizer("The quick brown fox jumps over the lazy dog")
-        output = model(tokenized)                 # output.logits: (1, seq, vocab)
 
     Streaming a long document: pass the returned `state` back in; `start_of_document`
     (batch,) bool clears the XL cache and memory of the rows that begin a new document.
+    `MemorizingTransformer` is this network with its tokenizer, files and memories.
     """
 
-    def __init__(self, config: MemorizingConfig | None = None, tokenizer: Any = None) -> None:
+    def __init__(self, config: MemorizingConfig | None = None) -> None:
         super().__init__()
         self.config = config = config or MemorizingConfig()
         memory_layers = set(config.memory_layer_indices)
@@ -112,8 +103,6 @@ class MemorizingTransformer(nn.Module):
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
-        self._tokenizer_source = tokenizer
-        self._tokenizer = None
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -129,67 +118,11 @@ class MemorizingTransformer(nn.Module):
         with torch.no_grad():  # causal T5 bucket 1 is exactly distance 1
             self.blocks[0].attn.position_bias.embedding.weight[1] += self.config.previous_token_bias_init
 
-    # ------------------------------------------------------------------ conveniences
     @property
     def device(self) -> torch.device:
         return self.embed.weight.device
 
-    @property
-    def tokenizer(self):
-        """A Hugging Face tokenizer (the offline GPT-2 BPE unless another was given), loaded on first use."""
-        if self._tokenizer is None:
-            tokenizer = load_tokenizer(self._tokenizer_source)
-            if len(tokenizer) > self.config.vocab_size:
-                raise ValueError(
-                    f"the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {self.config.vocab_size}"
-                )
-            self._tokenizer = tokenizer
-        return self._tokenizer
-
-    def save_pretrained(self, directory: str | Path) -> None:
-        """Write config.json, model.safetensors and (when loaded) the tokenizer into `directory`."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        write_atomically(
-            directory / "config.json", lambda tmp: Path(tmp).write_text(json.dumps(self.config.to_dict(), indent=2))
-        )
-        # save_model (not save_file) because the embedding and output weights may be tied.
-        write_atomically(directory / "model.safetensors", lambda tmp: save_model(self, tmp))
-        if self._tokenizer is not None or self._tokenizer_source is not None:
-            self.tokenizer.save_pretrained(directory / "tokenizer")
-
-    @classmethod
-    def from_pretrained(cls, directory: str | Path, **overrides: Any) -> "MemorizingTransformer":
-        """Load a model written by `save_pretrained`. `overrides` change configuration fields that
-        have no weights (memory_size, knn_k, xl_length, segment_length, memory_dtype, ...)."""
-        directory = Path(directory)
-        if not (directory / "config.json").is_file():
-            raise FileNotFoundError(f"{directory} holds no config.json: not a saved MemorizingTransformer")
-        try:
-            values = json.loads((directory / "config.json").read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"{directory / 'config.json'} is truncated or corrupt: {err}") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{directory / 'config.json'} does not hold a configuration (a JSON object)")
-        config = MemorizingConfig.from_dict({**values, **overrides})
-        tokenizer = directory / "tokenizer"
-        model = cls(config, tokenizer=str(tokenizer) if tokenizer.is_dir() else None)
-        # Not strict: with `knn_layers` overridden to fewer layers, their gates are left unused.
-        weights = directory / "model.safetensors"
-        if not weights.is_file():
-            raise FileNotFoundError(f"{weights} is missing: the model folder is incomplete")
-        try:
-            missing, unexpected = load_model(model, weights, strict=False, device=str(model.device))
-        except SafetensorError as err:
-            raise ValueError(f"{weights} is truncated or corrupt ({err})") from None
-        except RuntimeError as err:  # shape mismatches
-            raise ValueError(f"{directory} does not fit this configuration: {err}") from None
-        unexpected = [name for name in unexpected if not name.endswith(OPTIONAL_PARAMETERS)]
-        if missing or unexpected:
-            raise ValueError(f"{directory} does not fit this configuration: missing {missing}, unexpected {unexpected}")
-        return model
-
-    def take_weights(self, source: "MemorizingTransformer") -> None:
+    def take_weights(self, source: "MemorizingLM") -> None:
         """Copy `source`'s weights into this model. Only the parameters of a mechanism one of the
         two lacks (OPTIONAL_PARAMETERS) may be missing from `source` (they keep their initial
         values) or from this model (they are dropped); any other difference is refused."""
@@ -200,15 +133,6 @@ class MemorizingTransformer(nn.Module):
         differ = [name for name in missing + unexpected if not name.endswith(OPTIONAL_PARAMETERS)]
         if differ:
             raise ValueError(f"those weights do not fit this model: they differ in {differ}")
-
-    def without_memory(self) -> "MemorizingTransformer":
-        """The same weights with the kNN memory switched off: its layers attend to the segment and
-        the XL cache only (the memory's gates and temperatures are dropped)."""
-        twin = MemorizingTransformer(dataclasses.replace(self.config, knn_layers=()), tokenizer=self._tokenizer_source)
-        twin._tokenizer = self._tokenizer
-        twin.to(self.device).train(self.training)
-        twin.take_weights(self)
-        return twin
 
     def new_state(self, batch_size: int) -> MemorizingState:
         """An empty stream state (no cache, empty memories) for `batch_size` rows, on the model's device."""
@@ -223,31 +147,6 @@ class MemorizingTransformer(nn.Module):
             if hasattr(self.blocks[i].attn, "gate_bias")
         }
 
-    def fingerprint(self) -> str:
-        """A short hash of the configuration and the weights: memory files carry it, so that a
-        memory is only ever read by the model whose keys it holds."""
-        return fingerprint(self.config.to_dict(), self.state_dict())
-
-    @torch.no_grad()
-    def memorize(self, texts: str | Iterable[str], state: MemorizingState | None = None) -> MemorizingState:
-        """Stream texts (one after another, as one document) into a batch-1 state: learning at
-        inference time, with no weight update. Returns the state; `save_memory` keeps it."""
-        state = state or self.new_state(1)
-        for text in [texts] if isinstance(texts, str) else texts:
-            ids = self.tokenizer(text)["input_ids"]
-            if ids:
-                state = self(torch.tensor([ids]), state=state).state
-        return state
-
-    def save_memory(self, state: MemorizingState, path: str | Path) -> None:
-        """Write a state (XL caches and memories) with this model's fingerprint, atomically."""
-        state.save(path, self.fingerprint())
-
-    def load_memory(self, path: str | Path) -> MemorizingState:
-        """Read a state written by `save_memory` of this very model; other models' files are refused."""
-        return MemorizingState.load(path, self.config, self.fingerprint(), device=self.device)
-
-    # ------------------------------------------------------------------ forward
     def forward(
         self,
         input_ids: torch.Tensor | Mapping | list,
@@ -271,7 +170,9 @@ class MemorizingTransformer(nn.Module):
         start_of_document: (batch,) bool; rows that are True forget their XL cache and
             memory before this input.
         """
-        input_ids, attention_mask, labels = self._prepare_inputs(input_ids, attention_mask, labels)
+        input_ids, attention_mask, labels = prepare_inputs(
+            input_ids, attention_mask, labels, self.config.vocab_size, self.device
+        )
         batch, seq = input_ids.shape
         if state is None:
             state = self.new_state(batch)
@@ -351,48 +252,3 @@ class MemorizingTransformer(nn.Module):
             slots[None, None, :] - positions[:, :, None], True, self.config.num_buckets, self.config.max_distance
         )  # (batch, seq, count)
         return GlobalView(positions, buckets, allowed), key_is_global
-
-    def _prepare_inputs(
-        self, input_ids, attention_mask, labels
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Validate and convert inputs to (batch, seq) tensors on the model's device."""
-        if isinstance(input_ids, Mapping):
-            if "input_ids" not in input_ids:
-                raise ValueError(f"the input mapping has no 'input_ids' (keys: {sorted(input_ids)})")
-            if attention_mask is None:
-                attention_mask = input_ids.get("attention_mask")
-            input_ids = input_ids["input_ids"]
-        input_ids = _as_2d("input_ids", input_ids, self.device)
-        if input_ids.numel() == 0:
-            raise ValueError("input_ids is empty: there are no tokens to run the model on (was the text empty?)")
-        if input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool:
-            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}")
-        input_ids = input_ids.long()
-        low, high = int(input_ids.min()), int(input_ids.max())
-        if low < 0 or high >= self.config.vocab_size:
-            bad = low if low < 0 else high
-            raise ValueError(f"token id {bad} is out of range for vocab_size {self.config.vocab_size}")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        attention_mask = _as_2d("attention_mask", attention_mask, self.device).bool()
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}"
-            )
-        if labels is not None:
-            labels = _as_2d("labels", labels, self.device).long()
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels has shape {tuple(labels.shape)} but input_ids has {tuple(input_ids.shape)}")
-        return input_ids, attention_mask, labels
-
-
-def _as_2d(name: str, value: Any, device: torch.device) -> torch.Tensor:
-    try:
-        tensor = torch.as_tensor(value, device=device)
-    except (ValueError, TypeError) as err:
-        raise ValueError(f"{name} must be a tensor or a (nested) list of equal-length rows: {err}") from None
-    if tensor.dim() == 1:
-        tensor = tensor.unsqueeze(0)
-    if tensor.dim() != 2:
-        raise ValueError(f"{name} must have shape (batch, seq) or (seq,), got shape {tuple(tensor.shape)}")
-    return tensor

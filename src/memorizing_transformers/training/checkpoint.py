@@ -26,7 +26,7 @@ from typing import Any, Iterator
 import torch
 
 from ..atomic import atomic_dir, write_atomically
-from ..model.transformer import MemorizingTransformer
+from ..pretrained import MemorizingTransformer
 from ..runs import checkpoint_root, checkpoint_step, checkpoints, latest_checkpoint
 
 TRAINING_STATE = "training_state.pt"

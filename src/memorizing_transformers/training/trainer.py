@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from ..data.streaming import StreamingBatcher, TokenizedDocument
 from ..evaluation.perplexity import evaluate
-from ..model.transformer import MemorizingTransformer
+from ..pretrained import MemorizingTransformer
 from ..runs import latest_checkpoint
 from .checkpoint import (
     load_training_state,

@@ -1,0 +1,204 @@
+"""MemoryHandle: what `add_memory` returns, the memories of the chosen layers and what to do with
+them: reset, resize, disable, read only, stream a long input through a sliding window, generate
+after a long prompt, save and load."""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import os
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from .attention import LayerMemory
+from .files import load_memories, save_memories
+
+
+class MemoryHandle:
+    """What `add_memory` returns: the memories of the chosen layers, and what to do with them."""
+
+    def __init__(self, model: PreTrainedModel, layers: dict[int, LayerMemory], settings: dict) -> None:
+        self.model = model
+        self.layers = layers
+        self.settings = settings  # the arguments of add_memory, kept in memory files
+        self.position = 0  # absolute position of the next token `stream` reads
+        self._write_mask: torch.Tensor | None = None  # (batch, seq) bool for the next call: False = not stored
+        self._writing = True  # False: the memory layers read their memory but store nothing (`read_only`)
+        self._signature = inspect.signature(model.forward)
+
+    def _before_call(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        """Decide what this call of the model writes to memory.
+
+        A call given a KV cache (`cache`/`past_key_values`, as `generate` passes) keeps its
+        tokens there, so storing them in memory too would count them twice: it writes
+        nothing. Otherwise padding (attention_mask 0) is never written, nor what `stream`
+        leaves for the next window (`_write_mask`)."""
+        bound = self._signature.bind_partial(*args, **kwargs).arguments
+        extra = bound.get("kwargs", {})
+        cache = bound.get("cache", extra.get("cache", extra.get("past_key_values")))
+        if not self._writing or cache is not None:
+            self._set_call_writes(False)
+            return
+        writes = self._write_mask
+        mask = bound.get("attention_mask")
+        if mask is not None and mask.dim() == 2:
+            ids = bound.get("input_ids")
+            seq = ids.shape[1] if ids is not None else mask.shape[1]
+            padding = mask[:, -seq:].bool()
+            writes = padding if writes is None else writes & padding.to(writes.device)
+        self._set_call_writes(writes)
+
+    def _after_call(self, module: nn.Module, args: tuple, kwargs: dict, output) -> None:
+        self._set_call_writes(None)
+
+    def _set_call_writes(self, writes: torch.Tensor | bool | None) -> None:
+        for layer in self.layers.values():
+            layer.call_writes = writes
+
+    def reset(self, rows: Sequence[int] | torch.Tensor | None = None) -> None:
+        """Empty the memories of the chosen rows (all when None: streaming starts again at position 0)."""
+        if rows is None:
+            self.position = 0
+        for store in (store for layer in self.layers.values() for store in layer.stores()):
+            store.expanded = None
+            if store.memory is not None:
+                store.memory.reset(rows)
+
+    def resize(self, memory_size: int) -> None:
+        """Give every layer a memory of `memory_size` entries per head: the memories are emptied
+        and streaming starts again at position 0 (memory files record the new size)."""
+        if memory_size <= 0:
+            raise ValueError(f"memory_size must be positive, got {memory_size}")
+        for layer in self.layers.values():
+            layer.capacity = memory_size
+            for store in layer.stores():
+                store.memory = store.expanded = None
+        self.settings["memory_size"] = memory_size
+        self.position = 0
+
+    @contextlib.contextmanager
+    def read_only(self) -> Iterator[None]:
+        """Within this block the memory layers read their memory but store nothing."""
+        before, self._writing = self._writing, False
+        try:
+            yield
+        finally:
+            self._writing = before
+
+    @contextlib.contextmanager
+    def disabled(self) -> Iterator[None]:
+        """Within this block the memory layers neither read nor write: the original model."""
+        before = {i: layer.enabled for i, layer in self.layers.items()}
+        for layer in self.layers.values():
+            layer.enabled = False
+        try:
+            yield
+        finally:
+            for i, layer in self.layers.items():
+                layer.enabled = before[i]
+
+    def fill(self) -> dict[int, list[int]]:
+        """Stored entries per layer and row."""
+        return {i: ([] if layer.memory is None else layer.memory.fill.tolist()) for i, layer in self.layers.items()}
+
+    def stream(
+        self, input_ids: torch.Tensor, window: int, stride: int | None = None, losses: bool = False
+    ) -> torch.Tensor:
+        """Read a long input through a sliding window, the memory holding what has left it.
+
+        input_ids: (batch, seq). Calls cover `window` tokens and advance by `stride`
+        (default: `window`, no overlap); positions are absolute, going on from the tokens
+        streamed since the last full `reset` (`position`). A call's first `stride`
+        tokens, which leave the window at the next call, are written to memory by it (the
+        last call writes all of its own), so no token is ever both in the window and in
+        memory. Every token is scored in the first call that sees it as a prediction
+        target with the most left context. Returns next-token logits (batch, seq, vocab), or
+        with `losses` the next-token cross-entropies (batch, seq - 1), computed call by call
+        so that a long input never holds all its logits at once. Gradients flow when enabled
+        (fine-tuning: the memory itself is always detached); wrap in torch.no_grad() otherwise.
+        """
+        stride = window if stride is None else stride
+        if window <= 0 or not 0 < stride <= window:
+            raise ValueError(f"need window > 0 and 0 < stride <= window, got window={window}, stride={stride}")
+        seq = input_ids.shape[1]
+        self._check_positions(self.position + seq)
+        logits, start = [], 0
+        while True:
+            end = min(start + window, seq)
+            last = end == seq
+            chunk = input_ids[:, start:end]
+            positions = torch.arange(self.position + start, self.position + end, device=chunk.device).expand_as(chunk)
+            write = torch.zeros_like(chunk, dtype=torch.bool)
+            write[:, : (end - start) if last else stride] = True
+            self._write_mask = write
+            try:
+                out = self.model(input_ids=chunk, position_ids=positions).logits  # (batch, end - start, vocab)
+            finally:
+                self._write_mask = None
+            new = 0 if start == 0 else window - stride  # the earlier tokens were scored by the previous call
+            if losses:  # targets of positions start + new .. end - 1 (none after the input's last token)
+                targets = input_ids[:, start + new + 1 : end + 1]
+                out = F.cross_entropy(
+                    out[:, new : new + targets.shape[1]].transpose(1, 2).float(), targets, reduction="none"
+                )
+                logits.append(out)
+            else:
+                logits.append(out[:, new:])
+            if last:
+                self.position += seq
+                return torch.cat(logits, dim=1)
+            start += stride
+
+    @torch.no_grad()
+    def memorize(self, documents: Sequence[torch.Tensor], window: int = 512) -> int:
+        """Stream documents (token ids (1, n) each), one after another, into the memory through a
+        sliding window of `window` tokens: learning at inference time. Returns the tokens read."""
+        device = next(self.model.parameters()).device
+        for ids in documents:
+            self.stream(ids.to(device), window=window)
+        return sum(ids.shape[1] for ids in documents)
+
+    def _check_positions(self, length: int) -> None:
+        """Positions are absolute: a model with learned position embeddings (GPT-2) cannot go past them."""
+        limit = getattr(self.model.config, "n_positions", None)
+        if limit is not None and length > limit:
+            raise ValueError(
+                f"{type(self.model).__name__} has learned positions up to {limit}, and streaming uses absolute "
+                f"positions: an input of {length} tokens is too long for it (RoPE models have no such limit)"
+            )
+
+    def generate(self, input_ids: torch.Tensor, window: int, **generate_kwargs) -> torch.Tensor:
+        """Generate after a long prompt, which follows whatever the memory already holds: all
+        but its last `window` tokens are streamed into the memory (and stay there), then
+        Hugging Face's `generate` continues from the last window, positions going on from
+        there, reading the memory without writing to it. Returns the prompt and the new
+        tokens (batch * num_return_sequences, seq + new), like `generate`; beam search and
+        several sequences per prompt read copies of each prompt's memory row."""
+        batch, seq = input_ids.shape
+        self._check_positions(self.position + seq + generate_kwargs.get("max_new_tokens", 0))
+        split = max(0, seq - window)
+        if split:
+            with torch.no_grad():
+                self.stream(input_ids[:, :split], window)  # every token stored once
+        last = input_ids[:, split:]
+        positions = torch.arange(self.position, self.position + seq - split, device=input_ids.device).expand(batch, -1)
+        with self.read_only():
+            out = self.model.generate(
+                last, attention_mask=torch.ones_like(last), position_ids=positions, **generate_kwargs
+            )
+        prefix = input_ids[:, :split].repeat_interleave(out.shape[0] // batch, dim=0)  # beams, return sequences
+        return torch.cat([prefix, out], dim=1)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write every layer's memory to one safetensors file (atomically), with the settings of
+        `add_memory`, the streaming position, the shapes and the model's identity (its
+        configuration's and weights' fingerprints), so that a model it does not fit refuses it."""
+        save_memories(path, self.model, self.layers, self.settings, self.position)
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Read memories written by `save`; refuses a file made for another model or other shapes."""
+        self.position = load_memories(path, self.model, self.layers)
