@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grid import GRIDS  # noqa: E402
 
 OUT = Path(__file__).resolve().parent / "results"
-JOINT = dict(memory_size=8192, memory_combine="joint_softmax")  # a memory added at test time: no gate to learn
+JOINT = dict(memory_size=8192, memory_combine="joint")  # a memory added at test time: no gate to learn
 # (grid, run, what changes at test time)
 CASES = [
     ("table4-pycode", "4L-s0", dict(segment_length=128, xl_length=128)),

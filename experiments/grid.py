@@ -140,7 +140,7 @@ def table4(
         (
             "L-mem8k-xl-joint",
             f"context {L} + memory 8K + XL {L}, one softmax over local and retrieved entries",
-            dict(xl_length=L, memory_size=8192, memory_combine="joint_softmax"),
+            dict(xl_length=L, memory_size=8192, memory_combine="joint"),
             (0,),
         ),
         (
@@ -299,7 +299,7 @@ def budgets(
     middle = tokens[len(tokens) // 2]
     for name, label, model in (
         ("gate0", "gate starting at 0.5", dict(memory_gate_init=0.0)),
-        ("joint", "one softmax over local and retrieved entries", dict(memory_combine="joint_softmax")),
+        ("joint", "one softmax over local and retrieved entries", dict(memory_combine="joint")),
         ("sharp", "memory temperature of its own from 30", dict(memory_qk_scale_init=30.0)),
         (
             "sharp-gate0",
@@ -355,7 +355,7 @@ def batch16(corpus: str, finetune_tokens: int, eval_tokens: int | None) -> Grid:
         (
             "L-mem8k-xl-joint-evicted",
             f"context {L} + memory 8K of what leaves XL {L}, one softmax over local and retrieved entries",
-            dict(xl_length=L, memory_size=8192, memory_combine="joint_softmax", memory_writes="evicted"),
+            dict(xl_length=L, memory_size=8192, memory_combine="joint", memory_writes="evicted"),
         ),
     ]
     return Grid(
@@ -432,6 +432,18 @@ def run_settings(grid: Grid, run: Run) -> dict[str, Any]:
     if grid.document_tokens is not None:
         settings["document_tokens"] = grid.document_tokens
     return settings
+
+
+def same_settings(recorded: dict[str, Any], current: dict[str, Any]) -> bool:
+    """Whether a run's recorded settings are the grid's current ones, the model's configuration
+    compared as MemorizingConfig reads it (so that a value spelt as an earlier version spelt
+    it, such as memory_combine "joint_softmax", is the value it stands for)."""
+
+    def read(settings: dict[str, Any]) -> dict[str, Any]:
+        model = MemorizingConfig.from_dict({**settings["model"], "vocab_size": settings["vocab_size"]}).to_dict()
+        return {**settings, "model": model}
+
+    return read(recorded) == read(current)
 
 
 def batch_size(grid: Grid, run: Run) -> int:
@@ -705,7 +717,7 @@ def run_grid(
         path = result_path(grid, run, results)
         if path.is_file():
             recorded = json.loads(path.read_text())["settings"]
-            if recorded == json.loads(json.dumps(run_settings(grid, run))):
+            if same_settings(recorded, json.loads(json.dumps(run_settings(grid, run)))):
                 add_peak_memory(grid, run, path, device)
                 add_memory_readout(grid, run, path, runs_dir, device)
                 continue

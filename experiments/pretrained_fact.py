@@ -53,7 +53,11 @@ def run(args: argparse.Namespace) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
     handle = add_memory(
-        model, layers=range(model.config.num_hidden_layers), memory_size=args.filler + 512, k=args.k, combine="joint"
+        model,
+        knn_layers=range(model.config.num_hidden_layers),
+        memory_size=args.filler + 512,
+        knn_k=args.k,
+        memory_combine="joint",
     )
     settings = dict(max_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     rows = []

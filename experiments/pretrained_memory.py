@@ -260,11 +260,11 @@ def run(args: argparse.Namespace, defaults: dict) -> dict:
     layers = list(range(n_layers)) if args.layers == "all" else [int(i) for i in args.layers.split(",")]
     handle = add_memory(
         model,
-        layers=layers,
+        knn_layers=layers,
         memory_size=args.tokens,
-        k=args.k,
-        combine=args.combine,
-        gate_init=args.gate_init,
+        knn_k=args.k,
+        memory_combine=args.combine,
+        memory_gate_init=args.gate_init,
         sink_tokens=args.sink_tokens,
     )
     results = {

@@ -54,6 +54,7 @@ import torch
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
 from memorizing_transformers.atomic import write_atomically
 from memorizing_transformers.data.synthetic import DISTANCE_CATEGORIES, RecallTask, curriculum_documents
+from memorizing_transformers.demo import RECALL_MODEL, RECALL_TASK
 from memorizing_transformers.evaluation.recall import recall_accuracy
 from memorizing_transformers.training.trainer import TrainConfig, Trainer
 
@@ -79,38 +80,21 @@ class Settings:
     eval_documents: int = 64
     # Adds this to layer 0's position bias at distance 1 in every head, so the layer starts
     # as a previous-token layer (0 keeps the model's own zero initialisation).
-    previous_token_bias: float = 5.0
-    # Initial gate bias of the memory layers: sigmoid(-3) = 0.05 of each head's output
-    # comes from memory at first (the model's own initialisation is 0, a gate of 0.5).
-    memory_gate_init: float = -3.0
+    previous_token_bias: float = RECALL_MODEL["previous_token_bias_init"]
+    # Initial gate of the memory layers: sigmoid(-3) = 0.05 of each head's output comes from
+    # memory at first (the model's own initialisation is 0, a gate of 0.5).
+    memory_gate_init: float = RECALL_MODEL["memory_gate_init"]
     # Curriculum: training documents start with questions at most `curriculum_start`
     # tokens from their binding, a limit that doubles every `curriculum_steps` steps up
     # to the task's max_distance (0: no curriculum). Evaluation always uses the full task.
     curriculum_start: int = 32
     curriculum_steps: int = 500
-    task: dict[str, Any] = field(
-        default_factory=lambda: dict(
-            num_names=32,
-            num_values=16,
-            document_length=512,
-            min_distance=2,
-            max_distance=512,
-            question_rate=0.8,
-        )
-    )
+    # The demo's recall task and model (memorizing_transformers.demo), its two initial values above.
+    task: dict[str, Any] = field(default_factory=lambda: asdict(RECALL_TASK))
     model: dict[str, Any] = field(
-        default_factory=lambda: dict(
-            d_model=64,
-            n_layers=2,
-            n_heads=2,
-            head_dim=32,
-            d_ff=128,
-            segment_length=32,
-            xl_length=32,
-            knn_layers=(1,),
-            memory_size=512,
-            knn_k=8,
-        )
+        default_factory=lambda: {
+            k: v for k, v in RECALL_MODEL.items() if k not in ("memory_gate_init", "previous_token_bias_init")
+        }
     )
 
 
@@ -182,7 +166,7 @@ def train(settings: Settings, task: RecallTask, memory: bool, run_dir: Path) -> 
             **{f"acc_{name}": accuracy[name]["accuracy"] for name in DISTANCE_CATEGORIES},
         }
         if memory:
-            gates = torch.sigmoid(model.blocks[config.memory_layer_indices[0]].attn.gate_bias)
+            gates = torch.sigmoid(model.blocks[config.memory_layer_indices[0]].attn.memory_gate)
             point["memory_gate"] = [round(g, 3) for g in gates.tolist()]
         curve.append(point)
         write_atomically(curve_path, lambda tmp: Path(tmp).write_text(json.dumps(curve)))

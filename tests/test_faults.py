@@ -96,6 +96,42 @@ def test_damaged_memory_files_are_refused_by_name(tmp_path, damage):
     assert str(path) in str(info.value)
 
 
+def test_memory_files_of_every_kind_share_one_versioned_format(tmp_path):
+    # A KNNMemory, a model's state and the retrofit's memories: each file records the layout's
+    # version, and one from a later version is refused by name, whatever its kind.
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+    from tiny_models import tiny_llama
+
+    from memorizing_transformers import KNNMemory
+    from memorizing_transformers.hf.retrofit import add_memory
+    from memorizing_transformers.memory.files import FORMAT_VERSION
+
+    model = MemorizingTransformer(MemorizingConfig.preset("tiny", vocab_size=50257))
+    memory = KNNMemory(1, 2, 8, capacity=16)
+    memory.add(torch.randn(1, 2, 4, 8), torch.randn(1, 2, 4, 8))
+    llama = tiny_llama()
+    handle = add_memory(llama, knn_layers=[0], memory_size=16, knn_k=2)
+    with torch.no_grad():
+        handle.stream(torch.randint(0, 97, (1, 8)), window=4)
+    files = {
+        "knn": (lambda path: memory.save(path), lambda path: KNNMemory.load(path)),
+        "state": (lambda path: model.save_memory(model.memorize("a few words"), path), model.load_memory),
+        "retrofit": (handle.save, handle.load),
+    }
+    for kind, (save, load) in files.items():
+        path = tmp_path / f"{kind}.safetensors"
+        save(path)
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata()
+        assert metadata["format_version"] == FORMAT_VERSION
+        load(path)
+        save_file(load_file(path), path, metadata={**metadata, "format_version": "99"})
+        with pytest.raises(ValueError, match="has memory format version 99") as info:
+            load(path)
+        assert str(path) in str(info.value)
+
+
 # ---------------------------------------------------------------------- checkpoints
 def test_resume_without_a_latest_pointer_continues_from_the_newest_checkpoint(run_copy):
     (run_copy / "checkpoints" / "latest").unlink()

@@ -55,7 +55,7 @@ def test_greedy_generate_streams_like_the_model_token_by_token():
 def test_generation_reads_a_memory_filled_beforehand():
     model = tiny()
     with torch.no_grad():  # the memory layer reads memory only, whenever it holds anything, and speaks loudly
-        model.model.blocks[2].attn.gate_bias.fill_(10.0)
+        model.model.blocks[2].attn.memory_gate.fill_(10.0)
         model.model.blocks[2].attn.out.weight.mul_(100.0)
     torch.manual_seed(1)
     document = torch.randint(0, 512, (1, 96))
@@ -102,7 +102,7 @@ def test_beam_search_follows_its_beams_with_their_caches_and_memories(filled):
         for block in model.model.blocks:
             block.attn.log_scale.add_(2.0)
             block.attn.out.weight.mul_(10.0)
-        model.model.blocks[2].attn.gate_bias.fill_(3.0)
+        model.model.blocks[2].attn.memory_gate.fill_(3.0)
     torch.manual_seed(2)
     document, prompt = torch.randint(0, 512, (1, 80)), torch.randint(0, 512, (1, 21))
     settings = dict(

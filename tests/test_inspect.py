@@ -24,7 +24,7 @@ def model() -> MemorizingTransformer:
     return MemorizingTransformer(MemorizingConfig.preset("tiny", vocab_size=50257, memory_size=64)).eval()
 
 
-@pytest.mark.parametrize("combine", ["gate", "joint_softmax"])
+@pytest.mark.parametrize("combine", ["gate", "joint"])
 def test_report_data(combine):
     torch.manual_seed(0)
     model = MemorizingTransformer(
@@ -112,7 +112,7 @@ def tiny_llama():
 def test_report_data_for_a_hugging_face_model(combine):
     model, tokenizer = tiny_llama(), load_tokenizer()
     window, stride, capacity = 16, 8, 24  # the memory wraps around: positions are not slots
-    handle = add_memory(model, layers=[0, 1], memory_size=capacity, k=4, combine=combine)
+    handle = add_memory(model, knn_layers=[0, 1], memory_size=capacity, knn_k=4, memory_combine=combine)
     report = inspect_pretrained(handle, tokenizer, TEXT, window=window, stride=stride, layer=1, top=3)
     ids = tokenizer(TEXT, return_tensors="pt")["input_ids"]
     n = ids.shape[1]
@@ -146,7 +146,7 @@ def test_inspect_command_with_a_hugging_face_model(tmp_path, cli_error):
             str(tmp_path / "doc.txt"),
             "--out",
             str(tmp_path / "report.html"),
-            "--layers",
+            "--knn-layers",
             "0,1",
             "--layer",
             "1",

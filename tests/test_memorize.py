@@ -19,7 +19,7 @@ def tiny_model(seed: int = 0, **overrides) -> MemorizingTransformer:
     model = MemorizingTransformer(MemorizingConfig.preset("tiny", vocab_size=50257, **overrides)).eval()
     with torch.no_grad():
         attention = model.blocks[model.config.memory_layer_indices[0]].attn
-        attention.gate_bias.fill_(10.0)
+        attention.memory_gate.fill_(10.0)
         attention.out.weight.mul_(100.0)
     return model
 
@@ -98,9 +98,9 @@ def test_memorize_and_generate_commands_with_a_hugging_face_model(tmp_path, caps
             str(tmp_path / "doc.txt"),
             "--out",
             kb,
-            "--layers",
+            "--knn-layers",
             "-1",
-            "--k",
+            "--knn-k",
             "8",
             "--window",
             "64",
@@ -110,7 +110,7 @@ def test_memorize_and_generate_commands_with_a_hugging_face_model(tmp_path, caps
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "llama")
     memorized = len(tokenizer(TEXT)["input_ids"])
     settings = memory_file_settings(kb)
-    assert (settings["layers"], settings["k"], settings["memory_size"]) == ([1], 8, memorized)  # sized to the document
+    assert (settings["knn_layers"], settings["knn_k"], settings["memory_size"]) == ([1], 8, memorized)  # sized to it
 
     prompt = ["--prompt", "The secret ingredient of the Fallowmere stew is", "--max-new-tokens", "8"]
     main(["generate", str(tmp_path / "llama"), "--memory", kb, *prompt])
@@ -141,10 +141,10 @@ def test_pretrained_options_are_refused_for_our_own_checkpoints(tmp_path, cli_er
             tmp_path / "doc.txt",
             "--out",
             tmp_path / "kb.safetensors",
-            "--layers",
+            "--knn-layers",
             "0",
-            "--k",
+            "--knn-k",
             "4",
         ]
     )
-    assert "--layers --k: only for Hugging Face models other than ours" in message
+    assert "--knn-layers --knn-k: only for Hugging Face models other than ours" in message

@@ -18,8 +18,8 @@ def make_model(**overrides) -> MemorizingTransformer:
     with torch.no_grad():
         for block in model.blocks:
             block.attn.position_bias.embedding.weight.normal_(0, 1)
-            if hasattr(block.attn, "gate_bias"):
-                block.attn.gate_bias.normal_(0, 1)
+            if hasattr(block.attn, "memory_gate"):
+                block.attn.memory_gate.normal_(0, 1)
     return model
 
 
@@ -63,7 +63,7 @@ def test_loss_matches_manual_cross_entropy_and_ignores_padding():
     assert out.state.memory_fill() == {2: [40, 30]}  # padding never written
 
 
-@pytest.mark.parametrize("combine", ["gate", "joint_softmax"])
+@pytest.mark.parametrize("combine", ["gate", "joint"])
 def test_causal_within_and_across_segments(combine):
     model = make_model(memory_combine=combine)
     ids = torch.randint(0, 512, (2, 64))  # four segments of 16
@@ -132,7 +132,7 @@ def test_memory_changes_later_segments_and_empty_memory_contributes_nothing():
     with_memory = model(ids).logits
     reference = MemorizingTransformer(tiny(knn_layers=()))
     missing, unexpected = reference.load_state_dict(model.state_dict(), strict=False)
-    assert missing == [] and unexpected == ["blocks.2.attn.gate_bias"]
+    assert missing == [] and unexpected == ["blocks.2.attn.memory_gate"]
     without = reference.eval()(ids).logits
     # Segment 1: memory still empty, so the memory layer equals a plain layer.
     assert torch.allclose(with_memory[:, :16], without[:, :16], atol=1e-6)
@@ -160,7 +160,7 @@ def identity_attention(combine: str) -> Attention:
         layer.qkv.weight.copy_(torch.cat([torch.eye(16)] * 3))
         layer.out.weight.copy_(torch.eye(16))
         if combine == "gate":
-            layer.gate_bias.fill_(10.0)
+            layer.memory_gate.fill_(10.0)
     return layer
 
 
@@ -171,7 +171,7 @@ def layer_state(config: MemorizingConfig, memory) -> MemorizingState:
     return state
 
 
-@pytest.mark.parametrize("combine", ["gate", "joint_softmax"])
+@pytest.mark.parametrize("combine", ["gate", "joint"])
 def test_attention_layer_retrieves_a_distinctive_earlier_key(combine):
     from memorizing_transformers import KNNMemory
     from memorizing_transformers.model.positions import (
@@ -222,7 +222,7 @@ def test_a_memory_temperature_of_its_own_makes_retrieval_sharp_where_local_atten
         with torch.no_grad():
             layer.qkv.weight.copy_(torch.cat([torch.eye(16)] * 3))
             layer.out.weight.copy_(torch.eye(16))
-            layer.gate_bias.fill_(10.0)  # the output is the memory's readout
+            layer.memory_gate.fill_(10.0)  # the output is the memory's readout
         state = layer_state(config, KNNMemory(1, 1, 16, capacity=64))
         for segment in past:
             layer(segment, buckets, allowed, mask, state, 0)
@@ -243,7 +243,7 @@ def test_exhaustive_joint_memory_of_evicted_entries_is_full_attention():
         max_distance=32,
         memory_size=256,
         knn_k=64,
-        memory_combine="joint_softmax",
+        memory_combine="joint",
         memory_writes="evicted",
         qk_scale_init=8.0,
     )
@@ -272,7 +272,7 @@ def test_retrieved_entries_get_the_farthest_buckets_bias_in_the_joint_softmax():
         segment_relative_positions,
     )
 
-    layer = identity_attention("joint_softmax")
+    layer = identity_attention("joint")
     relative = segment_relative_positions(8, 0)
     buckets, allowed = relative_position_bucket(segment_distances(8, 0)), (relative <= 0)[None, None]
     mask = torch.ones(1, 8, dtype=torch.bool)
@@ -302,7 +302,7 @@ def test_gradient_reaches_local_attention_and_gate_but_never_the_memory():
     attn = model.blocks[2].attn
     grads = torch.autograd.grad(
         second.loss,
-        [attn.qkv.weight, attn.gate_bias, attn.log_scale, attn.position_bias.embedding.weight, captured[0]],
+        [attn.qkv.weight, attn.memory_gate, attn.log_scale, attn.position_bias.embedding.weight, captured[0]],
         allow_unused=True,
     )
     for g in grads[:4]:
@@ -363,12 +363,12 @@ def test_bad_input_gets_clear_errors():
 
 def test_initialisation_options():
     model = MemorizingTransformer(tiny(memory_gate_init=-3.0, previous_token_bias_init=5.0))
-    assert torch.allclose(torch.sigmoid(model.blocks[2].attn.gate_bias), torch.full((4,), 0.0474), atol=1e-4)
+    assert torch.allclose(torch.sigmoid(model.blocks[2].attn.memory_gate), torch.full((4,), 0.0474), atol=1e-4)
     bias = model.blocks[0].attn.position_bias.embedding.weight  # (buckets, heads)
     assert bias[1].eq(5.0).all() and bias[0].eq(0).all() and bias[2:].eq(0).all()
     assert model.blocks[1].attn.position_bias.embedding.weight.eq(0).all()
     default = MemorizingTransformer(tiny())
-    assert default.blocks[2].attn.gate_bias.eq(0).all()
+    assert default.blocks[2].attn.memory_gate.eq(0).all()
     assert default.blocks[0].attn.position_bias.embedding.weight.eq(0).all()
 
 
@@ -382,3 +382,21 @@ def test_without_memory_is_the_same_weights_with_the_memory_off():
     assert not torch.allclose(twin(longer).logits, model(longer).logits, atol=1e-4)
     with pytest.raises(ValueError, match="do not fit this model"):
         MemorizingTransformer(tiny(d_ff=64)).take_weights(model)
+
+
+def test_a_model_saved_with_the_earlier_names_loads(tmp_path):
+    # Earlier versions called the joint mode "joint_softmax" and the gate parameter `gate_bias`.
+    from safetensors.torch import load_file, save_file
+
+    assert MemorizingConfig(memory_combine="joint_softmax").memory_combine == "joint"
+    model = make_model()
+    with torch.no_grad():
+        model.blocks[2].attn.memory_gate.fill_(1.5)
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["blocks.2.attn.gate_bias"] = weights.pop("blocks.2.attn.memory_gate")
+    save_file(weights, tmp_path / "model.safetensors")
+    loaded = MemorizingTransformer.from_pretrained(tmp_path)
+    assert loaded.blocks[2].attn.memory_gate.eq(1.5).all()
+    ids = torch.randint(0, 512, (1, 32))
+    torch.testing.assert_close(loaded.eval()(ids).logits, model.eval()(ids).logits)

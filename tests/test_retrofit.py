@@ -18,7 +18,9 @@ def test_empty_or_disabled_memory_leaves_the_logits_unchanged(name, combine):
     ids = torch.randint(0, 97, (2, 24))
     with torch.no_grad():
         reference = model(ids).logits
-        handle = add_memory(model, layers=[-1, 0], memory_size=64, k=4, combine=combine, gate_init=0.0)
+        handle = add_memory(
+            model, knn_layers=[-1, 0], memory_size=64, knn_k=4, memory_combine=combine, memory_gate_init=0.0
+        )
         first = model(ids).logits  # memory empty: nothing to retrieve, then this call is written
         assert handle.fill() == {0: [24, 24], 2: [24, 24]}
         with handle.disabled():
@@ -39,7 +41,7 @@ def test_streaming_with_a_memory_of_the_whole_prefix_equals_full_attention(name,
     ids = torch.randint(0, 97, (1, 40))
     with torch.no_grad():
         full = model(ids).logits
-        handle = add_memory(model, layers=[0, 1, 2], memory_size=64, k=40, combine="joint")
+        handle = add_memory(model, knn_layers=[0, 1, 2], memory_size=64, knn_k=40, memory_combine="joint")
         streamed = handle.stream(ids, window=8, stride=stride)
     assert handle.fill() == {0: [40], 1: [40], 2: [40]}  # every token written exactly once
     torch.testing.assert_close(streamed, full, rtol=1e-4, atol=1e-4)
@@ -53,7 +55,7 @@ def test_streaming_with_a_memory_of_the_whole_prefix_equals_full_attention(name,
 @pytest.mark.parametrize("combine, name, init", [("gate", "memory_gate", -3.0), ("joint", "memory_bias", 0.0)])
 def test_the_memory_parameter_is_trainable_and_only_acts_with_memory(combine, name, init):
     model = tiny_llama()
-    handle = add_memory(model, layers=[1], memory_size=64, k=4, combine=combine, gate_init=-3.0)
+    handle = add_memory(model, knn_layers=[1], memory_size=64, knn_k=4, memory_combine=combine, memory_gate_init=-3.0)
     param = getattr(model.model.layers[1].self_attn, name)
     assert param.shape == (4,) and torch.equal(param.detach(), torch.full((4,), init))
     assert f"model.layers.1.self_attn.{name}" in dict(model.named_parameters())
@@ -74,7 +76,7 @@ def test_the_joint_bias_weighs_the_retrieved_entries():
     ids = torch.randint(0, 97, (1, 16))
     with torch.no_grad():
         reference = model(ids).logits
-        handle = add_memory(model, layers=[1], memory_size=64, k=4, combine="joint")
+        handle = add_memory(model, knn_layers=[1], memory_size=64, knn_k=4, memory_combine="joint")
         bias = model.model.layers[1].self_attn.memory_bias
         model(ids)
         distances = {}
@@ -88,31 +90,31 @@ def test_the_joint_bias_weighs_the_retrieved_entries():
 
 def test_memory_file_round_trip_and_refusals(tmp_path):
     model = tiny_llama()
-    handle = add_memory(model, layers=[1], memory_size=32, k=4)
+    handle = add_memory(model, knn_layers=[1], memory_size=32, knn_k=4)
     ids = torch.randint(0, 97, (1, 20))
     with torch.no_grad():
         model(ids)
         handle.save(tmp_path / "kb.safetensors")
         after_save = model(ids).logits
     fresh = tiny_llama()
-    fresh_handle = add_memory(fresh, layers=[1], memory_size=32, k=4)
+    fresh_handle = add_memory(fresh, knn_layers=[1], memory_size=32, knn_k=4)
     fresh_handle.load(tmp_path / "kb.safetensors")
     assert fresh_handle.fill() == {1: [20]}
     with torch.no_grad():
         torch.testing.assert_close(fresh(ids).logits, after_save)
-    other_layers = add_memory(tiny_llama(), layers=[2], memory_size=32, k=4)
+    other_layers = add_memory(tiny_llama(), knn_layers=[2], memory_size=32, knn_k=4)
     with pytest.raises(ValueError, match=r"holds memories of layers \[1\]"):
         other_layers.load(tmp_path / "kb.safetensors")
-    other_size = add_memory(tiny_llama(), layers=[1], memory_size=64, k=4)
+    other_size = add_memory(tiny_llama(), knn_layers=[1], memory_size=64, knn_k=4)
     with pytest.raises(ValueError, match="the memory of layer 1 is"):
         other_size.load(tmp_path / "kb.safetensors")
-    other_model = add_memory(tiny_gpt2(), layers=[1], memory_size=32, k=4)
+    other_model = add_memory(tiny_gpt2(), knn_layers=[1], memory_size=32, knn_k=4)
     with pytest.raises(ValueError, match="was made for the model LlamaForCausalLM"):
         other_model.load(tmp_path / "kb.safetensors")
-    other_weights = add_memory(tiny_llama(seed=1), layers=[1], memory_size=32, k=4)
+    other_weights = add_memory(tiny_llama(seed=1), knn_layers=[1], memory_size=32, knn_k=4)
     with pytest.raises(ValueError, match="same configuration, other weights"):
         other_weights.load(tmp_path / "kb.safetensors")
-    other_config = add_memory(tiny_llama(rms_norm_eps=1e-5), layers=[1], memory_size=32, k=4)
+    other_config = add_memory(tiny_llama(rms_norm_eps=1e-5), knn_layers=[1], memory_size=32, knn_k=4)
     with pytest.raises(ValueError, match="same shapes, other configuration"):
         other_config.load(tmp_path / "kb.safetensors")
     save_file({"x": torch.zeros(2)}, tmp_path / "weights.safetensors")
@@ -125,12 +127,12 @@ def test_memory_file_round_trip_and_refusals(tmp_path):
 def test_clear_errors():
     model = tiny_llama()
     with pytest.raises(ValueError, match="layer 5 is out of range for a model of 3 layers"):
-        add_memory(model, layers=[5])
+        add_memory(model, knn_layers=[5])
     with pytest.raises(ValueError, match="combine must be 'joint' or 'gate'"):
-        add_memory(model, combine="sum")
-    add_memory(model, layers=[0])
+        add_memory(model, memory_combine="sum")
+    add_memory(model, knn_layers=[0])
     with pytest.raises(ValueError, match="already has memory"):
-        add_memory(model, layers=[1])
+        add_memory(model, knn_layers=[1])
 
 
 @pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
@@ -142,14 +144,14 @@ def test_generate_after_a_long_prompt_equals_full_attention_greedy(name):
     settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)
-        handle = add_memory(model, layers=[0, 1, 2], memory_size=64, k=40, combine="joint")
+        handle = add_memory(model, knn_layers=[0, 1, 2], memory_size=64, knn_k=40, memory_combine="joint")
         generated = handle.generate(prompt, window=8, **settings)
     assert handle.fill() == {0: [22], 1: [22], 2: [22]}  # the prompt but its last window; generation writes nothing
     assert torch.equal(generated, expected)
 
 
 def test_gpt2_refuses_inputs_beyond_its_learned_positions():
-    handle = add_memory(tiny_gpt2(), layers=[0], memory_size=64, k=4)
+    handle = add_memory(tiny_gpt2(), knn_layers=[0], memory_size=64, knn_k=4)
     with pytest.raises(ValueError, match="learned positions up to 256"):
         handle.stream(torch.zeros(1, 300, dtype=torch.long), window=64)
 
@@ -163,7 +165,7 @@ def test_streams_go_on_where_the_last_one_ended_also_after_save_and_load(name, t
     ids = torch.randint(0, 97, (1, 40))
     with torch.no_grad():
         full = model(ids).logits
-        handle = add_memory(model, layers=[0, 1, 2], memory_size=64, k=40)
+        handle = add_memory(model, knn_layers=[0, 1, 2], memory_size=64, knn_k=40)
         first = handle.stream(ids[:, :16], window=8)
         second = handle.stream(ids[:, 16:28], window=8)
         handle.save(tmp_path / "kb.safetensors")
@@ -192,7 +194,7 @@ def test_generate_expands_the_memory_to_beams_and_return_sequences(name, setting
     with torch.no_grad():
         torch.manual_seed(3)
         expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)
-        handle = add_memory(model, layers=[0, 1, 2], memory_size=64, k=40, combine="joint")
+        handle = add_memory(model, knn_layers=[0, 1, 2], memory_size=64, knn_k=40, memory_combine="joint")
         torch.manual_seed(3)
         generated = handle.generate(prompt, window=8, **settings)
     assert generated.shape[0] == settings["num_return_sequences"]
@@ -202,14 +204,14 @@ def test_generate_expands_the_memory_to_beams_and_return_sequences(name, setting
 
 def test_a_filled_memory_is_never_silently_replaced_by_another_batch_size(tmp_path):
     model = tiny_llama()
-    handle = add_memory(model, layers=[0], memory_size=64, k=4)
+    handle = add_memory(model, knn_layers=[0], memory_size=64, knn_k=4)
     with torch.no_grad():
         handle.stream(torch.randint(0, 97, (1, 16)), window=8)
         handle.save(tmp_path / "kb.safetensors")
         with pytest.raises(ValueError, match="holds 1 filled row.*this input has 2 rows"):
             model(torch.randint(0, 97, (2, 8)))
         assert handle.fill() == {0: [16]}
-        fresh = add_memory(tiny_llama(), layers=[0], memory_size=64, k=4)
+        fresh = add_memory(tiny_llama(), knn_layers=[0], memory_size=64, knn_k=4)
         fresh.load(tmp_path / "kb.safetensors")
         with pytest.raises(ValueError, match="holds 1 filled row"):
             fresh.stream(torch.randint(0, 97, (2, 8)), window=8)
@@ -221,7 +223,7 @@ def test_a_filled_memory_is_never_silently_replaced_by_another_batch_size(tmp_pa
 @pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
 def test_padding_is_never_written(name):
     model = MODELS[name]()
-    handle = add_memory(model, layers=[0, 2], memory_size=64, k=4)
+    handle = add_memory(model, knn_layers=[0, 2], memory_size=64, knn_k=4)
     ids = torch.randint(0, 97, (2, 10))
     mask = torch.ones(2, 10, dtype=torch.long)
     mask[1, :4] = 0  # left padding in the second row
@@ -240,7 +242,7 @@ def test_plain_generate_after_add_memory_never_counts_a_token_twice(name):
     settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, output_scores=True, return_dict_in_generate=True)
     with torch.no_grad():
         expected = model.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)
-        handle = add_memory(model, layers=[0, 1, 2], memory_size=64, k=8)
+        handle = add_memory(model, knn_layers=[0, 1, 2], memory_size=64, knn_k=8)
         got = model.generate(prompt, attention_mask=torch.ones_like(prompt), **settings)
     assert handle.fill() == {0: [0], 1: [0], 2: [0]}
     assert torch.equal(got.sequences, expected.sequences)
@@ -250,7 +252,7 @@ def test_plain_generate_after_add_memory_never_counts_a_token_twice(name):
 
 def test_resize_gives_every_layer_a_memory_of_the_new_size():
     model = tiny_llama()
-    handle = add_memory(model, layers=[0, 2], memory_size=64, k=4)
+    handle = add_memory(model, knn_layers=[0, 2], memory_size=64, knn_k=4)
     with torch.no_grad():
         handle.stream(torch.randint(0, 97, (1, 40)), window=8)
         handle.resize(16)
@@ -268,7 +270,7 @@ def test_sink_tokens_stay_when_a_small_memory_evicts_them(name, tmp_path):
     with torch.no_grad():
         full = model(ids).logits
         # A memory holding everything, 4 tokens of it as sinks: still exactly full attention.
-        handle = add_memory(model, layers=[0, 1, 2], memory_size=64, k=40, sink_tokens=4)
+        handle = add_memory(model, knn_layers=[0, 1, 2], memory_size=64, knn_k=40, sink_tokens=4)
         torch.testing.assert_close(handle.stream(ids, window=8), full, rtol=1e-4, atol=1e-4)
         assert handle.fill() == {0: [36], 1: [36], 2: [36]}  # every token written once: 4 to the sinks, 36 to memory
         # A small memory evicts the first tokens; with sinks they stay, and the stream is nearer full attention.
@@ -281,8 +283,35 @@ def test_sink_tokens_stay_when_a_small_memory_evicts_them(name, tmp_path):
         assert fresh.layers[0].sink.memory.fill.tolist() == [4] and torch.equal(
             fresh.layers[0].sink.memory.keys, handle.layers[0].sink.memory.keys
         )
-    no_sinks = add_memory(MODELS[name](), layers=[0, 1, 2], memory_size=8, k=40)
+    no_sinks = add_memory(MODELS[name](), knn_layers=[0, 1, 2], memory_size=8, knn_k=40)
     with torch.no_grad():
         evicted = no_sinks.stream(ids, window=8)
     error = lambda x: (x.log_softmax(-1) - full.log_softmax(-1))[0, 24:].abs().mean()  # noqa: E731
     assert error(small) < error(evicted)
+
+
+def test_a_memory_file_with_the_earlier_argument_names_loads(tmp_path):
+    # Earlier versions named add_memory's arguments layers, k, combine, gate_init and backend.
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    model = tiny_llama()
+    ids = torch.randint(0, 97, (1, 16))
+    with torch.no_grad():
+        handle = add_memory(model, knn_layers=[1], memory_size=32, knn_k=4, memory_combine="gate")
+        handle.stream(ids, window=8)
+    path = tmp_path / "kb.safetensors"
+    handle.save(path)
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    earlier = {"knn_layers": "layers", "knn_k": "k", "memory_combine": "combine", "memory_gate_init": "gate_init"}
+    settings = {
+        earlier.get(k, k).replace("memory_backend", "backend"): v for k, v in json.loads(metadata["settings"]).items()
+    }
+    save_file(load_file(path), path, metadata={**metadata, "settings": json.dumps(settings)})
+    assert memory_file_settings(path) == {**handle.settings, "memory_dtype": torch.float32}
+    fresh = add_memory(tiny_llama(), **memory_file_settings(path))
+    fresh.load(path)
+    assert fresh.fill() == handle.fill() and fresh.position == 16

@@ -100,7 +100,7 @@ def answer(model, tokenizer, ids: torch.Tensor, **kwargs) -> str:
 def test_a_memorized_fact_beyond_the_window_decides_the_answer(trained):
     tokenizer = fact_tokenizer()
     model = LlamaForCausalLM.from_pretrained(trained).eval()
-    handle = add_memory(model, layers=[0, 1], memory_size=64, k=8)
+    handle = add_memory(model, knn_layers=[0, 1], memory_size=64, knn_k=8)
     generator = torch.Generator().manual_seed(1)
     with_memory = without = asked = 0
     with torch.no_grad():

@@ -141,7 +141,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------- memorize / generate
 # CHECKPOINT is one of ours (a run directory, a saved model folder, or a MemorizingForCausalLM
 # folder) or any other Hugging Face causal LM folder, which gets a memory through add_memory.
-PRETRAINED_ONLY = ("layers", "layer", "k", "window", "stride")  # options of the add_memory route
+PRETRAINED_ONLY = ("knn_layers", "layer", "knn_k", "window", "stride")  # options of the add_memory route
+KNN_LAYERS_HELP = "Hugging Face models: layers given a memory, 'all' (default) or e.g. '-4,-3'"
+KNN_K_HELP = "Hugging Face models: entries retrieved per query and head (default 32)"
 
 
 def _is_pretrained(args: argparse.Namespace) -> bool:
@@ -150,7 +152,7 @@ def _is_pretrained(args: argparse.Namespace) -> bool:
 
     if is_other_huggingface_model(args.checkpoint):
         return True
-    given = [f"--{name}" for name in PRETRAINED_ONLY if getattr(args, name, None) is not None]
+    given = [f"--{name.replace('_', '-')}" for name in PRETRAINED_ONLY if getattr(args, name, None) is not None]
     if given:
         raise SystemExit(
             f"{' '.join(given)}: only for Hugging Face models other than ours ({args.checkpoint} is a memorizing "
@@ -177,16 +179,16 @@ def _parse_layers(text: str, n_layers: int) -> list[int]:
     try:
         return [int(i) for i in text.split(",")]
     except ValueError:
-        raise SystemExit(f"--layers must be 'all' or comma-separated layer indices, got {text!r}") from None
+        raise SystemExit(f"--knn-layers must be 'all' or comma-separated layer indices, got {text!r}") from None
 
 
 def _add_memory_from_options(args: argparse.Namespace, model, tokens: int):
-    """add_memory as the options say: --layers (default all), --k (default 32), and a
+    """add_memory as the options say: --knn-layers (default all), --knn-k (default 32), and a
     memory of --memory-size entries, by default `tokens` (what is about to be streamed)."""
     from .hf.retrofit import add_memory
 
-    layers = _parse_layers(args.layers or "all", model.config.num_hidden_layers)
-    return add_memory(model, layers=layers, memory_size=max(1, args.memory_size or tokens), k=args.k or 32)
+    layers = _parse_layers(args.knn_layers or "all", model.config.num_hidden_layers)
+    return add_memory(model, knn_layers=layers, memory_size=max(1, args.memory_size or tokens), knn_k=args.knn_k or 32)
 
 
 def cmd_memorize(args: argparse.Namespace) -> None:
@@ -372,12 +374,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="memory capacity per head (default: as trained; a Hugging Face model's: the files' tokens)",
     )
-    memorize.add_argument(
-        "--layers", help="Hugging Face models: layers given a memory, 'all' (default) or e.g. '-4,-3'"
-    )
-    memorize.add_argument(
-        "--k", type=int, help="Hugging Face models: entries retrieved per query and head (default 32)"
-    )
+    memorize.add_argument("--knn-layers", "--layers", help=KNN_LAYERS_HELP)
+    memorize.add_argument("--knn-k", "--k", type=int, help=KNN_K_HELP)
     memorize.add_argument("--window", type=int, help="Hugging Face models: tokens attended locally (default 512)")
     memorize.add_argument("--device", default="auto")
     memorize.set_defaults(func=cmd_memorize)
@@ -413,9 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="memory capacity per head (default: as trained; a Hugging Face model's: the file's tokens)",
     )
-    inspect.add_argument("--layers", help="Hugging Face models: layers given a memory, 'all' (default) or e.g. '-4,-3'")
+    inspect.add_argument("--knn-layers", "--layers", help=KNN_LAYERS_HELP)
     inspect.add_argument("--layer", type=int, help="Hugging Face models: the memory layer shown (default: the first)")
-    inspect.add_argument("--k", type=int, help="Hugging Face models: entries retrieved per query and head (default 32)")
+    inspect.add_argument("--knn-k", "--k", type=int, help=KNN_K_HELP)
     inspect.add_argument("--window", type=int, help="Hugging Face models: tokens attended locally (default 512)")
     inspect.add_argument(
         "--stride", type=int, help="Hugging Face models: how far the window advances (default: --window)"

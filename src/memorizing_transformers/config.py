@@ -73,18 +73,20 @@ class MemorizingConfig:
     memory_backend: Literal["exact", "faiss_flat", "faiss_ivf"] = "exact"
     ivf_list_size: int = 256
     ivf_nprobe: int = 16
-    # "gate": separate softmax over the retrieved entries, mixed with local
-    # attention by a learned per-head sigmoid gate (the paper). "joint_softmax":
-    # retrieved entries join the local softmax.
-    memory_combine: Literal["gate", "joint_softmax"] = "gate"
+    # "gate": separate softmax over the retrieved entries, mixed with local attention by a
+    # learned per-head sigmoid gate, the parameter `memory_gate` (the paper). "joint": retrieved
+    # entries join the local softmax ("joint_softmax", as earlier versions wrote, still reads).
+    memory_combine: Literal["gate", "joint"] = "gate"
     # What a memory layer writes: "segment", each segment's keys/values once it has attended
     # (the paper: the memory then also holds what the XL cache holds); "evicted", what leaves
     # the XL cache as the segment enters it, so that memory and cache never hold the same
     # token (with the joint softmax and k as large as the memory, attention over [memory ;
     # XL cache ; segment] is then full attention over the document).
     memory_writes: Literal["segment", "evicted"] = "segment"
-    # Initial gate bias b_g (gate = sigmoid(b_g)): 0 in the paper. A negative value starts
-    # with the memory nearly shut, which lets local copy circuits form first.
+    # Initial value of `memory_gate` (the share of memory = sigmoid of it): 0 in the paper. A
+    # negative value starts with the memory nearly shut, which lets local copy circuits form
+    # first. (`add_memory` starts pretrained models' gates at -3, so that they begin as the
+    # model they were.)
     memory_gate_init: float = 0.0
     # The softmax temperature of retrieved entries: None shares the layer's learned per-head
     # scale; a number gives memory layers a scale of their own per head, starting there, so
@@ -96,6 +98,8 @@ class MemorizingConfig:
     previous_token_bias_init: float = 0.0
 
     def __post_init__(self) -> None:
+        if self.memory_combine == "joint_softmax":  # the name earlier versions saved
+            self.memory_combine = "joint"
         self._check_types()
         positive = {
             "vocab_size": self.vocab_size,

@@ -28,7 +28,7 @@ class LayerMemory:
 
     layer: int
     capacity: int
-    k: int
+    knn_k: int
     num_kv_heads: int
     head_dim: int
     combine: Literal["joint", "gate"]
@@ -115,7 +115,7 @@ def memorizing_attention(
 
     # Retrieve: the query heads of a group search their key/value head's memory together.
     grouped = rearrange(query, "b (h g) s d -> b h (g s) d", g=groups)
-    found = memory.search(grouped, layer.k)
+    found = memory.search(grouped, layer.knn_k)
     found_keys, found_values, found_valid, found_slots = found.keys, found.values, found.valid, found.slots
     if sinks is not None:  # every sink token, for every query (slots past the memory's capacity)
         sunk = sinks.search(grouped, sinks.capacity)

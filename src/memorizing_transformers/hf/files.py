@@ -85,10 +85,21 @@ def load_memories(path: str | os.PathLike, model: PreTrainedModel, layers: dict[
     return int(metadata["position"])
 
 
+# The names earlier versions gave add_memory's arguments, in the files they wrote.
+_EARLIER_NAMES = {
+    "layers": "knn_layers",
+    "k": "knn_k",
+    "combine": "memory_combine",
+    "gate_init": "memory_gate_init",
+    "backend": "memory_backend",
+}
+
+
 def memory_file_settings(path: str | os.PathLike) -> dict:
     """The `add_memory` arguments a memory file was made with: `add_memory(model,
     **memory_file_settings(path)).load(path)` gives a model back its saved memory."""
     settings = json.loads(memory_file_metadata(path, MEMORY_FILE_FORMAT, "a memory file of add_memory")["settings"])
+    settings = {_EARLIER_NAMES.get(name, name): value for name, value in settings.items()}
     return settings | {"memory_dtype": getattr(torch, settings["memory_dtype"])}
 
 

@@ -22,8 +22,8 @@ Choices, each tested:
   `memory_bias`, initialised to 0, is added to the retrieved logits, so fine-tuning can
   re-weigh the memory, e.g. for the tail of the prefix that top-k leaves out, starting
   from exactly the zero-training model) or "gate" (the paper: a separate softmax over
-  the retrieved entries, mixed per head by sigmoid(gate), a new parameter initialised
-  to `gate_init`, for fine-tuning). While a memory is empty or disabled, the layer's
+  the retrieved entries, mixed per head by sigmoid(memory_gate), a new parameter
+  initialised to `memory_gate_init`, for fine-tuning). While a memory is empty or disabled, the layer's
   output is the original model's.
 - Writing: a call stores its own tokens after reading, except padding (attention mask
   0) and except when the caller keeps them in a KV cache (`generate` passes one): then
@@ -60,24 +60,28 @@ def _attention_modules(model: PreTrainedModel) -> list[nn.Module]:
 
 def add_memory(
     model: PreTrainedModel,
-    layers: Sequence[int] = (-4,),
+    knn_layers: Sequence[int] = (-4,),
     memory_size: int = 65536,
-    k: int = 32,
-    combine: Literal["joint", "gate"] = "joint",
-    gate_init: float = -3.0,
+    knn_k: int = 32,
+    memory_combine: Literal["joint", "gate"] = "joint",
+    memory_gate_init: float = -3.0,
     memory_dtype: torch.dtype = torch.float32,
-    backend: str = "exact",
+    memory_backend: str = "exact",
     sink_tokens: int = 0,
 ) -> MemoryHandle:
-    """Give the chosen layers (negative indices count from the top) a kNN memory over their
-    own keys and values. Returns the handle that resets, disables, streams, saves and loads.
+    """Give the chosen layers (`knn_layers`, negative indices count from the top) a kNN memory
+    over their own keys and values. Returns the handle that resets, disables, streams, saves and
+    loads. The arguments are named as `MemorizingConfig`'s fields: `knn_k` entries retrieved per
+    query, combined by `memory_combine` ("joint": one softmax with the layer's own keys, the
+    zero-training default; "gate": the paper's gate, a new parameter `memory_gate` per head
+    starting at `memory_gate_init`, -3 so that the model starts as it was).
 
     `sink_tokens`: the first tokens written since a full reset are kept apart, never evicted,
     and attended by every later query with their full-attention logits (StreamingLLM's
     attention sinks). Pretrained models park attention on a document's first tokens: once a
     memory smaller than the document has evicted them, reading it can do worse than no memory."""
-    if combine not in ("joint", "gate"):
-        raise ValueError(f"combine must be 'joint' or 'gate', got {combine!r}")
+    if memory_combine not in ("joint", "gate"):
+        raise ValueError(f"memory_combine must be 'joint' or 'gate', got {memory_combine!r}")
     if sink_tokens < 0:
         raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}")
     if getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME:
@@ -87,21 +91,23 @@ def add_memory(
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    chosen = sorted({i % len(modules) for i in layers})
-    for i in layers:
+    chosen = sorted({i % len(modules) for i in knn_layers})
+    for i in knn_layers:
         if not -len(modules) <= i < len(modules):
             raise ValueError(f"layer {i} is out of range for a model of {len(modules)} layers")
     handle_layers = {}
     for i in chosen:
         module = modules[i]
-        module.knn_memory = LayerMemory(i, memory_size, k, num_kv_heads, head_dim, combine, memory_dtype, backend)
+        module.knn_memory = LayerMemory(
+            i, memory_size, knn_k, num_kv_heads, head_dim, memory_combine, memory_dtype, memory_backend
+        )
         if sink_tokens:
             module.knn_memory.sink = LayerMemory(
-                i, sink_tokens, sink_tokens, num_kv_heads, head_dim, combine, memory_dtype, "exact"
+                i, sink_tokens, sink_tokens, num_kv_heads, head_dim, memory_combine, memory_dtype, "exact"
             )
         device = next(module.parameters()).device
-        if combine == "gate":
-            module.memory_gate = nn.Parameter(torch.full((num_heads,), float(gate_init), device=device))
+        if memory_combine == "gate":
+            module.memory_gate = nn.Parameter(torch.full((num_heads,), float(memory_gate_init), device=device))
         else:
             module.memory_bias = nn.Parameter(torch.zeros(num_heads, device=device))
         handle_layers[i] = module.knn_memory
@@ -109,13 +115,13 @@ def add_memory(
     ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, eager_mask)  # additive float masks
     model.set_attn_implementation(ATTENTION_NAME)
     settings = {
-        "layers": chosen,
+        "knn_layers": chosen,
         "memory_size": memory_size,
-        "k": k,
-        "combine": combine,
-        "gate_init": gate_init,
+        "knn_k": knn_k,
+        "memory_combine": memory_combine,
+        "memory_gate_init": memory_gate_init,
         "memory_dtype": str(memory_dtype).removeprefix("torch."),
-        "backend": backend,
+        "memory_backend": memory_backend,
     }
     if sink_tokens:
         settings["sink_tokens"] = sink_tokens

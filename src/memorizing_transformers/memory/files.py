@@ -1,6 +1,8 @@
-"""The safetensors files that hold memories: writing them (atomically, with a checksum of
-their tensors), reading them (existence, format, integrity and checksum checked first) and
-the fingerprint that ties one to the model whose keys it holds."""
+"""The safetensors files that hold memories, one format for every kind (a `KNNMemory`, a
+`MemorizingState`, the memories of `add_memory`): tensors, and metadata naming the kind
+(`format`), the version of the layout (`format_version`) and a checksum of the tensors.
+Writing is atomic; reading checks existence, kind, version, integrity and checksum first.
+`fingerprint` is the one hash that ties a file to the model whose keys it holds."""
 
 from __future__ import annotations
 
@@ -16,6 +18,10 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from ..atomic import write_atomically
+
+# The layout of the files this version writes; files written before versions were recorded
+# (every kind but KNNMemory's) have this same layout.
+FORMAT_VERSION = "1"
 
 
 def fingerprint(config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]) -> str:
@@ -43,7 +49,7 @@ def save_memory_file(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor
         )
         owned[name] = tensor if whole and pointer not in seen else tensor.clone(memory_format=torch.contiguous_format)
         seen.add(pointer)
-    metadata = {**metadata, "checksum": fingerprint({}, owned)}
+    metadata = {**metadata, "format_version": FORMAT_VERSION, "checksum": fingerprint({}, owned)}
     write_atomically(Path(path), lambda tmp: save_file(owned, tmp, metadata=metadata))
 
 
@@ -63,6 +69,11 @@ def memory_file_metadata(path: str | os.PathLike, file_format: str, what: str) -
         raise ValueError(f"{path} is not {what}: it is truncated, corrupt or not a safetensors file ({err})") from None
     if metadata.get("format") != file_format:
         raise ValueError(f"{path} is not {what} (metadata format={metadata.get('format')!r})")
+    if metadata.get("format_version", FORMAT_VERSION) != FORMAT_VERSION:
+        raise ValueError(
+            f"{path} has memory format version {metadata['format_version']}, and this version of "
+            f"memorizing-transformers reads version {FORMAT_VERSION}"
+        )
     return metadata
 
 

@@ -19,8 +19,6 @@ from .backend import BACKENDS, SearchBackend, Store
 from .exact import ExactSearch
 from .files import load_memory_file, save_memory_file
 
-FORMAT_VERSION = "1"
-
 
 def make_backend(name: str, ivf_list_size: int = 256, ivf_nprobe: int = 16) -> SearchBackend:
     """A backend by name, with every setting a backend takes: "exact" (torch), "faiss_flat"
@@ -248,7 +246,6 @@ class KNNMemory:
     def metadata(self) -> dict[str, str]:
         return {
             "format": "memorizing_transformers.KNNMemory",
-            "format_version": FORMAT_VERSION,
             "batch_size": str(self.batch_size),
             "num_heads": str(self.num_heads),
             "head_dim": str(self.head_dim),
@@ -266,10 +263,6 @@ class KNNMemory:
     ) -> "KNNMemory":
         """Read a memory written by `save` (its index, if any, is rebuilt); refuses other files."""
         meta, tensors = load_memory_file(path, "memorizing_transformers.KNNMemory", "a KNNMemory file")
-        if meta.get("format_version") != FORMAT_VERSION:
-            raise ValueError(
-                f"{path} has memory format version {meta.get('format_version')}, expected {FORMAT_VERSION}"
-            )
         memory = cls(
             int(meta["batch_size"]),
             int(meta["num_heads"]),

@@ -48,9 +48,9 @@ def memory_readout(mem_logits: torch.Tensor, mem_values: torch.Tensor, mem_valid
     return torch.einsum("bhtk,bhtkd->bhtd", probs.to(mem_values.dtype), mem_values)
 
 
-def gate_share(gate_bias: torch.Tensor, mem_valid: torch.Tensor) -> torch.Tensor:
-    """sigmoid(gate_bias) per head, 0 where nothing valid was retrieved: (batch, heads, seq, 1)."""
-    return torch.sigmoid(gate_bias)[None, :, None, None] * mem_valid.any(dim=-1, keepdim=True)
+def gate_share(memory_gate: torch.Tensor, mem_valid: torch.Tensor) -> torch.Tensor:
+    """sigmoid(memory_gate) per head, 0 where nothing valid was retrieved: (batch, heads, seq, 1)."""
+    return torch.sigmoid(memory_gate)[None, :, None, None] * mem_valid.any(dim=-1, keepdim=True)
 
 
 def memory_attention(
@@ -61,7 +61,7 @@ def memory_attention(
     mem_logits: torch.Tensor,
     mem_values: torch.Tensor,
     mem_valid: torch.Tensor,
-    gate_bias: torch.Tensor | None = None,
+    memory_gate: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The memory-attention kernel, shared by our layers and the retrofit of pretrained models:
     local attention over `keys`/`values` combined with the entries retrieved from a kNN memory.
@@ -70,15 +70,15 @@ def memory_attention(
     local_bias: additive, broadcastable to (batch, heads, seq, kv_len) (-inf where not allowed);
     mem_logits: (batch, heads, seq, k) the retrieved entries' logits, scaled and biased as the
     caller's combination wants; mem_values: (batch, heads, seq, k, head_dim); mem_valid:
-    (batch, heads, seq, k) bool. With `gate_bias` (heads,), the paper's gate: a separate softmax
-    over the retrieved entries mixed per head by sigmoid(gate_bias) (0 where nothing valid was
+    (batch, heads, seq, k) bool. With `memory_gate` (heads,), the paper's gate: a separate softmax
+    over the retrieved entries mixed per head by sigmoid(memory_gate) (0 where nothing valid was
     retrieved); without, one joint softmax over local and retrieved entries. Returns the output
     (batch, heads, seq, head_dim) and the share of each query's output that came from memory
     (batch, heads, seq): the gate, or the retrieved entries' softmax mass.
     """
-    if gate_bias is not None:
+    if memory_gate is not None:
         local = F.scaled_dot_product_attention(q, keys, values, attn_mask=local_bias, scale=1.0)
-        gate = gate_share(gate_bias, mem_valid)
+        gate = gate_share(memory_gate, mem_valid)
         return gate * memory_readout(mem_logits, mem_values, mem_valid) + (1 - gate) * local, gate.squeeze(-1)
     local_logits = torch.matmul(q, keys.transpose(-1, -2)) + local_bias  # (batch, heads, seq, kv_len)
     local_probs, mem_probs = joint_probs(local_logits, mem_logits, mem_valid)
@@ -142,8 +142,14 @@ class Attention(nn.Module):
         if use_memory and config.memory_qk_scale_init is not None:
             self.memory_log_scale = nn.Parameter(torch.full((config.n_heads,), math.log(config.memory_qk_scale_init)))
         if use_memory and self.combine == "gate":
-            # g = sigmoid(gate_bias): the share of memory in each head's output (0.5 at the paper's init).
-            self.gate_bias = nn.Parameter(torch.full((config.n_heads,), config.memory_gate_init))
+            # g = sigmoid(memory_gate): the share of memory in each head's output (0.5 at the paper's init).
+            self.memory_gate = nn.Parameter(torch.full((config.n_heads,), config.memory_gate_init))
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args) -> None:
+        # Weights saved by earlier versions call the gate `gate_bias`.
+        if prefix + "gate_bias" in state_dict:
+            state_dict[prefix + "memory_gate"] = state_dict.pop(prefix + "gate_bias")
+        super()._load_from_state_dict(state_dict, prefix, *args)
 
     def forward(
         self,
@@ -214,7 +220,7 @@ class Attention(nn.Module):
                 mem_logits,
                 found.values,
                 found.valid,
-                getattr(self, "gate_bias", None),
+                getattr(self, "memory_gate", None),
             )
             self.retrieved(found.slots, mem_logits, found.valid, share)
             self._write(memory, keys, values, key_mask, k.shape[2])

@@ -22,7 +22,7 @@ from .state import MemorizingState
 
 # Parameters only some configurations have (the memory's gate and temperature, the XL cache's
 # compression): weights moved between configurations may lack them or leave them behind.
-OPTIONAL_PARAMETERS = ("gate_bias", "memory_log_scale", "compress_keys", "compress_values")
+OPTIONAL_PARAMETERS = ("memory_gate", "memory_log_scale", "compress_keys", "compress_values")
 
 
 @dataclass
@@ -139,12 +139,12 @@ class MemorizingLM(nn.Module):
         return MemorizingState(self.config, batch_size, device=self.device)
 
     def memory_gates(self) -> dict[str, list[float]]:
-        """Each memory layer's gate per head, sigmoid(gate_bias): the share of the head's output
+        """Each memory layer's gate per head, sigmoid(memory_gate): the share of the head's output
         that comes from the memory once it holds entries ({} when the combination is a joint softmax)."""
         return {
-            str(i): torch.sigmoid(self.blocks[i].attn.gate_bias.detach()).tolist()
+            str(i): torch.sigmoid(self.blocks[i].attn.memory_gate.detach()).tolist()
             for i in self.config.memory_layer_indices
-            if hasattr(self.blocks[i].attn, "gate_bias")
+            if hasattr(self.blocks[i].attn, "memory_gate")
         }
 
     def forward(

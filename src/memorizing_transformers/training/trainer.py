@@ -117,6 +117,8 @@ class Trainer:
     ) -> None:
         self.model, self.config, self.valid_docs = model, config, valid_docs
         self.run_dir = Path(run_dir)
+        # Dropout draws from torch's global generator: seeding it here makes a run repeat
+        # itself, as Hugging Face's Trainer does in its constructor (set_seed).
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         self.batcher = StreamingBatcher(
