@@ -148,3 +148,19 @@ def test_pretrained_options_are_refused_for_our_own_checkpoints(tmp_path, cli_er
         ]
     )
     assert "--knn-layers --knn-k: only for Hugging Face models other than ours" in message
+
+
+def test_the_position_mode_goes_from_memorize_to_the_memory_file_and_back(tmp_path, capsys):
+    from memorizing_transformers.hf.files import memory_file_settings
+
+    tiny_llama_checkpoint(tmp_path / "llama")
+    (tmp_path / "doc.txt").write_text(TEXT)
+    kb = str(tmp_path / "kb.safetensors")
+    main(
+        ["memorize", str(tmp_path / "llama"), str(tmp_path / "doc.txt"), "--out", kb, "--window", "16"]
+        + ["--positions", "fixed", "--fixed-distance", "64"]
+    )
+    settings = memory_file_settings(kb)
+    assert (settings["positions"], settings["fixed_distance"]) == ("fixed", 64)
+    main(["generate", str(tmp_path / "llama"), "--memory", kb, "--prompt", "The secret", "--max-new-tokens", "4"])
+    assert capsys.readouterr().out.strip()

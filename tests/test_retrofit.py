@@ -315,3 +315,47 @@ def test_a_memory_file_with_the_earlier_argument_names_loads(tmp_path):
     fresh = add_memory(tiny_llama(), **memory_file_settings(path))
     fresh.load(path)
     assert fresh.fill() == handle.fill() and fresh.position == 16
+
+
+@pytest.mark.parametrize("kv_heads", [2, 4])
+def test_fixed_positions_score_every_retrieved_key_as_if_it_stood_at_the_fixed_distance(kv_heads):
+    # The reference rotates every retrieved key explicitly: the model's key for position j
+    # (rotated there by its RoPE) turned to position i - D for the query at position i.
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    model, layer, distance, window = tiny_llama(kv_heads), 1, 100, 8
+    attention = model.model.layers[layer].self_attn
+    captured = {}
+    attention.q_proj.register_forward_hook(lambda m, a, out: captured.setdefault("q", []).append(out))
+    attention.k_proj.register_forward_hook(lambda m, a, out: captured.setdefault("k", []).append(out))
+    handle = add_memory(model, knn_layers=[layer], memory_size=64, knn_k=64, positions="fixed", fixed_distance=distance)
+    ids = torch.randint(0, 97, (1, 24))
+    with torch.no_grad(), handle.layers[layer].retrieved.record() as records:
+        handle.stream(ids, window=window)
+    assert handle.settings["positions"] == "fixed" and handle.settings["fixed_distance"] == distance
+    heads, dim, groups = 4, 8, 4 // kv_heads
+    q = torch.cat(captured["q"], dim=1).view(1, 24, heads, dim).transpose(1, 2)  # (1, heads, 24, dim)
+    k = torch.cat(captured["k"], dim=1).view(1, 24, kv_heads, dim).transpose(1, 2)
+    rope = lambda x, p: apply_rotary_pos_emb(x, x, *model.model.rotary_emb(x, torch.tensor([p])))[0]  # noqa: E731
+    for call, record in enumerate(records):
+        for t in range(window):
+            i = call * window + t  # the query's position
+            for h in range(heads):
+                q_i = rope(q[:, h : h + 1, i : i + 1], [i])[0, 0, 0]
+                for slot, logit, valid in zip(
+                    record["slots"][0, h, t], record["logits"][0, h, t], record["valid"][0, h, t]
+                ):
+                    if not valid:
+                        continue
+                    j = int(slot)  # slots fill in order: slot j holds position j
+                    assert j < call * window  # only earlier calls' tokens are in memory
+                    k_j = rope(k[:, h // groups : h // groups + 1, j : j + 1], [i - distance])[0, 0, 0]
+                    torch.testing.assert_close(logit, q_i @ k_j * dim**-0.5, rtol=1e-4, atol=1e-4)
+    assert sum(int(r["valid"].sum()) for r in records) == heads * window * (8 + 16)
+
+
+def test_fixed_positions_need_rope():
+    with pytest.raises(ValueError, match="needs rotary position embeddings"):
+        add_memory(tiny_gpt2(), knn_layers=[0], positions="fixed")
+    with pytest.raises(ValueError, match="positions must be one of"):
+        add_memory(tiny_llama(), knn_layers=[0], positions="clamped-somehow")

@@ -141,9 +141,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
 # ---------------------------------------------------------------------- memorize / generate
 # CHECKPOINT is one of ours (a run directory, a saved model folder, or a MemorizingForCausalLM
 # folder) or any other Hugging Face causal LM folder, which gets a memory through add_memory.
-PRETRAINED_ONLY = ("knn_layers", "layer", "knn_k", "window", "stride")  # options of the add_memory route
+# Options of the add_memory route.
+PRETRAINED_ONLY = ("knn_layers", "layer", "knn_k", "window", "stride", "positions", "fixed_distance")
 KNN_LAYERS_HELP = "Hugging Face models: layers given a memory, 'all' (default) or e.g. '-4,-3'"
 KNN_K_HELP = "Hugging Face models: entries retrieved per query and head (default 32)"
+POSITIONS_HELP = (
+    "Hugging Face models: where retrieved entries stand, 'true' (their own positions, the default) or 'fixed' "
+    "(all at --fixed-distance before the query: for inputs longer than the model was trained on; RoPE models)"
+)
+FIXED_DISTANCE_HELP = "Hugging Face models with --positions fixed: the distance given to every retrieved entry (512)"
 
 
 def _is_pretrained(args: argparse.Namespace) -> bool:
@@ -188,7 +194,14 @@ def _add_memory_from_options(args: argparse.Namespace, model, tokens: int):
     from .hf.retrofit import add_memory
 
     layers = _parse_layers(args.knn_layers or "all", model.config.num_hidden_layers)
-    return add_memory(model, knn_layers=layers, memory_size=max(1, args.memory_size or tokens), knn_k=args.knn_k or 32)
+    return add_memory(
+        model,
+        knn_layers=layers,
+        memory_size=max(1, args.memory_size or tokens),
+        knn_k=args.knn_k or 32,
+        positions=args.positions or "true",
+        fixed_distance=512 if args.fixed_distance is None else args.fixed_distance,
+    )
 
 
 def cmd_memorize(args: argparse.Namespace) -> None:
@@ -221,10 +234,10 @@ def cmd_memorize(args: argparse.Namespace) -> None:
         f"{min(total, handle.settings['memory_size']):,} entries per layer)"
     )
     limit = getattr(model.config, "max_position_embeddings", None)
-    if limit is not None and total > limit:
+    if limit is not None and total > limit and handle.settings.get("positions", "true") == "true":
         print(
             f"note: {total:,} tokens go past the {limit:,} positions {type(model).__name__} was trained on; "
-            "retrieval scores at longer distances are outside its training",
+            "retrieval scores at longer distances are outside its training (--positions fixed keeps them inside)",
             file=sys.stderr,
         )
 
@@ -376,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     memorize.add_argument("--knn-layers", "--layers", help=KNN_LAYERS_HELP)
     memorize.add_argument("--knn-k", "--k", type=int, help=KNN_K_HELP)
+    memorize.add_argument("--positions", choices=["true", "fixed"], help=POSITIONS_HELP)
+    memorize.add_argument("--fixed-distance", type=int, help=FIXED_DISTANCE_HELP)
     memorize.add_argument("--window", type=int, help="Hugging Face models: tokens attended locally (default 512)")
     memorize.add_argument("--device", default="auto")
     memorize.set_defaults(func=cmd_memorize)
@@ -414,6 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--knn-layers", "--layers", help=KNN_LAYERS_HELP)
     inspect.add_argument("--layer", type=int, help="Hugging Face models: the memory layer shown (default: the first)")
     inspect.add_argument("--knn-k", "--k", type=int, help=KNN_K_HELP)
+    inspect.add_argument("--positions", choices=["true", "fixed"], help=POSITIONS_HELP)
+    inspect.add_argument("--fixed-distance", type=int, help=FIXED_DISTANCE_HELP)
     inspect.add_argument("--window", type=int, help="Hugging Face models: tokens attended locally (default 512)")
     inspect.add_argument(
         "--stride", type=int, help="Hugging Face models: how far the window advances (default: --window)"

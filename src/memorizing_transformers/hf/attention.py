@@ -15,11 +15,23 @@ import torch
 from einops import rearrange
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.models.llama.modeling_llama import rotate_half
 
 from ..memory.knn_memory import KNNMemory
 from ..model.attention import Retrieved, memory_attention
 
 ATTENTION_NAME = "memorizing"
+POSITIONS = ("true", "fixed")
+
+
+def rotate(x: torch.Tensor, distances: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """x (batch, heads, seq, head_dim) rotated as RoPE rotates a vector `distances` (batch or 1,
+    seq) positions further on (negative: back), with the model's own frequencies `inv_freq`
+    (head_dim / 2,) and without its attention scaling: a pure rotation, as Hugging Face's
+    `apply_rotary_pos_emb` pairs the dimensions (`rotate_half`)."""
+    freqs = distances[..., None].float() * inv_freq.float().to(x.device)  # (batch, seq, head_dim / 2)
+    angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # (batch, 1, seq, head_dim)
+    return (x * angles.cos().to(x.dtype) + rotate_half(x) * angles.sin().to(x.dtype)).to(x.dtype)
 
 
 @dataclass
@@ -34,6 +46,12 @@ class LayerMemory:
     combine: Literal["joint", "gate"]
     dtype: torch.dtype
     backend: str
+    # Where retrieved entries stand: "true", at their own positions (keys stored as rotated, so a
+    # score is full attention's logit); "fixed", all at `distance` tokens before the query (keys
+    # stored unrotated, the query rotated by `distance`), with RoPE frequencies `inv_freq`.
+    positions: str = "true"
+    distance: int = 0
+    inv_freq: torch.Tensor | None = None
     memory: KNNMemory | None = None  # created at the first call, for its batch size
     enabled: bool = True
     # Hooks see what the layer retrieves, call by call (see evaluation/inspect.py).
@@ -112,9 +130,18 @@ def memorizing_attention(
     writes = layer.call_writes
     memory = layer.for_call(batch, query.device, writes=writes is not False)
     sinks = None if layer.sink is None else layer.sink.for_call(batch, query.device, writes=writes is not False)
+    new_keys = key[:, :, -seq:]  # this call's tokens, rotated at their positions under RoPE
+    searching = query  # (batch, heads, seq, head_dim): what scores the retrieved keys
+    if layer.positions == "fixed":  # keys kept unrotated; each query turned to `distance` tokens on
+        positions = kwargs.get("position_ids")
+        if positions is None:  # as Hugging Face numbers a call without them: after its cache
+            positions = torch.arange(key.shape[2] - seq, key.shape[2], device=query.device)[None]
+        positions = positions[:, -seq:].to(query.device)
+        searching = rotate(query, layer.distance - positions, layer.inv_freq)
+        new_keys = rotate(new_keys, -positions, layer.inv_freq)
 
     # Retrieve: the query heads of a group search their key/value head's memory together.
-    grouped = rearrange(query, "b (h g) s d -> b h (g s) d", g=groups)
+    grouped = rearrange(searching, "b (h g) s d -> b h (g s) d", g=groups)
     found = memory.search(grouped, layer.knn_k)
     found_keys, found_values, found_valid, found_slots = found.keys, found.values, found.valid, found.slots
     if sinks is not None:  # every sink token, for every query (slots past the memory's capacity)
@@ -129,7 +156,7 @@ def memorizing_attention(
         rearrange(t, "b h (g s) k d -> b (h g) s k d", g=groups) for t in (found_keys, found_values)
     )
     mem_valid = rearrange(found_valid, "b h (g s) k -> b (h g) s k", g=groups)
-    mem_logits = torch.einsum("bhsd,bhskd->bhsk", query, mem_keys.to(query.dtype)) * scaling
+    mem_logits = torch.einsum("bhsd,bhskd->bhsk", searching, mem_keys.to(query.dtype)) * scaling
 
     keys_all = key.repeat_interleave(groups, dim=1)  # (batch, heads, kv_len, head_dim)
     values_all = value.repeat_interleave(groups, dim=1)
@@ -162,8 +189,8 @@ def memorizing_attention(
         if sinks is not None:  # a row's first written tokens fill its sink store, the rest go to memory
             rank = written.long().cumsum(dim=1) - 1
             to_sinks = written & (rank < (sinks.capacity - sinks.fill.to(key.device))[:, None])
-            sinks.add(key[:, :, -seq:], value[:, :, -seq:], mask=to_sinks)
+            sinks.add(new_keys, value[:, :, -seq:], mask=to_sinks)
             layer.sink.expanded, written = None, written & ~to_sinks
-        memory.add(key[:, :, -seq:], value[:, :, -seq:], mask=written)
+        memory.add(new_keys, value[:, :, -seq:], mask=written)
         layer.expanded = None
     return out.transpose(1, 2).contiguous(), None

@@ -43,7 +43,7 @@ from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
-from .attention import ATTENTION_NAME, LayerMemory, memorizing_attention
+from .attention import ATTENTION_NAME, POSITIONS, LayerMemory, memorizing_attention
 from .handle import MemoryHandle
 
 
@@ -58,6 +58,23 @@ def _attention_modules(model: PreTrainedModel) -> list[nn.Module]:
     return sorted(modules, key=lambda m: m.layer_idx)
 
 
+def _rope_frequencies(model: PreTrainedModel, head_dim: int) -> torch.Tensor:
+    """The model's RoPE frequencies (head_dim / 2,), from its rotary embedding module; refuses a
+    model without RoPE over the whole head."""
+    rotary = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    if not rotary:
+        raise ValueError(
+            f"positions='fixed' needs rotary position embeddings (RoPE), and {type(model).__name__} has none"
+        )
+    inv_freq = rotary[0].inv_freq
+    if 2 * inv_freq.numel() != head_dim:
+        raise ValueError(
+            f"positions='fixed': {type(model).__name__} rotates {2 * inv_freq.numel()} of its {head_dim} head "
+            "dimensions; only models that rotate the whole head are supported"
+        )
+    return inv_freq
+
+
 def add_memory(
     model: PreTrainedModel,
     knn_layers: Sequence[int] = (-4,),
@@ -68,6 +85,8 @@ def add_memory(
     memory_dtype: torch.dtype = torch.float32,
     memory_backend: str = "exact",
     sink_tokens: int = 0,
+    positions: str = "true",
+    fixed_distance: int = 512,
 ) -> MemoryHandle:
     """Give the chosen layers (`knn_layers`, negative indices count from the top) a kNN memory
     over their own keys and values. Returns the handle that resets, disables, streams, saves and
@@ -75,6 +94,13 @@ def add_memory(
     query, combined by `memory_combine` ("joint": one softmax with the layer's own keys, the
     zero-training default; "gate": the paper's gate, a new parameter `memory_gate` per head
     starting at `memory_gate_init`, -3 so that the model starts as it was).
+
+    `positions`: where a retrieved entry stands for the query that reads it. "true" (the
+    default): at its own position, so under RoPE its score is exactly the logit full attention
+    would give (right within the model's trained range, `max_position_embeddings`). "fixed":
+    every retrieved entry as if it stood `fixed_distance` tokens before the query (InfLLM's
+    choice; RoPE models only), so that a memory holding more tokens than the model was trained
+    on never hands it a distance it has not seen.
 
     `sink_tokens`: the first tokens written since a full reset are kept apart, never evicted,
     and attended by every later query with their full-attention logits (StreamingLLM's
@@ -84,6 +110,10 @@ def add_memory(
         raise ValueError(f"memory_combine must be 'joint' or 'gate', got {memory_combine!r}")
     if sink_tokens < 0:
         raise ValueError(f"sink_tokens must be >= 0, got {sink_tokens}")
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {list(POSITIONS)}, got {positions!r}")
+    if fixed_distance < 0:
+        raise ValueError(f"fixed_distance must be >= 0, got {fixed_distance}")
     if getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME:
         raise ValueError("this model already has memory: add_memory was called on it before")
     modules = _attention_modules(model)
@@ -91,6 +121,9 @@ def add_memory(
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
+    inv_freq = None
+    if positions == "fixed":
+        inv_freq = _rope_frequencies(model, head_dim)
     chosen = sorted({i % len(modules) for i in knn_layers})
     for i in knn_layers:
         if not -len(modules) <= i < len(modules):
@@ -99,7 +132,17 @@ def add_memory(
     for i in chosen:
         module = modules[i]
         module.knn_memory = LayerMemory(
-            i, memory_size, knn_k, num_kv_heads, head_dim, memory_combine, memory_dtype, memory_backend
+            i,
+            memory_size,
+            knn_k,
+            num_kv_heads,
+            head_dim,
+            memory_combine,
+            memory_dtype,
+            memory_backend,
+            positions=positions,
+            distance=fixed_distance,
+            inv_freq=inv_freq,
         )
         if sink_tokens:
             module.knn_memory.sink = LayerMemory(
@@ -125,6 +168,8 @@ def add_memory(
     }
     if sink_tokens:
         settings["sink_tokens"] = sink_tokens
+    if positions != "true":
+        settings.update(positions=positions, fixed_distance=fixed_distance)
     handle = MemoryHandle(model, handle_layers, settings)
     model.register_forward_pre_hook(handle._before_call, with_kwargs=True)
     model.register_forward_hook(handle._after_call, with_kwargs=True)
