@@ -260,6 +260,25 @@ def smollm2_table() -> str:
     return "\n".join(lines)
 
 
+def smollm2_sizes_table(tag: str = "pycode-sizes-8k") -> str:
+    """SmolLM2-135M, zero training: the scored tokens' mean perplexity with memories of each size, and
+    the share of the gap between the window alone and the full prefix that each closes."""
+    path = HERE / "results" / f"pretrained_memory-{tag}.json"
+    if not path.is_file():
+        return "Not run yet."
+    rows = json.loads(path.read_text())["rows"]
+    settings = [("window alone", "window", None)] + [
+        (f"memory of {int(size):,} entries per layer", None, size) for size in rows[0]["window_memory_sizes"]
+    ]
+    settings += [("memory of every earlier token", "window_memory", None), ("full prefix", "full_prefix", None)]
+    lines = ["| reader | mean perplexity | gap closed, per document |", "|---|---:|---:|"]
+    for label, key, size in settings:
+        values = [r[key] if key else r["window_memory_sizes"][size] for r in rows]
+        closed = [(r["window"] - v) / (r["window"] - r["full_prefix"]) for r, v in zip(rows, values)]
+        lines.append(f"| {label} | {statistics.fmean(values):.3f} | {100 * min(closed):.0f}-{100 * max(closed):.0f}% |")
+    return "\n".join(lines)
+
+
 TABLE4_ROWS = ["L", "4L", "L-xl", "L-mem8k", "L-mem8k-xl", "L-mem8k-xl-joint", "L-mem64k-xl"]
 
 
@@ -343,6 +362,7 @@ TABLES: dict[str, Callable[[], str]] = {
         + cross_context_table()
     ),
     "smollm2": smollm2_table,
+    "smollm2-sizes": smollm2_sizes_table,
 }
 
 
