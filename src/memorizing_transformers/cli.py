@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -299,6 +300,59 @@ def cmd_inspect(args: argparse.Namespace) -> None:
     print(f"wrote {write_report(report, args.file, args.out)}")
 
 
+# ---------------------------------------------------------------------- long context
+QUICK_LONGBENCH = dict(
+    lengths=[256, 512],
+    depths=[0.0, 0.5, 1.0],
+    trials=1,
+    window=64,
+    full_limit=512,
+    fixed_distance=64,
+    document_tokens=1024,
+)
+
+
+def cmd_longbench(args: argparse.Namespace) -> None:
+    from .evaluation.long_context import LongBenchSettings, run_longbench, write_longbench
+    from .loading import is_other_huggingface_model, load_huggingface
+
+    if not is_other_huggingface_model(args.checkpoint):
+        raise SystemExit(f"{args.checkpoint} is not a Hugging Face causal LM folder (a config.json with a model_type)")
+    given = {
+        name: getattr(args, name)
+        for name in (
+            "tasks",
+            "lengths",
+            "depths",
+            "trials",
+            "methods",
+            "window",
+            "knn_k",
+            "memory_backend",
+            "memory_dtype",
+            "fixed_distance",
+            "full_limit",
+            "documents",
+            "document_tokens",
+            "seed",
+        )
+        if getattr(args, name) is not None
+    }
+    if args.knn_layers:
+        given["knn_layers"] = [int(i) for i in args.knn_layers.split(",")]
+    for name in ("tasks", "methods"):
+        if name in given:
+            given[name] = given[name].split(",")
+    for name, kind in (("lengths", int), ("depths", float)):
+        if name in given:
+            given[name] = [kind(x) for x in given[name].split(",")]
+    settings = LongBenchSettings(**({**QUICK_LONGBENCH, **given} if args.quick else given))
+    model, tokenizer = load_huggingface(args.checkpoint, pick_device(args.device))
+    report = run_longbench(model, tokenizer, settings, progress=lambda line: print(line, file=sys.stderr))
+    for path in write_longbench(report, args.out, "mt " + shlex.join(args.argv)):
+        print(f"wrote {path}")
+
+
 # ---------------------------------------------------------------------- pretrained
 def cmd_pretrained_smollm2(args: argparse.Namespace) -> None:
     from .hf.smollm2 import convert_smollm2
@@ -438,6 +492,34 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--device", default="auto")
     inspect.set_defaults(func=cmd_inspect)
 
+    longbench = sub.add_parser(
+        "longbench",
+        help="long-context tasks (passkey, multi-key needle, variable tracking) and perplexity by position, "
+        "read by the window, the window + memory in each position mode and full attention",
+    )
+    longbench.add_argument("checkpoint", help="a Hugging Face causal LM folder")
+    longbench.add_argument("--out", required=True, help="the folder for longbench.json, longbench.md and heat maps")
+    longbench.add_argument("--tasks", help="comma-separated, from passkey,multikey,vt (default: all)")
+    longbench.add_argument("--lengths", help="prompt lengths in tokens, e.g. 4096,16384 (default 4096,8192,16384)")
+    longbench.add_argument("--depths", help="depths of the key, e.g. 0,0.5,1 (default 0,0.25,0.5,0.75,1)")
+    longbench.add_argument("--trials", type=int, help="samples per (task, length, depth) (default 2)")
+    longbench.add_argument(
+        "--methods", help="comma-separated, from window,memory-true,memory-fixed,full (default: all)"
+    )
+    longbench.add_argument("--window", type=int, help="tokens attended locally (default 512)")
+    longbench.add_argument("--knn-layers", help="layers given a memory, e.g. 10,20 (default: all)")
+    longbench.add_argument("--knn-k", type=int, help="entries retrieved per query and head (default 32)")
+    longbench.add_argument("--memory-backend", choices=BACKENDS, help="how the memory is searched (default exact)")
+    longbench.add_argument("--memory-dtype", choices=["float32", "bfloat16", "float16"], help="(default float32)")
+    longbench.add_argument("--fixed-distance", type=int, help="memory-fixed: every retrieved entry's distance (512)")
+    longbench.add_argument("--full-limit", type=int, help="full attention only up to this many tokens (default 8192)")
+    longbench.add_argument("--documents", nargs="+", help="long text files scored by position (perplexity)")
+    longbench.add_argument("--document-tokens", type=int, help="tokens of each document scored (default 16384)")
+    longbench.add_argument("--seed", type=int, help="which samples (default 0)")
+    longbench.add_argument("--quick", action="store_true", help="short prompts, few samples: seconds on a tiny model")
+    longbench.add_argument("--device", default="auto")
+    longbench.set_defaults(func=cmd_longbench)
+
     pretrained = sub.add_parser("pretrained", help="pretrained models that ship offline").add_subparsers(
         dest="pretrained_command", required=True
     )
@@ -464,6 +546,7 @@ def main(argv: list[str] | None = None) -> None:
     from .training.trainer import TrainingDiverged
 
     args = build_parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # the command line, for results that name it
     try:
         args.func(args)
     except SystemExit as err:  # the commands' own refusals

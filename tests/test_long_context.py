@@ -1,0 +1,96 @@
+"""The long-context benchmark: its tasks, its readers, and `mt longbench --quick` on a tiny model."""
+
+import json
+
+import pytest
+import torch
+from test_memorize import tiny_llama_checkpoint
+from tiny_models import tiny_llama
+
+from memorizing_transformers.cli import main
+from memorizing_transformers.data.long_tasks import TASKS, make_task
+from memorizing_transformers.data.tokenizer import load_tokenizer
+from memorizing_transformers.evaluation.long_context import LongBenchSettings, Readers, answer_score, position_buckets
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return load_tokenizer()
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("depth", [0.0, 0.4, 1.0])
+def test_a_task_hides_its_answer_at_the_depth_asked_in_a_prompt_of_the_length_asked(tokenizer, task, depth):
+    sample = make_task(task, tokenizer, 2000, depth, seed=3)
+    assert sample == make_task(task, tokenizer, 2000, depth, seed=3)  # deterministic
+    assert sample != make_task(task, tokenizer, 2000, depth, seed=4)
+    assert abs(len(tokenizer(sample.prompt)["input_ids"]) - 2000) <= 25  # within a filler sentence
+    # Where the asked fact is stated, as a share of the filler between the introduction and the question.
+    needle = {
+        "passkey": f"The pass key is {sample.answer}",
+        "multikey": f"is: {sample.answer}",
+        "vt": f"VAR {sample.answer.split()[0]} = ",
+    }[task]
+    body_start, question = sample.prompt.index("The grass") if depth else 0, sample.prompt.rindex(".") + 1
+    at = sample.prompt.index(needle)
+    if depth:
+        assert abs((at - body_start) / (question - body_start) - depth) < 0.1
+    if task == "vt":  # each variable is assigned from the one before, in the order of the answer
+        names = sample.answer.split()
+        positions = [sample.prompt.index(f"VAR {b} = VAR {a}.") for a, b in zip(names, names[1:])]
+        assert positions == sorted(positions) and len(names) == 5
+
+
+def test_unknown_tasks_and_depths_are_refused(tokenizer):
+    with pytest.raises(ValueError, match="unknown long-context task"):
+        make_task("haystack", tokenizer, 100, 0.5, 0)
+    with pytest.raises(ValueError, match="depth must be between 0 and 1"):
+        make_task("passkey", tokenizer, 100, 1.5, 0)
+    with pytest.raises(ValueError, match="unknown methods"):
+        LongBenchSettings(methods=["window", "rag"])
+
+
+def test_a_memory_of_every_earlier_token_reads_as_full_attention_does():
+    # With true positions and k as large as the memory, window + memory is full attention:
+    # the benchmark's memory reader must then score an answer exactly as full attention does.
+    model = tiny_llama(vocab_size=97, max_position_embeddings=1024)
+    settings = LongBenchSettings(methods=["memory-true", "memory-fixed", "full", "window"], window=16, knn_k=256)
+    readers = Readers(model, settings, capacity=256)
+    ids = torch.randint(0, 97, (1, 100))
+    full = readers.logits("full", ids, 5)
+    torch.testing.assert_close(readers.logits("memory-true", ids, 5), full, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(readers.logits("memory-fixed", ids, 5), full, atol=1e-3)
+    assert not torch.allclose(readers.logits("window", ids, 5), full, atol=1e-3)
+    torch.testing.assert_close(
+        readers.token_losses("memory-true", ids), readers.token_losses("full", ids), rtol=1e-4, atol=1e-4
+    )
+    right, logprob = answer_score(full, full.argmax(dim=-1))
+    assert right and logprob < 0
+
+
+def test_position_buckets_double_from_2k():
+    assert position_buckets(20000) == [(0, 2048), (2048, 4096), (4096, 8192), (8192, 16384), (16384, 32768)]
+
+
+def test_longbench_quick_writes_its_results_and_names_its_command(tmp_path, capsys):
+    tiny_llama_checkpoint(tmp_path / "llama")
+    (tmp_path / "doc.txt").write_text("def f(x):\n    return x + 1\n" * 80)
+    out = tmp_path / "bench"
+    main(
+        ["longbench", str(tmp_path / "llama"), "--out", str(out), "--quick", "--tasks", "passkey,vt"]
+        + ["--documents", str(tmp_path / "doc.txt")]
+    )
+    report = json.loads((out / "longbench.json").read_text())
+    assert set(report["summary"]) == {"passkey", "vt"}
+    assert {r["method"] for r in report["samples"]} == {"window", "memory-true", "memory-fixed", "full"}
+    assert len([r for r in report["samples"] if r["method"] == "window"]) == 2 * 2 * 3  # tasks x lengths x depths
+    assert report["documents"][0]["loss_by_bucket"]["window"]["0-2048"] > 0
+    text = (out / "longbench.md").read_text()
+    assert f"Made by `mt longbench {tmp_path / 'llama'} --out {out} --quick" in text and "| passkey | window |" in text
+    assert (out / "passkey.png").stat().st_size > 1000 and (out / "vt.png").is_file()
+
+
+def test_longbench_refuses_what_is_not_a_hugging_face_model(tmp_path, cli_error):
+    assert "is not a Hugging Face causal LM folder" in cli_error(
+        ["longbench", str(tmp_path), "--out", str(tmp_path / "o")]
+    )
