@@ -94,3 +94,24 @@ def test_longbench_refuses_what_is_not_a_hugging_face_model(tmp_path, cli_error)
     assert "is not a Hugging Face causal LM folder" in cli_error(
         ["longbench", str(tmp_path), "--out", str(tmp_path / "o")]
     )
+
+
+def test_a_stopped_run_goes_on_after_what_it_had_measured(tmp_path, tokenizer, monkeypatch):
+    from memorizing_transformers.evaluation import long_context
+
+    model = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=1024)
+    settings = LongBenchSettings(tasks=["passkey"], lengths=[128], depths=[0.0, 1.0], trials=1, window=32, knn_k=4)
+    partial = tmp_path / "partial.json"
+    calls = []
+    original = long_context.Readers.logits
+    monkeypatch.setattr(long_context.Readers, "logits", lambda self, *a: calls.append(a) or original(self, *a))
+    first = long_context.run_longbench(model, tokenizer, settings, lambda line: None, partial)
+    assert len(calls) == len(first["samples"]) == 2 * 4
+    kept = json.loads(partial.read_text())
+    kept["samples"] = kept["samples"][:3]  # as if stopped after three answers
+    partial.write_text(json.dumps(kept))
+    again = long_context.run_longbench(model, tokenizer, settings, lambda line: None, partial)
+    assert len(calls) == 8 + 5 and again["samples"] == first["samples"][:3] + again["samples"][3:]
+    assert [r["correct"] for r in again["samples"]] == [r["correct"] for r in first["samples"]]
+    with pytest.raises(ValueError, match="holds a run with other settings"):
+        long_context.run_longbench(model, tokenizer, LongBenchSettings(tasks=["vt"]), lambda line: None, partial)

@@ -348,9 +348,11 @@ def cmd_longbench(args: argparse.Namespace) -> None:
             given[name] = [kind(x) for x in given[name].split(",")]
     settings = LongBenchSettings(**({**QUICK_LONGBENCH, **given} if args.quick else given))
     model, tokenizer = load_huggingface(args.checkpoint, pick_device(args.device))
-    report = run_longbench(model, tokenizer, settings, progress=lambda line: print(line, file=sys.stderr))
+    partial = Path(args.out) / "longbench.partial.json"  # what a stopped run had measured
+    report = run_longbench(model, tokenizer, settings, lambda line: print(line, file=sys.stderr), partial)
     for path in write_longbench(report, args.out, "mt " + shlex.join(args.argv)):
         print(f"wrote {path}")
+    partial.unlink()
 
 
 # ---------------------------------------------------------------------- pretrained

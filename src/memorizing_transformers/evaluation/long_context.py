@@ -147,12 +147,31 @@ def position_buckets(length: int) -> list[tuple[int, int]]:
     return list(zip(edges, edges[1:]))
 
 
-def run_longbench(model: PreTrainedModel, tokenizer, settings: LongBenchSettings, progress=print) -> dict[str, Any]:
+def run_longbench(
+    model: PreTrainedModel, tokenizer, settings: LongBenchSettings, progress=print, partial: Path | None = None
+) -> dict[str, Any]:
     """Every (task, length, depth, trial) sample read by every method, and every document's losses
-    by position; returns the raw rows and their summaries."""
+    by position; returns the raw rows and their summaries. With `partial`, each row is kept there
+    as it is measured, and a run started again with the same settings goes on after the rows
+    already there (one with other settings is refused)."""
     capacity = max([*settings.lengths, settings.document_tokens if settings.documents else 0])
     readers = Readers(model, settings, capacity)
-    samples, started = [], time.time()
+    started, recorded = time.time(), json.loads(json.dumps(asdict(settings)))
+    samples: list[dict[str, Any]] = []
+    documents: list[dict[str, Any]] = []
+    if partial is not None and partial.is_file():
+        kept = json.loads(partial.read_text())
+        if kept["settings"] != recorded:
+            raise ValueError(f"{partial} holds a run with other settings: remove it, or choose another --out")
+        samples, documents = kept["samples"], kept["documents"]
+        progress(f"{partial}: going on after {len(samples)} answers and {len(documents)} documents measured")
+    done = {(r["task"], r["length"], r["depth"], r["trial"], r["method"]) for r in samples}
+
+    def keep() -> None:
+        if partial is not None:
+            state = {"settings": recorded, "samples": samples, "documents": documents}
+            write_atomically(partial, lambda tmp: Path(tmp).write_text(json.dumps(state)))
+
     for task in settings.tasks:
         for length in settings.lengths:
             for depth in settings.depths:
@@ -162,7 +181,7 @@ def run_longbench(model: PreTrainedModel, tokenizer, settings: LongBenchSettings
                     answer = tokenizer(" " + sample.answer, add_special_tokens=False)["input_ids"]
                     ids = torch.tensor([prompt + answer])
                     for method in settings.methods:
-                        if not readers.fits(method, ids.shape[1]):
+                        if not readers.fits(method, ids.shape[1]) or (task, length, depth, trial, method) in done:
                             continue
                         tick = time.time()
                         right, logprob = answer_score(
@@ -181,16 +200,14 @@ def run_longbench(model: PreTrainedModel, tokenizer, settings: LongBenchSettings
                                 "seconds": time.time() - tick,
                             }
                         )
+                        keep()
                     progress(f"{task} {length} depth {depth} trial {trial}: {time.time() - started:.0f} s")
-    documents = []
-    for path in settings.documents:
+    for path in settings.documents[len(documents) :]:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
         ids = torch.tensor([tokenizer(text)["input_ids"][: settings.document_tokens]])
-        if ids.shape[1] < 2:
-            continue
         row: dict[str, Any] = {"document": str(path), "tokens": ids.shape[1], "loss_by_bucket": {}}
         for method in settings.methods:
-            if not readers.fits(method, ids.shape[1]):
+            if ids.shape[1] < 2 or not readers.fits(method, ids.shape[1]):  # nothing to score, or too long
                 continue
             losses = readers.token_losses(method, ids)
             positions = torch.arange(1, ids.shape[1])  # the position of each predicted token
@@ -200,6 +217,7 @@ def run_longbench(model: PreTrainedModel, tokenizer, settings: LongBenchSettings
                 if bool(((positions >= low) & (positions < high)).any())
             }
         documents.append(row)
+        keep()
         progress(f"{path}: {time.time() - started:.0f} s")
     return {
         "settings": asdict(settings),
