@@ -88,6 +88,9 @@ def test_longbench_quick_writes_its_results_and_names_its_command(tmp_path, caps
     text = (out / "longbench.md").read_text()
     assert f"Made by `mt longbench {tmp_path / 'llama'} --out {out} --quick" in text and "| passkey | window |" in text
     assert (out / "passkey.png").stat().st_size > 1000 and (out / "vt.png").is_file()
+    assert report["summary"]["passkey"]["memory-true"]["256"]["time_over_plain"] > 0
+    assert "over the model's own forward pass over the same tokens" in text
+    assert not (out / "longbench.partial.json").exists()
 
 
 def test_longbench_refuses_what_is_not_a_hugging_face_model(tmp_path, cli_error):

@@ -359,3 +359,19 @@ def test_fixed_positions_need_rope():
         add_memory(tiny_gpt2(), knn_layers=[0], positions="fixed")
     with pytest.raises(ValueError, match="positions must be one of"):
         add_memory(tiny_llama(), knn_layers=[0], positions="clamped-somehow")
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_memorize_stores_what_stream_stores_without_computing_every_logit(name):
+    ids = torch.randint(0, 97, (1, 30))
+    stored = []
+    for read in ("stream", "memorize"):
+        model = MODELS[name]()
+        handle = add_memory(model, knn_layers=[0, 2], memory_size=64, knn_k=4)
+        with torch.no_grad():
+            handle.stream(ids, window=8) if read == "stream" else handle.memorize([ids], window=8)
+        stored.append({i: layer.memory.state_dict() for i, layer in handle.layers.items()})
+        assert handle.position == 30
+    for i in stored[0]:
+        for name_, tensor in stored[0][i].items():
+            torch.testing.assert_close(stored[1][i][name_], tensor)

@@ -112,6 +112,16 @@ class Readers:
         return handle.stream(ids[:, split:], window=window)[0, -last:].float()
 
     @torch.no_grad()
+    def plain_seconds(self, ids: torch.Tensor) -> float:
+        """Wall time of the model's own forward pass over ids (1, n), window by window, with no memory
+        and no logits but each window's last: what reading through the memory is measured against."""
+        window, device = self.settings.window, next(self.model.parameters()).device
+        tick = time.perf_counter()
+        for start in range(0, ids.shape[1], window):
+            self.model(ids[:, start : start + window].to(device), logits_to_keep=1)
+        return time.perf_counter() - tick
+
+    @torch.no_grad()
     def token_losses(self, method: str, ids: torch.Tensor) -> torch.Tensor:
         """Next-token losses (n - 1,) of a document ids (1, n) read as `method` reads: windows that
         advance by `window` (so token t sees t mod window earlier tokens in its window)."""
@@ -180,13 +190,17 @@ def run_longbench(
                     prompt = tokenizer(sample.prompt)["input_ids"]
                     answer = tokenizer(" " + sample.answer, add_special_tokens=False)["input_ids"]
                     ids = torch.tensor([prompt + answer])
+                    plain = None  # the plain forward's time over the prompt, measured once for the memory methods
                     for method in settings.methods:
                         if not readers.fits(method, ids.shape[1]) or (task, length, depth, trial, method) in done:
                             continue
-                        tick = time.time()
+                        tick = time.perf_counter()
                         right, logprob = answer_score(
                             readers.logits(method, ids[:, :-1], len(answer)), torch.tensor(answer)
                         )
+                        seconds = time.perf_counter() - tick
+                        if method.startswith("memory-") and plain is None:
+                            plain = readers.plain_seconds(ids[:, :-1])
                         samples.append(
                             {
                                 "task": task,
@@ -197,7 +211,8 @@ def run_longbench(
                                 "method": method,
                                 "correct": right,
                                 "answer_logprob": logprob,
-                                "seconds": time.time() - tick,
+                                "seconds": seconds,
+                                **({"plain_seconds": plain} if method.startswith("memory-") else {}),
                             }
                         )
                         keep()
@@ -249,6 +264,11 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, fl
                     "accuracy": sum(r["correct"] for r in rows) / len(rows),
                     "answer_logprob": sum(r["answer_logprob"] for r in rows) / len(rows),
                     "samples": len(rows),
+                    **(
+                        {"time_over_plain": sum(r["seconds"] / r["plain_seconds"] for r in rows) / len(rows)}
+                        if all("plain_seconds" in r for r in rows)
+                        else {}
+                    ),
                 }
                 for length, rows in by_length.items()
             }
@@ -273,6 +293,22 @@ def markdown(report: dict[str, Any]) -> str:
             ]
             lines.append(f"| {task} | {method} | " + " | ".join(cells) + " |")
     text = "Accuracy (mean log-likelihood of the answer per token):\n\n" + "\n".join(lines) + "\n"
+    speed = [
+        f"| {task} | {method} | "
+        + " | ".join(f"{by_length[n]['time_over_plain']:.2f}x" if n in by_length else "-" for n in lengths)
+        + " |"
+        for task, by_method in report["summary"].items()
+        for method, by_length in by_method.items()
+        if any("time_over_plain" in cell for cell in by_length.values())
+    ]
+    if speed:
+        header = "| task | method | " + " | ".join(f"{int(n):,} tokens" for n in lengths) + " |"
+        text += (
+            "\nTime to read a prompt through the memory (memorizing all but its last window, then that window), "
+            "over the model's own forward pass over the same tokens, window by window, in the same run:\n\n"
+            + "\n".join([header, "|---|---|" + "---:|" * len(lengths), *speed])
+            + "\n"
+        )
     if report["documents"]:
         buckets = sorted(
             {b for d in report["documents"] for m in d["loss_by_bucket"].values() for b in m},

@@ -121,11 +121,17 @@ class MemoryHandle:
         so that a long input never holds all its logits at once. Gradients flow when enabled
         (fine-tuning: the memory itself is always detached); wrap in torch.no_grad() otherwise.
         """
+        return self._stream(input_ids, window, stride, "losses" if losses else "logits")
+
+    def _stream(self, input_ids: torch.Tensor, window: int, stride: int | None, keep: str) -> torch.Tensor | None:
+        """`stream`, keeping the calls' "logits", their "losses", or nothing ("none": the model is
+        asked for no more logits than it must compute, a call's last)."""
         stride = window if stride is None else stride
         if window <= 0 or not 0 < stride <= window:
             raise ValueError(f"need window > 0 and 0 < stride <= window, got window={window}, stride={stride}")
         seq = input_ids.shape[1]
         self._check_positions(self.position + seq)
+        extra = {"logits_to_keep": 1} if keep == "none" and "logits_to_keep" in self._signature.parameters else {}
         logits, start = [], 0
         while True:
             end = min(start + window, seq)
@@ -136,21 +142,21 @@ class MemoryHandle:
             write[:, : (end - start) if last else stride] = True
             self._write_mask = write
             try:
-                out = self.model(input_ids=chunk, position_ids=positions).logits  # (batch, end - start, vocab)
+                out = self.model(input_ids=chunk, position_ids=positions, **extra).logits  # (batch, end - start, vocab)
             finally:
                 self._write_mask = None
             new = 0 if start == 0 else window - stride  # the earlier tokens were scored by the previous call
-            if losses:  # targets of positions start + new .. end - 1 (none after the input's last token)
+            if keep == "losses":  # targets of positions start + new .. end - 1 (none after the input's last token)
                 targets = input_ids[:, start + new + 1 : end + 1]
                 out = F.cross_entropy(
                     out[:, new : new + targets.shape[1]].transpose(1, 2).float(), targets, reduction="none"
                 )
                 logits.append(out)
-            else:
+            elif keep == "logits":
                 logits.append(out[:, new:])
             if last:
                 self.position += seq
-                return torch.cat(logits, dim=1)
+                return torch.cat(logits, dim=1) if logits else None
             start += stride
 
     @torch.no_grad()
@@ -159,7 +165,7 @@ class MemoryHandle:
         sliding window of `window` tokens: learning at inference time. Returns the tokens read."""
         device = next(self.model.parameters()).device
         for ids in documents:
-            self.stream(ids.to(device), window=window)
+            self._stream(ids.to(device), window, None, "none")
         return sum(ids.shape[1] for ids in documents)
 
     def _check_positions(self, length: int) -> None:
