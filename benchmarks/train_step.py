@@ -97,7 +97,7 @@ def our_case(variant: str, config: MemorizingConfig, batch: int, device: torch.d
         nonlocal state
         out = model(ids, state=state)
         state = out.state
-        loss = segment_loss(out.logits, ids)
+        loss = segment_loss(out.logits, ids)[0]
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -249,8 +249,8 @@ def test_skip_nonfinite_skips_and_counts_steps(tmp_path, monkeypatch):
 
     def sometimes_nan(logits, targets):
         calls.append(1)
-        loss = real(logits, targets)
-        return loss * float("nan") if len(calls) in (3, 5) else loss
+        loss, mean = real(logits, targets)
+        return (loss * float("nan"), float("nan")) if len(calls) in (3, 5) else (loss, mean)
 
     monkeypatch.setattr(trainer_module, "segment_loss", sometimes_nan)
     trainer = tiny_trainer(tmp_path / "run", skip_nonfinite=2, checkpoint_every=0)
@@ -260,7 +260,7 @@ def test_skip_nonfinite_skips_and_counts_steps(tmp_path, monkeypatch):
     assert records[2]["loss"] is None  # a window of only a skipped step has no loss
     calls.clear()
     with pytest.raises(TrainingDiverged, match=r"already 2 skipped"):
-        monkeypatch.setattr(trainer_module, "segment_loss", lambda lo, t: real(lo, t) * float("nan"))
+        monkeypatch.setattr(trainer_module, "segment_loss", lambda lo, t: (real(lo, t)[0] * float("nan"), float("nan")))
         tiny_trainer(tmp_path / "run2", skip_nonfinite=2, checkpoint_every=0).train(progress=False)
 
 

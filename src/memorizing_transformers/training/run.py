@@ -16,6 +16,7 @@ from ..config import MemorizingConfig
 from ..data.pipeline import corpus_tokenizer, load_tokenized
 from ..data.tokenizer import load_tokenizer
 from ..pretrained import MemorizingTransformer
+from . import distributed
 from .checkpoint import run_lock
 from .trainer import TrainConfig, Trainer
 
@@ -29,9 +30,12 @@ def train_run(
 ) -> dict[str, Any]:
     """Train the run `run` describes into `out` (locked against a second process), from its
     last checkpoint with `resume`; returns the training record. A folder that holds another
-    run is refused."""
+    run is refused. Under torchrun, every process trains its rows of the batch (see
+    training/distributed.py); rank 0 alone writes and prints."""
     out = Path(out)
-    with run_lock(out):
+    device = distributed.start_from_environment(torch.device(device))
+    main = distributed.is_main()
+    with distributed.main_only(run_lock(out)):
         saved_run = out / "run_config.json"
         if resume and saved_run.is_file():
             previous = json.loads(saved_run.read_text())
@@ -47,12 +51,15 @@ def train_run(
         torch.manual_seed(train_config.seed)
         model = MemorizingTransformer(config, tokenizer=tokenizer).to(device)
         trainer = Trainer(model, train_config, train_docs, valid_docs, out)
-        if resume and not trainer.resume():
+        if resume and not trainer.resume() and main:
             print(f"no checkpoint in {out}: starting from step 0", file=sys.stderr)
-        write_atomically(saved_run, lambda tmp: Path(tmp).write_text(json.dumps(run, indent=2)))
-        params = sum(p.numel() for p in model.parameters())
-        print(
-            f"training {params / 1e6:.2f}M parameters on {run['corpus']} ({sum(d.ids.numel() for d in train_docs):,} "
-            f"tokens) into {out}"
-        )
+        if main:
+            write_atomically(saved_run, lambda tmp: Path(tmp).write_text(json.dumps(run, indent=2)))
+            params = sum(p.numel() for p in model.parameters())
+            world = distributed.rank_and_world()[1]
+            print(
+                f"training {params / 1e6:.2f}M parameters on {run['corpus']} "
+                f"({sum(d.ids.numel() for d in train_docs):,} tokens) into {out}"
+                + (f", {world} processes" if world > 1 else "")
+            )
         return trainer.train(max_seconds=max_seconds)

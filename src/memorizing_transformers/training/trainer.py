@@ -29,6 +29,7 @@ from ..data.streaming import StreamingBatcher, TokenizedDocument
 from ..evaluation.perplexity import evaluate
 from ..pretrained import MemorizingTransformer
 from ..runs import latest_checkpoint
+from . import distributed
 from .checkpoint import (
     load_training_state,
     resume_candidates,
@@ -95,17 +96,30 @@ class TrainingDiverged(RuntimeError):
     """The loss or the gradient stopped being finite."""
 
 
-def segment_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over scored targets; 0 (with a graph) when a batch scores none."""
-    scored = targets != -100
-    if not scored.any():
-        return logits.sum() * 0.0
-    # ignore_index averages over the scored targets, without gathering their rows of logits
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-100)
+def segment_loss(logits: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Mean cross-entropy over the global batch's scored targets, as this rank's share to
+    back-propagate (DDP averages the ranks' gradients), and that mean itself; 0 (with a graph)
+    when the batch scores none."""
+    world = distributed.rank_and_world()[1]
+    if world == 1:
+        if not (targets != -100).any():
+            return logits.sum() * 0.0, 0.0
+        # ignore_index averages over the scored targets, without gathering their rows of logits
+        loss = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-100)
+        return loss, loss.item()
+    scored = float(distributed.total((targets != -100).sum()))
+    if scored == 0:
+        return logits.sum() * 0.0, 0.0
+    summed = F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+    return summed * (world / scored), float(distributed.total(summed.detach())) / scored
 
 
 class Trainer:
-    """Train `model` on `train_docs`, validate on `valid_docs`, checkpoint into `run_dir`."""
+    """Train `model` on `train_docs`, validate on `valid_docs`, checkpoint into `run_dir`.
+
+    Under torchrun (torch.distributed initialised, see training/distributed.py) each rank trains
+    its rows of the global batch through DistributedDataParallel; rank 0 validates, logs and
+    writes the checkpoints, which hold the whole batch's stream state."""
 
     def __init__(
         self,
@@ -129,9 +143,14 @@ class Trainer:
             shuffle=config.shuffle,
             epochs=None,
         )
+        self.rows = distributed.own_rows(config.batch_size)  # this rank's rows of every global batch
+        self.main = distributed.is_main()
+        self.network = model  # what the step calls: the model, or DDP around it
+        if distributed.rank_and_world()[1] > 1:
+            self.network = torch.nn.parallel.DistributedDataParallel(model)
         self.optimizer = make_optimizer(model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, config))
-        self.state = model.new_state(config.batch_size)
+        self.state = model.new_state(self.rows.stop - self.rows.start)
         self.step = 0
         self.skipped = 0  # steps skipped for a non-finite loss or gradient
         self.train_seconds = 0.0  # wall time spent in train(), summed over every resumed part of the run
@@ -149,7 +168,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "batcher": self.batcher.state_dict(),
-            "stream_state": {k: v.cpu() for k, v in self.state.state_dict().items()},
+            "stream_state": distributed.gather_rows(self.state.state_dict()),  # every rank's rows
             "rng": {
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
@@ -157,16 +176,18 @@ class Trainer:
             },
         }
 
-    def save(self) -> Path:
-        """Checkpoint the run; refused (`TrainingDiverged`) when a weight is no longer finite."""
+    def save(self) -> Path | None:
+        """Checkpoint the run (rank 0 writes it; every rank must call this); refused
+        (`TrainingDiverged`) when a weight is no longer finite."""
         if not all(torch.isfinite(p).all() for p in self.model.parameters()):
             raise TrainingDiverged(
                 f"step {self.step}: the weights are no longer finite; stopped without writing a "
                 f"checkpoint (the last one: {latest_checkpoint(self.run_dir) or 'none'})"
             )
-        return save_checkpoint(
-            self.run_dir, self.step, self.model, self.training_state(), keep=self.config.keep_checkpoints
-        )
+        state = self.training_state()
+        if not self.main:
+            return None
+        return save_checkpoint(self.run_dir, self.step, self.model, state, keep=self.config.keep_checkpoints)
 
     def resume(self) -> bool:
         """Continue from the run's newest checkpoint that loads (the one `latest` names first,
@@ -182,7 +203,8 @@ class Trainer:
                 continue
             if failures:
                 print(f"resuming from the older {checkpoint} at step {self.step}", file=sys.stderr)
-            truncate_metrics(self.metrics_path, self.step)
+            if self.main:
+                truncate_metrics(self.metrics_path, self.step)
             return True
         if failures:
             raise ValueError(f"no checkpoint of {self.run_dir} loads: " + "; ".join(failures))
@@ -203,7 +225,7 @@ class Trainer:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.batcher.load_state_dict(saved["batcher"])
-        self.state.load_state_dict(saved["stream_state"])
+        self.state.load_state_dict({k: v[self.rows] for k, v in saved["stream_state"].items()})  # this rank's rows
         torch.set_rng_state(saved["rng"]["torch"])
         if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
@@ -214,23 +236,24 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def train_step(self) -> dict[str, float]:
-        batch = next(self.batcher)
+        batch = next(self.batcher)  # the global batch: every rank draws the same, and keeps its rows
+        rows = self.rows
         device = self.model.device
         self.model.train()
         with self.autocast:
-            out = self.model(
-                batch.input_ids.to(device),
-                attention_mask=batch.attention_mask.to(device),
+            out = self.network(
+                batch.input_ids[rows].to(device),
+                attention_mask=batch.attention_mask[rows].to(device),
                 state=self.state,
-                start_of_document=batch.start_of_document.to(device),
+                start_of_document=batch.start_of_document[rows].to(device),
             )
         self.state = out.state
-        loss = segment_loss(out.logits, batch.targets.to(device))
+        loss, mean_loss = segment_loss(out.logits, batch.targets[rows].to(device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
         stats = {
-            "loss": loss.item(),
+            "loss": mean_loss,
             "grad_norm": grad_norm.item(),
             "targets": batch.num_targets,
             "tokens": int(batch.attention_mask.sum()),
@@ -259,6 +282,8 @@ class Trainer:
         return stats
 
     def log(self, record: dict[str, Any]) -> None:
+        if not self.main:
+            return
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         finite = {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in record.items()}
         with self.metrics_path.open("a") as f:  # strict JSON: a non-finite number is written as null
@@ -276,8 +301,10 @@ class Trainer:
         ends with a checkpoint, as the run's end does.
 
         The run directory is locked meanwhile: another process training into it is refused."""
-        bar = tqdm(total=self.config.steps, initial=self.step, disable=not progress, desc="train", unit="step")
-        with run_lock(self.run_dir):
+        bar = tqdm(
+            total=self.config.steps, initial=self.step, disable=not (progress and self.main), desc="train", unit="step"
+        )
+        with distributed.main_only(run_lock(self.run_dir)):
             try:
                 return self._train(max_seconds, bar, min(self.config.steps, until_step or self.config.steps))
             finally:
@@ -295,7 +322,11 @@ class Trainer:
                 window_tokens += stats["tokens"]
                 window_loss += stats["loss"]
                 window_steps += 1
-            last = self.step == until or (max_seconds is not None and time.perf_counter() - began >= max_seconds)
+            out_of_time = max_seconds is not None and time.perf_counter() - began >= max_seconds
+            now = time.perf_counter()
+            due = bool(config.checkpoint_minutes) and now - last_checkpoint >= 60 * config.checkpoint_minutes
+            out_of_time, due = distributed.main_decides(out_of_time, due)  # taken by every rank together
+            last = self.step == until or out_of_time
             if self.step % config.log_every == 0 or last:
                 elapsed = time.perf_counter() - window_start
                 fill = self.state.memory_fill()
@@ -312,7 +343,8 @@ class Trainer:
                 }
                 if self.model.config.knn_layers:
                     record["memory_gates"] = self.model.memory_gates()
-                if self.valid_docs and ((config.eval_every and self.step % config.eval_every == 0) or last):
+                validating = (config.eval_every and self.step % config.eval_every == 0) or last
+                if self.valid_docs and validating and self.main:
                     record.update(self.validate())
                 self.log(record)
                 bar.set_postfix(
@@ -323,7 +355,6 @@ class Trainer:
                 window_tokens, window_loss, window_steps, window_start = 0, 0.0, 0, time.perf_counter()
             now = time.perf_counter()
             self.train_seconds, counted = self.train_seconds + now - counted, now
-            due = config.checkpoint_minutes and now - last_checkpoint >= 60 * config.checkpoint_minutes
             if (config.checkpoint_every and self.step % config.checkpoint_every == 0) or due or last:
                 self.save()
                 last_checkpoint = time.perf_counter()

@@ -1,0 +1,89 @@
+"""Training on several processes with torch.distributed (launched by torchrun): which rows of the
+global batch a rank owns, and the few collectives the trainer needs besides DDP's own.
+
+The global batch of `batch_size` streams is cut into equal blocks of rows, one per rank, rank r
+owning rows [r * b, (r + 1) * b) with b = batch_size / world_size. Every rank draws the same
+global batches from the same streaming batcher (same seed, same documents) and keeps its own
+rows, so a row's documents, XL cache and memory belong to one rank only, and the run reads the
+same tokens in the same rows as one process with the whole batch would. A checkpoint gathers
+every rank's rows of the stream state into one, as one process would have it: a run resumed at
+another world size (one that divides the batch) gives each rank its rows of that state, so every
+row goes on with its own memory.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+import torch.distributed as dist
+
+
+def start_from_environment(device: torch.device) -> torch.device:
+    """Join the process group torchrun describes (WORLD_SIZE, RANK, MASTER_ADDR, ...) when there
+    is one of more than one process: NCCL on CUDA, gloo on the CPU. Returns this rank's device
+    (cuda:LOCAL_RANK on CUDA)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return device
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main() -> bool:
+    return rank_and_world()[0] == 0
+
+
+def own_rows(batch_size: int) -> slice:
+    """The rows of the global batch this rank owns; refuses a batch the ranks cannot share equally."""
+    rank, world = rank_and_world()
+    if batch_size % world:
+        raise ValueError(f"a batch of {batch_size} rows cannot be shared equally by {world} processes")
+    size = batch_size // world
+    return slice(rank * size, (rank + 1) * size)
+
+
+def total(value: float | torch.Tensor) -> torch.Tensor:
+    """The sum of `value` over the ranks, as a float64 tensor on the CPU (gloo) or the value's device."""
+    tensor = torch.as_tensor(value, dtype=torch.float64).detach().clone()
+    if rank_and_world()[1] > 1:
+        if dist.get_backend() == "nccl":
+            tensor = tensor.cuda()
+        dist.all_reduce(tensor)
+    return tensor.cpu()
+
+
+def main_decides(*flags: bool) -> tuple[bool, ...]:
+    """Rank 0's flags on every rank (decisions of wall time, which ranks must take together)."""
+    if rank_and_world()[1] == 1:
+        return flags
+    shared = [list(flags)]
+    dist.broadcast_object_list(shared, src=0)
+    return tuple(shared[0])
+
+
+def gather_rows(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Every rank's tensors (batch first), concatenated in rank order along the batch, on rank 0 (None
+    elsewhere); with one process, `tensors` itself."""
+    rank, world = rank_and_world()
+    if world == 1:
+        return tensors
+    gathered = [None] * world if rank == 0 else None
+    dist.gather_object({k: v.cpu() for k, v in tensors.items()}, gathered, dst=0)
+    if rank != 0:
+        return None
+    return {name: torch.cat([part[name] for part in gathered]) for name in gathered[0]}
+
+
+def main_only(context: AbstractContextManager) -> AbstractContextManager:
+    """`context` on rank 0, nothing on the others (e.g. the run lock, which one process holds)."""
+    return context if is_main() else nullcontext()

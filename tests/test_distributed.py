@@ -1,0 +1,67 @@
+"""Training on two processes (torchrun, gloo on the CPU) against one process with the same global batch."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from benchmarks.faults import write_texts
+from memorizing_transformers.cli import main
+
+pytestmark = pytest.mark.slow
+
+TRAIN = ["--corpus", "files", "--preset", "tiny", "--vocab-size", "300", "--batch-size", "4", "--eval-tokens", "64"]
+TRAIN += ["--eval-every", "0", "--log-every", "1", "--checkpoint-every", "2", "--device", "cpu"]
+
+
+def torchrun(*args: str) -> None:
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "memorizing_transformers.cli", "train", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def weights(run: Path) -> dict[str, torch.Tensor]:
+    latest = (run / "checkpoints" / "latest").read_text()
+    return load_file(run / "checkpoints" / latest / "model.safetensors")
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    main(["data", "prepare", "files", "--source", str(write_texts(tmp_path / "texts"))])
+
+
+def test_two_processes_train_as_one_with_the_same_global_batch_and_resume_at_any_world_size(tmp_path, corpus):
+    one, two, resumed, reshared = (tmp_path / name for name in ("one", "two", "resumed", "reshared"))
+    main(["train", "--out", str(one), "--steps", "4", *TRAIN])
+    torchrun("--out", str(two), "--steps", "4", *TRAIN)
+    assert len(losses(two)) == 4  # rank 0 alone logs
+    torch.testing.assert_close(losses(two), losses(one), rtol=1e-4, atol=1e-5)
+    for name, tensor in weights(one).items():
+        torch.testing.assert_close(weights(two)[name], tensor, rtol=1e-4, atol=1e-5)
+
+    # Stopped after 2 steps and resumed by two processes, or by one: the same run either way.
+    torchrun("--out", str(resumed), "--steps", "2", *TRAIN)
+    torchrun("--out", str(resumed), "--steps", "4", "--resume", *TRAIN)
+    torch.testing.assert_close(losses(resumed), losses(one), rtol=1e-4, atol=1e-5)
+    torchrun("--out", str(reshared), "--steps", "2", *TRAIN)
+    main(["train", "--out", str(reshared), "--steps", "4", "--resume", *TRAIN])
+    torch.testing.assert_close(losses(reshared), losses(one), rtol=1e-4, atol=1e-5)
+
+
+def test_a_batch_the_processes_cannot_share_is_refused(tmp_path, corpus):
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "memorizing_transformers.cli", "train", "--out", str(tmp_path / "r"), "--steps", "1"]
+    command += [*TRAIN[:6], "--batch-size", "3", "--device", "cpu"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode != 0 and "a batch of 3 rows cannot be shared equally by 2 processes" in result.stderr
