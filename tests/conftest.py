@@ -30,3 +30,12 @@ def cli_error(capsys):
         return err[-1].removeprefix("error: ")
 
     return run
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """Where the `device`-marked tests run: $MT_TEST_DEVICE (`make gpu-check` sets cuda), else the CPU."""
+    name = os.environ.get("MT_TEST_DEVICE", "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        pytest.skip("MT_TEST_DEVICE asks for CUDA, and there is none here")
+    return torch.device(name)

@@ -196,3 +196,17 @@ def test_interleaved_rounds_rotate_the_order_and_refill_memories_across_their_cy
     rounds = [calls[3 + 6 * r : 9 + 6 * r : 2] for r in range(3)]
     assert rounds == [["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"]]
     assert fills == [0.5 / 3, 1.5 / 3, 2.5 / 3] and all(len(t) == 3 for t in times)
+
+
+def test_gpu_check_says_plainly_that_there_is_no_gpu_here():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import torch
+
+    if torch.cuda.is_available():
+        return  # on a GPU machine `make gpu-check` itself is the test
+    script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and "no CUDA device here" in result.stderr
