@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import long_stream, memory_step, memory_use, search, targets, train_step
+from benchmarks import long_stream, memory_step, memory_use, retrofit, search, targets, train_step
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
 from memorizing_transformers.data.streaming import TokenizedDocument
 
@@ -210,3 +210,13 @@ def test_gpu_check_says_plainly_that_there_is_no_gpu_here():
     script = Path(__file__).resolve().parents[1] / "scripts" / "gpu_check.py"
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and "no CUDA device here" in result.stderr
+
+
+def test_retrofit_benchmark_quick(tmp_path):
+    retrofit.main(["--quick", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "retrofit-quick.json").read_text())
+    assert len(results["rows"]) == 4 and results["plain_forward_s"] > 0
+    for row in results["rows"]:
+        assert row["memorize_s"] > 0 and row["generate_ms_per_token"] > 0
+        assert row["store_bytes"] > 0  # the memories hold what was memorized
+    assert "| all layers, exact |" in (tmp_path / "retrofit-quick.md").read_text()
