@@ -71,3 +71,11 @@ def test_demo_quick_runs_every_stage(tmp_path, capsys):
     assert all(r["accuracy"]["memory"]["count"] > 0 for r in recall)  # the task does ask beyond the XL window
     published = (tmp_path / "docs" / "demo.md").read_text()
     assert published.startswith("# Demo results") and "only in memory" in published
+    # The same command on the same machine gives the same figures (timings aside).
+    main(["demo", "--quick", "--out", str(tmp_path / "again")])
+    again = json.loads((tmp_path / "again" / "quick" / "demo.json").read_text())
+
+    def figures(part):
+        return [{k: v for k, v in row.items() if not k.endswith("seconds")} for row in part["results"]]
+
+    assert figures(again["code"]) == figures(report["code"]) and figures(again["recall"]) == figures(report["recall"])
