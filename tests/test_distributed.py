@@ -59,6 +59,29 @@ def test_two_processes_train_as_one_with_the_same_global_batch_and_resume_at_any
     torch.testing.assert_close(losses(reshared), losses(one), rtol=1e-4, atol=1e-5)
 
 
+def test_a_two_process_run_killed_mid_run_resumes_as_if_never_stopped(tmp_path, corpus):
+    import signal
+    import time
+
+    one, killed = tmp_path / "one", tmp_path / "killed"
+    steps = ["--steps", "30"]
+    main(["train", "--out", str(one), *steps, *TRAIN])
+    command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    command += ["-m", "memorizing_transformers.cli", "train", "--out", str(killed), *steps, *TRAIN]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    run = subprocess.Popen(command, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.time() + 300
+    while not latest.is_file() and run.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    os.killpg(run.pid, signal.SIGKILL)  # every process of the run, at once
+    run.wait()
+    stopped_at = int(latest.read_text().removeprefix("step-"))
+    assert stopped_at < 30, "the run ended before it could be killed"
+    torchrun("--out", str(killed), *steps, "--resume", *TRAIN)
+    torch.testing.assert_close(losses(killed), losses(one), rtol=1e-4, atol=1e-5)
+
+
 def test_a_batch_the_processes_cannot_share_is_refused(tmp_path, corpus):
     command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
     command += ["-m", "memorizing_transformers.cli", "train", "--out", str(tmp_path / "r"), "--steps", "1"]
