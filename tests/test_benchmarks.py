@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import long_stream, memory_step, memory_use, retrofit, search, targets, train_step
+from benchmarks import fits, long_stream, memory_step, memory_use, retrofit, search, targets, train_step
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
 from memorizing_transformers.data.streaming import TokenizedDocument
 
@@ -220,3 +220,19 @@ def test_retrofit_benchmark_quick(tmp_path):
         assert row["memorize_s"] > 0 and row["generate_ms_per_token"] > 0
         assert row["store_bytes"] > 0  # the memories hold what was memorized
     assert "| all layers, exact |" in (tmp_path / "retrofit-quick.md").read_text()
+
+
+def test_fits_scales_the_measured_overheads_to_a_preset(tmp_path):
+    measured = {
+        "device": "test",
+        "rows": [
+            {"memory_size": 1024, "dtype": "bfloat16", "backend": "exact", "ratio_to_store": 1.0},
+            {"memory_size": 1024, "dtype": "float32", "backend": "faiss_ivf", "ratio_to_store": 2.0},
+        ],
+    }
+    (tmp_path / "memory_use.json").write_text(json.dumps(measured))
+    fits.main(["--memory-use", str(tmp_path / "memory_use.json"), "--out", str(tmp_path)])
+    text = (tmp_path / "fits.md").read_text()
+    # paper preset: 8 heads x 128, one memory layer; 65,536 bf16 entries: 2 x 8 x 128 x 2 bytes each = 256 MiB
+    assert "| 65,536 | bfloat16 | exact | 256 | 96 | 320 | 564 |" in text
+    assert "| 65,536 | float32 | faiss_ivf | 1,024 | 24 | 80 | 141 |" in text
