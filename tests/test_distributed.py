@@ -82,6 +82,15 @@ def test_a_two_process_run_killed_mid_run_resumes_as_if_never_stopped(tmp_path, 
     torch.testing.assert_close(losses(killed), losses(one), rtol=1e-4, atol=1e-5)
 
 
+def test_a_parameter_without_a_gradient_on_some_steps_trains_too(tmp_path, corpus):
+    # The XL compression's projections get no gradient on the first step (no cache yet).
+    one, two = tmp_path / "one", tmp_path / "two"
+    compressed = ["--steps", "3", "--set", "xl_compression=4", *TRAIN]
+    main(["train", "--out", str(one), *compressed])
+    torchrun("--out", str(two), *compressed)
+    torch.testing.assert_close(losses(two), losses(one), rtol=1e-4, atol=1e-5)
+
+
 def test_a_batch_the_processes_cannot_share_is_refused(tmp_path, corpus):
     command = [str(Path(sys.executable).parent / "torchrun"), "--standalone", "--nproc_per_node", "2"]
     command += ["-m", "memorizing_transformers.cli", "train", "--out", str(tmp_path / "r"), "--steps", "1"]

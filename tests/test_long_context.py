@@ -116,5 +116,8 @@ def test_a_stopped_run_goes_on_after_what_it_had_measured(tmp_path, tokenizer, m
     again = long_context.run_longbench(model, tokenizer, settings, lambda line: None, partial)
     assert len(calls) == 8 + 5 and again["samples"] == first["samples"][:3] + again["samples"][3:]
     assert [r["correct"] for r in again["samples"]] == [r["correct"] for r in first["samples"]]
-    with pytest.raises(ValueError, match="holds a run with other settings"):
+    with pytest.raises(ValueError, match="holds a run with other settings, another model"):
         long_context.run_longbench(model, tokenizer, LongBenchSettings(tasks=["vt"]), lambda line: None, partial)
+    other = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=1024, seed=1)
+    with pytest.raises(ValueError, match="another model"):
+        long_context.run_longbench(other, tokenizer, settings, lambda line: None, partial)

@@ -400,3 +400,19 @@ def test_a_model_saved_with_the_earlier_names_loads(tmp_path):
     assert loaded.blocks[2].attn.memory_gate.eq(1.5).all()
     ids = torch.randint(0, 512, (1, 32))
     torch.testing.assert_close(loaded.eval()(ids).logits, model.eval()(ids).logits)
+
+
+@pytest.mark.parametrize("other", [dict(xl_compression=4), dict(global_tokens=4)])
+def test_evicted_writes_store_what_leaves_the_cache_whatever_else_the_layer_attends(other):
+    # The memory layer is layer 0: its keys depend on the embedding alone, so compressing the
+    # XL cache or attending global tokens must leave what it writes to memory unchanged.
+    base = dict(knn_layers=(0,), memory_writes="evicted", xl_length=16, segment_length=16, memory_size=128)
+    plain = MemorizingTransformer(tiny(**base)).eval()
+    varied = MemorizingTransformer(tiny(**base, **other)).eval()
+    varied.take_weights(plain)
+    ids = torch.randint(0, 512, (2, 64))
+    with torch.no_grad():
+        written = [model(ids).state.memories[0] for model in (plain, varied)]
+    assert torch.equal(written[0].next_slot, written[1].next_slot) and written[0].fill.tolist() == [48, 48]
+    torch.testing.assert_close(written[1].keys, written[0].keys)
+    torch.testing.assert_close(written[1].values, written[0].values)

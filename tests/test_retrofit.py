@@ -375,3 +375,23 @@ def test_memorize_stores_what_stream_stores_without_computing_every_logit(name):
     for i in stored[0]:
         for name_, tensor in stored[0][i].items():
             torch.testing.assert_close(stored[1][i][name_], tensor)
+
+
+def test_a_memory_file_is_read_only_in_the_position_mode_its_keys_were_stored_for(tmp_path):
+    ids = torch.randint(0, 97, (1, 16))
+    handle = add_memory(tiny_llama(), knn_layers=[0], memory_size=32, knn_k=4, positions="fixed")
+    with torch.no_grad():
+        handle.stream(ids, window=8)
+    handle.save(tmp_path / "kb.safetensors")
+    with pytest.raises(ValueError, match="stored for positions='fixed'.*reads them with positions='true'"):
+        add_memory(tiny_llama(), knn_layers=[0], memory_size=32, knn_k=4).load(tmp_path / "kb.safetensors")
+    add_memory(tiny_llama(), **memory_file_settings(tmp_path / "kb.safetensors")).load(tmp_path / "kb.safetensors")
+
+
+def test_fixed_positions_follow_the_model_when_it_is_cast():
+    # The frequencies are read from the model's rotary module at each call, so a cast after
+    # add_memory changes the rotation the memory undoes exactly as it changes the model's.
+    model = tiny_llama()
+    handle = add_memory(model, knn_layers=[0], memory_size=64, knn_k=64, positions="fixed", fixed_distance=0)
+    model.to(torch.float64)
+    assert handle.layers[0].rotary.inv_freq.dtype == torch.float64

@@ -354,7 +354,7 @@ def cmd_longbench(args: argparse.Namespace) -> None:
     report = run_longbench(model, tokenizer, settings, lambda line: print(line, file=sys.stderr), partial)
     for path in write_longbench(report, args.out, "mt " + shlex.join(args.argv)):
         print(f"wrote {path}")
-    partial.unlink()
+    partial.unlink(missing_ok=True)  # nothing to keep when no answer fitted the methods
 
 
 # ---------------------------------------------------------------------- pretrained

@@ -34,6 +34,7 @@ from transformers import PreTrainedModel  # noqa: E402
 
 from ..atomic import write_atomically  # noqa: E402
 from ..data.long_tasks import TASKS, make_task  # noqa: E402
+from ..hf.files import model_identity  # noqa: E402
 from ..hf.handle import MemoryHandle  # noqa: E402
 from ..hf.retrofit import add_memory  # noqa: E402
 
@@ -116,9 +117,11 @@ class Readers:
         """Wall time of the model's own forward pass over ids (1, n), window by window, with no memory
         and no logits but each window's last: what reading through the memory is measured against."""
         window, device = self.settings.window, next(self.model.parameters()).device
+        synchronize(device)
         tick = time.perf_counter()
         for start in range(0, ids.shape[1], window):
             self.model(ids[:, start : start + window].to(device), logits_to_keep=1)
+        synchronize(device)
         return time.perf_counter() - tick
 
     @torch.no_grad()
@@ -167,19 +170,23 @@ def run_longbench(
     capacity = max([*settings.lengths, settings.document_tokens if settings.documents else 0])
     readers = Readers(model, settings, capacity)
     started, recorded = time.time(), json.loads(json.dumps(asdict(settings)))
+    measuring = {"model": model_identity(model), "device": device_of(model)}  # what a resumed run must be
     samples: list[dict[str, Any]] = []
     documents: list[dict[str, Any]] = []
     if partial is not None and partial.is_file():
         kept = json.loads(partial.read_text())
-        if kept["settings"] != recorded:
-            raise ValueError(f"{partial} holds a run with other settings: remove it, or choose another --out")
+        if kept["settings"] != recorded or kept.get("measuring") != measuring:
+            raise ValueError(
+                f"{partial} holds a run with other settings, another model or another device: remove it, or "
+                "choose another --out"
+            )
         samples, documents = kept["samples"], kept["documents"]
         progress(f"{partial}: going on after {len(samples)} answers and {len(documents)} documents measured")
     done = {(r["task"], r["length"], r["depth"], r["trial"], r["method"]) for r in samples}
 
     def keep() -> None:
         if partial is not None:
-            state = {"settings": recorded, "samples": samples, "documents": documents}
+            state = {"settings": recorded, "measuring": measuring, "samples": samples, "documents": documents}
             write_atomically(partial, lambda tmp: Path(tmp).write_text(json.dumps(state)))
 
     for task in settings.tasks:
@@ -194,8 +201,9 @@ def run_longbench(
                     for method in settings.methods:
                         if not readers.fits(method, ids.shape[1]) or (task, length, depth, trial, method) in done:
                             continue
+                        synchronize(next(model.parameters()).device)
                         tick = time.perf_counter()
-                        right, logprob = answer_score(
+                        right, logprob = answer_score(  # its .cpu() waits for the device
                             readers.logits(method, ids[:, :-1], len(answer)), torch.tensor(answer)
                         )
                         seconds = time.perf_counter() - tick
@@ -241,6 +249,11 @@ def run_longbench(
         "documents": documents,
         "summary": summarize(samples),
     }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def device_of(model: PreTrainedModel) -> str:

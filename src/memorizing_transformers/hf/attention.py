@@ -28,10 +28,11 @@ def rotate(x: torch.Tensor, distances: torch.Tensor, inv_freq: torch.Tensor) -> 
     """x (batch, heads, seq, head_dim) rotated as RoPE rotates a vector `distances` (batch or 1,
     seq) positions further on (negative: back), with the model's own frequencies `inv_freq`
     (head_dim / 2,) and without its attention scaling: a pure rotation, as Hugging Face's
-    `apply_rotary_pos_emb` pairs the dimensions (`rotate_half`)."""
+    `apply_rotary_pos_emb` pairs the dimensions (`rotate_half`), computed in float32."""
     freqs = distances[..., None].float() * inv_freq.float().to(x.device)  # (batch, seq, head_dim / 2)
     angles = torch.cat([freqs, freqs], dim=-1)[:, None]  # (batch, 1, seq, head_dim)
-    return (x * angles.cos().to(x.dtype) + rotate_half(x) * angles.sin().to(x.dtype)).to(x.dtype)
+    wide = x.float()
+    return (wide * angles.cos() + rotate_half(wide) * angles.sin()).to(x.dtype)
 
 
 @dataclass
@@ -48,10 +49,11 @@ class LayerMemory:
     backend: str
     # Where retrieved entries stand: "true", at their own positions (keys stored as rotated, so a
     # score is full attention's logit); "fixed", all at `distance` tokens before the query (keys
-    # stored unrotated, the query rotated by `distance`), with RoPE frequencies `inv_freq`.
+    # stored unrotated, the query rotated by `distance`), with the frequencies of the model's
+    # rotary embedding module `rotary` (read at each call: a cast or a dynamic RoPE changes them).
     positions: str = "true"
     distance: int = 0
-    inv_freq: torch.Tensor | None = None
+    rotary: nn.Module | None = None
     memory: KNNMemory | None = None  # created at the first call, for its batch size
     enabled: bool = True
     # Hooks see what the layer retrieves, call by call (see evaluation/inspect.py).
@@ -137,8 +139,8 @@ def memorizing_attention(
         if positions is None:  # as Hugging Face numbers a call without them: after its cache
             positions = torch.arange(key.shape[2] - seq, key.shape[2], device=query.device)[None]
         positions = positions[:, -seq:].to(query.device)
-        searching = rotate(query, layer.distance - positions, layer.inv_freq)
-        new_keys = rotate(new_keys, -positions, layer.inv_freq)
+        searching = rotate(query, layer.distance - positions, layer.rotary.inv_freq)
+        new_keys = rotate(new_keys, -positions, layer.rotary.inv_freq)
 
     # Retrieve: the query heads of a group search their key/value head's memory together.
     grouped = rearrange(searching, "b (h g) s d -> b h (g s) d", g=groups)

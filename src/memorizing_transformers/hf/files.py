@@ -48,6 +48,13 @@ def load_memories(path: str | os.PathLike, model: PreTrainedModel, layers: dict[
     )
     if saved["model"] != mine["model"]:
         raise ValueError(made_for)
+    stored_as = json.loads(metadata["settings"]).get("positions", "true")
+    reading_as = {layer.positions for layer in layers.values()}
+    if reading_as != {stored_as}:  # "fixed" keys are stored unrotated, "true" ones rotated
+        raise ValueError(
+            f"{path} holds keys stored for positions={stored_as!r}, but this model's memory reads them with "
+            f"positions={sorted(reading_as)[0]!r}: give add_memory the file's settings (memory_file_settings)"
+        )
     saved_layers = sorted(int(key.split(".")[1]) for key in metadata if key.startswith("layer."))
     if saved_layers != sorted(layers):
         raise ValueError(

@@ -58,21 +58,21 @@ def _attention_modules(model: PreTrainedModel) -> list[nn.Module]:
     return sorted(modules, key=lambda m: m.layer_idx)
 
 
-def _rope_frequencies(model: PreTrainedModel, head_dim: int) -> torch.Tensor:
-    """The model's RoPE frequencies (head_dim / 2,), from its rotary embedding module; refuses a
+def _rotary_module(model: PreTrainedModel, head_dim: int) -> nn.Module:
+    """The model's rotary embedding module (its `inv_freq`: head_dim / 2 frequencies); refuses a
     model without RoPE over the whole head."""
     rotary = [m for m in model.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
     if not rotary:
         raise ValueError(
             f"positions='fixed' needs rotary position embeddings (RoPE), and {type(model).__name__} has none"
         )
-    inv_freq = rotary[0].inv_freq
-    if 2 * inv_freq.numel() != head_dim:
+    rotated = 2 * rotary[0].inv_freq.numel()
+    if rotated != head_dim:
         raise ValueError(
-            f"positions='fixed': {type(model).__name__} rotates {2 * inv_freq.numel()} of its {head_dim} head "
+            f"positions='fixed': {type(model).__name__} rotates {rotated} of its {head_dim} head "
             "dimensions; only models that rotate the whole head are supported"
         )
-    return inv_freq
+    return rotary[0]
 
 
 def add_memory(
@@ -121,9 +121,7 @@ def add_memory(
     num_heads = config.num_attention_heads
     num_kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-    inv_freq = None
-    if positions == "fixed":
-        inv_freq = _rope_frequencies(model, head_dim)
+    rotary = _rotary_module(model, head_dim) if positions == "fixed" else None
     chosen = sorted({i % len(modules) for i in knn_layers})
     for i in knn_layers:
         if not -len(modules) <= i < len(modules):
@@ -142,7 +140,7 @@ def add_memory(
             memory_backend,
             positions=positions,
             distance=fixed_distance,
-            inv_freq=inv_freq,
+            rotary=rotary,
         )
         if sink_tokens:
             module.knn_memory.sink = LayerMemory(

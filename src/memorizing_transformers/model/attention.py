@@ -182,6 +182,7 @@ class Attention(nn.Module):
         k = F.normalize(k, dim=-1, eps=self.eps)
         q_scaled = q * self.log_scale.exp()[None, :, None, None]
         keys, values, key_mask = state.update(layer, k, v, token_mask)  # [XL cache ; segment]
+        cached = (keys, values, key_mask)  # what evicted writes read, before compression or global tokens
         cache_len = keys.shape[2] - k.shape[2]
         bias = self.position_bias.segment(buckets, q.shape[2])[None].to(q.dtype)  # (1, heads, seq, cache_len + seq)
         local_bias = bias.masked_fill(~allowed, float("-inf"))  # (batch or 1, heads, seq, cache_len + seq)
@@ -223,7 +224,7 @@ class Attention(nn.Module):
                 getattr(self, "memory_gate", None),
             )
             self.retrieved(found.slots, mem_logits, found.valid, share)
-            self._write(memory, keys, values, key_mask, k.shape[2])
+            self._write(memory, *cached, k.shape[2])
         return self.out(rearrange(out, "b h t d -> b t (h d)")), k.detach(), v.detach()
 
     def _compress_cache(

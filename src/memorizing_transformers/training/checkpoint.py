@@ -69,7 +69,9 @@ def load_training_state(checkpoint: Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing: the checkpoint is incomplete")
     try:
-        return torch.load(path, weights_only=False)
+        # On the CPU and mapped, not read: every process of a run loads it, and a training
+        # stream's memories can be large.
+        return torch.load(path, weights_only=False, map_location="cpu", mmap=True)
     except (RuntimeError, EOFError, OSError, ValueError) as err:  # torch names a bad zip archive its own way
         raise ValueError(f"{path} is truncated or corrupt ({str(err).splitlines()[0]})") from None
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -26,11 +27,18 @@ def start_from_environment(device: torch.device) -> torch.device:
     (cuda:LOCAL_RANK on CUDA)."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
         return device
+    global _HOST_GROUP
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    # Objects gathered for a checkpoint travel over gloo, in host memory: under NCCL they would
+    # be staged on rank 0's GPU, world-size copies of every row's memory at once.
+    _HOST_GROUP = dist.new_group(backend="gloo") if device.type == "cuda" else None
     return device
+
+
+_HOST_GROUP = None  # a gloo group beside NCCL's, for what goes through host memory
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -62,6 +70,11 @@ def total(value: float | torch.Tensor) -> torch.Tensor:
     return tensor.cpu()
 
 
+def barrier() -> None:
+    if rank_and_world()[1] > 1:
+        dist.barrier()
+
+
 def main_decides(*flags: bool) -> tuple[bool, ...]:
     """Rank 0's flags on every rank (decisions of wall time, which ranks must take together)."""
     if rank_and_world()[1] == 1:
@@ -71,15 +84,21 @@ def main_decides(*flags: bool) -> tuple[bool, ...]:
     return tuple(shared[0])
 
 
-def gather_rows(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
-    """Every rank's tensors (batch first), concatenated in rank order along the batch, on rank 0 (None
-    elsewhere); with one process, `tensors` itself."""
+def gather(value: Any) -> list[Any] | None:
+    """Every rank's `value`, in rank order, on rank 0 (None elsewhere), through host memory."""
     rank, world = rank_and_world()
     if world == 1:
-        return tensors
+        return [value]
     gathered = [None] * world if rank == 0 else None
-    dist.gather_object({k: v.cpu() for k, v in tensors.items()}, gathered, dst=0)
-    if rank != 0:
+    dist.gather_object(value, gathered, dst=0, group=_HOST_GROUP)
+    return gathered
+
+
+def gather_rows(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """Every rank's tensors (batch first), on the CPU, concatenated in rank order along the batch,
+    on rank 0 (None elsewhere)."""
+    gathered = gather({k: v.cpu() for k, v in tensors.items()})
+    if gathered is None:
         return None
     return {name: torch.cat([part[name] for part in gathered]) for name in gathered[0]}
 

@@ -43,11 +43,15 @@ def train_run(
                 raise ValueError(f"--resume: {saved_run} describes another model or corpus than these flags")
         elif saved_run.is_file() and not resume:
             raise ValueError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+        if not main:  # rank 0 trains the tokenizer and tokenizes the corpus once; the others then read them
+            distributed.barrier()
         tokenizer = load_tokenizer(run["tokenizer"] or str(corpus_tokenizer(run["corpus"], run["vocab_size"])))
         config = MemorizingConfig.preset(run["preset"], **{**run["model"], "vocab_size": len(tokenizer)})
         train_config = TrainConfig(**run["train"], extra={"corpus": run["corpus"], "preset": run["preset"]})
         train_docs = load_tokenized(run["corpus"], "train", tokenizer)
         valid_docs = load_tokenized(run["corpus"], "valid", tokenizer)
+        if main:
+            distributed.barrier()
         torch.manual_seed(train_config.seed)
         model = MemorizingTransformer(config, tokenizer=tokenizer).to(device)
         trainer = Trainer(model, train_config, train_docs, valid_docs, out)

@@ -133,7 +133,8 @@ class Trainer:
         self.run_dir = Path(run_dir)
         # Dropout draws from torch's global generator: seeding it here makes a run repeat
         # itself, as Hugging Face's Trainer does in its constructor (set_seed).
-        torch.manual_seed(config.seed)
+        rank, world = distributed.rank_and_world()
+        torch.manual_seed(config.seed + rank)  # each process draws its own rows' dropout masks
         random.seed(config.seed)
         self.batcher = StreamingBatcher(
             train_docs,
@@ -146,8 +147,11 @@ class Trainer:
         self.rows = distributed.own_rows(config.batch_size)  # this rank's rows of every global batch
         self.main = distributed.is_main()
         self.network = model  # what the step calls: the model, or DDP around it
-        if distributed.rank_and_world()[1] > 1:
-            self.network = torch.nn.parallel.DistributedDataParallel(model)
+        if world > 1:
+            # The XL compression's projections see no gradient on a step without a cache (the first).
+            self.network = torch.nn.parallel.DistributedDataParallel(
+                model, find_unused_parameters=bool(model.config.xl_compression)
+            )
         self.optimizer = make_optimizer(model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, config))
         self.state = model.new_state(self.rows.stop - self.rows.start)
@@ -171,6 +175,7 @@ class Trainer:
             "stream_state": distributed.gather_rows(self.state.state_dict()),  # every rank's rows
             "rng": {
                 "torch": torch.get_rng_state(),
+                "torch_ranks": distributed.gather(torch.get_rng_state()),  # every process's, by rank
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                 "python": random.getstate(),
             },
@@ -226,7 +231,12 @@ class Trainer:
         self.scheduler.load_state_dict(saved["scheduler"])
         self.batcher.load_state_dict(saved["batcher"])
         self.state.load_state_dict({k: v[self.rows] for k, v in saved["stream_state"].items()})  # this rank's rows
-        torch.set_rng_state(saved["rng"]["torch"])
+        rank, world = distributed.rank_and_world()
+        by_rank = saved["rng"].get("torch_ranks") or [saved["rng"]["torch"]]
+        if len(by_rank) == world:  # each process goes on with its own generator
+            torch.set_rng_state(by_rank[rank])
+        else:  # another world size: fresh generators per rank, from the run's seed and step
+            torch.manual_seed(self.config.seed + rank + 1_000_003 * saved["step"])
         if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(saved["rng"]["cuda"])
         random.setstate(saved["rng"]["python"])
