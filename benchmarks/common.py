@@ -98,10 +98,11 @@ def write_results(name: str, results: dict[str, Any], table: str, out_dir: Path)
 
 
 def parse_arguments(
-    description: str, argv: list[str] | None, model_keys: bool = False
+    description: str, argv: list[str] | None, model_keys: bool = False, extra: list[tuple[str, type, Any]] = ()
 ) -> tuple[argparse.Namespace, torch.device]:
     """The flags every benchmark takes: --quick, --out, --device; with `model_keys`, also
-    --checkpoint and --corpus (a trained model whose memory-layer keys to measure on)."""
+    --checkpoint and --corpus (a trained model whose memory-layer keys to measure on); `extra`:
+    a benchmark's own (flag, type, default)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a tiny configuration, seconds")
     parser.add_argument("--out", default="docs/benchmarks", help="where NAME.json and NAME.md go")
@@ -109,5 +110,7 @@ def parse_arguments(
     if model_keys:
         parser.add_argument("--checkpoint", help="a trained checkpoint or run directory: also measure on its keys")
         parser.add_argument("--corpus", default="code", help="the corpus streamed through --checkpoint")
+    for flag, kind, default in extra:
+        parser.add_argument(flag, type=kind, default=default, help=f"(default {default})")
     args = parser.parse_args(argv)
     return args, torch.device(args.device)

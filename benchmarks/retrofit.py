@@ -62,7 +62,9 @@ def per_token(generate) -> float:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, device = parse_arguments(__doc__, argv, model_keys=True)
+    args, device = parse_arguments(
+        __doc__, argv, model_keys=True, extra=[("--tokens", int, 16384), ("--rounds", int, 2)]
+    )
     if not (args.quick or args.checkpoint):
         sys.exit("benchmarks.retrofit: give --checkpoint MODEL_FOLDER (e.g. models/smollm2-135m), or --quick")
     if args.quick:
@@ -72,7 +74,7 @@ def main(argv: list[str] | None = None) -> None:
         base, tokens, window, rounds = tiny_llama(max_position_embeddings=4096).to(device), 512, 64, 1
     else:
         base = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).to(device).eval()
-        tokens, window, rounds = 16384, 512, 2
+        tokens, window, rounds = args.tokens, 512, args.rounds
     layers = base.config.num_hidden_layers
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, base.config.vocab_size, (1, tokens), generator=generator).to(device)
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> None:
             }
         )
     results = {
-        "command": "python -m benchmarks.retrofit " + ("--quick" if args.quick else f"--checkpoint {args.checkpoint}"),
+        "command": "python -m benchmarks.retrofit "
+        + ("--quick" if args.quick else f"--checkpoint {args.checkpoint} --tokens {tokens} --rounds {rounds}"),
         "device": device_description(device),
         "model": type(base).__name__ + ("" if args.quick else f" ({args.checkpoint})"),
         "tokens": tokens,
