@@ -121,3 +121,9 @@ def test_a_stopped_run_goes_on_after_what_it_had_measured(tmp_path, tokenizer, m
     other = tiny_llama(vocab_size=len(tokenizer), max_position_embeddings=1024, seed=1)
     with pytest.raises(ValueError, match="another model"):
         long_context.run_longbench(other, tokenizer, settings, lambda line: None, partial)
+
+
+def test_longbench_lists_are_checked_by_the_parser(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["longbench", str(tmp_path), "--out", str(tmp_path / "o"), "--lengths", "4k,8k"])
+    assert "expected comma-separated int values, got '4k,8k'" in capsys.readouterr().err

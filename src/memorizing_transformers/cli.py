@@ -314,40 +314,26 @@ QUICK_LONGBENCH = dict(
 )
 
 
+def comma_list(kind: type) -> Any:
+    """An argparse type: comma-separated values of `kind` (e.g. "4096,16384"), refused by name otherwise."""
+
+    def parse(text: str) -> list:
+        try:
+            return [kind(x) for x in text.split(",")]
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {kind.__name__} values, got {text!r}") from None
+
+    return parse
+
+
 def cmd_longbench(args: argparse.Namespace) -> None:
     from .evaluation.long_context import LongBenchSettings, run_longbench, write_longbench
     from .loading import is_other_huggingface_model, load_huggingface
 
     if not is_other_huggingface_model(args.checkpoint):
         raise SystemExit(f"{args.checkpoint} is not a Hugging Face causal LM folder (a config.json with a model_type)")
-    given = {
-        name: getattr(args, name)
-        for name in (
-            "tasks",
-            "lengths",
-            "depths",
-            "trials",
-            "methods",
-            "window",
-            "knn_k",
-            "memory_backend",
-            "memory_dtype",
-            "fixed_distance",
-            "full_limit",
-            "documents",
-            "document_tokens",
-            "seed",
-        )
-        if getattr(args, name) is not None
-    }
-    if args.knn_layers:
-        given["knn_layers"] = [int(i) for i in args.knn_layers.split(",")]
-    for name in ("tasks", "methods"):
-        if name in given:
-            given[name] = given[name].split(",")
-    for name, kind in (("lengths", int), ("depths", float)):
-        if name in given:
-            given[name] = [kind(x) for x in given[name].split(",")]
+    names = [f.name for f in fields(LongBenchSettings)]
+    given = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
     settings = LongBenchSettings(**({**QUICK_LONGBENCH, **given} if args.quick else given))
     model, tokenizer = load_huggingface(args.checkpoint, pick_device(args.device))
     partial = Path(args.out) / "longbench.partial.json"  # what a stopped run had measured
@@ -503,15 +489,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     longbench.add_argument("checkpoint", help="a Hugging Face causal LM folder")
     longbench.add_argument("--out", required=True, help="the folder for longbench.json, longbench.md and heat maps")
-    longbench.add_argument("--tasks", help="comma-separated, from passkey,multikey,vt (default: all)")
-    longbench.add_argument("--lengths", help="prompt lengths in tokens, e.g. 4096,16384 (default 4096,8192,16384)")
-    longbench.add_argument("--depths", help="depths of the key, e.g. 0,0.5,1 (default 0,0.25,0.5,0.75,1)")
+    longbench.add_argument(
+        "--tasks", type=comma_list(str), help="comma-separated, from passkey,multikey,vt (default: all)"
+    )
+    longbench.add_argument(
+        "--lengths", type=comma_list(int), help="prompt lengths in tokens, e.g. 4096,16384 (default 4096,8192,16384)"
+    )
+    longbench.add_argument(
+        "--depths", type=comma_list(float), help="depths of the key, e.g. 0,0.5,1 (default 0,0.25,0.5,0.75,1)"
+    )
     longbench.add_argument("--trials", type=int, help="samples per (task, length, depth) (default 2)")
     longbench.add_argument(
-        "--methods", help="comma-separated, from window,memory-true,memory-fixed,full (default: all)"
+        "--methods",
+        type=comma_list(str),
+        help="comma-separated, from window,memory-true,memory-fixed,full (default: all)",
     )
     longbench.add_argument("--window", type=int, help="tokens attended locally (default 512)")
-    longbench.add_argument("--knn-layers", help="layers given a memory, e.g. 10,20 (default: all)")
+    longbench.add_argument(
+        "--knn-layers", type=comma_list(int), help="layers given a memory, e.g. 10,20 (default: all)"
+    )
     longbench.add_argument("--knn-k", type=int, help="entries retrieved per query and head (default 32)")
     longbench.add_argument("--memory-backend", choices=BACKENDS, help="how the memory is searched (default exact)")
     longbench.add_argument("--memory-dtype", choices=["float32", "bfloat16", "float16"], help="(default float32)")
