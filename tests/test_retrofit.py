@@ -395,3 +395,21 @@ def test_fixed_positions_follow_the_model_when_it_is_cast():
     handle = add_memory(model, knn_layers=[0], memory_size=64, knn_k=64, positions="fixed", fixed_distance=0)
     model.to(torch.float64)
     assert handle.layers[0].rotary.inv_freq.dtype == torch.float64
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+@pytest.mark.parametrize("settings", [{}, {"sink_tokens": 3}, {"memory_combine": "gate"}])
+def test_logits_from_the_search_scores_equal_those_from_the_gathered_keys(name, settings):
+    # Without a gradient to carry, a memory layer takes the retrieved logits from the search's own
+    # scores and gathers no keys; with one, it recomputes them from the keys: the same outputs.
+    model = MODELS[name]()
+    handle = add_memory(model, knn_layers=[0, 2], memory_size=32, knn_k=5, **settings)
+    with torch.no_grad():
+        handle.stream(torch.randint(0, 97, (1, 24)), window=8)
+    ids = torch.randint(0, 97, (1, 8))
+    with handle.read_only():
+        with torch.no_grad():
+            scored = model(ids).logits
+        recomputed = model(ids).logits
+    assert recomputed.requires_grad and not scored.requires_grad
+    torch.testing.assert_close(scored, recomputed.detach(), rtol=1e-5, atol=1e-5)

@@ -18,7 +18,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import rotate_half
 
 from ..memory.knn_memory import KNNMemory
-from ..model.attention import Retrieved, memory_attention
+from ..model.attention import Retrieved, memory_attention, retrieved_logits
 
 ATTENTION_NAME = "memorizing"
 POSITIONS = ("true", "fixed")
@@ -142,23 +142,20 @@ def memorizing_attention(
         searching = rotate(query, layer.distance - positions, layer.rotary.inv_freq)
         new_keys = rotate(new_keys, -positions, layer.rotary.inv_freq)
 
-    # Retrieve: the query heads of a group search their key/value head's memory together.
+    # Retrieve: the query heads of a group search their key/value head's memory together. The keys
+    # found are gathered only when the logits must carry a gradient back to the queries.
     grouped = rearrange(searching, "b (h g) s d -> b h (g s) d", g=groups)
-    found = memory.search(grouped, layer.knn_k)
-    found_keys, found_values, found_valid, found_slots = found.keys, found.values, found.valid, found.slots
+    found = memory.search(grouped, layer.knn_k, gather_keys=query.requires_grad)
+    logits, values, valid, slots = retrieved_logits(grouped, found, scaling), found.values, found.valid, found.slots
     if sinks is not None:  # every sink token, for every query (slots past the memory's capacity)
-        sunk = sinks.search(grouped, sinks.capacity)
-        found_keys, found_values = (
-            torch.cat([found_keys, sunk.keys], dim=3),
-            torch.cat([found_values, sunk.values], dim=3),
-        )
-        found_valid = torch.cat([found_valid, sunk.valid], dim=3)
-        found_slots = torch.cat([found_slots, sunk.slots + layer.capacity], dim=3)
-    mem_keys, mem_values = (
-        rearrange(t, "b h (g s) k d -> b (h g) s k d", g=groups) for t in (found_keys, found_values)
+        sunk = sinks.search(grouped, sinks.capacity, gather_keys=query.requires_grad)
+        logits = torch.cat([logits, retrieved_logits(grouped, sunk, scaling)], dim=3)
+        values, valid = torch.cat([values, sunk.values], dim=3), torch.cat([valid, sunk.valid], dim=3)
+        slots = torch.cat([slots, sunk.slots + layer.capacity], dim=3)
+    mem_logits, mem_valid, mem_slots = (
+        rearrange(t, "b h (g s) k -> b (h g) s k", g=groups) for t in (logits, valid, slots)
     )
-    mem_valid = rearrange(found_valid, "b h (g s) k -> b (h g) s k", g=groups)
-    mem_logits = torch.einsum("bhsd,bhskd->bhsk", searching, mem_keys.to(query.dtype)) * scaling
+    mem_values = rearrange(values, "b h (g s) k d -> b (h g) s k d", g=groups)
 
     keys_all = key.repeat_interleave(groups, dim=1)  # (batch, heads, kv_len, head_dim)
     values_all = value.repeat_interleave(groups, dim=1)
@@ -181,7 +178,7 @@ def memorizing_attention(
         mem_valid,
         getattr(module, "memory_gate", None),
     )
-    layer.retrieved(rearrange(found_slots, "b h (g s) k -> b (h g) s k", g=groups), mem_logits, mem_valid, share)
+    layer.retrieved(mem_slots, mem_logits, mem_valid, share)
 
     # Write this call's tokens (the last `seq` keys), unless the caller keeps them in a KV cache.
     if writes is not False:

@@ -36,7 +36,7 @@ def make_backend(name: str, ivf_list_size: int = 256, ivf_nprobe: int = 16) -> S
 class SearchResult(NamedTuple):
     """Top-k entries per query, best first. Entries with `valid` False are padding."""
 
-    keys: torch.Tensor  # (batch, heads, queries, k, head_dim)
+    keys: torch.Tensor | None  # (batch, heads, queries, k, head_dim); None when not asked for
     values: torch.Tensor  # (batch, heads, queries, k, head_dim)
     scores: torch.Tensor  # (batch, heads, queries, k) float32 inner products, -inf where invalid
     valid: torch.Tensor  # (batch, heads, queries, k) bool
@@ -193,12 +193,14 @@ class KNNMemory:
 
     # ------------------------------------------------------------------ read
     @torch.no_grad()
-    def search(self, queries: torch.Tensor, k: int) -> SearchResult:
+    def search(self, queries: torch.Tensor, k: int, gather_keys: bool = True) -> SearchResult:
         """Top-k stored entries by inner product for each query, per (row, head).
 
         queries: (batch, heads, seq, head_dim). Returns min(k, capacity) entries per query,
         best first; slots that are empty are never returned as valid. Exact with the
-        "exact" and "faiss_flat" backends, approximate with "faiss_ivf".
+        "exact" and "faiss_flat" backends, approximate with "faiss_ivf". With `gather_keys`
+        False the result's keys are None: a caller that needs only the scores (inference: no
+        gradient to carry back to the queries) skips gathering them.
         """
         self._check_heads("queries", queries)
         if k <= 0:
@@ -212,16 +214,19 @@ class KNNMemory:
         base = (torch.arange(batch * heads, device=self.device) * self.capacity).view(batch, heads, 1, 1)
         flat = (base + best_slots).reshape(-1)
         out_shape = (batch, heads, seq, k, dim)
-        keys = self.keys.reshape(-1, dim).index_select(0, flat).view(out_shape).to(queries.dtype)
         values = self.values.reshape(-1, dim).index_select(0, flat).view(out_shape).to(queries.dtype)
-        if not self.backend.exact_scores(self.store):
+        rescore = not self.backend.exact_scores(self.store)
+        keys = None  # gathered only when asked for, or needed to score the winners again
+        if gather_keys or rescore:
+            keys = self.keys.reshape(-1, dim).index_select(0, flat).view(out_shape).to(queries.dtype)
+        if rescore:
             # faiss's bf16 / fp16 lists are scored a little off: the winners' scores are computed again
             # from the stored keys, so that every backend reports the same inner products, best first.
             scores = torch.einsum("bhsd,bhskd->bhsk", queries.detach().float().to(self.device), keys.float())
             best_scores, order = scores.masked_fill(~valid, float("-inf")).sort(dim=-1, descending=True, stable=True)
             keys, values = (t.gather(3, order[..., None].expand_as(t)) for t in (keys, values))
             best_slots, valid = best_slots.gather(3, order), valid.gather(3, order)
-        return SearchResult(keys, values, best_scores, valid, best_slots)
+        return SearchResult(keys if gather_keys else None, values, best_scores, valid, best_slots)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ from einops import rearrange
 from torch import nn
 
 from ..config import MemorizingConfig
-from ..memory.knn_memory import KNNMemory
+from ..memory.knn_memory import KNNMemory, SearchResult
 from .positions import RelativePositionBias
 from .state import MemorizingState, XLCache
 
@@ -37,6 +37,17 @@ def joint_probs(
     logits = torch.cat([local_logits, mem_logits.masked_fill(~mem_valid, float("-inf"))], dim=-1)
     probs = torch.softmax(logits.float(), dim=-1).to(local_logits.dtype)
     return probs.split([local_logits.shape[-1], mem_logits.shape[-1]], dim=-1)
+
+
+def retrieved_logits(queries: torch.Tensor, found: SearchResult, scale: torch.Tensor | float) -> torch.Tensor:
+    """The retrieved entries' logits: queries (batch, heads, seq, head_dim), the ones searched with,
+    against the keys found, times `scale` (a float, or broadcastable to (batch, heads, seq, k)).
+    Returns (batch, heads, seq, k). From the keys when the search gathered them, so that the
+    queries get their gradient; else (`gather_keys=False`, at inference) from the search's own
+    scores, the same inner products in float32, 0 where no entry was found."""
+    if found.keys is None:
+        return found.scores.masked_fill(~found.valid, 0.0).to(queries.dtype) * scale
+    return torch.einsum("bhsd,bhskd->bhsk", queries, found.keys.to(queries.dtype)) * scale
 
 
 def memory_readout(mem_logits: torch.Tensor, mem_values: torch.Tensor, mem_valid: torch.Tensor) -> torch.Tensor:
@@ -207,10 +218,10 @@ class Attention(nn.Module):
             out = F.scaled_dot_product_attention(q_scaled, keys, values, attn_mask=local_bias, scale=1.0)
         else:
             # Retrieve before writing: a query never sees its own segment in memory.
-            found = memory.search(q, self.knn_k)  # entries (batch, heads, seq, k, head_dim)
+            found = memory.search(q, self.knn_k, gather_keys=q.requires_grad)  # (batch, heads, seq, k, ...)
             own_scale = getattr(self, "memory_log_scale", None)  # (heads,) a temperature of the memory's own
-            q_memory = q_scaled if own_scale is None else q * own_scale.exp()[None, :, None, None]
-            mem_logits = torch.einsum("bhtd,bhtkd->bhtk", q_memory, found.keys)  # (batch, heads, seq, k)
+            log_scale = self.log_scale if own_scale is None else own_scale
+            mem_logits = retrieved_logits(q, found, log_scale.exp()[None, :, None, None])  # (batch, heads, seq, k)
             if self.combine != "gate":  # in the gate's separate softmax this bias, a constant per head, would cancel
                 mem_logits = mem_logits + self.position_bias.embedding.weight[-1].to(q.dtype)[None, :, None, None]
             out, share = memory_attention(
