@@ -1,0 +1,158 @@
+"""Which layers' memories find the passkey? SmolLM2-135M, zero training, memory in every layer.
+
+A passkey prompt (the `mt longbench` format, the same sample as its trial 0) is read through a
+`--window`-token window, everything before the last window memorized; while the last window
+is read, every layer's retrieval is recorded. For the queries that predict the answer's digits,
+each head's attention mass on the needle's tokens in memory is measured: its share of the
+joint softmax that went to the memory, times the part of the memory's softmax on retrieved
+entries that lie in the needle ("The pass key is 12345. Remember it. 12345 is the pass key.").
+Layers are ranked by their best head's mass: a memory in the top layers of that ranking is what
+the check run of `mt longbench --knn-layers ...` (the command is written beside the table, on
+other samples: `--seed 1`) then tests.
+
+    python experiments/retrieval_layers.py --checkpoint models/smollm2-135m --length 16384 --depths 0,0.5
+
+Writes experiments/results/retrieval-layers-smollm2/retrieval_layers.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from memorizing_transformers.atomic import write_atomically
+from memorizing_transformers.data.long_tasks import make_task
+from memorizing_transformers.evaluation.long_context import device_of
+from memorizing_transformers.hf.retrofit import add_memory
+
+RESULTS = Path(__file__).resolve().parent / "results" / "retrieval-layers-smollm2"
+
+
+def needle_tokens(tokenizer, prompt: str, needle: str) -> torch.Tensor:
+    """The positions (n,) of the prompt's tokens that overlap the needle's characters."""
+    start = prompt.index(needle)
+    offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
+    return torch.tensor([i for i, (a, b) in enumerate(offsets) if a < start + len(needle) and b > start])
+
+
+@torch.no_grad()
+def needle_mass(model, tokenizer, length: int, depth: float, window: int, knn_k: int, positions: str) -> dict:
+    """Per layer and head, the attention mass the answer's queries give the needle through memory."""
+    sample = make_task("passkey", tokenizer, length, depth, 0)
+    prompt = tokenizer(sample.prompt)["input_ids"]
+    answer = tokenizer(" " + sample.answer, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([prompt + answer])[:, :-1]  # what predicts every answer token
+    needle = needle_tokens(tokenizer, sample.prompt, f"The pass key is {sample.answer}.")
+    layers = model.config.num_hidden_layers
+    handle = add_memory(
+        copy.deepcopy(model), knn_layers=list(range(layers)), memory_size=ids.shape[1], knn_k=knn_k, positions=positions
+    )
+    split = ids.shape[1] - window
+    if int(needle.max()) >= split:
+        raise ValueError(f"at depth {depth} the needle is in the last window: nothing to find in memory")
+    tick = time.perf_counter()
+    handle.memorize([ids[:, :split]], window=window)  # one row, no eviction: slot i holds token i
+    with ExitStack() as stack:
+        records = {i: stack.enter_context(layer.retrieved.record()) for i, layer in handle.layers.items()}
+        logits = handle.stream(ids[:, split:], window=window)
+    seconds = time.perf_counter() - tick
+    answered = bool((logits[0, -len(answer) :].argmax(-1) == torch.tensor(answer)).all())
+    in_needle = torch.zeros(ids.shape[1], dtype=torch.bool)
+    in_needle[needle] = True
+    mass = []
+    for layer in range(layers):
+        (call,) = records[layer]  # the last window is read in one call
+        slots, logits_mem, valid, share = (
+            call[name][0, :, -len(answer) :] for name in ("slots", "logits", "valid", "share")
+        )
+        probs = torch.softmax(logits_mem.masked_fill(~valid, float("-inf")), dim=-1)  # (heads, queries, k)
+        on_needle = (probs * in_needle[slots.clamp(max=ids.shape[1] - 1)] * valid).sum(-1)  # (heads, queries)
+        mass.append((share * on_needle).mean(dim=-1).tolist())  # (heads,) averaged over the answer's queries
+    return {
+        "depth": depth,
+        "tokens": ids.shape[1],
+        "needle_tokens": needle.tolist(),
+        "answered": answered,
+        "seconds": seconds,
+        "mass": mass,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default="models/smollm2-135m")
+    parser.add_argument("--length", type=int, default=16384)
+    parser.add_argument("--depths", default="0,0.5", help="comma-separated needle depths")
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--knn-k", type=int, default=32)
+    parser.add_argument("--positions", choices=["true", "fixed"], default="fixed")
+    parser.add_argument("--top", type=int, default=6, help="layers in the subset the check run tests")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    rows = []
+    for depth in (float(d) for d in args.depths.split(",")):
+        rows.append(needle_mass(model, tokenizer, args.length, depth, args.window, args.knn_k, args.positions))
+        print(f"depth {depth}: answered {rows[-1]['answered']}, {rows[-1]['seconds']:.0f} s", flush=True)
+    layers = len(rows[0]["mass"])
+    best = [min(max(row["mass"][layer]) for row in rows) for layer in range(layers)]  # the worse depth's best head
+    ranked = sorted(range(layers), key=lambda layer: -best[layer])
+    chosen = sorted(ranked[: args.top])
+    check = (
+        f"mt longbench {args.checkpoint} --out experiments/results/longbench-smollm2-passkey-top{args.top} "
+        f"--tasks passkey --lengths 16384,32768 --depths 0,0.5,1 --trials 1 --seed 1 "
+        f"--methods window,memory-{args.positions} --knn-layers {','.join(map(str, chosen))} --device cpu"
+    )
+    result = {
+        "settings": vars(args) | {"out": str(args.out)},
+        "device": device_of(model),
+        "rows": rows,
+        "best_head_mass": best,
+        "ranked": ranked,
+        "chosen": chosen,
+        "check": check,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_atomically(args.out / "retrieval_layers.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    depths = ", ".join(f"{row['depth']:g}" for row in rows)
+    lines = [
+        f"Made by `python experiments/retrieval_layers.py --checkpoint {args.checkpoint} --length {args.length} "
+        f"--depths {args.depths} --positions {args.positions}` on {result['device']}.",
+        "",
+        f"The passkey at {args.length:,} tokens, depths {depths}, memory in every layer ({args.positions} positions, "
+        f"k {args.knn_k}, window {args.window}); answered: "
+        + ", ".join(f"depth {row['depth']:g} {'yes' if row['answered'] else 'no'}" for row in rows)
+        + ". Attention mass of the answer's queries on the needle through memory, the best head of each layer "
+        "(the lower of the depths), layers ranked:",
+        "",
+        "| rank | layer | needle mass, best head | "
+        + " | ".join(f"depth {row['depth']:g}, best head" for row in rows)
+        + " |",
+        "|---:|---:|---:|" + "---:|" * len(rows),
+    ]
+    for rank, layer in enumerate(ranked, 1):
+        per_depth = " | ".join(f"{max(row['mass'][layer]):.3f}" for row in rows)
+        lines.append(f"| {rank} | {layer} | {best[layer]:.3f} | {per_depth} |")
+    lines += [
+        "",
+        f"The {args.top} layers ranked first, {chosen}, are checked on other samples by:",
+        "",
+        f"    {check}",
+        "",
+    ]
+    (args.out / "retrieval_layers.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
