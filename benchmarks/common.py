@@ -15,25 +15,17 @@ from typing import Any
 import torch
 
 from memorizing_transformers.atomic import write_atomically
-
-
-def device_description(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    threads = torch.get_num_threads()
-    return f"{platform.processor() or platform.machine()} CPU, {threads} thread{'' if threads == 1 else 's'}"
+from memorizing_transformers.devices import synchronize
 
 
 def median_seconds(run: Callable[[], Any], repeats: int, warmup: int = 1, device: torch.device | None = None) -> float:
     """Median wall time of `run()` over `repeats` calls after `warmup` calls (synchronising CUDA)."""
 
     def timed() -> float:
-        if device is not None and device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         began = time.perf_counter()
         run()
-        if device is not None and device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         return time.perf_counter() - began
 
     for _ in range(warmup):
@@ -56,13 +48,11 @@ class Case:
 
 def seconds_per_call(run: Callable[[], Any], calls: int, device: torch.device | None = None) -> float:
     """Mean wall time of `calls` consecutive calls of `run()` (synchronising CUDA around them)."""
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     began = time.perf_counter()
     for _ in range(calls):
         run()
-    if device is not None and device.type == "cuda":
-        torch.cuda.synchronize(device)
+    synchronize(device)
     return (time.perf_counter() - began) / calls
 
 

@@ -23,10 +23,11 @@ from tqdm.auto import tqdm
 
 from memorizing_transformers import MemorizingConfig, MemorizingState, MemorizingTransformer
 from memorizing_transformers.data.pipeline import load_tokenized
+from memorizing_transformers.devices import describe_device, synchronize
 from memorizing_transformers.evaluation.peak_memory import process_memory_bytes
 from memorizing_transformers.memory.knn_memory import make_backend
 
-from .common import device_description, parse_arguments, write_results
+from .common import parse_arguments, write_results
 
 
 def longest_document(corpus: str, tokenizer, tokens: int) -> torch.Tensor:
@@ -49,8 +50,7 @@ def stream(
     for start in tqdm(range(0, ids.numel(), length), unit="segment", leave=False):
         began = time.perf_counter()
         state = model(ids[None, start : start + length].to(device), state=state).state
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         times.append(time.perf_counter() - began)
     return times, state
 
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     store_bytes = sum(t.numel() * t.element_size() for m in state.memories.values() for t in m.state_dict().values())
     results = {
         "command": "python -m benchmarks.long_stream" + (" --quick" if args.quick else ""),
-        "device": device_description(device),
+        "device": describe_device(device),
         "config": config.to_dict(),
         "tokens": tokens,
         "memory_fill": int(memory.fill[0]),

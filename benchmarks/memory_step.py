@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from memorizing_transformers import KNNMemory, MemorizingConfig
+from memorizing_transformers.devices import describe_device
 from memorizing_transformers.memory.backend import Store
 from memorizing_transformers.memory.exact import ExactSearch
 from memorizing_transformers.memory.knn_memory import make_backend
 
-from .common import Case, device_description, interleaved, parse_arguments, spread, write_results
+from .common import Case, interleaved, parse_arguments, spread, write_results
 from .train_step import QUICK, REFERENCE, our_case, size_label, variants
 
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     times = interleaved(cases, rounds, calls, warmup, device)
     results = {
         "command": "python -m benchmarks.memory_step" + (" --quick" if args.quick else ""),
-        "device": device_description(device),
+        "device": describe_device(device),
         "batch_size": batch,
         "rounds": rounds,
         "steps_per_round": calls,

@@ -21,9 +21,10 @@ import torch
 import torch.nn.functional as F
 
 from memorizing_transformers import KNNMemory
+from memorizing_transformers.devices import describe_device
 from memorizing_transformers.evaluation.peak_memory import PeakMemory
 
-from .common import device_description, parse_arguments, write_results
+from .common import parse_arguments, write_results
 
 HEADS, DIM, SEGMENT = 4, 64, 256
 
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(lines)
     print(text)
     command = "python -m benchmarks.memory_use" + (" --quick" if args.quick else "")
-    results = {"command": command, "device": device_description(device), "rows": rows}
+    results = {"command": command, "device": describe_device(device), "rows": rows}
     write_results("memory_use-quick" if args.quick else "memory_use", results, text, Path(args.out))
 
 

@@ -23,10 +23,11 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from memorizing_transformers.devices import describe_device
 from memorizing_transformers.evaluation.peak_memory import PeakMemory
 from memorizing_transformers.hf.retrofit import add_memory
 
-from .common import device_description, parse_arguments, write_results
+from .common import parse_arguments, write_results
 
 GENERATED = 16  # tokens generated after the memorized input
 
@@ -123,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {
         "command": "python -m benchmarks.retrofit "
         + ("--quick" if args.quick else f"--checkpoint {args.checkpoint} --tokens {tokens} --rounds {rounds}"),
-        "device": device_description(device),
+        "device": describe_device(device),
         "model": type(base).__name__ + ("" if args.quick else f" ({args.checkpoint})"),
         "tokens": tokens,
         "window": window,

@@ -34,9 +34,10 @@ from einops import rearrange
 
 from memorizing_transformers import KNNMemory, MemorizingTransformer
 from memorizing_transformers.data.pipeline import load_tokenized
+from memorizing_transformers.devices import describe_device
 from memorizing_transformers.runs import resolve_model_dir
 
-from .common import Case, device_description, interleaved, parse_arguments, spread, write_results
+from .common import Case, interleaved, parse_arguments, spread, write_results
 
 
 def random_unit(heads: int, n: int, dim: int, seed: int) -> torch.Tensor:
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> None:
         command += f" --checkpoint {args.checkpoint} --corpus {args.corpus}"
     results = {
         "command": command,
-        "device": device_description(device),
+        "device": describe_device(device),
         "settings": settings,
         "exact": exact,
         "approximate": approximate,

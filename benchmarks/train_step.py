@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
+from memorizing_transformers.devices import describe_device
 from memorizing_transformers.training.trainer import segment_loss
 
 from . import popular
-from .common import Case, device_description, interleaved, parse_arguments, spread, write_results
+from .common import Case, interleaved, parse_arguments, spread, write_results
 
 REFERENCE = MemorizingConfig(
     vocab_size=8192,
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     results = {
         "command": "python -m benchmarks.train_step" + (" --quick" if args.quick else ""),
-        "device": device_description(device),
+        "device": describe_device(device),
         "batch_size": batch,
         "rounds": rounds,
         "steps_per_round": calls,

@@ -29,7 +29,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from memorizing_transformers.atomic import write_atomically
 from memorizing_transformers.data.long_tasks import make_task
-from memorizing_transformers.evaluation.long_context import device_of
+from memorizing_transformers.devices import describe_device
 from memorizing_transformers.hf.retrofit import add_memory
 
 RESULTS = Path(__file__).resolve().parent / "results" / "retrieval-layers-smollm2"
@@ -115,7 +115,7 @@ def main() -> None:
     )
     result = {
         "settings": vars(args) | {"out": str(args.out)},
-        "device": device_of(model),
+        "device": describe_device(next(model.parameters()).device),
         "rows": rows,
         "best_head_mass": best,
         "ranked": ranked,

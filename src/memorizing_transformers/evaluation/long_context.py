@@ -34,6 +34,7 @@ from transformers import PreTrainedModel  # noqa: E402
 
 from ..atomic import write_atomically  # noqa: E402
 from ..data.long_tasks import TASKS, make_task  # noqa: E402
+from ..devices import describe_device, synchronize  # noqa: E402
 from ..hf.files import model_identity  # noqa: E402
 from ..hf.handle import MemoryHandle  # noqa: E402
 from ..hf.retrofit import add_memory  # noqa: E402
@@ -170,7 +171,10 @@ def run_longbench(
     capacity = max([*settings.lengths, settings.document_tokens if settings.documents else 0])
     readers = Readers(model, settings, capacity)
     started, recorded = time.time(), json.loads(json.dumps(asdict(settings)))
-    measuring = {"model": model_identity(model), "device": device_of(model)}  # what a resumed run must be
+    measuring = {
+        "model": model_identity(model),
+        "device": describe_device(next(model.parameters()).device),
+    }  # what a resumed run must be
     samples: list[dict[str, Any]] = []
     documents: list[dict[str, Any]] = []
     if partial is not None and partial.is_file():
@@ -244,24 +248,11 @@ def run_longbench(
         progress(f"{path}: {time.time() - started:.0f} s")
     return {
         "settings": asdict(settings),
-        "device": device_of(model),
+        "device": describe_device(next(model.parameters()).device),
         "samples": samples,
         "documents": documents,
         "summary": summarize(samples),
     }
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def device_of(model: PreTrainedModel) -> str:
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    threads = torch.get_num_threads()
-    return f"CPU, {threads} thread{'' if threads == 1 else 's'}"
 
 
 def summarize(samples: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, float]]]:
