@@ -85,52 +85,26 @@ def needle_mass(model, tokenizer, length: int, depth: float, window: int, knn_k:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--checkpoint", default="models/smollm2-135m")
-    parser.add_argument("--length", type=int, default=16384)
-    parser.add_argument("--depths", default="0,0.5", help="comma-separated needle depths")
-    parser.add_argument("--window", type=int, default=512)
-    parser.add_argument("--knn-k", type=int, default=32)
-    parser.add_argument("--positions", choices=["true", "fixed"], default="fixed")
-    parser.add_argument("--top", type=int, default=6, help="layers in the subset the check run tests")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=RESULTS)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
-    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
-    rows = []
-    for depth in (float(d) for d in args.depths.split(",")):
-        rows.append(needle_mass(model, tokenizer, args.length, depth, args.window, args.knn_k, args.positions))
-        print(f"depth {depth}: answered {rows[-1]['answered']}, {rows[-1]['seconds']:.0f} s", flush=True)
-    layers = len(rows[0]["mass"])
-    best = [min(max(row["mass"][layer]) for row in rows) for layer in range(layers)]  # the worse depth's best head
-    ranked = sorted(range(layers), key=lambda layer: -best[layer])
-    chosen = sorted(ranked[: args.top])
-    check = (
-        f"mt longbench {args.checkpoint} --out experiments/results/longbench-smollm2-passkey-top{args.top} "
+def check_command(checkpoint: str, positions: str, layers: list[int]) -> str:
+    """The `mt longbench` run that tests a memory in `layers` only, on other samples (`--seed 1`)."""
+    return (
+        f"mt longbench {checkpoint} --out experiments/results/longbench-smollm2-passkey-top{len(layers)} "
         f"--tasks passkey --lengths 16384,32768 --depths 0,0.5,1 --trials 1 --seed 1 "
-        f"--methods window,memory-{args.positions} --knn-layers {','.join(map(str, chosen))} --device cpu"
+        f"--methods window,memory-{positions} --knn-layers {','.join(map(str, layers))} --device cpu"
     )
-    result = {
-        "settings": vars(args) | {"out": str(args.out)},
-        "device": describe_device(next(model.parameters()).device),
-        "rows": rows,
-        "best_head_mass": best,
-        "ranked": ranked,
-        "chosen": chosen,
-        "check": check,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_atomically(args.out / "retrieval_layers.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+
+
+def summary(result: dict) -> str:
+    """The Markdown page of a result: the layers ranked, and the check run of each subset."""
+    settings, rows, best = result["settings"], result["rows"], result["best_head_mass"]
     depths = ", ".join(f"{row['depth']:g}" for row in rows)
     lines = [
-        f"Made by `python experiments/retrieval_layers.py --checkpoint {args.checkpoint} --length {args.length} "
-        f"--depths {args.depths} --positions {args.positions}` on {result['device']}.",
+        f"Made by `python experiments/retrieval_layers.py --checkpoint {settings['checkpoint']} --length "
+        f"{settings['length']} --depths {settings['depths']} --positions {settings['positions']}` "
+        f"on {result['device']}.",
         "",
-        f"The passkey at {args.length:,} tokens, depths {depths}, memory in every layer ({args.positions} positions, "
-        f"k {args.knn_k}, window {args.window}); answered: "
+        f"The passkey at {settings['length']:,} tokens, depths {depths}, memory in every layer "
+        f"({settings['positions']} positions, k {settings['knn_k']}, window {settings['window']}); answered: "
         + ", ".join(f"depth {row['depth']:g} {'yes' if row['answered'] else 'no'}" for row in rows)
         + ". Attention mass of the answer's queries on the needle through memory, the best head of each layer "
         "(the lower of the depths), layers ranked:",
@@ -140,18 +114,56 @@ def main() -> None:
         + " |",
         "|---:|---:|---:|" + "---:|" * len(rows),
     ]
-    for rank, layer in enumerate(ranked, 1):
+    for rank, layer in enumerate(result["ranked"], 1):
         per_depth = " | ".join(f"{max(row['mass'][layer]):.3f}" for row in rows)
         lines.append(f"| {rank} | {layer} | {best[layer]:.3f} | {per_depth} |")
-    lines += [
-        "",
-        f"The {args.top} layers ranked first, {chosen}, are checked on other samples by:",
-        "",
-        f"    {check}",
-        "",
-    ]
-    (args.out / "retrieval_layers.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    for top in settings["top"]:
+        layers = sorted(result["ranked"][:top])
+        lines += ["", f"The {top} layers ranked first, {layers}, are checked on other samples by:", ""]
+        lines.append(f"    {check_command(settings['checkpoint'], settings['positions'], layers)}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default="models/smollm2-135m")
+    parser.add_argument("--length", type=int, default=16384)
+    parser.add_argument("--depths", default="0,0.5", help="comma-separated needle depths")
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--knn-k", type=int, default=32)
+    parser.add_argument("--positions", choices=["true", "fixed"], default="fixed")
+    parser.add_argument("--top", default="6,11", help="comma-separated sizes of the subsets the check runs test")
+    parser.add_argument("--summarize", action="store_true", help="only rewrite the page from the JSON there")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    path = args.out / "retrieval_layers.json"
+    if args.summarize:
+        result = json.loads(path.read_text())
+        result["settings"]["top"] = [int(n) for n in args.top.split(",")]
+    else:
+        torch.set_num_threads(args.threads)
+        model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
+        tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+        rows = []
+        for depth in (float(d) for d in args.depths.split(",")):
+            rows.append(needle_mass(model, tokenizer, args.length, depth, args.window, args.knn_k, args.positions))
+            print(f"depth {depth}: answered {rows[-1]['answered']}, {rows[-1]['seconds']:.0f} s", flush=True)
+        layers = len(rows[0]["mass"])
+        best = [min(max(row["mass"][layer]) for row in rows) for layer in range(layers)]  # the worse depth's best
+        settings = vars(args) | {"out": str(args.out), "top": [int(n) for n in args.top.split(",")]}
+        del settings["summarize"]
+        result = {
+            "settings": settings,
+            "device": describe_device(next(model.parameters()).device),
+            "rows": rows,
+            "best_head_mass": best,
+            "ranked": sorted(range(layers), key=lambda layer: -best[layer]),
+        }
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    (args.out / "retrieval_layers.md").write_text(summary(result))
+    print(summary(result))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,8 @@
 """The long-context benchmark: its tasks, its readers, and `mt longbench --quick` on a tiny model."""
 
 import json
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -127,3 +129,21 @@ def test_longbench_lists_are_checked_by_the_parser(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["longbench", str(tmp_path), "--out", str(tmp_path / "o"), "--lengths", "4k,8k"])
     assert "expected comma-separated int values, got '4k,8k'" in capsys.readouterr().err
+
+
+def test_retrieval_layers_measures_each_heads_mass_on_the_needle(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import retrieval_layers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tiny_llama_checkpoint(tmp_path / "llama")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "llama")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "llama")
+    row = retrieval_layers.needle_mass(model, tokenizer, 600, 0.0, window=128, knn_k=8, positions="fixed")
+    needle = tokenizer.decode(
+        [tokenizer(make_task("passkey", tokenizer, 600, 0.0, 0).prompt)["input_ids"][i] for i in row["needle_tokens"]]
+    )
+    assert "The pass key is" in needle and len(row["mass"]) == 2 and len(row["mass"][0]) == 4  # layers x heads
+    assert all(0.0 <= m <= 1.0 for head in row["mass"] for m in head) and any(m > 0 for h in row["mass"] for m in h)
+    with pytest.raises(ValueError, match="the needle is in the last window"):
+        retrieval_layers.needle_mass(model, tokenizer, 600, 1.0, window=128, knn_k=8, positions="fixed")
