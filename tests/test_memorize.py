@@ -164,3 +164,28 @@ def test_the_position_mode_goes_from_memorize_to_the_memory_file_and_back(tmp_pa
     assert (settings["positions"], settings["fixed_distance"]) == ("fixed", 64)
     main(["generate", str(tmp_path / "llama"), "--memory", kb, "--prompt", "The secret", "--max-new-tokens", "4"])
     assert capsys.readouterr().out.strip()
+
+
+def test_the_search_and_storage_options_go_into_the_memory_file(tmp_path, capsys, cli_error):
+    from memorizing_transformers.hf.files import memory_file_settings
+
+    tiny_llama_checkpoint(tmp_path / "llama")
+    (tmp_path / "doc.txt").write_text(TEXT)
+    kb = str(tmp_path / "kb.safetensors")
+    main(
+        ["memorize", str(tmp_path / "llama"), str(tmp_path / "doc.txt"), "--out", kb, "--window", "16"]
+        + ["--memory-backend", "faiss_flat", "--memory-dtype", "bfloat16"]
+    )
+    settings = memory_file_settings(kb)
+    assert (settings["memory_backend"], settings["memory_dtype"]) == ("faiss_flat", torch.bfloat16)
+    capsys.readouterr()
+    prompt = ["--prompt", "The secret", "--max-new-tokens", "4"]
+    main(["generate", str(tmp_path / "llama"), "--memory", kb, *prompt])
+    flat = capsys.readouterr().out
+    main(["generate", str(tmp_path / "llama"), "--memory", kb, "--memory-backend", "exact", *prompt])
+    assert capsys.readouterr().out == flat  # both searches are exact
+    tiny_model().save_pretrained(tmp_path / "model")
+    message = cli_error(
+        ["memorize", tmp_path / "model", tmp_path / "doc.txt", "--out", kb, "--memory-dtype", "bfloat16"]
+    )
+    assert "--memory-dtype: only for Hugging Face models other than ours" in message

@@ -145,7 +145,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
 # CHECKPOINT is one of ours (a run directory, a saved model folder, or a MemorizingForCausalLM
 # folder) or any other Hugging Face causal LM folder, which gets a memory through add_memory.
 # Options of the add_memory route.
-PRETRAINED_ONLY = ("knn_layers", "layer", "knn_k", "window", "stride", "positions", "fixed_distance")
+PRETRAINED_ONLY = (
+    "knn_layers",
+    "layer",
+    "knn_k",
+    "window",
+    "stride",
+    "positions",
+    "fixed_distance",
+    "memory_backend",
+    "memory_dtype",
+)
 KNN_LAYERS_HELP = "Hugging Face models: layers given a memory, 'all' (default) or e.g. '-4,-3'"
 KNN_K_HELP = "Hugging Face models: entries retrieved per query and head (default 32)"
 POSITIONS_HELP = (
@@ -153,6 +163,8 @@ POSITIONS_HELP = (
     "(all at --fixed-distance before the query: for inputs longer than the model was trained on; RoPE models)"
 )
 FIXED_DISTANCE_HELP = "Hugging Face models with --positions fixed: the distance given to every retrieved entry (512)"
+MEMORY_BACKEND_HELP = "Hugging Face models: how the memory is searched (default exact; faiss_ivf: approximate, faster)"
+MEMORY_DTYPE_HELP = "Hugging Face models: what the memory stores its keys and values in (default float32)"
 
 
 def _is_pretrained(args: argparse.Namespace) -> bool:
@@ -204,6 +216,8 @@ def _add_memory_from_options(args: argparse.Namespace, model, tokens: int):
         knn_k=args.knn_k or 32,
         positions=args.positions or "true",
         fixed_distance=512 if args.fixed_distance is None else args.fixed_distance,
+        memory_backend=args.memory_backend or "exact",
+        memory_dtype=getattr(torch, args.memory_dtype or "float32"),
     )
 
 
@@ -275,7 +289,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     options["pad_token_id"] = tokenizer.pad_token_id or tokenizer.eos_token_id
     with torch.no_grad():
         if args.memory:
-            handle = add_memory(model, **memory_file_settings(args.memory))
+            settings = memory_file_settings(args.memory)  # the search may differ from the memorizing run's
+            handle = add_memory(
+                model, **settings | {"memory_backend": args.memory_backend or settings["memory_backend"]}
+            )
             handle.load(args.memory)
             output = handle.generate(prompt, window=args.window or 512, **options)
         else:
@@ -435,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     memorize.add_argument("--knn-k", "--k", type=int, help=KNN_K_HELP)
     memorize.add_argument("--positions", choices=["true", "fixed"], help=POSITIONS_HELP)
     memorize.add_argument("--fixed-distance", type=int, help=FIXED_DISTANCE_HELP)
+    memorize.add_argument("--memory-backend", choices=BACKENDS, help=MEMORY_BACKEND_HELP)
+    memorize.add_argument("--memory-dtype", choices=["float32", "bfloat16", "float16"], help=MEMORY_DTYPE_HELP)
     memorize.add_argument("--window", type=int, help="Hugging Face models: tokens attended locally (default 512)")
     memorize.add_argument("--device", default="auto")
     memorize.set_defaults(func=cmd_memorize)
@@ -447,6 +466,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--memory", help="a memory file written by `mt memorize` for this model")
     generate.add_argument("--memory-size", type=int, help="memory capacity per head; must match the memory file's")
+    generate.add_argument(
+        "--memory-backend",
+        choices=BACKENDS,
+        help="Hugging Face models: how the memory is searched (default: the file's)",
+    )
     generate.add_argument("--max-new-tokens", type=int, default=50)
     generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     generate.add_argument(
@@ -475,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--knn-k", "--k", type=int, help=KNN_K_HELP)
     inspect.add_argument("--positions", choices=["true", "fixed"], help=POSITIONS_HELP)
     inspect.add_argument("--fixed-distance", type=int, help=FIXED_DISTANCE_HELP)
+    inspect.add_argument("--memory-backend", choices=BACKENDS, help=MEMORY_BACKEND_HELP)
+    inspect.add_argument("--memory-dtype", choices=["float32", "bfloat16", "float16"], help=MEMORY_DTYPE_HELP)
     inspect.add_argument("--window", type=int, help="Hugging Face models: tokens attended locally (default 512)")
     inspect.add_argument(
         "--stride", type=int, help="Hugging Face models: how far the window advances (default: --window)"
