@@ -150,42 +150,37 @@ def test_pretrained_options_are_refused_for_our_own_checkpoints(tmp_path, cli_er
     assert "--knn-layers --knn-k: only for Hugging Face models other than ours" in message
 
 
-def test_the_position_mode_goes_from_memorize_to_the_memory_file_and_back(tmp_path, capsys):
+@pytest.mark.parametrize(
+    "options, expected",
+    [
+        (["--positions", "fixed", "--fixed-distance", "64"], {"positions": "fixed", "fixed_distance": 64}),
+        (["--memory-backend", "faiss_flat", "--memory-dtype", "bfloat16"], {"memory_backend": "faiss_flat"}),
+    ],
+)
+def test_memorize_options_go_into_the_memory_file_and_back(tmp_path, capsys, options, expected):
     from memorizing_transformers.hf.files import memory_file_settings
 
     tiny_llama_checkpoint(tmp_path / "llama")
     (tmp_path / "doc.txt").write_text(TEXT)
     kb = str(tmp_path / "kb.safetensors")
-    main(
-        ["memorize", str(tmp_path / "llama"), str(tmp_path / "doc.txt"), "--out", kb, "--window", "16"]
-        + ["--positions", "fixed", "--fixed-distance", "64"]
-    )
+    main(["memorize", str(tmp_path / "llama"), str(tmp_path / "doc.txt"), "--out", kb, "--window", "16", *options])
     settings = memory_file_settings(kb)
-    assert (settings["positions"], settings["fixed_distance"]) == ("fixed", 64)
-    main(["generate", str(tmp_path / "llama"), "--memory", kb, "--prompt", "The secret", "--max-new-tokens", "4"])
-    assert capsys.readouterr().out.strip()
-
-
-def test_the_search_and_storage_options_go_into_the_memory_file(tmp_path, capsys, cli_error):
-    from memorizing_transformers.hf.files import memory_file_settings
-
-    tiny_llama_checkpoint(tmp_path / "llama")
-    (tmp_path / "doc.txt").write_text(TEXT)
-    kb = str(tmp_path / "kb.safetensors")
-    main(
-        ["memorize", str(tmp_path / "llama"), str(tmp_path / "doc.txt"), "--out", kb, "--window", "16"]
-        + ["--memory-backend", "faiss_flat", "--memory-dtype", "bfloat16"]
-    )
-    settings = memory_file_settings(kb)
-    assert (settings["memory_backend"], settings["memory_dtype"]) == ("faiss_flat", torch.bfloat16)
+    assert {name: settings[name] for name in expected} == expected
     capsys.readouterr()
     prompt = ["--prompt", "The secret", "--max-new-tokens", "4"]
     main(["generate", str(tmp_path / "llama"), "--memory", kb, *prompt])
-    flat = capsys.readouterr().out
-    main(["generate", str(tmp_path / "llama"), "--memory", kb, "--memory-backend", "exact", *prompt])
-    assert capsys.readouterr().out == flat  # both searches are exact
+    generated = capsys.readouterr().out
+    assert generated.strip()
+    if "--memory-dtype" in options:
+        assert settings["memory_dtype"] == torch.bfloat16
+        main(["generate", str(tmp_path / "llama"), "--memory", kb, "--memory-backend", "exact", *prompt])
+        assert capsys.readouterr().out == generated  # the file searched another way: both searches exact
+
+
+def test_search_and_storage_options_are_refused_for_our_own_checkpoints(tmp_path, cli_error):
     tiny_model().save_pretrained(tmp_path / "model")
+    (tmp_path / "doc.txt").write_text(TEXT)
     message = cli_error(
-        ["memorize", tmp_path / "model", tmp_path / "doc.txt", "--out", kb, "--memory-dtype", "bfloat16"]
+        ["memorize", tmp_path / "model", tmp_path / "doc.txt", "--out", tmp_path / "kb", "--memory-dtype", "bfloat16"]
     )
     assert "--memory-dtype: only for Hugging Face models other than ours" in message
