@@ -59,6 +59,28 @@ def test_two_processes_train_as_one_with_the_same_global_batch_and_resume_at_any
     torch.testing.assert_close(losses(reshared), losses(one), rtol=1e-4, atol=1e-5)
 
 
+def test_two_sharded_processes_train_as_one_and_their_checkpoints_load_anywhere(tmp_path, corpus):
+    # FSDP: each process holds its shards of the weights and optimizer state; checkpoints are whole.
+    one, sharded, resumed = (tmp_path / name for name in ("one", "sharded", "resumed"))
+    evaluated = ["--eval-every", "2"]  # validation under FSDP runs on every rank, in step
+    main(["train", "--out", str(one), "--steps", "4", *TRAIN, *evaluated])
+    torchrun("--out", str(sharded), "--steps", "2", "--fsdp", *TRAIN, *evaluated)
+    torchrun("--out", str(sharded), "--steps", "4", "--fsdp", "--resume", *TRAIN, *evaluated)
+    torch.testing.assert_close(losses(sharded), losses(one), rtol=1e-4, atol=1e-5)
+    assert set(weights(sharded)) == set(weights(one))
+    for name, tensor in weights(one).items():
+        torch.testing.assert_close(weights(sharded)[name], tensor, rtol=1e-4, atol=1e-5)
+    records = [json.loads(line) for line in (sharded / "metrics.jsonl").read_text().splitlines()]
+    assert "valid_loss" in records[1] and len(records[1]["memory_gates"]["2"]) == 4  # gathered whole
+    latest = (sharded / "checkpoints" / "latest").read_text()
+    state = torch.load(sharded / "checkpoints" / latest / "training_state.pt", weights_only=False)
+    assert state["optimizer_by_name"] and "embed.weight" in state["optimizer"]["state"]  # gathered, by name
+    # A sharded run's checkpoint goes on in one process, without FSDP.
+    torchrun("--out", str(resumed), "--steps", "2", "--fsdp", *TRAIN, *evaluated)
+    main(["train", "--out", str(resumed), "--steps", "4", "--resume", *TRAIN, *evaluated])
+    torch.testing.assert_close(losses(resumed), losses(one), rtol=1e-4, atol=1e-5)
+
+
 def test_a_two_process_run_killed_mid_run_resumes_as_if_never_stopped(tmp_path, corpus):
     import signal
     import time

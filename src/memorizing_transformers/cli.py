@@ -414,6 +414,12 @@ def build_parser() -> argparse.ArgumentParser:
     ):
         train.add_argument(f"--{name.replace('_', '-')}", type=kind, dest=name)
     train.add_argument(
+        "--fsdp",
+        action="store_const",
+        const=True,
+        help="under torchrun: shard weights, gradients and optimizer state across the processes (FSDP), not DDP",
+    )
+    train.add_argument(
         "--max-minutes", type=float, help="stop (with a checkpoint) after this much wall time; --resume continues"
     )
     train.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")

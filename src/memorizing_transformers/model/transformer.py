@@ -141,11 +141,14 @@ class MemorizingLM(nn.Module):
     def memory_gates(self) -> dict[str, list[float]]:
         """Each memory layer's gate per head, sigmoid(memory_gate): the share of the head's output
         that comes from the memory once it holds entries ({} when the combination is a joint softmax)."""
-        return {
-            str(i): torch.sigmoid(self.blocks[i].attn.memory_gate.detach()).tolist()
-            for i in self.config.memory_layer_indices
-            if hasattr(self.blocks[i].attn, "memory_gate")
-        }
+        gates = {}
+        for i in self.config.memory_layer_indices:
+            gate = getattr(self.blocks[i].attn, "memory_gate", None)
+            if gate is not None:
+                # Sharded by FSDP (a DTensor): gathered whole, by every rank together.
+                gate = gate.detach().full_tensor() if hasattr(gate, "full_tensor") else gate.detach()
+                gates[str(i)] = torch.sigmoid(gate).tolist()
+        return gates
 
     def forward(
         self,

@@ -9,6 +9,12 @@ same tokens in the same rows as one process with the whole batch would. A checkp
 every rank's rows of the stream state into one, as one process would have it: a run resumed at
 another world size (one that divides the batch) gives each rank its rows of that state, so every
 row goes on with its own memory.
+
+With `shard` (FSDP2's `fully_shard`, on every block and then the whole model) the ranks hold
+their shards of every weight, gradient and AdamW state instead of DDP's whole copy each; the
+weights are gathered for a block's forward and backward. A checkpoint is written whole (the
+weights and the optimizer state gathered to rank 0, `full_state`), so that it loads anywhere:
+under FSDP at any world size, or in one process without it.
 """
 
 from __future__ import annotations
@@ -19,6 +25,16 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor
+from torch.nn import Module
 
 
 def start_from_environment(device: torch.device) -> torch.device:
@@ -106,3 +122,46 @@ def gather_rows(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | N
 def main_only(context: AbstractContextManager) -> AbstractContextManager:
     """`context` on rank 0, nothing on the others (e.g. the run lock, which one process holds)."""
     return context if is_main() else nullcontext()
+
+
+def shard(model: Module) -> None:
+    """FSDP: every block of `model` sharded across the ranks, then the rest (embeddings, norm, head)."""
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor sharded by FSDP gathered whole on every rank (a collective: every rank calls it); any
+    other tensor as it is."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every element of every tensor is finite, on every rank's shard of it (one answer for all)."""
+    local = [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+    return bool(total(float(not all(bool(torch.isfinite(t).all()) for t in local))) == 0)
+
+
+_WHOLE = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def full_state(model: Module, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A sharded model's weights and optimizer state, whole and on the CPU, on rank 0 (empty on the
+    others; a collective). The optimizer's state is keyed by parameter name."""
+    return get_model_state_dict(model, options=_WHOLE), get_optimizer_state_dict(model, optimizer, options=_WHOLE)
+
+
+def load_whole(
+    model: Module,
+    optimizer: torch.optim.Optimizer,
+    weights: dict[str, torch.Tensor] | None,
+    optimizer_by_name: dict[str, Any] | None,
+) -> None:
+    """Whole weights and a whole optimizer state keyed by parameter name (what `full_state` gives;
+    None: left as they are) into a model, sharded or not: each rank keeps its shards."""
+    whole_options = StateDictOptions(full_state_dict=True)
+    if weights is not None:
+        set_model_state_dict(model, weights, options=whole_options)
+    if optimizer_by_name is not None:
+        set_optimizer_state_dict(model, optimizer, optimizer_by_name, options=whole_options)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from safetensors import SafetensorError
-from safetensors.torch import load_model
+from safetensors.torch import load_file, load_model
 from tqdm.auto import tqdm
 
 from ..data.streaming import StreamingBatcher, TokenizedDocument
@@ -60,6 +60,9 @@ class TrainConfig:
     # Steps whose loss or gradient is not finite (NaN, inf) that may be skipped (no update,
     # counted in metrics.jsonl) before training stops; 0 stops at the first, with no checkpoint.
     skip_nonfinite: int = 0
+    # Under torchrun: shard the weights, gradients and AdamW state across the processes (FSDP)
+    # instead of keeping a whole copy in each (DDP); see training/distributed.py.
+    fsdp: bool = False
     extra: dict[str, Any] = field(default_factory=dict)  # recorded with the run (e.g. corpus, preset)
 
     def __post_init__(self) -> None:
@@ -118,8 +121,9 @@ class Trainer:
     """Train `model` on `train_docs`, validate on `valid_docs`, checkpoint into `run_dir`.
 
     Under torchrun (torch.distributed initialised, see training/distributed.py) each rank trains
-    its rows of the global batch through DistributedDataParallel; rank 0 validates, logs and
-    writes the checkpoints, which hold the whole batch's stream state."""
+    its rows of the global batch through DistributedDataParallel, or with `fsdp` on its shards of
+    the model; rank 0 validates (every rank does, in step, when the model is sharded), logs and
+    writes the checkpoints, which hold the whole model and the whole batch's stream state."""
 
     def __init__(
         self,
@@ -146,8 +150,11 @@ class Trainer:
         )
         self.rows = distributed.own_rows(config.batch_size)  # this rank's rows of every global batch
         self.main = distributed.is_main()
-        self.network = model  # what the step calls: the model, or DDP around it
-        if world > 1:
+        self.network = model  # what the step calls: the model (sharded in place by FSDP), or DDP around it
+        self.sharded = world > 1 and config.fsdp
+        if self.sharded:
+            distributed.shard(model)
+        elif world > 1:
             # The XL compression's projections see no gradient on a step without a cache (the first).
             self.network = torch.nn.parallel.DistributedDataParallel(
                 model, find_unused_parameters=bool(model.config.xl_compression)
@@ -163,13 +170,16 @@ class Trainer:
         self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else nullcontext()
 
     # ------------------------------------------------------------------ checkpoints
-    def training_state(self) -> dict[str, Any]:
+    def training_state(self, optimizer_by_name: dict[str, Any] | None = None) -> dict[str, Any]:
+        """What a checkpoint holds besides the weights; with `optimizer_by_name` (a sharded model's
+        optimizer state gathered whole, keyed by parameter name) in place of the optimizer's own."""
         return {
             "step": self.step,
             "skipped": self.skipped,
             "train_seconds": self.train_seconds,
             "train_config": asdict(self.config),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if optimizer_by_name is None else optimizer_by_name,
+            "optimizer_by_name": optimizer_by_name is not None,
             "scheduler": self.scheduler.state_dict(),
             "batcher": self.batcher.state_dict(),
             "stream_state": distributed.gather_rows(self.state.state_dict()),  # every rank's rows
@@ -184,15 +194,30 @@ class Trainer:
     def save(self) -> Path | None:
         """Checkpoint the run (rank 0 writes it; every rank must call this); refused
         (`TrainingDiverged`) when a weight is no longer finite."""
-        if not all(torch.isfinite(p).all() for p in self.model.parameters()):
+        if not distributed.all_finite(list(self.model.parameters())):
             raise TrainingDiverged(
                 f"step {self.step}: the weights are no longer finite; stopped without writing a "
                 f"checkpoint (the last one: {latest_checkpoint(self.run_dir) or 'none'})"
             )
-        state = self.training_state()
+        model, optimizer_by_name = self.model, None
+        if self.sharded:  # gathered whole on rank 0, into a plain copy of the model that writes itself
+            weights, optimizer_by_name = distributed.full_state(self.model, self.optimizer)
+            model = self._unsharded(weights) if self.main else None
+        state = self.training_state(optimizer_by_name)
         if not self.main:
             return None
-        return save_checkpoint(self.run_dir, self.step, self.model, state, keep=self.config.keep_checkpoints)
+        return save_checkpoint(self.run_dir, self.step, model, state, keep=self.config.keep_checkpoints)
+
+    def _unsharded(self, weights: dict[str, torch.Tensor]) -> MemorizingTransformer:
+        """A plain model on the CPU holding `weights`, its tokenizer the model's (built on the meta
+        device: no weights initialised, no random numbers drawn)."""
+        with torch.device("meta"):
+            twin = type(self.model)(self.model.config, tokenizer=self.model._tokenizer_source)
+        twin.load_state_dict(weights, assign=True)
+        if self.model.config.tie_embeddings:
+            twin.lm_head.weight = twin.embed.weight
+        twin._tokenizer = self.model._tokenizer
+        return twin
 
     def resume(self) -> bool:
         """Continue from the run's newest checkpoint that loads (the one `latest` names first,
@@ -223,11 +248,22 @@ class Trainer:
         ):
             raise ValueError(f"cannot resume {checkpoint}: it was trained with another batch size or seed")
         weights = checkpoint / "model.safetensors"
+        if self.sharded and not saved.get("optimizer_by_name"):
+            raise ValueError(f"cannot resume {checkpoint} with fsdp: it was written without it (resume it without)")
         try:
-            load_model(self.model, weights, device=str(self.model.device))
+            if self.sharded:  # every rank reads the whole weights and keeps its shards
+                whole = load_file(weights)
+                if self.model.config.tie_embeddings:
+                    whole.setdefault("lm_head.weight", whole["embed.weight"])
+                distributed.load_whole(self.model, self.optimizer, whole, saved["optimizer"])
+            else:
+                load_model(self.model, weights, device=str(self.model.device))
         except (SafetensorError, OSError) as err:
             raise ValueError(f"{weights} is truncated or corrupt ({err})") from None
-        self.optimizer.load_state_dict(saved["optimizer"])
+        if not self.sharded and saved.get("optimizer_by_name"):  # written under fsdp
+            distributed.load_whole(self.model, self.optimizer, None, saved["optimizer"])
+        elif not self.sharded:
+            self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.batcher.load_state_dict(saved["batcher"])
         self.state.load_state_dict({k: v[self.rows] for k, v in saved["stream_state"].items()})  # this rank's rows
@@ -261,7 +297,7 @@ class Trainer:
         loss, mean_loss = segment_loss(out.logits, batch.targets[rows].to(device))
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip)
+        grad_norm = distributed.whole(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.config.grad_clip))
         stats = {
             "loss": mean_loss,
             "grad_norm": grad_norm.item(),
@@ -354,7 +390,7 @@ class Trainer:
                 if self.model.config.knn_layers:
                     record["memory_gates"] = self.model.memory_gates()
                 validating = (config.eval_every and self.step % config.eval_every == 0) or last
-                if self.valid_docs and validating and self.main:
+                if self.valid_docs and validating and (self.main or self.sharded):  # sharded: all, in step
                     record.update(self.validate())
                 self.log(record)
                 bar.set_postfix(
