@@ -8,7 +8,8 @@ search with the winners' slots already known), and the write of a segment into t
 ring buffer (with the faiss index's remove and add of every overwritten slot). What is left
 of the difference (scoring the winners, the combination with local attention, and the
 backward through the gathered entries) is given by subtraction. Every part is timed in
-the same interleaved rounds (see common.interleaved).
+the same interleaved rounds (see common.interleaved). On a GPU, the step with its memories in
+pinned host memory (searched by the CPU, `memory_device="cpu"`) is timed beside them.
 
     python -m benchmarks.memory_step            # the reference configuration
     python -m benchmarks.memory_step --quick    # a tiny configuration, seconds
@@ -95,6 +96,25 @@ def breakdown(cases: list[Case], times: list[list[float]], label: str) -> list[d
     return rows
 
 
+def host_rows(cases: list[Case], times: list[list[float]], hosted: list[str]) -> list[dict]:
+    """The steps whose memories live in host memory, against XL only, per round."""
+    by = {case.variant: t for case, t in zip(cases, times)}
+    rows = []
+    for variant in hosted:
+        seconds, ratio = spread(by[variant]), spread([s / x for s, x in zip(by[variant], by["XL only"])])
+        rows.append(
+            {
+                "variant": variant,
+                "seconds": seconds["median"],
+                "seconds_min": seconds["min"],
+                "seconds_max": seconds["max"],
+                "over_xl": ratio["median"],
+                "round_seconds": by[variant],
+            }
+        )
+    return rows
+
+
 def table(rows: list[dict], label: str) -> str:
     lines = [f"| {label} | ms / step, median | min-max | share of the memory's cost |", "|---|---:|---:|---:|"]
     for r in rows:
@@ -118,6 +138,9 @@ def main(argv: list[str] | None = None) -> None:
     for label, backend in labels.items():
         cases.append(our_case(f"{label} + XL", configs[f"{label} + XL"], batch, device))
         cases += part_cases(configs[f"{label} + XL"], backend, batch, device, label)
+    hosted = [f"{label} + XL, memories in host memory" for label in labels] if device.type == "cuda" else []
+    for name, label in zip(hosted, labels):
+        cases.append(our_case(name, configs[f"{label} + XL"], batch, device, memory_device="cpu"))
     times = interleaved(cases, rounds, calls, warmup, device)
     results = {
         "command": "python -m benchmarks.memory_step" + (" --quick" if args.quick else ""),
@@ -129,8 +152,15 @@ def main(argv: list[str] | None = None) -> None:
         "config": base.to_dict(),
         "memory_size": large,
         "backends": {label: breakdown(cases, times, label) for label in labels},
+        "host_memory": host_rows(cases, times, hosted),
     }
     text = "\n\n".join(table(rows, label) for label, rows in results["backends"].items())
+    if hosted:
+        text += "\n\n| step | ms / step, median | min-max | over XL only |\n|---|---:|---:|---:|\n" + "\n".join(
+            f"| {r['variant']} | {1e3 * r['seconds']:.1f} | {1e3 * r['seconds_min']:.1f}-{1e3 * r['seconds_max']:.1f} "
+            f"| {r['over_xl']:.2f}x |"
+            for r in results["host_memory"]
+        )
     print(text)
     write_results("memory_step-quick" if args.quick else "memory_step", results, text, Path(args.out))
 

@@ -83,12 +83,14 @@ def variants(base: MemorizingConfig, large_memory: int) -> dict[str, MemorizingC
     }
 
 
-def our_case(variant: str, config: MemorizingConfig, batch: int, device: torch.device) -> Case:
-    """One AdamW step of our model on one segment, its memories full."""
+def our_case(
+    variant: str, config: MemorizingConfig, batch: int, device: torch.device, memory_device: str | None = None
+) -> Case:
+    """One AdamW step of our model on one segment, its memories full (on `memory_device` when given)."""
     torch.manual_seed(0)
     model = MemorizingTransformer(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    state = model.new_state(batch)
+    state = model.new_state(batch, memory_device=memory_device)
     for memory in state.memories.values():  # steady state: a full memory
         shape = (batch, config.n_heads, config.memory_size, config.head_dim)
         memory.add(F.normalize(torch.randn(shape, device=device), dim=-1), torch.randn(shape, device=device))

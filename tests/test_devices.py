@@ -35,7 +35,8 @@ def test_search_finds_what_brute_force_finds(device, backend, dtype):
     assert found.keys.device.type == device.type and found.values.device.type == device.type
 
 
-def test_the_model_streams_on_the_device_as_on_the_cpu(device, tmp_path):
+@pytest.mark.parametrize("memory_device", [None, "cpu"])  # the memories on the device, or in host memory
+def test_the_model_streams_on_the_device_as_on_the_cpu(device, tmp_path, memory_device):
     torch.manual_seed(0)
     cpu = MemorizingTransformer(MemorizingConfig.preset("tiny", memory_size=64)).eval()
     moved = MemorizingTransformer(cpu.config).eval().to(device)
@@ -43,8 +44,9 @@ def test_the_model_streams_on_the_device_as_on_the_cpu(device, tmp_path):
     ids = torch.randint(0, 512, (2, 48))
     with torch.no_grad():
         expected = cpu(ids).logits
-        state, parts = None, []
-        for start in range(0, 48, 16):  # three segments, the memory read and written on the device
+        state, parts = moved.new_state(2, memory_device=memory_device), []
+        assert {m.device.type for m in state.memories.values()} == {(memory_device and "cpu") or device.type}
+        for start in range(0, 48, 16):  # three segments, the memory read and written where it lives
             out = moved(ids[:, start : start + 16].to(device), state=state)
             state, parts = out.state, parts + [out.logits.cpu()]
         torch.testing.assert_close(torch.cat(parts, dim=1), expected, rtol=1e-3, atol=1e-3)
@@ -57,11 +59,13 @@ def test_the_model_streams_on_the_device_as_on_the_cpu(device, tmp_path):
         )
 
 
-def test_training_resumes_on_the_device_as_if_never_stopped(device, tmp_path):
+@pytest.mark.parametrize("memory_device", [None, "cpu"])
+def test_training_resumes_on_the_device_as_if_never_stopped(device, tmp_path, memory_device):
     from memorizing_transformers.data.streaming import TokenizedDocument
 
     documents = [TokenizedDocument(f"d{i}", torch.randint(0, 512, (200,))) for i in range(6)]
     settings = TrainConfig(steps=6, batch_size=2, eval_every=0, checkpoint_every=3, log_every=1, warmup_steps=2)
+    settings = dataclasses.replace(settings, memory_device=memory_device)
 
     def trainer(run, steps=6):
         torch.manual_seed(0)
@@ -70,6 +74,7 @@ def test_training_resumes_on_the_device_as_if_never_stopped(device, tmp_path):
 
     straight = trainer(tmp_path / "a")
     straight.train(progress=False)
+    assert {m.device.type for m in straight.state.memories.values()} == {(memory_device and "cpu") or device.type}
     stopped = trainer(tmp_path / "b")
     stopped.train(progress=False, until_step=3)
     resumed = trainer(tmp_path / "b")
@@ -79,13 +84,15 @@ def test_training_resumes_on_the_device_as_if_never_stopped(device, tmp_path):
         torch.testing.assert_close(a, b)
 
 
-def test_a_retrofitted_memory_of_every_earlier_token_is_full_attention_on_the_device(device):
+@pytest.mark.parametrize("memory_device", [None, "cpu"])
+def test_a_retrofitted_memory_of_every_earlier_token_is_full_attention_on_the_device(device, memory_device):
     from memorizing_transformers.hf.retrofit import add_memory
 
     model = tiny_llama().to(device)
     ids = torch.randint(0, 97, (1, 40), device=device)
     with torch.no_grad():
         full = model(ids).logits
-        handle = add_memory(model, knn_layers=[0, 1, 2], memory_size=64, knn_k=40)
+        handle = add_memory(model, knn_layers=[0, 1, 2], memory_size=64, knn_k=40, memory_device=memory_device)
         streamed = handle.stream(ids, window=8)
     torch.testing.assert_close(streamed, full, rtol=1e-3, atol=1e-3)
+    assert handle.layers[0].memory.device.type == ((memory_device and "cpu") or device.type)

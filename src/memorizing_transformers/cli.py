@@ -411,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("log_every", int),
         ("skip_nonfinite", int),
         ("checkpoint_minutes", float),
+        ("memory_device", str),
     ):
         train.add_argument(f"--{name.replace('_', '-')}", type=kind, dest=name)
     train.add_argument(

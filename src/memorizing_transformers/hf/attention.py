@@ -54,6 +54,7 @@ class LayerMemory:
     positions: str = "true"
     distance: int = 0
     rotary: nn.Module | None = None
+    memory_device: torch.device | str | None = None  # where the memory lives (None: the model's device)
     memory: KNNMemory | None = None  # created at the first call, for its batch size
     enabled: bool = True
     # Hooks see what the layer retrieves, call by call (see evaluation/inspect.py).
@@ -92,7 +93,9 @@ class LayerMemory:
         memory = self.memory
         if memory is None or (memory.batch_size != batch_size and not bool(memory.valid.any())):
             shape = (batch_size, self.num_kv_heads, self.head_dim, self.capacity)
-            self.memory = KNNMemory(*shape, dtype=self.dtype, device=device, backend=self.backend)
+            where = torch.device(self.memory_device or device)
+            pinned = where.type == "cpu" and torch.device(device).type == "cuda"
+            self.memory = KNNMemory(*shape, dtype=self.dtype, device=where, backend=self.backend, pin_memory=pinned)
             self.expanded = None
             return self.memory
         if memory.batch_size == batch_size:

@@ -87,6 +87,7 @@ def add_memory(
     sink_tokens: int = 0,
     positions: str = "true",
     fixed_distance: int = 512,
+    memory_device: torch.device | str | None = None,
 ) -> MemoryHandle:
     """Give the chosen layers (`knn_layers`, negative indices count from the top) a kNN memory
     over their own keys and values. Returns the handle that resets, disables, streams, saves and
@@ -105,7 +106,11 @@ def add_memory(
     `sink_tokens`: the first tokens written since a full reset are kept apart, never evicted,
     and attended by every later query with their full-attention logits (StreamingLLM's
     attention sinks). Pretrained models park attention on a document's first tokens: once a
-    memory smaller than the document has evicted them, reading it can do worse than no memory."""
+    memory smaller than the document has evicted them, reading it can do worse than no memory.
+
+    `memory_device`: where the memories live (default: the model's device); "cpu" beside a model
+    on a GPU keeps them in pinned host memory and searches them there, for memories larger than
+    the GPU holds. A runtime choice: memory files do not record it."""
     if memory_combine not in ("joint", "gate"):
         raise ValueError(f"memory_combine must be 'joint' or 'gate', got {memory_combine!r}")
     if sink_tokens < 0:
@@ -141,11 +146,13 @@ def add_memory(
             positions=positions,
             distance=fixed_distance,
             rotary=rotary,
+            memory_device=memory_device,
         )
         if sink_tokens:
             module.knn_memory.sink = LayerMemory(
-                i, sink_tokens, sink_tokens, num_kv_heads, head_dim, memory_combine, memory_dtype, "exact"
-            )
+                i, sink_tokens, sink_tokens, num_kv_heads, head_dim, memory_combine, memory_dtype, "exact",
+                memory_device=memory_device,
+            )  # fmt: skip
         device = next(module.parameters()).device
         if memory_combine == "gate":
             module.memory_gate = nn.Parameter(torch.full((num_heads,), float(memory_gate_init), device=device))

@@ -60,8 +60,11 @@ class KNNMemory:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         backend: str | SearchBackend = "exact",
+        pin_memory: bool = False,
     ) -> None:
-        """`backend`: a SearchBackend, or a name given to `make_backend` with its default settings."""
+        """`backend`: a SearchBackend, or a name given to `make_backend` with its default settings.
+        `pin_memory`: a memory on the CPU for a model on a GPU keeps its keys and values in pinned
+        host memory, which copies to and from the GPU faster (needs CUDA)."""
         for name, value in (
             ("batch_size", batch_size),
             ("num_heads", num_heads),
@@ -75,8 +78,10 @@ class KNNMemory:
         self.batch_size, self.num_heads, self.head_dim, self.capacity = batch_size, num_heads, head_dim, capacity
         self.dtype = dtype
         shape = (batch_size, num_heads, capacity, head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # (batch, heads, capacity, head_dim)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)  # (batch, heads, capacity, head_dim)
+        self.keys = torch.zeros(
+            shape, dtype=dtype, device=device, pin_memory=pin_memory
+        )  # (batch, heads, capacity, dim)
+        self.values = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin_memory)
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)  # (batch, capacity)
         self.next_slot = torch.zeros(batch_size, dtype=torch.long, device=device)  # (batch,) ring pointer
         self.extent = 0  # slots [extent, capacity) are empty in every row: search skips them
@@ -196,7 +201,8 @@ class KNNMemory:
     def search(self, queries: torch.Tensor, k: int, gather_keys: bool = True) -> SearchResult:
         """Top-k stored entries by inner product for each query, per (row, head).
 
-        queries: (batch, heads, seq, head_dim). Returns min(k, capacity) entries per query,
+        queries: (batch, heads, seq, head_dim), on any device: the search runs on the memory's, the
+        result is on the queries'. Returns min(k, capacity) entries per query,
         best first; slots that are empty are never returned as valid. Exact with the
         "exact" and "faiss_flat" backends, approximate with "faiss_ivf". With `gather_keys`
         False the result's keys are None: a caller that needs only the scores (inference: no
@@ -226,7 +232,10 @@ class KNNMemory:
             best_scores, order = scores.masked_fill(~valid, float("-inf")).sort(dim=-1, descending=True, stable=True)
             keys, values = (t.gather(3, order[..., None].expand_as(t)) for t in (keys, values))
             best_slots, valid = best_slots.gather(3, order), valid.gather(3, order)
-        return SearchResult(keys if gather_keys else None, values, best_scores, valid, best_slots)
+        found = SearchResult(keys if gather_keys else None, values, best_scores, valid, best_slots)
+        if queries.device == self.device:
+            return found
+        return SearchResult(*(None if t is None else t.to(queries.device, non_blocking=True) for t in found))
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> dict[str, torch.Tensor]:

@@ -27,9 +27,18 @@ class XLCache:
 
 
 class MemorizingState:
-    """XL caches (one per layer) and kNN memories (one per memory layer) for `batch_size` streams."""
+    """XL caches (one per layer) and kNN memories (one per memory layer) for `batch_size` streams.
 
-    def __init__(self, config: MemorizingConfig, batch_size: int, device: torch.device | str | None = None) -> None:
+    The memories live on `memory_device` (default: `device`, the model's): "cpu" for a model on a
+    GPU keeps them in pinned host memory, searched there, for memories larger than the GPU holds."""
+
+    def __init__(
+        self,
+        config: MemorizingConfig,
+        batch_size: int,
+        device: torch.device | str | None = None,
+        memory_device: torch.device | str | None = None,
+    ) -> None:
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.config = config
@@ -42,6 +51,7 @@ class MemorizingState:
         # current document each row has read.
         self.globals: list[XLCache | None] = [None] * config.n_layers
         self.doc_tokens = torch.zeros(batch_size, dtype=torch.long, device=self.device)  # (batch,)
+        memories = self.device if memory_device is None else torch.device(memory_device)
         self.memories: dict[int, KNNMemory] = {
             layer: KNNMemory(
                 batch_size,
@@ -49,8 +59,9 @@ class MemorizingState:
                 config.head_dim,
                 config.memory_size,
                 dtype=config.torch_memory_dtype,
-                device=device,
+                device=memories,
                 backend=make_backend(config.memory_backend, config.ivf_list_size, config.ivf_nprobe),
+                pin_memory=memories.type == "cpu" and self.device.type == "cuda",
             )
             for layer in config.memory_layer_indices
         }

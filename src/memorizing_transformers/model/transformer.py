@@ -134,9 +134,10 @@ class MemorizingLM(nn.Module):
         if differ:
             raise ValueError(f"those weights do not fit this model: they differ in {differ}")
 
-    def new_state(self, batch_size: int) -> MemorizingState:
-        """An empty stream state (no cache, empty memories) for `batch_size` rows, on the model's device."""
-        return MemorizingState(self.config, batch_size, device=self.device)
+    def new_state(self, batch_size: int, memory_device: torch.device | str | None = None) -> MemorizingState:
+        """An empty stream state (no cache, empty memories) for `batch_size` rows, on the model's device;
+        its memories on `memory_device` when given (e.g. "cpu" beside a model on a GPU)."""
+        return MemorizingState(self.config, batch_size, device=self.device, memory_device=memory_device)
 
     def memory_gates(self) -> dict[str, list[float]]:
         """Each memory layer's gate per head, sigmoid(memory_gate): the share of the head's output

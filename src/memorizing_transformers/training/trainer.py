@@ -63,6 +63,9 @@ class TrainConfig:
     # Under torchrun: shard the weights, gradients and AdamW state across the processes (FSDP)
     # instead of keeping a whole copy in each (DDP); see training/distributed.py.
     fsdp: bool = False
+    # Where the training stream's memories live (None: the model's device; "cpu" beside a GPU:
+    # pinned host memory, searched there, for memories larger than the GPU holds).
+    memory_device: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # recorded with the run (e.g. corpus, preset)
 
     def __post_init__(self) -> None:
@@ -161,7 +164,7 @@ class Trainer:
             )
         self.optimizer = make_optimizer(model, config)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: lr_factor(step, config))
-        self.state = model.new_state(self.rows.stop - self.rows.start)
+        self.state = model.new_state(self.rows.stop - self.rows.start, memory_device=config.memory_device)
         self.step = 0
         self.skipped = 0  # steps skipped for a non-finite loss or gradient
         self.train_seconds = 0.0  # wall time spent in train(), summed over every resumed part of the run
