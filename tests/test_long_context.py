@@ -147,3 +147,19 @@ def test_retrieval_layers_measures_each_heads_mass_on_the_needle(tmp_path):
     assert all(0.0 <= m <= 1.0 for head in row["mass"] for m in head) and any(m > 0 for h in row["mass"] for m in h)
     with pytest.raises(ValueError, match="the needle is in the last window"):
         retrieval_layers.needle_mass(model, tokenizer, 600, 1.0, window=128, knn_k=8, positions="fixed")
+
+
+def test_long_memorize_times_the_commands_and_checks_the_answer(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
+    import long_memorize
+
+    tiny_llama_checkpoint(tmp_path / "llama")
+    out = tmp_path / "out"
+    result = long_memorize.main(
+        ["--checkpoint", str(tmp_path / "llama"), "--tokens", "600", "--window", "64", "--out", str(out)]
+    )
+    assert result["tokens"] > 500 and result["memorize_seconds"] > 0 and result["plain_seconds"] > 0
+    assert result["found"] == (result["key"] in result["answer"]) and "memorized" in result["memorized"]
+    text = (out / "long_memorize.md").read_text()
+    assert "Made by `python experiments/long_memorize.py --checkpoint" in text and "mt memorize" in text
+    assert not (out / "kb.safetensors").exists() and (out / "document.txt").is_file()

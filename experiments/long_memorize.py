@@ -1,0 +1,128 @@
+"""A long document learned at inference time, timed: `mt memorize` then `mt generate` on a prompt
+of about --tokens tokens (the `mt longbench` passkey format: a five-digit key hidden at --depth
+in filler), the question asked after the memorized text.
+
+The document is written to --out/document.txt; the two commands run in this process, each
+timed, with the options given (the memory's layers, search backend and storage dtype, the
+position mode); the generated continuation is checked for the key. The model's own forward pass
+over the same tokens, window by window, is timed in the same run for comparison.
+
+    python experiments/long_memorize.py --checkpoint models/smollm2-135m --tokens 102400 \\
+        --knn-layers 7,14,17,18,20,21 --memory-backend faiss_ivf --memory-dtype bfloat16
+
+Writes --out/long_memorize.json and .md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from contextlib import redirect_stdout
+from io import StringIO
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from memorizing_transformers.atomic import write_atomically
+from memorizing_transformers.cli import main as mt
+from memorizing_transformers.data.long_tasks import make_task
+from memorizing_transformers.devices import describe_device
+
+RESULTS = Path(__file__).resolve().parent / "results" / "long-memorize-smollm2"
+QUESTION = "What is the pass key? The pass key is"
+
+
+def timed_command(arguments: list[str]) -> tuple[float, str]:
+    """Run `mt ARGUMENTS` here; its wall time and what it printed."""
+    printed = StringIO()
+    tick = time.perf_counter()
+    with redirect_stdout(printed):
+        mt(arguments)
+    return time.perf_counter() - tick, printed.getvalue().strip()
+
+
+@torch.no_grad()
+def plain_seconds(checkpoint: str, text: str, window: int) -> float:
+    """The model's own forward pass over the document's tokens, window by window (no memory)."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    ids = AutoTokenizer.from_pretrained(checkpoint)(text, return_tensors="pt")["input_ids"]
+    tick = time.perf_counter()
+    for start in range(0, ids.shape[1], window):
+        model(ids[:, start : start + window], logits_to_keep=1)
+    return time.perf_counter() - tick
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--checkpoint", default="models/smollm2-135m")
+    parser.add_argument("--tokens", type=int, default=102400)
+    parser.add_argument("--depth", type=float, default=0.5)
+    parser.add_argument("--knn-layers", default="all")
+    parser.add_argument("--memory-backend", default="exact")
+    parser.add_argument("--memory-dtype", default="float32")
+    parser.add_argument("--positions", default="fixed")
+    parser.add_argument("--window", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    args.out.mkdir(parents=True, exist_ok=True)
+    tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
+    sample = make_task("passkey", tokenizer, args.tokens, args.depth, 0)
+    document = sample.prompt.removesuffix(QUESTION)  # the text to memorize; the question is the prompt
+    path, memory = args.out / "document.txt", args.out / "kb.safetensors"
+    path.write_text(document)
+    options = ["--knn-layers", args.knn_layers, "--memory-backend", args.memory_backend]
+    options += ["--memory-dtype", args.memory_dtype, "--positions", args.positions, "--window", str(args.window)]
+    memorize = ["memorize", args.checkpoint, str(path), "--out", str(memory), *options, "--device", "cpu"]
+    generate = ["generate", args.checkpoint, "--memory", str(memory), "--prompt", QUESTION]
+    generate += ["--max-new-tokens", "8", "--device", "cpu"]
+    memorize_seconds, memorized = timed_command(memorize)
+    generate_seconds, answer = timed_command(generate)
+    result = {
+        "settings": vars(args) | {"out": str(args.out)},
+        "device": describe_device(torch.device("cpu")),
+        "tokens": len(tokenizer(document)["input_ids"]),
+        "key": sample.answer,
+        "commands": [shlex.join(["mt", *memorize]), shlex.join(["mt", *generate])],
+        "memorize_seconds": memorize_seconds,
+        "memorized": memorized,
+        "generate_seconds": generate_seconds,
+        "answer": answer,
+        "found": sample.answer in answer,
+        "plain_seconds": plain_seconds(args.checkpoint, document, args.window),
+        "memory_file_bytes": memory.stat().st_size,
+    }
+    memory.unlink()  # large, and made again by the command
+    write_atomically(args.out / "long_memorize.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    text = "\n".join(
+        [
+            f"Made by `python experiments/long_memorize.py {shlex.join(argv)}` on {result['device']}.",
+            "",
+            f"A {result['tokens']:,}-token document (a passkey at depth {args.depth:g} in filler), memorized, asked:",
+            "",
+            *(f"    {command}" for command in result["commands"]),
+            "",
+            "| step | seconds |",
+            "|---|---:|",
+            f"| `mt memorize` (model loading included) | {memorize_seconds:.0f} |",
+            f"| `mt generate` (loading the model and the memory file included) | {generate_seconds:.0f} |",
+            f"| the model's own forward pass over the same tokens, window by window | {result['plain_seconds']:.0f} |",
+            "",
+            f"The key {sample.answer}: the model answered `{answer}` ({'found' if result['found'] else 'not found'}); "
+            f"the memory file held {result['memory_file_bytes'] / 2**20:,.0f} MiB.",
+            "",
+        ]
+    )
+    (args.out / "long_memorize.md").write_text(text)
+    print(text)
+    return result
+
+
+if __name__ == "__main__":
+    main()
