@@ -258,14 +258,14 @@ class Trainer:
                 whole = load_file(weights)
                 if self.model.config.tie_embeddings:
                     whole.setdefault("lm_head.weight", whole["embed.weight"])
-                distributed.load_whole(self.model, self.optimizer, whole, saved["optimizer"])
+                distributed.load_whole(self.model, self.optimizer, whole, None)
             else:
                 load_model(self.model, weights, device=str(self.model.device))
         except (SafetensorError, OSError) as err:
             raise ValueError(f"{weights} is truncated or corrupt ({err})") from None
-        if not self.sharded and saved.get("optimizer_by_name"):  # written under fsdp
+        if saved.get("optimizer_by_name"):  # written under fsdp: whole, keyed by parameter name
             distributed.load_whole(self.model, self.optimizer, None, saved["optimizer"])
-        elif not self.sharded:
+        else:
             self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self.batcher.load_state_dict(saved["batcher"])
