@@ -78,9 +78,8 @@ class KNNMemory:
         self.batch_size, self.num_heads, self.head_dim, self.capacity = batch_size, num_heads, head_dim, capacity
         self.dtype = dtype
         shape = (batch_size, num_heads, capacity, head_dim)
-        self.keys = torch.zeros(
-            shape, dtype=dtype, device=device, pin_memory=pin_memory
-        )  # (batch, heads, capacity, dim)
+        # keys, values: (batch, heads, capacity, head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin_memory)
         self.values = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin_memory)
         self.valid = torch.zeros(batch_size, capacity, dtype=torch.bool, device=device)  # (batch, capacity)
         self.next_slot = torch.zeros(batch_size, dtype=torch.long, device=device)  # (batch,) ring pointer
