@@ -37,7 +37,8 @@ def run(name: str, command: list[str], timeout: int, env: dict[str, str] | None 
 
 
 def two_gpus(workdir: Path) -> list[dict]:
-    """Four training steps on two GPUs and on one, with the same global batch: the same losses."""
+    """Four training steps on two GPUs (DDP, and sharded by FSDP) and on one, with the same global
+    batch: the same losses."""
     sys.path.insert(0, str(ROOT))
     from benchmarks.faults import write_texts
 
@@ -56,17 +57,25 @@ def two_gpus(workdir: Path) -> list[dict]:
             240,
             env,
         ),
+        run(
+            "train on two GPUs, sharded (torchrun, NCCL, --fsdp)",
+            [*torchrun, "-m", "memorizing_transformers.cli", *train, "--fsdp", "--out", str(workdir / "sharded")],
+            240,
+            env,
+        ),
     ]
     losses = {}
-    for name in ("one", "two"):
+    for name in ("one", "two", "sharded"):
         path = workdir / name / "metrics.jsonl"
         losses[name] = [json.loads(line)["loss"] for line in path.read_text().splitlines()] if path.is_file() else []
-    same = (
-        bool(losses["one"])
-        and len(losses["one"]) == len(losses["two"])
-        and all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(losses["one"], losses["two"]))
-    )
-    rows.append({"step": "two GPUs train as one", "outcome": "passed" if same else f"failed: {losses}", "seconds": 0})
+    for name in ("two", "sharded"):
+        same = (
+            bool(losses["one"])
+            and len(losses["one"]) == len(losses[name])
+            and all(abs(a - b) <= 1e-3 * max(1.0, abs(a)) for a, b in zip(losses["one"], losses[name]))
+        )
+        outcome = "passed" if same else f"failed: {losses['one']} against {losses[name]}"
+        rows.append({"step": f"two GPUs ({name}) train as one", "outcome": outcome, "seconds": 0})
     return rows
 
 
