@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import time
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     sample = make_task("passkey", tokenizer, args.tokens, args.depth, 0)
     document = sample.prompt.removesuffix(QUESTION)  # the text to memorize; the question is the prompt
-    path, memory = args.out / "document.txt", args.out / "kb.safetensors"
+    out = Path(os.path.relpath(args.out))  # the commands as a user in this folder would type them
+    path, memory = out / "document.txt", out / "kb.safetensors"
     path.write_text(document)
     options = ["--knn-layers", args.knn_layers, "--memory-backend", args.memory_backend]
     options += ["--memory-dtype", args.memory_dtype, "--positions", args.positions, "--window", str(args.window)]
