@@ -282,12 +282,17 @@ def smollm2_sizes_table(tag: str = "pycode-sizes-8k") -> str:
 TABLE4_ROWS = ["L", "4L", "L-xl", "L-mem8k", "L-mem8k-xl", "L-mem8k-xl-joint", "L-mem64k-xl"]
 
 
+def table4_table(grid: str) -> str:
+    """Table 4 in kind: every row of a table4 grid, against its L + XL row."""
+    return grid_table([(grid, run) for run in TABLE4_ROWS], (grid, "L-xl"), "vs XL alone")
+
+
 def pycode_tables(suffix: str = "") -> dict[str, Callable[[], str]]:
     """The tables of the pycode grids named with `suffix` ("" for 4 segments a step, "-2048"
     for 2,048 tokens a step), each named after its table with the same suffix."""
     T4, Q, B, S = (f"{name}-pycode{suffix}" for name in ("table4", "questions", "budgets", "short"))
     return {
-        f"table4-pycode{suffix}": lambda: grid_table([(T4, run) for run in TABLE4_ROWS], (T4, "L-xl"), "vs XL alone"),
+        f"table4-pycode{suffix}": lambda: table4_table(T4),
         f"budgets-pycode{suffix}": lambda: budget_table(suffix),
         f"memory-sizes-pycode{suffix}": lambda: memory_size_table(suffix),
         f"fine-tune-into-memory-pycode{suffix}": lambda: fine_tune_into_memory_table(suffix),
@@ -361,6 +366,8 @@ TABLES: dict[str, Callable[[], str]] = {
         + "\n\n"
         + cross_context_table()
     ),
+    "table4-proofs": lambda: table4_table("table4-proofs"),
+    "table4-books": lambda: table4_table("table4-books"),
     "smollm2": smollm2_table,
     "smollm2-sizes": smollm2_sizes_table,
 }
