@@ -51,19 +51,13 @@ def two_gpus(workdir: Path) -> list[dict]:
     rows = [
         run("prepare a small corpus", [*cli, "data", "prepare", "files", "--source", str(texts)], 120, env),
         run("train on one GPU", [*cli, *train, "--out", str(workdir / "one")], 180, env),
-        run(
-            "train on two GPUs (torchrun, NCCL)",
-            [*torchrun, "-m", "memorizing_transformers.cli", *train, "--out", str(workdir / "two")],
-            240,
-            env,
-        ),
-        run(
-            "train on two GPUs, sharded (torchrun, NCCL, --fsdp)",
-            [*torchrun, "-m", "memorizing_transformers.cli", *train, "--fsdp", "--out", str(workdir / "sharded")],
-            240,
-            env,
-        ),
     ]
+    for name, step, extra in (
+        ("two", "train on two GPUs (torchrun, NCCL)", []),
+        ("sharded", "train on two GPUs, sharded (torchrun, NCCL, --fsdp)", ["--fsdp"]),
+    ):
+        command = [*torchrun, "-m", "memorizing_transformers.cli", *train, *extra, "--out", str(workdir / name)]
+        rows.append(run(step, command, 240, env))
     losses = {}
     for name in ("one", "two", "sharded"):
         path = workdir / name / "metrics.jsonl"

@@ -171,10 +171,8 @@ def run_longbench(
     capacity = max([*settings.lengths, settings.document_tokens if settings.documents else 0])
     readers = Readers(model, settings, capacity)
     started, recorded = time.time(), json.loads(json.dumps(asdict(settings)))
-    measuring = {
-        "model": model_identity(model),
-        "device": describe_device(next(model.parameters()).device),
-    }  # what a resumed run must be
+    device_name = describe_device(next(model.parameters()).device)
+    measuring = {"model": model_identity(model), "device": device_name}  # what a resumed run must be
     samples: list[dict[str, Any]] = []
     documents: list[dict[str, Any]] = []
     if partial is not None and partial.is_file():
@@ -248,7 +246,7 @@ def run_longbench(
         progress(f"{path}: {time.time() - started:.0f} s")
     return {
         "settings": asdict(settings),
-        "device": describe_device(next(model.parameters()).device),
+        "device": device_name,
         "samples": samples,
         "documents": documents,
         "summary": summarize(samples),

@@ -93,9 +93,8 @@ class LayerMemory:
         memory = self.memory
         if memory is None or (memory.batch_size != batch_size and not bool(memory.valid.any())):
             shape = (batch_size, self.num_kv_heads, self.head_dim, self.capacity)
-            where = torch.device(self.memory_device or device)
-            pinned = where.type == "cpu" and torch.device(device).type == "cuda"
-            self.memory = KNNMemory(*shape, dtype=self.dtype, device=where, backend=self.backend, pin_memory=pinned)
+            where = self.memory_device or device
+            self.memory = KNNMemory(*shape, dtype=self.dtype, device=where, backend=self.backend, beside=device)
             self.expanded = None
             return self.memory
         if memory.batch_size == batch_size:

@@ -60,11 +60,11 @@ class KNNMemory:
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
         backend: str | SearchBackend = "exact",
-        pin_memory: bool = False,
+        beside: torch.device | str | None = None,
     ) -> None:
         """`backend`: a SearchBackend, or a name given to `make_backend` with its default settings.
-        `pin_memory`: a memory on the CPU for a model on a GPU keeps its keys and values in pinned
-        host memory, which copies to and from the GPU faster (needs CUDA)."""
+        `beside`: the device of the model this memory serves; a memory on the CPU beside a model on
+        a GPU keeps its keys and values in pinned host memory, which copies to and from it faster."""
         for name, value in (
             ("batch_size", batch_size),
             ("num_heads", num_heads),
@@ -78,6 +78,8 @@ class KNNMemory:
         self.batch_size, self.num_heads, self.head_dim, self.capacity = batch_size, num_heads, head_dim, capacity
         self.dtype = dtype
         shape = (batch_size, num_heads, capacity, head_dim)
+        on_host = torch.device(device or "cpu").type == "cpu"
+        pin_memory = on_host and beside is not None and torch.device(beside).type == "cuda"
         # keys, values: (batch, heads, capacity, head_dim)
         self.keys = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin_memory)
         self.values = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin_memory)

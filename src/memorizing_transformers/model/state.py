@@ -61,7 +61,7 @@ class MemorizingState:
                 dtype=config.torch_memory_dtype,
                 device=memories,
                 backend=make_backend(config.memory_backend, config.ivf_list_size, config.ivf_nprobe),
-                pin_memory=memories.type == "cpu" and self.device.type == "cuda",
+                beside=self.device,
             )
             for layer in config.memory_layer_indices
         }
