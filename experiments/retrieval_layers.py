@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from memorizing_transformers.atomic import write_atomically
 from memorizing_transformers.data.long_tasks import make_task
 from memorizing_transformers.devices import describe_device
+from memorizing_transformers.evaluation.long_context import sample_tokens
 from memorizing_transformers.hf.retrofit import add_memory
 
 RESULTS = Path(__file__).resolve().parent / "results" / "retrieval-layers-smollm2"
@@ -46,17 +47,16 @@ def needle_tokens(tokenizer, prompt: str, needle: str) -> torch.Tensor:
 def needle_mass(model, tokenizer, length: int, depth: float, window: int, knn_k: int, positions: str) -> dict:
     """Per layer and head, the attention mass the answer's queries give the needle through memory."""
     sample = make_task("passkey", tokenizer, length, depth, 0)
-    prompt = tokenizer(sample.prompt)["input_ids"]
-    answer = tokenizer(" " + sample.answer, add_special_tokens=False)["input_ids"]
+    prompt, answer = sample_tokens(tokenizer, sample)
     ids = torch.tensor([prompt + answer])[:, :-1]  # what predicts every answer token
     needle = needle_tokens(tokenizer, sample.prompt, f"The pass key is {sample.answer}.")
+    split = ids.shape[1] - window
+    if int(needle.max()) >= split:
+        raise ValueError(f"at depth {depth} the needle is in the last window: nothing to find in memory")
     layers = model.config.num_hidden_layers
     handle = add_memory(
         copy.deepcopy(model), knn_layers=list(range(layers)), memory_size=ids.shape[1], knn_k=knn_k, positions=positions
     )
-    split = ids.shape[1] - window
-    if int(needle.max()) >= split:
-        raise ValueError(f"at depth {depth} the needle is in the last window: nothing to find in memory")
     tick = time.perf_counter()
     handle.memorize([ids[:, :split]], window=window)  # one row, no eviction: slot i holds token i
     with ExitStack() as stack:

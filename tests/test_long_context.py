@@ -14,6 +14,8 @@ from memorizing_transformers.data.long_tasks import TASKS, make_task
 from memorizing_transformers.data.tokenizer import load_tokenizer
 from memorizing_transformers.evaluation.long_context import LongBenchSettings, Readers, answer_score, position_buckets
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # the experiment scripts
+
 
 @pytest.fixture(scope="module")
 def tokenizer():
@@ -132,7 +134,6 @@ def test_longbench_lists_are_checked_by_the_parser(tmp_path, capsys):
 
 
 def test_retrieval_layers_measures_each_heads_mass_on_the_needle(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
     import retrieval_layers
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -150,7 +151,6 @@ def test_retrieval_layers_measures_each_heads_mass_on_the_needle(tmp_path):
 
 
 def test_long_memorize_times_the_commands_and_checks_the_answer(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))
     import long_memorize
 
     tiny_llama_checkpoint(tmp_path / "llama")

@@ -33,7 +33,7 @@ import torch.nn.functional as F  # noqa: E402
 from transformers import PreTrainedModel  # noqa: E402
 
 from ..atomic import write_atomically  # noqa: E402
-from ..data.long_tasks import TASKS, make_task  # noqa: E402
+from ..data.long_tasks import TASKS, LongTask, make_task  # noqa: E402
 from ..devices import describe_device, synchronize  # noqa: E402
 from ..hf.files import model_identity  # noqa: E402
 from ..hf.handle import MemoryHandle  # noqa: E402
@@ -146,6 +146,12 @@ class Readers:
         return handle.stream(ids, window=window, losses=True)[0].cpu()
 
 
+def sample_tokens(tokenizer, sample: LongTask) -> tuple[list[int], list[int]]:
+    """A task's prompt and its answer as token ids; the answer after a space, as it follows the prompt."""
+    prompt = tokenizer(sample.prompt)["input_ids"]
+    return prompt, tokenizer(" " + sample.answer, add_special_tokens=False)["input_ids"]
+
+
 def answer_score(logits: torch.Tensor, answer: torch.Tensor) -> tuple[bool, float]:
     """Whether every answer token (m,) is the argmax of its logits (m, vocab), and the answer's mean
     log-likelihood per token."""
@@ -196,8 +202,7 @@ def run_longbench(
             for depth in settings.depths:
                 for trial in range(settings.trials):
                     sample = make_task(task, tokenizer, length, depth, settings.seed * 1000 + trial)
-                    prompt = tokenizer(sample.prompt)["input_ids"]
-                    answer = tokenizer(" " + sample.answer, add_special_tokens=False)["input_ids"]
+                    prompt, answer = sample_tokens(tokenizer, sample)
                     ids = torch.tensor([prompt + answer])
                     plain = None  # the plain forward's time over the prompt, measured once for the memory methods
                     for method in settings.methods:
