@@ -17,8 +17,10 @@ $(STAMP): requirements.txt pyproject.toml
 demo: setup
 	HF_HUB_OFFLINE=1 $(BIN)/mt demo $(ARGS)
 
+# One pytest-xdist worker per core (at most 4); TEST_WORKERS=0 runs the tests in this process.
+TEST_WORKERS ?= auto
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest $(ARGS)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --maxprocesses 4 $(ARGS)
 
 # ruff, configured in pyproject.toml: the formatter's check, then the linter.
 lint: setup
