@@ -114,6 +114,7 @@ def test_targets_table_reads_the_measured_figures(tmp_path):
                     "reference": {
                         "config": {"n_heads": 4, "segment_length": 256, "head_dim": 64},
                         "rows": [
+                            step("vanilla", 0.8, 0.8, 0.8),
                             step("XL only", 1.0, 1.0, 1.0),
                             step("memory 8K", 1.10, 1.05, 1.12),
                             step("memory 64K", 2.50, 2.4, 2.6),
@@ -155,13 +156,17 @@ def test_targets_table_reads_the_measured_figures(tmp_path):
             }
         )
     )
-    targets.main(["--out", str(tmp_path)])
-    page = (tmp_path / "targets.md").read_text().splitlines()
-    met = {
-        line.split(" | ")[0].strip("| "): line.rstrip(" |").split(" | ")[-1]
-        for line in page
-        if line.startswith("| ") and "goal" not in line
-    }
+
+    def verdicts(search_s: float) -> tuple[list[str], dict[str, str]]:
+        """targets.md's lines and verdicts, memory_step having timed the IVF search at `search_s`."""
+        parts = [{"part": "step, XL only", "seconds": 0.6}, {"part": "  search", "seconds": search_s}]
+        (tmp_path / "memory_step.json").write_text(json.dumps({"backends": {"memory 64K IVF": parts}}))
+        targets.main(["--out", str(tmp_path)])
+        page = (tmp_path / "targets.md").read_text().splitlines()
+        rows = [line for line in page if line.startswith("| ") and not line.startswith("| target |")]
+        return page, {line.split(" | ")[0].strip("| "): line.rstrip(" |").split(" | ")[-1] for line in rows}
+
+    page, met = verdicts(0.1)  # IVF floor (0.6 + 0.1) / 0.6 = 1.17x, under the goal
     assert met["step, memory 8K exact / XL only"] == "yes"  # 1.05-1.12, all under 1.15
     floor_row = next(line for line in page if "memory 64K exact" in line)
     assert "34 GFLOP at 40 GFLOP/s, puts the floor at 2.43x" in floor_row  # (0.6 + 34.36 / 40) / 0.6
@@ -173,6 +178,17 @@ def test_targets_table_reads_the_measured_figures(tmp_path):
     assert met["tokens/s, ours memory 64K IVF / theirs (same memory, exact), same rounds"] == "no"
     assert met["tokens/s, ours vanilla / theirs, same rounds"] == "spread too wide for a verdict"
     assert met["IVF search at 262K / exact, recall@32 on model keys"] == "no"  # fast, but recall 0.85 < 0.9
+    # A search slower than the goal's whole budget: out of reach, whatever the rounds' spread.
+    page, met = verdicts(0.4)
+    assert met[ivf] == "no: out of reach of this search, its floor 1.67x misses the goal"
+    # 1.6 x 0.768 s / (0.6 + 0.4): at most 1.23x with nothing but the search added to XL only
+    row = "tokens/s, ours memory 64K IVF + XL / theirs (same memory, exact), same rounds"
+    assert met[row] == "no: out of reach of this search, its ceiling 1.23x misses the goal"
+    # Figures from runs on unlike devices (here, thread counts) are not compared.
+    search_json = json.loads((tmp_path / "search.json").read_text())
+    (tmp_path / "search.json").write_text(json.dumps({**search_json, "device": "x86_64 CPU, 1 threads"}))
+    page, met = verdicts(0.1)
+    assert met["step, memory 64K exact / XL only, against its floor"].startswith("not comparable: measured on x86_64")
 
 
 @pytest.mark.slow
