@@ -24,13 +24,15 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import statistics
+import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
-from memorizing_transformers.devices import describe_device
+from memorizing_transformers.devices import describe_device, synchronize
+from memorizing_transformers.memory import exact
 from memorizing_transformers.training.trainer import segment_loss
 
 from . import popular
@@ -188,6 +190,27 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def search_matmul_gflops(config: MemorizingConfig, batch: int, slots: int, device: torch.device) -> float:
+    """GFLOP/s of the product an exact search over `slots` keys runs (the blocks ExactSearch cuts it
+    into), measured beside the steps: the speed its floor in benchmarks.targets is computed at."""
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(batch, config.n_heads, config.segment_length, config.head_dim, generator=generator).to(device)
+    width = min(slots, max(1, exact._SCORE_BLOCK_ELEMENTS // (batch * config.n_heads * config.segment_length)))
+    block = torch.randn(batch, config.n_heads, config.head_dim, width, generator=generator).to(device)
+
+    def search_products() -> float:
+        synchronize(device)
+        began = time.perf_counter()
+        for _ in range(max(1, slots // width)):
+            torch.matmul(q, block)
+        synchronize(device)
+        return time.perf_counter() - began
+
+    search_products()  # warm-up
+    seconds = statistics.median(search_products() for _ in range(3))
+    return 2.0 * q.numel() * width * max(1, slots // width) / seconds / 1e9
+
+
 def main(argv: list[str] | None = None) -> None:
     args, device = parse_arguments(__doc__, argv)
     if args.quick:
@@ -218,7 +241,8 @@ def main(argv: list[str] | None = None) -> None:
                 cases += popular_cases(base, large, batch, device, resources)
             times = interleaved(cases, rounds, calls, warmup, device)
         rows = rows_of(cases, times, "ours")
-        results["configs"][name] = {"config": base.to_dict(), "rows": rows}
+        matmul = {str(n): search_matmul_gflops(base, batch, n, device) for n in (base.memory_size, large)}
+        results["configs"][name] = {"config": base.to_dict(), "rows": rows, "search_matmul_gflops": matmul}
         sections.append(
             f"### {name} configuration (vocab {base.vocab_size:,}), batch {batch} x {base.segment_length}"
             f"\n\n{table(rows)}"

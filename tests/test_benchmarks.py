@@ -22,6 +22,9 @@ def test_train_step_benchmark_quick(tmp_path):
     train_step.main(["--quick", "--out", str(tmp_path)])
     results = json.loads((tmp_path / "train_step-quick.json").read_text())
     rows = results["configs"]["quick"]["rows"]
+    # the exact search's matmul speed, measured beside the steps for the targets' floors
+    assert set(results["configs"]["quick"]["search_matmul_gflops"]) == {"512", "2048"}
+    assert all(v > 0 for v in results["configs"]["quick"]["search_matmul_gflops"].values())
     assert [r["variant"] for r in rows] == [
         "vanilla",
         "XL only",
@@ -189,6 +192,14 @@ def test_targets_table_reads_the_measured_figures(tmp_path):
     (tmp_path / "search.json").write_text(json.dumps({**search_json, "device": "x86_64 CPU, 1 threads"}))
     page, met = verdicts(0.1)
     assert met["step, memory 64K exact / XL only, against its floor"].startswith("not comparable: measured on x86_64")
+    # ... unless train_step measured the search's matmul beside the steps: (0.6 + 34.36 / 80) / 0.6
+    train_json = json.loads((tmp_path / "train_step.json").read_text())
+    train_json["configs"]["reference"]["search_matmul_gflops"] = {"8192": 80.0, "65536": 80.0}
+    (tmp_path / "train_step.json").write_text(json.dumps(train_json))
+    page, met = verdicts(0.1)
+    floor_row = next(line for line in page if "memory 64K exact" in line)
+    assert "34 GFLOP at 80 GFLOP/s, puts the floor at 1.72x" in floor_row and floor_row.endswith("| no |")
+    assert "puts the floor at 1.09x" in next(line for line in page if "memory 8K exact" in line)
 
 
 @pytest.mark.slow
