@@ -24,19 +24,18 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import statistics
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
-from memorizing_transformers.devices import describe_device, synchronize
+from memorizing_transformers.devices import describe_device
 from memorizing_transformers.memory import exact
 from memorizing_transformers.training.trainer import segment_loss
 
 from . import popular
-from .common import Case, interleaved, parse_arguments, spread, write_results
+from .common import Case, interleaved, median_seconds, parse_arguments, spread, write_results
 
 REFERENCE = MemorizingConfig(
     vocab_size=8192,
@@ -198,17 +197,13 @@ def search_matmul_gflops(config: MemorizingConfig, batch: int, slots: int, devic
     width = min(slots, max(1, exact._SCORE_BLOCK_ELEMENTS // (batch * config.n_heads * config.segment_length)))
     block = torch.randn(batch, config.n_heads, config.head_dim, width, generator=generator).to(device)
 
-    def search_products() -> float:
-        synchronize(device)
-        began = time.perf_counter()
-        for _ in range(max(1, slots // width)):
-            torch.matmul(q, block)
-        synchronize(device)
-        return time.perf_counter() - began
+    blocks = max(1, slots // width)
 
-    search_products()  # warm-up
-    seconds = statistics.median(search_products() for _ in range(3))
-    return 2.0 * q.numel() * width * max(1, slots // width) / seconds / 1e9
+    def search_products() -> None:
+        for _ in range(blocks):
+            torch.matmul(q, block)
+
+    return 2.0 * q.numel() * width * blocks / median_seconds(search_products, repeats=3, device=device) / 1e9
 
 
 def main(argv: list[str] | None = None) -> None:
