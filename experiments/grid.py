@@ -41,7 +41,7 @@ import torch
 
 from memorizing_transformers.atomic import write_atomically
 from memorizing_transformers.config import MemorizingConfig
-from memorizing_transformers.data.pipeline import corpus_tokenizer, load_tokenized
+from memorizing_transformers.data.pipeline import corpus_tokenizer, load_tokenized, tokenizer_fingerprint
 from memorizing_transformers.data.streaming import TokenizedDocument
 from memorizing_transformers.data.tokenizer import load_tokenizer
 from memorizing_transformers.evaluation.peak_memory import PeakMemory
@@ -390,6 +390,7 @@ GRIDS = {
             tokens_per_step=2048,
         ),
         table4("proofs", pretrain_tokens=8_000_000, finetune_tokens=1_000_000),
+        *questions("proofs", finetune_tokens=1_000_000, eval_tokens=None),
         table4("books", pretrain_tokens=8_000_000, finetune_tokens=1_000_000),
         Grid(
             "quick",
@@ -529,7 +530,16 @@ def start_weights(grid: Grid, run: Run, model: MemorizingTransformer, results: P
     if run.init_from is None:
         return None
     source = weights_dir(*source_of(grid, run), results)
-    model.take_weights(MemorizingTransformer.from_pretrained(source))
+    weights = MemorizingTransformer.from_pretrained(source)
+    # A corpus built from installed packages (pycode) changes with their versions, and so does the
+    # BPE trained on it: weights read through another tokenizer would be fine-tuned on noise.
+    if tokenizer_fingerprint(weights.tokenizer) != tokenizer_fingerprint(model.tokenizer):
+        raise SystemExit(
+            f"{grid.name}/{run.name}: the `{grid.corpus}` corpus's tokenizer is not the one {source} was trained "
+            "with: the corpus has changed since (for pycode, the installed packages' versions); its rows cannot "
+            "start from those weights"
+        )
+    model.take_weights(weights)
     return source
 
 
