@@ -99,12 +99,11 @@ def load_run_config(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .training.distributed import is_main
     from .training.run import train_run
 
     max_seconds = args.max_minutes * 60 if args.max_minutes else None
     record = train_run(load_run_config(args), args.out, args.resume, pick_device(args.device), max_seconds)
-    if is_main():  # under torchrun, one process speaks for the run
+    if record is not None:  # under torchrun, one process speaks for the run
         print(json.dumps(record, indent=2))
 
 

@@ -57,6 +57,17 @@ def start_from_environment(device: torch.device) -> torch.device:
 _HOST_GROUP = None  # a gloo group beside NCCL's, for what goes through host memory
 
 
+def stop() -> None:
+    """Leave the process group `start_from_environment` joined, once the work is done on every rank.
+    Without it gloo's worker threads outlive the interpreter's teardown and can abort the process
+    (SIGABRT, "terminate called without an active exception") after a run that succeeded. Call it on
+    success only: after an error on one rank, the others may be waiting in a collective."""
+    global _HOST_GROUP
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+        _HOST_GROUP = None
+
+
 def rank_and_world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()

@@ -27,13 +27,22 @@ def train_run(
     resume: bool = False,
     device: torch.device | str = "cpu",
     max_seconds: float | None = None,
-) -> dict[str, Any]:
+) -> dict[str, Any] | None:
     """Train the run `run` describes into `out` (locked against a second process), from its
     last checkpoint with `resume`; returns the training record. A folder that holds another
     run is refused. Under torchrun, every process trains its rows of the batch (see
-    training/distributed.py); rank 0 alone writes and prints."""
-    out = Path(out)
+    training/distributed.py); rank 0 alone writes and returns the record (None on the others),
+    and every process leaves the process group when the run is done."""
     device = distributed.start_from_environment(torch.device(device))
+    main = distributed.is_main()
+    record = _train_in(run, Path(out), resume, device, max_seconds)
+    distributed.stop()
+    return record if main else None
+
+
+def _train_in(
+    run: dict[str, Any], out: Path, resume: bool, device: torch.device, max_seconds: float | None
+) -> dict[str, Any]:
     main = distributed.is_main()
     with distributed.main_only(run_lock(out)):
         saved_run = out / "run_config.json"
