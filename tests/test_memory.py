@@ -19,7 +19,8 @@ def brute_force_topk(keys: np.ndarray, queries: np.ndarray, k: int):
     return np.take_along_axis(scores, order, axis=1), order
 
 
-@pytest.mark.parametrize("block_elements", [1 << 25, 3 * 7 * 50])  # one block, and many small blocks
+# One block; blocks of two (row, head) pairs over every slot; many small blocks of slots, merged.
+@pytest.mark.parametrize("block_elements", [1 << 25, 2 * 7 * 300, 3 * 7 * 50])
 def test_search_equals_brute_force_and_faiss(monkeypatch, block_elements):
     monkeypatch.setattr(exact, "_SCORE_BLOCK_ELEMENTS", block_elements)
     batch, heads, dim, capacity, k = 2, 3, 16, 300, 10
@@ -120,6 +121,28 @@ def test_search_skips_slots_never_written():
     found = memory.search(keys, k=5)
     assert found.valid[0].sum(-1).eq(5).all() and found.valid[1].sum(-1).eq(3).all()
     assert (found.slots[found.valid] < 7).all()
+
+
+@pytest.mark.parametrize("block_elements", [1 << 25, 7 * 20])  # every pair at once, and blocks of slots
+def test_search_of_partly_filled_rows_equals_brute_force_on_their_entries(monkeypatch, block_elements):
+    monkeypatch.setattr(exact, "_SCORE_BLOCK_ELEMENTS", block_elements)
+    batch, heads, dim, written, k = 3, 2, 8, 40, 6
+    memory = KNNMemory(batch, heads, dim, capacity=100)
+    keys = unit(batch, heads, written, dim)
+    kept = torch.ones(batch, written, dtype=torch.bool)
+    kept[1, 4:] = False  # row 1 holds 4 entries (fewer than k), row 2 every other one
+    kept[2, ::2] = False
+    memory.add(keys, keys, mask=kept)
+    queries = unit(batch, heads, 7, dim)
+    found = memory.search(queries, k)
+    for b in range(batch):
+        stored = kept[b].nonzero().squeeze(1)  # positions written, in slot order
+        for h in range(heads):
+            n = min(k, len(stored))
+            ref_scores, ref_index = brute_force_topk(keys[b, h, stored].numpy(), queries[b, h].numpy(), n)
+            np.testing.assert_allclose(found.scores[b, h, :, :n].numpy(), ref_scores, rtol=1e-5, atol=1e-6)
+            assert torch.equal(found.keys[b, h, :, :n], keys[b, h, stored][torch.from_numpy(ref_index)])
+            assert found.valid[b, h, :, :n].all() and not found.valid[b, h, :, n:].any()
 
 
 def test_masked_positions_are_never_stored_or_returned():

@@ -1,8 +1,9 @@
 """Exact top-k search in torch, batched over rows and heads, on the memory's device.
 
-Inner products are computed block by block with one matmul per block, and a running
-top-k is merged across blocks, so the (queries x memory) score matrix is never
-materialised for a large store.
+Inner products are computed block by block with one matmul per block: whole (row, head)
+pairs over every stored slot where that fits in a block, else blocks of slots with a running
+top-k merged across them, so the (queries x memory) score matrix is never materialised for
+a large store.
 """
 
 from __future__ import annotations
@@ -48,25 +49,38 @@ class ExactSearch:
         # CPUs without bf16/fp16 matrix units multiply low precision several times slower
         # than fp32: there, blocks are widened to fp32 before the product.
         compute_dtype = torch.float32 if store.device.type == "cpu" else store.dtype
-        q = queries.to(compute_dtype)
-        chunk = max(k, _SCORE_BLOCK_ELEMENTS // max(1, batch * heads * seq))
+        q = queries.to(compute_dtype).flatten(0, 1)  # (batch * heads, seq, head_dim)
+        keys = store.keys.flatten(0, 1)  # (batch * heads, capacity, head_dim)
+        # A block holds whole (row, head) pairs over every stored slot where that fits, so each
+        # query's top-k is taken once; the running merge across slot blocks (k more candidates
+        # per query and block, and three top-k passes each time) is left to stores too large
+        # for one pair's scores.
+        pairs = max(1, min(batch * heads, _SCORE_BLOCK_ELEMENTS // max(1, seq * store.extent)))
+        chunk = max(k, _SCORE_BLOCK_ELEMENTS // (pairs * seq))
         if chunk > _GROUP:
             chunk -= chunk % _GROUP  # whole groups per block, for block_topk
-        best_scores = torch.full((batch, heads, seq, k), float("-inf"), device=store.device)
-        best_slots = torch.zeros((batch, heads, seq, k), dtype=torch.long, device=store.device)
-        all_valid = bool(store.valid[:, : store.extent].all())  # the steady state: no slot to mask
-        for start in range(0, store.extent, chunk):
-            block = store.keys[:, :, start : min(start + chunk, store.extent)]  # (batch, heads, c, head_dim)
-            scores = torch.matmul(q, block.to(compute_dtype).transpose(-1, -2)).float()  # (batch, heads, seq, c)
-            if not all_valid:
-                empty = ~store.valid[:, None, None, start : start + block.shape[2]]  # (batch, 1, 1, c)
-                scores.masked_fill_(empty, float("-inf"))
-            top_scores, top_slots = block_topk(scores, min(k, scores.shape[-1]))
-            merged_scores = torch.cat([best_scores, top_scores], dim=-1)
-            merged_slots = torch.cat([best_slots, top_slots + start], dim=-1)
-            best_scores, order = merged_scores.topk(k, dim=-1)
-            best_slots = merged_slots.gather(-1, order)
-        return best_scores, best_slots
+        best_scores = torch.full((batch * heads, seq, k), float("-inf"), device=store.device)
+        best_slots = torch.zeros((batch * heads, seq, k), dtype=torch.long, device=store.device)
+        empty = None
+        if not bool(store.valid[:, : store.extent].all()):  # the steady state has no slot to mask
+            empty = (~store.valid)[:, None].expand(batch, heads, -1).flatten(0, 1)[:, None]  # (batch * heads, 1, cap)
+        for first in range(0, batch * heads, pairs):
+            group = slice(first, first + pairs)
+            for start in range(0, store.extent, chunk):
+                stop = min(start + chunk, store.extent)
+                block = keys[group, start:stop]  # (pairs, c, head_dim)
+                scores = torch.matmul(q[group], block.to(compute_dtype).transpose(-1, -2)).float()  # (pairs, seq, c)
+                if empty is not None:
+                    scores.masked_fill_(empty[group, :, start:stop], float("-inf"))
+                top_scores, top_slots = block_topk(scores, min(k, stop - start))
+                if start == 0 and top_scores.shape[-1] == k:  # the first block fills the top-k
+                    best_scores[group], best_slots[group] = top_scores, top_slots
+                    continue
+                merged_scores = torch.cat([best_scores[group], top_scores], dim=-1)
+                merged_slots = torch.cat([best_slots[group], top_slots + start], dim=-1)
+                best_scores[group], order = merged_scores.topk(k, dim=-1)
+                best_slots[group] = merged_slots.gather(-1, order)
+        return best_scores.view(batch, heads, seq, k), best_slots.view(batch, heads, seq, k)
 
     def written(self, store: Store, rows: torch.Tensor, slots: torch.Tensor) -> None:
         pass
