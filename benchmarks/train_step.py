@@ -194,16 +194,17 @@ def search_matmul_gflops(config: MemorizingConfig, batch: int, slots: int, devic
     into), measured beside the steps: the speed its floor in benchmarks.targets is computed at."""
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(batch, config.n_heads, config.segment_length, config.head_dim, generator=generator).to(device)
-    width = min(slots, max(1, exact._SCORE_BLOCK_ELEMENTS // (batch * config.n_heads * config.segment_length)))
-    block = torch.randn(batch, config.n_heads, config.head_dim, width, generator=generator).to(device)
-
-    blocks = max(1, slots // width)
+    pairs, width = exact.score_blocks(device, batch * config.n_heads, config.segment_length, slots, config.knn_k)
+    q = q.flatten(0, 1)[:pairs]  # (pairs, queries, head_dim)
+    block = torch.randn(pairs, config.head_dim, min(width, slots), generator=generator).to(device)
+    blocks = -(-batch * config.n_heads // pairs) * -(-slots // block.shape[-1])
 
     def search_products() -> None:
         for _ in range(blocks):
             torch.matmul(q, block)
 
-    return 2.0 * q.numel() * width * blocks / median_seconds(search_products, repeats=3, device=device) / 1e9
+    flops = 2.0 * q.numel() * block.shape[-1] * blocks
+    return flops / median_seconds(search_products, repeats=3, device=device) / 1e9
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -19,10 +19,17 @@ def brute_force_topk(keys: np.ndarray, queries: np.ndarray, k: int):
     return np.take_along_axis(scores, order, axis=1), order
 
 
+def score_blocks_of(monkeypatch, elements: int) -> None:
+    """The exact search cut into blocks of `elements` scores, on every device, however narrow."""
+    monkeypatch.setattr(exact, "_CPU_BLOCK_ELEMENTS", elements)
+    monkeypatch.setattr(exact, "_DEVICE_BLOCK_ELEMENTS", elements)
+    monkeypatch.setattr(exact, "_MIN_BLOCK_GROUPS", 0)
+
+
 # One block; blocks of two (row, head) pairs over every slot; many small blocks of slots, merged.
 @pytest.mark.parametrize("block_elements", [1 << 25, 2 * 7 * 300, 3 * 7 * 50])
 def test_search_equals_brute_force_and_faiss(monkeypatch, block_elements):
-    monkeypatch.setattr(exact, "_SCORE_BLOCK_ELEMENTS", block_elements)
+    score_blocks_of(monkeypatch, block_elements)
     batch, heads, dim, capacity, k = 2, 3, 16, 300, 10
     memory = KNNMemory(batch, heads, dim, capacity)
     keys, values = unit(batch, heads, capacity, dim), torch.randn(batch, heads, capacity, dim)
@@ -125,7 +132,7 @@ def test_search_skips_slots_never_written():
 
 @pytest.mark.parametrize("block_elements", [1 << 25, 7 * 20])  # every pair at once, and blocks of slots
 def test_search_of_partly_filled_rows_equals_brute_force_on_their_entries(monkeypatch, block_elements):
-    monkeypatch.setattr(exact, "_SCORE_BLOCK_ELEMENTS", block_elements)
+    score_blocks_of(monkeypatch, block_elements)
     batch, heads, dim, written, k = 3, 2, 8, 40, 6
     memory = KNNMemory(batch, heads, dim, capacity=100)
     keys = unit(batch, heads, written, dim)
