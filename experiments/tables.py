@@ -287,10 +287,38 @@ def table4_table(grid: str) -> str:
     return grid_table([(grid, run) for run in TABLE4_ROWS], (grid, "L-xl"), "vs XL alone")
 
 
+def question_tables(corpus: str, suffix: str = "") -> dict[str, Callable[[], str]]:
+    """The three questions' tables on `corpus` (its questions and short grids, read against its table4
+    grid's rows): other long-range approaches, wider windows, short documents."""
+    T4, Q, S = (f"{name}-{corpus}{suffix}" for name in ("table4", "questions", "short"))
+    return {
+        f"others-{corpus}{suffix}": lambda: grid_table(
+            [
+                (T4, "L-xl"),
+                (Q, "window512"),
+                (Q, "window512-g8"),
+                (Q, "linformer64"),
+                (T4, "L-mem8k-xl"),
+                (T4, "L-mem8k-xl-joint"),
+            ],
+            (T4, "L-xl"),
+            "vs XL alone",
+        ),
+        f"wider-{corpus}{suffix}": lambda: grid_table(
+            [(T4, "L"), (Q, "2L"), (T4, "4L"), (T4, "L-mem8k"), (T4, "L-xl"), (Q, "2L-xl"), (T4, "L-mem8k-xl")],
+            (T4, "L"),
+            "vs context L",
+        ),
+        f"short-{corpus}{suffix}": lambda: grid_table(
+            [(S, "short-xl"), (S, "short-mem8k-xl")], (S, "short-xl"), "vs XL alone"
+        ),
+    }
+
+
 def pycode_tables(suffix: str = "") -> dict[str, Callable[[], str]]:
     """The tables of the pycode grids named with `suffix` ("" for 4 segments a step, "-2048"
     for 2,048 tokens a step), each named after its table with the same suffix."""
-    T4, Q, B, S = (f"{name}-pycode{suffix}" for name in ("table4", "questions", "budgets", "short"))
+    T4, B = f"table4-pycode{suffix}", f"budgets-pycode{suffix}"
     return {
         f"table4-pycode{suffix}": lambda: table4_table(T4),
         f"budgets-pycode{suffix}": lambda: budget_table(suffix),
@@ -311,26 +339,7 @@ def pycode_tables(suffix: str = "") -> dict[str, Callable[[], str]]:
             (B, "L-xl-500k"),
             "vs XL alone",
         ),
-        f"others-pycode{suffix}": lambda: grid_table(
-            [
-                (T4, "L-xl"),
-                (Q, "window512"),
-                (Q, "window512-g8"),
-                (Q, "linformer64"),
-                (T4, "L-mem8k-xl"),
-                (T4, "L-mem8k-xl-joint"),
-            ],
-            (T4, "L-xl"),
-            "vs XL alone",
-        ),
-        f"wider-pycode{suffix}": lambda: grid_table(
-            [(T4, "L"), (Q, "2L"), (T4, "4L"), (T4, "L-mem8k"), (T4, "L-xl"), (Q, "2L-xl"), (T4, "L-mem8k-xl")],
-            (T4, "L"),
-            "vs context L",
-        ),
-        f"short-pycode{suffix}": lambda: grid_table(
-            [(S, "short-xl"), (S, "short-mem8k-xl")], (S, "short-xl"), "vs XL alone"
-        ),
+        **question_tables("pycode", suffix),
         f"readout-pycode{suffix}": lambda: readout_table(
             [
                 (B, f"L-mem8k-xl-{t}")
@@ -367,6 +376,7 @@ TABLES: dict[str, Callable[[], str]] = {
         + cross_context_table()
     ),
     "table4-proofs": lambda: table4_table("table4-proofs"),
+    **question_tables("proofs"),
     "table4-books": lambda: table4_table("table4-books"),
     "smollm2": smollm2_table,
     "smollm2-sizes": smollm2_sizes_table,
