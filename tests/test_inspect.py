@@ -38,6 +38,7 @@ def test_report_data(combine):
     length = model.config.segment_length
     for i, heads in enumerate(report["retrieved"]):
         segment_start = i - i % length
+        assert report["written_before"][i] == segment_start  # every earlier segment was written
         for h, entries in enumerate(heads):
             positions = [p for p, _ in entries]
             # Only tokens of earlier segments, and only those still in the FIFO memory.
@@ -127,6 +128,7 @@ def test_report_data_for_a_hugging_face_model(combine):
     for i, heads in enumerate(report["retrieved"]):
         # Token i is read by the call starting at `start`; memory holds the last `capacity` before it.
         start = 0 if i < window else (i - window) // stride * stride + stride
+        assert report["written_before"][i] == start
         for h, entries in enumerate(heads):
             assert all(max(0, start - capacity) <= p < start for p, _ in entries), (i, start, entries)
             assert len(entries) == min(3, start)

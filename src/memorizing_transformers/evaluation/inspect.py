@@ -34,9 +34,14 @@ def _token_losses(model: MemorizingTransformer, ids: torch.Tensor) -> torch.Tens
 @torch.no_grad()
 def inspect_document(model: MemorizingTransformer, text: str, top: int = 5) -> dict[str, Any]:
     """Stream `text` with and without memory; return the per-token data the page shows."""
+    return inspect_ids(model, torch.tensor(model.tokenizer(text)["input_ids"]), top)
+
+
+@torch.no_grad()
+def inspect_ids(model: MemorizingTransformer, ids: torch.Tensor, top: int = 5) -> dict[str, Any]:
+    """`inspect_document` of a document given as token ids (n,)."""
     if not model.config.memory_layer_indices:
         raise ValueError("this model has no memory layer: there is nothing to inspect")
-    ids = torch.tensor(model.tokenizer(text)["input_ids"])
     if ids.numel() < 2:
         raise ValueError("the document holds fewer than two tokens")
     model.eval()
@@ -76,10 +81,24 @@ def inspect_pretrained(
     """The same data for a Hugging Face model with `add_memory`: the document is streamed
     (`MemoryHandle.stream`) with its memory and with the memory disabled; the page shows
     memory layer `layer` (default: the first)."""
+    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
+    return inspect_pretrained_ids(handle, tokenizer, ids, window, stride, layer, top)
+
+
+@torch.no_grad()
+def inspect_pretrained_ids(
+    handle: MemoryHandle,
+    tokenizer,
+    ids: torch.Tensor,
+    window: int = 512,
+    stride: int | None = None,
+    layer: int | None = None,
+    top: int = 5,
+) -> dict[str, Any]:
+    """`inspect_pretrained` of a document given as token ids (n,)."""
     layer = min(handle.layers) if layer is None else layer
     if layer not in handle.layers:
         raise ValueError(f"layer {layer} has no memory; the memory layers are {sorted(handle.layers)}")
-    ids = tokenizer(text, return_tensors="pt")["input_ids"][0]
     if ids.numel() < 2:
         raise ValueError("the document holds fewer than two tokens")
     stride = window if stride is None else stride
@@ -126,7 +145,9 @@ def _report(
     capacity = about["memory_size"]
     retrieved: list[list[list[list[float]]]] = []  # [token][head] -> [[position, score], ...]
     share: list[list[float]] = []  # [token][head]
+    written: list[int] = []  # [token]: tokens written to memory before its call (it holds the last `capacity`)
     for record, before, first in calls:
+        written += [before] * (record["slots"].shape[2] - first)
         keep = min(top, record["slots"].shape[-1])
         positions = before - 1 - (before - 1 - record["slots"][0, :, :, :keep]) % capacity  # (heads, seq, keep)
         for t in range(first, record["slots"].shape[2]):
@@ -149,6 +170,7 @@ def _report(
         "loss_without_memory": [round(float(x), 4) for x in without_memory] + [None],
         "retrieved": retrieved[:queries],
         "memory_share": share[:queries],
+        "written_before": written[:queries],
         **about,
     }
 
