@@ -40,7 +40,7 @@ from memorizing_transformers.atomic import write_atomically
 from memorizing_transformers.data.corpora import load_corpus
 from memorizing_transformers.data.pipeline import load_tokenized
 from memorizing_transformers.evaluation.inspect import inspect_ids, inspect_pretrained_ids
-from memorizing_transformers.evaluation.retrieval import KINDS, retrieval_hits
+from memorizing_transformers.evaluation.retrieval import FIELDS, KINDS, retrieval_hits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from grid import GRIDS, weights_dir  # noqa: E402
@@ -117,12 +117,14 @@ def table(result: dict[str, Any]) -> str:
         "of the kind (`in memory`: their share of all queries): the share of the k entries found that are of "
         "the kind against their share of the memory (a random draw's; the best head's in brackets), the ratio "
         "of the two (above 1: the search finds them more often than chance), the share of queries whose k "
-        "entries include one against the chance of that in k random entries, and the weight the readout (a "
-        "softmax over the entries' scores) puts on them, which a uniform readout would give their share.",
+        "entries include one against the chance of that in k random entries, how often the best-scored entry "
+        "found is one (above their share: the scores rank them first, and a sharper readout would weigh them "
+        "more), and the weight the readout (a softmax over the entries' scores) puts on them, which a uniform "
+        "readout would give their share.",
         "",
         "| model | layer | kind | in memory | share of entries found | of memory | ratio | any found | chance "
-        "| readout weight |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| best entry | readout weight |",
+        "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for case in result["cases"]:
         for kind in KINDS:
@@ -137,7 +139,7 @@ def table(result: dict[str, Any]) -> str:
                 f"| {case['model']} | {case['layer']} | {kind} | {cell(mean('in_memory'))} | "
                 f"{cell(mean('share'), 3)} ({cell(best['share'], 3)}) | {cell(mean('base_rate'), 3)} | "
                 f"{cell(mean('share') / mean('base_rate'), 1)}x | {cell(mean('found'))} | {cell(mean('chance'))} | "
-                f"{cell(mean('weight'), 3)} |"
+                f"{cell(mean('best'), 3)} | {cell(mean('weight'), 3)} |"
             )
     return "\n".join(lines) + "\n"
 
@@ -175,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
             "memory_size": args.memory_size,
             "k": args.knn_k,
             "kinds": list(KINDS),
+            "fields": list(FIELDS),
         }
         if result is None or any(result.get(key) != value for key, value in settings.items()):
             result = {**settings, "cases": []}

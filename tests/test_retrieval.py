@@ -53,6 +53,7 @@ def test_hits_by_kind_with_their_chance_and_weights():
     assert answer0["base_rate"] == pytest.approx((1 / 2 + 2 / 5) / 2)
     assert answer0["share"] == pytest.approx((1.0 + 0.5) / 2) and answer1["share"] == 0.0
     assert answer0["weight"] == pytest.approx((1.0 + 0.75) / 2) and answer1["weight"] == 0.0
+    assert answer0["best"] == 1.0 and answer1["best"] == 0.0  # head 0's best-scored entry held it both times
     # Continuations (a 7 after a 5, at query 5 whose token is 5): positions 1 and 3; query 4 (token 9) has none.
     assert head0["continuation"]["in_memory"] == 0.25
     assert head0["continuation"]["found"] == 1.0 and head0["continuation"]["chance"] == pytest.approx(0.7)
@@ -60,7 +61,7 @@ def test_hits_by_kind_with_their_chance_and_weights():
     # 1 and 3, query 4 (a 9) nowhere. Head 1 found position 1, then 0 and 2, then position 4: a miss.
     same = head1["same token"]
     assert same["in_memory"] == 0.75 and same["found"] == pytest.approx(2 / 3)
-    assert same["share"] == pytest.approx((1.0 + 1.0 + 0.0) / 3)
+    assert same["share"] == pytest.approx((1.0 + 1.0 + 0.0) / 3) and same["best"] == pytest.approx(2 / 3)
     # Right after the query's token: for query 5 (a 5) positions 1 and 3, for query 6 (a 7) positions 2 and 4.
     # Head 0 found position 1 at query 5, and at query 6 only position 3 (after a 5): one of two.
     assert head0["after the same token"]["in_memory"] == 0.5 and head0["after the same token"]["found"] == 0.5

@@ -33,6 +33,10 @@ KINDS = (
 )
 
 
+# What is reported of each kind (see `retrieval_hits`).
+FIELDS = ("in_memory", "found", "chance", "share", "base_rate", "best", "weight")
+
+
 def chance_of_any(entries: int, matching: int, drawn: int) -> float:
     """The probability that `drawn` of `entries` entries taken at random (without replacement)
     include at least one of the `matching` ones."""
@@ -58,8 +62,10 @@ def retrieval_hits(ids: torch.Tensor, report: dict[str, Any]) -> list[dict[str, 
     non-empty memory, the share whose memory held one (`in_memory`); over those, the mean of: whether
     the entries found include one (`found`) against the chance that as many random entries would
     (`chance`); their share of the entries found (`share`) against their share of the memory
-    (`base_rate`: a random draw's expected share); and the weight the head's readout, a softmax over
-    the entries' scores, puts on them (`weight`; a uniform readout's would be `share`)."""
+    (`base_rate`: a random draw's expected share); whether the best-scored entry is one (`best`: above
+    `share`, the scores rank them first more often than a uniform pick, and a sharper readout would
+    weigh them more); and the weight the head's readout, a softmax over the entries' scores, puts on
+    them (`weight`; a uniform readout's would be `share`)."""
     ids = ids.tolist()
     capacity, heads = report["memory_size"], report["heads"]
     # Positions, ascending, by what stands at them: ("token", x), ("after", x) (x just before), ("pair", x, y).
@@ -74,7 +80,7 @@ def retrieval_hits(ids: torch.Tensor, report: dict[str, Any]) -> list[dict[str, 
         positions = where.get(key, [])
         return bisect.bisect_left(positions, before) - bisect.bisect_left(positions, first)
 
-    zero = {"in_memory": 0, "found": 0, "chance": 0.0, "share": 0.0, "base_rate": 0.0, "weight": 0.0}
+    zero = dict.fromkeys(FIELDS, 0.0)
     totals = [{"queries": 0, **{kind: dict(zero) for kind in KINDS}} for _ in range(heads)]
     queries = zip(report["retrieved"][: len(ids) - 1], report["written_before"])  # the last token predicts nothing
     for t, (entries_by_head, before) in enumerate(queries):
@@ -102,8 +108,10 @@ def retrieval_hits(ids: torch.Tensor, report: dict[str, Any]) -> list[dict[str, 
                 counts["in_memory"] += 1
                 counts["chance"] += chance_of_any(before - first, count, len(positions))
                 counts["base_rate"] += count / (before - first)
-                hits = [w for p, w in zip(positions, weights) if is_kind(ids, p, key)]
+                kind_of = [is_kind(ids, p, key) for p in positions]  # best-scored entry first
+                hits = [w for w, hit in zip(weights, kind_of) if hit]
                 counts["found"] += bool(hits)
+                counts["best"] += bool(kind_of) and kind_of[0]
                 counts["share"] += len(hits) / max(1, len(positions))
                 counts["weight"] += sum(hits)
     result = []
