@@ -738,6 +738,13 @@ def run_grid(
         if run.init_from is not None and not result_path(*source_of(grid, run), results).is_file():
             print(f"  {run.name}: waits for {run.init_from}")
             continue
+        if run.init_from is not None and not (weights_dir(*source_of(grid, run), results) / "config.json").is_file():
+            # A source finished before its final weights were kept beside its result: train it again
+            # (its result is written anew), so that the runs it starts can go on.
+            print(f"-- {run.init_from}: its final weights were not kept; training it again for {run.name}")
+            if not train_run(*source_of(grid, run), runs_dir, results, device, deadline):
+                print("stopped at the time limit; run the same command again to go on")
+                return False
         print(f"-- {grid.name}/{run.name}: {run.label}, {run.tokens:,} tokens")
         if not train_run(grid, run, runs_dir, results, device, deadline):
             print("stopped at the time limit; run the same command again to go on")

@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import math
+import shutil
 import sys
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def test_a_grid_resumes_across_invocations_and_skips_finished_runs(quick_grid, t
     del rows["xl"]["peak_memory"], rows["mem-xl"]["memory_readout"]
     (results / "quick" / "xl.json").write_text(json.dumps(rows["xl"]))
     (results / "quick" / "mem-xl.json").write_text(json.dumps(rows["mem-xl"]))
+    train_run = grid_script.train_run
     monkeypatch.setattr(grid_script, "train_run", lambda *a, **k: pytest.fail("trained a finished run"))
     assert grid_script.run_grid(quick_grid, runs, results, "cpu", max_minutes=None)
     assert json.loads((results / "quick" / "xl.json").read_text())["peak_memory"]["train_steps"] == 4
@@ -78,6 +80,16 @@ def test_a_grid_resumes_across_invocations_and_skips_finished_runs(quick_grid, t
     assert "### mem-xl: memory + XL" in table and "| top tokens by total gain |" in table
     assert (results / "quick-token-gain.png").stat().st_size > 1000
     assert (results / "quick.png").stat().st_size > 1000
+    # A source whose final weights were not kept (a result older than keeping them) is trained again,
+    # from its checkpoint here, before a run that starts from it.
+    monkeypatch.setattr(grid_script, "train_run", train_run)
+    shutil.rmtree(results / "quick" / "pretrain-weights")
+    (results / "quick" / "xl.json").unlink()
+    capsys.readouterr()
+    assert grid_script.run_grid(quick_grid, runs, results, "cpu", None, ["xl"])
+    assert "-- pretrain: its final weights were not kept; training it again for xl" in capsys.readouterr().out
+    assert (results / "quick" / "pretrain-weights" / "config.json").is_file()
+    assert json.loads((results / "quick" / "pretrain.json").read_text())["test"] == rows["pretrain"]["test"]
     # A run whose recorded settings differ from the grid's is refused, not reused.
     changed = dataclasses.replace(quick_grid, batch_size=2)
     with pytest.raises(SystemExit, match="other settings"):
