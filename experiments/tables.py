@@ -5,8 +5,9 @@
 
 Each table sits between `<!-- table:NAME -->` and `<!-- /table:NAME -->` in docs/RESULTS.md;
 everything between the markers is rewritten, everything outside them is left alone. Rows
-read from experiments/results/grids/GRID/RUN.json (experiments/grid.py) and from the
-SmolLM2 runs' JSON (experiments/pretrained_memory.py); a row whose run has not finished
+read from experiments/results/grids/GRID/RUN.json (experiments/grid.py), from the
+SmolLM2 runs' JSON (experiments/pretrained_memory.py) and from what the memory's search finds
+(experiments/retrieval_hits.py); a row whose run has not finished
 says so. Two seeds of a row give their mean and, in brackets, their range.
 """
 
@@ -236,6 +237,17 @@ def memory_size_table(suffix: str = "") -> str:
     return "\n".join(lines)
 
 
+def retrieval_table(corpus: str) -> str:
+    """What the memory's search finds (experiments/retrieval_hits.py), from its JSON."""
+    path = HERE / "results" / f"retrieval_hits-{corpus}.json"
+    if not path.is_file():
+        return f"Not run yet: `python experiments/retrieval_hits.py --corpus {corpus}`."
+    sys.path.insert(0, str(HERE))
+    from retrieval_hits import table
+
+    return table(json.loads(path.read_text())).rstrip("\n")
+
+
 def smollm2_table() -> str:
     """SmolLM2-135M, zero training: mean perplexity of the scored tokens per corpus and setting."""
     lines = [
@@ -378,6 +390,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "table4-proofs": lambda: table4_table("table4-proofs"),
     **question_tables("proofs"),
     "table4-books": lambda: table4_table("table4-books"),
+    "retrieval-proofs": lambda: retrieval_table("proofs"),
     "smollm2": smollm2_table,
     "smollm2-sizes": smollm2_sizes_table,
 }
