@@ -11,7 +11,8 @@ memory would, and the weight the head's readout gives the entries found
 The models, each given a memory of `--memory-size` entries in one layer at a time, with no training
 (a layer's queries and keys come from the layers below it, which a memory in that layer does not
 change): the vanilla pre-trainings of the grids (experiments/grid.py; their weights are committed
-beside their JSON), with segments of 128 and an XL cache of 128 as the grids' memory rows read, and
+beside their JSON), with segments of 128 and an XL cache of 128 as the grids' memory rows read; the
+grid runs given with `--runs` (memory models fine-tuned from them) at their own memory layers; and
 SmolLM2-135M (`make smollm2`) with a 512-token window, for the layers given with `--smollm2-layers`.
 Documents: the first `--documents` test documents of `--corpus` holding at least `--tokens` tokens
 under the corpus's tokenizer, each cut to its first `--tokens` tokens under each model's tokenizer.
@@ -73,6 +74,15 @@ def summed(rows: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
                 head[kind][field] = sum(v * q for v, q in values) / weight if weight else math.nan
         pooled.append(head)
     return pooled
+
+
+def run_folder(name: str) -> Path:
+    """The final weights of grid run GRID/RUN, kept beside its result by experiments/grid.py."""
+    grid_name, run = name.split("/", 1)
+    folder = weights_dir(GRIDS[grid_name], GRIDS[grid_name].run(run), RESULTS / "grids")
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"error: {name}'s final weights were not kept ({folder} is missing)")
+    return folder
 
 
 def own_case(folder: Path, layer: int, memory_size: int, k: int, docs) -> list[dict[str, Any]]:
@@ -152,6 +162,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-size", type=int, default=8192)
     parser.add_argument("--knn-k", type=int, default=32)
     parser.add_argument("--layers", default="0,1,2,3", help="layers of the grid's model to give the memory")
+    parser.add_argument(
+        "--runs", nargs="*", default=[], metavar="GRID/RUN", help="grid runs whose final weights were kept, too"
+    )
     parser.add_argument("--smollm2", default="models/smollm2-135m", help="SmolLM2's folder (skipped if absent)")
     parser.add_argument("--smollm2-layers", default="2,7,14,18,20,25")
     parser.add_argument("--threads", type=int)
@@ -164,11 +177,12 @@ def main(argv: list[str] | None = None) -> None:
     path = out / f"retrieval_hits-{args.corpus}.json"
     result = json.loads(path.read_text()) if path.is_file() else None
     if not args.summarize:
-        grid_name = PRETRAININGS[args.corpus]
-        grid = GRIDS[grid_name]
-        pretrained = weights_dir(grid, next(r for r in grid.runs if r.name == "pretrain"), RESULTS / "grids")
+        pretraining = f"{PRETRAININGS[args.corpus]}/pretrain"
         docs = documents(
-            args.corpus, MemorizingTransformer.from_pretrained(pretrained).tokenizer, args.documents, args.tokens
+            args.corpus,
+            MemorizingTransformer.from_pretrained(run_folder(pretraining)).tokenizer,
+            args.documents,
+            args.tokens,
         )
         settings = {
             "corpus": args.corpus,
@@ -186,7 +200,10 @@ def main(argv: list[str] | None = None) -> None:
         )
         result["threads"] = torch.get_num_threads()
         done = {(c["model"], c["layer"]) for c in result["cases"]}
-        todo = [(f"{grid_name}/pretrain", int(layer)) for layer in args.layers.split(",")]
+        todo = [(pretraining, int(layer)) for layer in args.layers.split(",")]
+        for run in args.runs:  # fine-tuned memory models, at their own memory layers
+            config = MemorizingTransformer.from_pretrained(run_folder(run)).config
+            todo += [(run, layer) for layer in config.memory_layer_indices]
         if Path(args.smollm2).is_dir():
             todo += [("SmolLM2-135M", int(layer)) for layer in args.smollm2_layers.split(",")]
         for model_name, layer in todo:
@@ -197,7 +214,7 @@ def main(argv: list[str] | None = None) -> None:
                 heads = hf_case(args.smollm2, layer, args.memory_size, args.knn_k, docs, args.tokens)
                 window = f"window {WINDOW}"
             else:
-                heads = own_case(pretrained, layer, args.memory_size, args.knn_k, docs)
+                heads = own_case(run_folder(model_name), layer, args.memory_size, args.knn_k, docs)
                 window = "segment 128 + XL 128"
             case = {"model": model_name, "window": window, "heads": heads, "layer": layer}
             result["cases"].append({**case, "seconds": time.perf_counter() - started})
