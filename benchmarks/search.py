@@ -35,6 +35,7 @@ from einops import rearrange
 from memorizing_transformers import KNNMemory, MemorizingTransformer
 from memorizing_transformers.data.pipeline import load_tokenized
 from memorizing_transformers.devices import describe_device
+from memorizing_transformers.memory.exact import ExactSearch
 from memorizing_transformers.runs import resolve_model_dir
 
 from .common import Case, interleaved, parse_arguments, spread, write_results
@@ -214,7 +215,43 @@ def nprobe_rows(
     return rows
 
 
-def tables(exact: list[dict], approximate: list[dict], settings: dict, probes: list[dict]) -> str:
+LARGE_BLOCKS = 1 << 25  # the score blocks the exact search used on every device before cache-sized ones
+
+
+def block_rows(
+    shapes: list[tuple[str, int, int, int, int]], dim: int, k: int, repeats: int, device: torch.device
+) -> list[dict]:
+    """The exact search cut by the device's rule against blocks of LARGE_BLOCKS scores, same store,
+    same queries; each shape (label, rows, heads, queries per head, memory size)."""
+    rows = []
+    for label, batch, heads, queries, size in shapes:
+        keys = random_unit(batch * heads, size, dim, 0).view(batch, heads, size, dim)
+        memory = KNNMemory(batch, heads, dim, size, device=device)
+        memory.add(keys.to(device), keys.to(device))
+        q = random_unit(batch * heads, queries, dim, 1).view(batch, heads, queries, dim).to(device)
+        rule, large = ExactSearch(), ExactSearch(LARGE_BLOCKS)
+        times = race(
+            {"rule": lambda: rule.search(memory.store, q, k), "large": lambda: large.search(memory.store, q, k)},
+            repeats,
+            device,
+        )
+        rows.append(
+            {
+                "shape": label,
+                "memory_size": size,
+                "rule_s": statistics.median(times["rule"]),
+                "large_blocks_s": statistics.median(times["large"]),
+                **ratio_fields("time_ratio", times["rule"], times["large"]),
+                "same_scores": bool(
+                    torch.equal(rule.search(memory.store, q, k)[0], large.search(memory.store, q, k)[0])
+                ),
+            }
+        )
+        print(f"blocks, {label} at {size:,}: {rows[-1]['time_ratio']:.2f}x the time of blocks of {LARGE_BLOCKS:,}")
+    return rows
+
+
+def tables(exact: list[dict], approximate: list[dict], settings: dict, probes: list[dict], blocks: list[dict]) -> str:
     lines = [
         f"Exact top-{settings['k']} of {settings['heads']} heads x {settings['queries']} queries x {settings['dim']} "
         "dims, random unit vectors:",
@@ -258,6 +295,20 @@ def tables(exact: list[dict], approximate: list[dict], settings: dict, probes: l
             f"{r['recall_at_k']:.3f} |"
             for r in probes
         ]
+    lines += [
+        "",
+        f"The exact search's score blocks on this device against blocks of {LARGE_BLOCKS:,} scores "
+        f"(`ExactSearch(block_elements={LARGE_BLOCKS})`), same store and queries, top-{settings['k']}:",
+        "",
+        "| shape | memory size | this device's blocks (ms) | large blocks (ms) | time ratio | min-max | same scores |",
+        "|---|---:|---:|---:|---:|---:|---|",
+    ]
+    lines += [
+        f"| {r['shape']} | {r['memory_size']:,} | {r['rule_s'] * 1e3:.1f} | {r['large_blocks_s'] * 1e3:.1f} | "
+        f"{r['time_ratio']:.2f}x | {r['time_ratio_min']:.2f}-{r['time_ratio_max']:.2f}x | "
+        f"{'yes' if r['same_scores'] else 'no'} |"
+        for r in blocks
+    ]
     return "\n".join(lines)
 
 
@@ -277,6 +328,11 @@ def main(argv: list[str] | None = None) -> None:
         repeats,
         device,
     )
+    # A training step's search (4 rows x 4 heads, 256 queries each) and a retrofit window's (SmolLM2's
+    # 3 key heads, each read by 3 query heads x 512 tokens).
+    shapes = [("training step", 4, 4, 256, n) for n in ([2048] if args.quick else [8192, 65536])]
+    shapes += [("retrofit window", 1, 3, 1536, n) for n in ([4096] if args.quick else [32768, 131072])]
+    blocks = block_rows(shapes, dim, k, repeats, device)
     command = "python -m benchmarks.search" + (" --quick" if args.quick else "")
     probes = []
     if args.checkpoint:
@@ -293,8 +349,9 @@ def main(argv: list[str] | None = None) -> None:
         "exact": exact,
         "approximate": approximate,
         "nprobe": probes,
+        "blocks": blocks,
     }
-    text = tables(exact, approximate, settings, probes)
+    text = tables(exact, approximate, settings, probes, blocks)
     print(text)
     write_results("search-quick" if args.quick else "search", results, text, Path(args.out))
 

@@ -16,6 +16,12 @@ def test_search_benchmark_quick(tmp_path):
     # 4,096 keys make 16 IVF lists; nprobe 16 searches them all: exact.
     assert [(r["memory_size"], r["recall_at_k"]) for r in results["approximate"]] == [(4096, 1.0)]
     assert "| random unit vectors | 4x64x64 | 4,096 |" in (tmp_path / "search-quick.md").read_text()
+    # The exact search in this device's blocks and in large ones: the same scores, both timed.
+    assert [(r["shape"], r["memory_size"]) for r in results["blocks"]] == [
+        ("training step", 2048),
+        ("retrofit window", 4096),
+    ]
+    assert all(r["same_scores"] and r["time_ratio"] > 0 for r in results["blocks"])
 
 
 def test_train_step_benchmark_quick(tmp_path):

@@ -25,12 +25,16 @@ _GROUP = 32  # slots per group in the two-stage top-k
 _MIN_BLOCK_GROUPS = 16
 
 
-def score_blocks(device: torch.device, pairs: int, queries: int, slots: int, k: int) -> tuple[int, int]:
+def score_blocks(
+    device: torch.device, pairs: int, queries: int, slots: int, k: int, elements: int | None = None
+) -> tuple[int, int]:
     """How a search of `pairs` (row, head) pairs of `queries` queries over `slots` slots is cut:
-    (pairs per block, slots per block). A block holds whole pairs over every slot where one pair's
+    (pairs per block, slots per block), in blocks of at most `elements` scores where the floor on
+    slots allows (None: the device's). A block holds whole pairs over every slot where one pair's
     scores fit, so each query's top-k is taken once; the running merge across slot blocks (k more
     candidates per query and block, three top-k passes each time) is left to larger stores."""
-    elements = _CPU_BLOCK_ELEMENTS if device.type == "cpu" else _DEVICE_BLOCK_ELEMENTS
+    if elements is None:
+        elements = _CPU_BLOCK_ELEMENTS if device.type == "cpu" else _DEVICE_BLOCK_ELEMENTS
     per_block = max(1, min(pairs, elements // max(1, queries * slots)))
     chunk = max(k, _MIN_BLOCK_GROUPS * k * _GROUP, elements // (per_block * queries))
     if chunk > _GROUP:
@@ -58,13 +62,17 @@ def block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
 
 class ExactSearch:
-    """Brute-force search over the store itself: no index to keep in sync."""
+    """Brute-force search over the store itself: no index to keep in sync. `block_elements`: the
+    largest score block searched at once (None: the device's; benchmarks.search compares them)."""
+
+    def __init__(self, block_elements: int | None = None) -> None:
+        self.block_elements = block_elements
 
     def exact_scores(self, store: Store) -> bool:
         return True
 
     def __repr__(self) -> str:
-        return "ExactSearch()"
+        return "ExactSearch()" if self.block_elements is None else f"ExactSearch(block_elements={self.block_elements})"
 
     def search(self, store: Store, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         batch, heads, seq, _ = queries.shape
@@ -73,7 +81,7 @@ class ExactSearch:
         compute_dtype = torch.float32 if store.device.type == "cpu" else store.dtype
         q = queries.to(compute_dtype).flatten(0, 1)  # (batch * heads, seq, head_dim)
         keys = store.keys.flatten(0, 1)  # (batch * heads, capacity, head_dim)
-        pairs, chunk = score_blocks(store.device, batch * heads, seq, store.extent, k)
+        pairs, chunk = score_blocks(store.device, batch * heads, seq, store.extent, k, self.block_elements)
         best_scores = torch.full((batch * heads, seq, k), float("-inf"), device=store.device)
         best_slots = torch.zeros((batch * heads, seq, k), dtype=torch.long, device=store.device)
         empty = None
