@@ -121,7 +121,8 @@ def table(result: dict[str, Any]) -> str:
     lines = [
         f"Made by `{result['command']}` ({result['threads']} threads): {result['corpus']}, "
         f"{len(result['documents'])} test documents, their first {result['tokens']:,} tokens; a memory of "
-        f"{result['memory_size']:,} entries in one layer at a time, k = {result['k']}, no training.",
+        f"{result['memory_size']:,} entries in one layer at a time, k = {result['k']}, no training for it "
+        "(a run fine-tuned with a memory: at its own memory layer, as trained).",
         "",
         "Per layer and kind of entry, the mean over heads, each over the queries whose memory holds an entry "
         "of the kind (`in memory`: their share of all queries): the share of the k entries found that are of "
@@ -195,9 +196,12 @@ def main(argv: list[str] | None = None) -> None:
         }
         if result is None or any(result.get(key) != value for key, value in settings.items()):
             result = {**settings, "cases": []}
-        result["command"] = "python experiments/retrieval_hits.py" + (
-            f" --corpus {args.corpus}" if args.corpus != "proofs" else ""
-        )
+        given = ("corpus", "documents", "tokens", "memory_size", "knn_k", "layers", "smollm2_layers")
+        flags = [
+            f"--{n.replace('_', '-')} {getattr(args, n)}" for n in given if getattr(args, n) != parser.get_default(n)
+        ]
+        flags += [f"--runs {' '.join(args.runs)}"] if args.runs else []
+        result["command"] = " ".join(["python experiments/retrieval_hits.py", *flags])
         result["threads"] = torch.get_num_threads()
         done = {(c["model"], c["layer"]) for c in result["cases"]}
         todo = [(pretraining, int(layer)) for layer in args.layers.split(",")]
@@ -220,6 +224,7 @@ def main(argv: list[str] | None = None) -> None:
             result["cases"].append({**case, "seconds": time.perf_counter() - started})
             write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
             print(f"{model_name} layer {layer}: {time.perf_counter() - started:.0f} s", flush=True)
+        write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))  # the command run
     if result is None:
         sys.exit(f"error: {path} does not exist: run without --summarize first")
     write_atomically(path.with_suffix(".md"), lambda tmp: Path(tmp).write_text(table(result)))
