@@ -254,6 +254,35 @@ def questions(
     ]
 
 
+def layers(corpus: str, finetune_tokens: int, eval_tokens: int | None, tokens_per_step: int | None = None) -> Grid:
+    """Memory 8K + XL in another layer than table4's (layer 2 of 4), fine-tuned like table4-CORPUS's
+    rows from its pre-training, on the seed of its `-s0` rows (read against its L-xl-s0 and
+    L-mem8k-xl-s0): where experiments/retrieval_hits.py finds the pre-training's search most selective."""
+    suffix = f"-{tokens_per_step}" if tokens_per_step else ""
+    L, source = SMALL["segment_length"], f"table4-{corpus}{suffix}/pretrain"
+    runs = [
+        Run(
+            f"L-mem8k-xl-layer{layer}-s0",
+            f"context {L} + memory 8K + XL {L}, the memory in layer {layer}",
+            dict(xl_length=L, memory_size=8192, knn_layers=(layer,)),
+            finetune_tokens,
+            init_from=source,
+            lr=1e-3,
+        )
+        for layer in (1, 3)
+    ]
+    return Grid(
+        f"layers-{corpus}{suffix}",
+        f"The memory in layer 1 or 3 instead of 2, fine-tuned for {finetune_tokens:,} tokens from the "
+        f"pre-training of table4-{corpus}{suffix} (read against its L-xl-s0 and L-mem8k-xl-s0)",
+        corpus,
+        4096,
+        SMALL,
+        at_tokens_per_step(runs, tokens_per_step),
+        eval_tokens=eval_tokens,
+    )
+
+
 def budgets(
     corpus: str,
     tokens: tuple[int, ...],
@@ -391,6 +420,8 @@ GRIDS = {
         ),
         table4("proofs", pretrain_tokens=8_000_000, finetune_tokens=1_000_000),
         *questions("proofs", finetune_tokens=1_000_000, eval_tokens=None),
+        layers("proofs", finetune_tokens=1_000_000, eval_tokens=None),
+        layers("pycode", finetune_tokens=2_000_000, eval_tokens=200_000, tokens_per_step=2048),
         table4("books", pretrain_tokens=8_000_000, finetune_tokens=1_000_000),
         Grid(
             "quick",
