@@ -237,6 +237,16 @@ def memory_size_table(suffix: str = "") -> str:
     return "\n".join(lines)
 
 
+def layer_table(corpus: str, suffix: str = "") -> str:
+    """The memory in another layer (layers-CORPUS), against table4's XL and memory rows of the same seed."""
+    T4, layers = f"table4-{corpus}{suffix}", f"layers-{corpus}{suffix}"
+    return grid_table(
+        [(T4, "L-xl-s0"), (T4, "L-mem8k-xl-s0"), (layers, "L-mem8k-xl-layer1-s0"), (layers, "L-mem8k-xl-layer3-s0")],
+        (T4, "L-xl-s0"),
+        "vs XL alone (same seed)",
+    )
+
+
 def retrieval_table(corpus: str) -> str:
     """What the memory's search finds (experiments/retrieval_hits.py), from its JSON."""
     path = HERE / "results" / f"retrieval_hits-{corpus}.json"
@@ -391,6 +401,9 @@ TABLES: dict[str, Callable[[], str]] = {
     **question_tables("proofs"),
     "table4-books": lambda: table4_table("table4-books"),
     "retrieval-proofs": lambda: retrieval_table("proofs"),
+    "retrieval-pycode": lambda: retrieval_table("pycode"),
+    "layers-proofs": lambda: layer_table("proofs"),
+    "layers-pycode-2048": lambda: layer_table("pycode", "-2048"),
     "smollm2": smollm2_table,
     "smollm2-sizes": smollm2_sizes_table,
 }
