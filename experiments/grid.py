@@ -82,6 +82,10 @@ class Grid:
     batch_size: int = 4
     eval_tokens: int | None = None  # None: whole test documents
     document_tokens: int | None = None  # cut every document into pieces of at most this many tokens (short documents)
+    # GRID/RUN: read the corpus through the tokenizer kept with that run's committed weights instead of
+    # one trained on the corpus now. For a corpus that moves (pycode follows the installed packages'
+    # versions): the grid's rows are then compared with each other only, never with older grids'.
+    tokenizer_from: str | None = None
 
     def run(self, name: str) -> Run:
         for run in self.runs:
@@ -254,13 +258,21 @@ def questions(
     ]
 
 
-def layers(corpus: str, finetune_tokens: int, eval_tokens: int | None, tokens_per_step: int | None = None) -> Grid:
+def layers(
+    corpus: str, finetune_tokens: int, eval_tokens: int | None, tokens_per_step: int | None = None, moved: bool = False
+) -> Grid:
     """Memory 8K + XL in another layer than table4's (layer 2 of 4), fine-tuned like table4-CORPUS's
     rows from its pre-training, on the seed of its `-s0` rows (read against its L-xl-s0 and
-    L-mem8k-xl-s0): where experiments/retrieval_hits.py finds the pre-training's search most selective."""
+    L-mem8k-xl-s0): where experiments/retrieval_hits.py finds the pre-training's search most selective.
+    `moved`: the corpus has changed since table4-CORPUS ran (pycode): the grid reads it through the
+    pre-training's tokenizer and runs its own XL and layer-2 rows to compare with."""
     suffix = f"-{tokens_per_step}" if tokens_per_step else ""
     L, source = SMALL["segment_length"], f"table4-{corpus}{suffix}/pretrain"
-    runs = [
+    xl = Run(
+        "L-xl-s0", f"context {L} + XL {L}", dict(NO_MEMORY, xl_length=L), finetune_tokens, init_from=source, lr=1e-3
+    )
+    runs = [xl] if moved else []
+    runs += [
         Run(
             f"L-mem8k-xl-layer{layer}-s0",
             f"context {L} + memory 8K + XL {L}, the memory in layer {layer}",
@@ -269,17 +281,24 @@ def layers(corpus: str, finetune_tokens: int, eval_tokens: int | None, tokens_pe
             init_from=source,
             lr=1e-3,
         )
-        for layer in (1, 3)
+        for layer in ((1, 2, 3) if moved else (1, 3))
     ]
     return Grid(
         f"layers-{corpus}{suffix}",
-        f"The memory in layer 1 or 3 instead of 2, fine-tuned for {finetune_tokens:,} tokens from the "
-        f"pre-training of table4-{corpus}{suffix} (read against its L-xl-s0 and L-mem8k-xl-s0)",
+        f"The memory in layer {'1, 2 or 3' if moved else '1 or 3 instead of 2'}, fine-tuned for "
+        f"{finetune_tokens:,} tokens from the "
+        f"pre-training of table4-{corpus}{suffix} "
+        + (
+            "through its tokenizer (the corpus has moved since), beside XL and layer-2 rows of its own"
+            if moved
+            else "(read against its L-xl-s0 and L-mem8k-xl-s0)"
+        ),
         corpus,
         4096,
         SMALL,
         at_tokens_per_step(runs, tokens_per_step),
         eval_tokens=eval_tokens,
+        tokenizer_from=source if moved else None,
     )
 
 
@@ -421,7 +440,7 @@ GRIDS = {
         table4("proofs", pretrain_tokens=8_000_000, finetune_tokens=1_000_000),
         *questions("proofs", finetune_tokens=1_000_000, eval_tokens=None),
         layers("proofs", finetune_tokens=1_000_000, eval_tokens=None),
-        layers("pycode", finetune_tokens=2_000_000, eval_tokens=200_000, tokens_per_step=2048),
+        layers("pycode", finetune_tokens=2_000_000, eval_tokens=200_000, tokens_per_step=2048, moved=True),
         table4("books", pretrain_tokens=8_000_000, finetune_tokens=1_000_000),
         Grid(
             "quick",
@@ -463,6 +482,8 @@ def run_settings(grid: Grid, run: Run) -> dict[str, Any]:
     }
     if grid.document_tokens is not None:
         settings["document_tokens"] = grid.document_tokens
+    if grid.tokenizer_from is not None:
+        settings["tokenizer_from"] = grid.tokenizer_from
     return settings
 
 
@@ -528,8 +549,12 @@ def weights_dir(grid: Grid, run: Run, results: Path) -> Path:
 
 
 def build_model(grid: Grid, run: Run, device: torch.device) -> MemorizingTransformer:
-    """The run's model, seeded, on `device`, with the corpus's tokenizer."""
-    tokenizer = load_tokenizer(str(corpus_tokenizer(grid.corpus, grid.vocab_size)))
+    """The run's model, seeded, on `device`, with the corpus's tokenizer (or the grid's `tokenizer_from`)."""
+    if grid.tokenizer_from is None:
+        tokenizer = load_tokenizer(str(corpus_tokenizer(grid.corpus, grid.vocab_size)))
+    else:
+        name, source = grid.tokenizer_from.split("/", 1)
+        tokenizer = load_tokenizer(str(weights_dir(GRIDS[name], GRIDS[name].run(source), RESULTS) / "tokenizer"))
     config = MemorizingConfig.from_dict({**grid.base, **run.model, "vocab_size": len(tokenizer)})
     torch.manual_seed(run.seed)
     return MemorizingTransformer(config, tokenizer=tokenizer).to(device)

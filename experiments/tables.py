@@ -237,14 +237,14 @@ def memory_size_table(suffix: str = "") -> str:
     return "\n".join(lines)
 
 
-def layer_table(corpus: str, suffix: str = "") -> str:
-    """The memory in another layer (layers-CORPUS), against table4's XL and memory rows of the same seed."""
+def layer_table(corpus: str, suffix: str = "", moved: bool = False) -> str:
+    """The memory in another layer (layers-CORPUS), against table4's XL and memory rows of the same seed,
+    or against its own where the corpus has moved since table4 ran (see experiments/grid.py's `layers`)."""
     T4, layers = f"table4-{corpus}{suffix}", f"layers-{corpus}{suffix}"
-    return grid_table(
-        [(T4, "L-xl-s0"), (T4, "L-mem8k-xl-s0"), (layers, "L-mem8k-xl-layer1-s0"), (layers, "L-mem8k-xl-layer3-s0")],
-        (T4, "L-xl-s0"),
-        "vs XL alone (same seed)",
-    )
+    reference = (layers if moved else T4, "L-xl-s0")
+    in_layer = [(layers, f"L-mem8k-xl-layer{layer}-s0") for layer in (1, 2, 3) if moved or layer != 2]
+    rows = [reference, *([] if moved else [(T4, "L-mem8k-xl-s0")]), *in_layer]
+    return grid_table(rows, reference, "vs XL alone (same seed)")
 
 
 def retrieval_table(corpus: str) -> str:
@@ -403,7 +403,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "retrieval-proofs": lambda: retrieval_table("proofs"),
     "retrieval-pycode": lambda: retrieval_table("pycode"),
     "layers-proofs": lambda: layer_table("proofs"),
-    "layers-pycode-2048": lambda: layer_table("pycode", "-2048"),
+    "layers-pycode-2048": lambda: layer_table("pycode", "-2048", moved=True),
     "smollm2": smollm2_table,
     "smollm2-sizes": smollm2_sizes_table,
 }
