@@ -243,9 +243,12 @@ def layer_table(corpus: str, suffix: str = "", moved: bool = False) -> str:
     T4, layers = f"table4-{corpus}{suffix}", f"layers-{corpus}{suffix}"
     reference = (layers if moved else T4, "L-xl-s0")
     in_layer = [(layers, f"L-mem8k-xl-layer{layer}-s0") for layer in (1, 2, 3) if moved or layer != 2]
-    in_layer += [(layers, "L-mem8k-xl-layer1-s1")] if moved else []
     rows = [reference, *([] if moved else [(T4, "L-mem8k-xl-s0")]), *in_layer]
-    return grid_table(rows, reference, "vs XL alone (same seed)")
+    table = grid_table(rows, reference, "vs XL alone (same seed)")
+    if not moved:
+        return table
+    seeds = grid_table([(layers, "L-mem8k-xl-layer1")])  # every seed of the layer-1 row
+    return f"{table}\n\nThe layer-1 row over its seeds, each beside its own weights with the memory off:\n\n{seeds}"
 
 
 def retrieval_table(corpus: str) -> str:
