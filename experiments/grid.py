@@ -283,8 +283,9 @@ def layers(
         )
         for layer in ((1, 2, 3) if moved else (1, 3))
     ]
-    if moved:  # the layer that pays, on a second seed (the memory-off figure of the same weights beside it)
+    if moved:  # the layer that pays, and XL alone, on a second seed
         runs.append(dataclasses.replace(runs[1], name="L-mem8k-xl-layer1-s1", seed=1))
+        runs.append(dataclasses.replace(xl, name="L-xl-s1", seed=1))
     return Grid(
         f"layers-{corpus}{suffix}",
         f"The memory in layer {'1, 2 or 3' if moved else '1 or 3 instead of 2'}, fine-tuned for "

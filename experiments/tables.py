@@ -247,8 +247,9 @@ def layer_table(corpus: str, suffix: str = "", moved: bool = False) -> str:
     table = grid_table(rows, reference, "vs XL alone (same seed)")
     if not moved:
         return table
-    seeds = grid_table([(layers, "L-mem8k-xl-layer1")])  # every seed of the layer-1 row
-    return f"{table}\n\nThe layer-1 row over its seeds, each beside its own weights with the memory off:\n\n{seeds}"
+    seeds = grid_table([(layers, "L-xl"), (layers, "L-mem8k-xl-layer1")], (layers, "L-xl"), "vs XL alone")
+    lead = "XL alone and the layer-1 row over their seeds (their change compares like with like once both have the same"
+    return f"{table}\n\n{lead} seeds; until then, read the memory-off column):\n\n{seeds}"
 
 
 def retrieval_table(corpus: str) -> str:
