@@ -515,12 +515,15 @@ def result_path(grid: Grid, run: Run, results: Path) -> Path:
     return results / grid.name / f"{run.name}.json"
 
 
+def named_run(name: str) -> tuple[Grid, Run]:
+    """The grid and run named GRID/RUN."""
+    grid_name, run = name.split("/", 1)
+    return GRIDS[grid_name], GRIDS[grid_name].run(run)
+
+
 def source_of(grid: Grid, run: Run) -> tuple[Grid, Run]:
     """The grid and run whose final weights start `run`."""
-    if "/" in run.init_from:
-        name, source = run.init_from.split("/", 1)
-        return GRIDS[name], GRIDS[name].run(source)
-    return grid, grid.run(run.init_from)
+    return named_run(run.init_from) if "/" in run.init_from else (grid, grid.run(run.init_from))
 
 
 def started_from(grid: Grid, run: Run) -> bool:
@@ -556,8 +559,7 @@ def build_model(grid: Grid, run: Run, device: torch.device) -> MemorizingTransfo
     if grid.tokenizer_from is None:
         tokenizer = load_tokenizer(str(corpus_tokenizer(grid.corpus, grid.vocab_size)))
     else:
-        name, source = grid.tokenizer_from.split("/", 1)
-        tokenizer = load_tokenizer(str(weights_dir(GRIDS[name], GRIDS[name].run(source), RESULTS) / "tokenizer"))
+        tokenizer = load_tokenizer(str(weights_dir(*named_run(grid.tokenizer_from), RESULTS) / "tokenizer"))
     config = MemorizingConfig.from_dict({**grid.base, **run.model, "vocab_size": len(tokenizer)})
     torch.manual_seed(run.seed)
     return MemorizingTransformer(config, tokenizer=tokenizer).to(device)
@@ -794,14 +796,15 @@ def run_grid(
                 f"{path} was made with other settings than the grid now gives {run.name}: "
                 f"move it (and {runs_dir / grid.name / run.name}) away to run it again"
             )
-        if run.init_from is not None and not result_path(*source_of(grid, run), results).is_file():
+        source = None if run.init_from is None else source_of(grid, run)
+        if source is not None and not result_path(*source, results).is_file():
             print(f"  {run.name}: waits for {run.init_from}")
             continue
-        if run.init_from is not None and not (weights_dir(*source_of(grid, run), results) / "config.json").is_file():
+        if source is not None and not (weights_dir(*source, results) / "config.json").is_file():
             # A source finished before its final weights were kept beside its result: train it again
             # (its result is written anew), so that the runs it starts can go on.
             print(f"-- {run.init_from}: its final weights were not kept; training it again for {run.name}")
-            if not train_run(*source_of(grid, run), runs_dir, results, device, deadline):
+            if not train_run(*source, runs_dir, results, device, deadline):
                 print("stopped at the time limit; run the same command again to go on")
                 return False
         print(f"-- {grid.name}/{run.name}: {run.label}, {run.tokens:,} tokens")

@@ -44,7 +44,7 @@ from memorizing_transformers.evaluation.inspect import inspect_ids, inspect_pret
 from memorizing_transformers.evaluation.retrieval import FIELDS, KINDS, retrieval_hits
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from grid import GRIDS, weights_dir  # noqa: E402
+from grid import named_run, weights_dir  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PRETRAININGS = {"proofs": "table4-proofs", "pycode": "table4-pycode-2048", "books": "table4-books"}
@@ -78,8 +78,7 @@ def summed(rows: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
 
 def run_folder(name: str) -> Path:
     """The final weights of grid run GRID/RUN, kept beside its result by experiments/grid.py."""
-    grid_name, run = name.split("/", 1)
-    folder = weights_dir(GRIDS[grid_name], GRIDS[grid_name].run(run), RESULTS / "grids")
+    folder = weights_dir(*named_run(name), RESULTS / "grids")
     if not (folder / "config.json").is_file():
         raise SystemExit(f"error: {name}'s final weights were not kept ({folder} is missing)")
     return folder
