@@ -305,6 +305,74 @@ def layers(
     )
 
 
+def in_layer(
+    corpus: str,
+    layer: int,
+    budgets: tuple[int, ...],
+    finetune_tokens: int,
+    eval_tokens: int | None,
+    tokens_per_step: int | None = None,
+) -> Grid:
+    """Table 4's memory rows and the budget curve with the memory in `layer`, where
+    experiments/retrieval_hits.py finds the pre-training's search selective (layers-CORPUS found it
+    paying there at `finetune_tokens`; its L-xl and L-mem8k-xl-layerN rows are this grid's middle point
+    and references). Fine-tuned from table4-CORPUS's pre-training through its tokenizer, like layers-CORPUS
+    for a corpus that has moved. The longest budget runs last."""
+    suffix = f"-{tokens_per_step}" if tokens_per_step else ""
+    L, source = SMALL["segment_length"], f"table4-{corpus}{suffix}/pretrain"
+    here, memory = f", the memory in layer {layer}", dict(knn_layers=(layer,))
+    tune = lambda name, label, model, tokens, **kw: Run(  # noqa: E731
+        name, label, model, tokens, init_from=source, lr=1e-3, **kw
+    )
+    curve = lambda tokens: [  # noqa: E731
+        tune(f"L-xl-{tokens // 1000}k", f"context {L} + XL {L}", dict(NO_MEMORY, xl_length=L), tokens),
+        tune(
+            f"L-mem8k-xl-{tokens // 1000}k",
+            f"context {L} + memory 8K + XL {L}{here}",
+            dict(memory, xl_length=L, memory_size=8192),
+            tokens,
+        ),
+    ]
+    rows = [
+        ("L-mem8k-s0", f"context {L} + memory 8K{here}", dict(memory, xl_length=0, memory_size=8192)),
+        (
+            "L-mem8k-xl-joint-s0",
+            f"context {L} + memory 8K + XL {L}{here}, one softmax over local and retrieved entries",
+            dict(memory, xl_length=L, memory_size=8192, memory_combine="joint"),
+        ),
+        (
+            "L-mem64k-xl-s0",
+            f"context {L} + memory 64K + XL {L}{here}",
+            dict(memory, xl_length=L, memory_size=65536, memory_backend="faiss_ivf"),
+        ),
+    ]
+    runs = [run for tokens in budgets[:-1] for run in curve(tokens)]
+    runs += [tune(name, label, model, finetune_tokens) for name, label, model in rows]
+    # The paper's Table 5 in kind: trained with a 2K memory, tested with larger ones as they are.
+    runs.append(
+        tune(
+            "L-mem2k-xl-s0",
+            f"context {L} + memory 2K + XL {L}{here}",
+            dict(memory, xl_length=L, memory_size=2048),
+            finetune_tokens,
+            eval_memory_sizes=(8192, 32768, 131072),
+        )
+    )
+    runs += curve(budgets[-1])
+    return Grid(
+        f"layer{layer}-{corpus}{suffix}",
+        f"Table 4's memory rows and the budget curve ({', '.join(f'{t:,}' for t in budgets)} tokens) with the "
+        f"memory in layer {layer}, fine-tuned from the pre-training of table4-{corpus}{suffix} through its "
+        f"tokenizer; read with layers-{corpus}{suffix}'s {finetune_tokens:,}-token rows",
+        corpus,
+        4096,
+        SMALL,
+        at_tokens_per_step(runs, tokens_per_step),
+        eval_tokens=eval_tokens,
+        tokenizer_from=source,
+    )
+
+
 def budgets(
     corpus: str,
     tokens: tuple[int, ...],
@@ -444,6 +512,14 @@ GRIDS = {
         *questions("proofs", finetune_tokens=1_000_000, eval_tokens=None),
         layers("proofs", finetune_tokens=1_000_000, eval_tokens=None),
         layers("pycode", finetune_tokens=2_000_000, eval_tokens=200_000, tokens_per_step=2048, moved=True),
+        in_layer(
+            "pycode",
+            1,
+            budgets=(500_000, 1_000_000, 4_000_000, 8_000_000),
+            finetune_tokens=2_000_000,
+            eval_tokens=200_000,
+            tokens_per_step=2048,
+        ),
         table4("books", pretrain_tokens=8_000_000, finetune_tokens=1_000_000),
         Grid(
             "quick",

@@ -119,14 +119,23 @@ def budget_points(suffix: str = "") -> list[tuple[int, str, str, str]]:
     return points + [(2_000_000, f"table4-pycode{suffix}", "L-xl", "L-mem8k-xl")]
 
 
-def budget_table(suffix: str = "") -> str:
-    """The memory's gain against fine-tuning tokens, with the gates it ended with."""
+def layer_budget_points(corpus: str, layer: int, suffix: str = "") -> list[tuple[int, str, str, str]]:
+    """The budgets of layerN-CORPUS (experiments/grid.py `in_layer`) and, at 2M tokens, layers-CORPUS's rows."""
+    grid = f"layer{layer}-{corpus}{suffix}"
+    points = [(t, grid, f"L-xl-{t // 1000}k", f"L-mem8k-xl-{t // 1000}k") for t in (500_000, 1_000_000)]
+    points.append((2_000_000, f"layers-{corpus}{suffix}", "L-xl-s0", f"L-mem8k-xl-layer{layer}-s0"))
+    return points + [(t, grid, f"L-xl-{t // 1000}k", f"L-mem8k-xl-{t // 1000}k") for t in (4_000_000, 8_000_000)]
+
+
+def budget_table(points: list[tuple[int, str, str, str]]) -> str:
+    """The memory's gain against fine-tuning tokens, with the gates it ended with; `points` as
+    budget_points gives them."""
     lines = [
         "| fine-tuning tokens | XL alone | memory 8K + XL | its memory off | memory vs XL alone | "
         "memory vs memory off | gates at the end (mean of 4 heads) |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for tokens, grid, xl_run, memory_run in budget_points(suffix):
+    for tokens, grid, xl_run, memory_run in points:
         xl, memory = seeds(grid, xl_run), seeds(grid, memory_run)
         if not xl or not memory:
             lines.append(f"| {tokens:,} | not finished yet | | | | | |")
@@ -216,9 +225,9 @@ def cross_context_table() -> str:
     return "\n".join(lines)
 
 
-def memory_size_table(suffix: str = "") -> str:
-    """Table 5 in kind: the 2K-memory model tested with larger memories, and after a fine-tune at 128K."""
-    grid = f"table4-pycode{suffix}"
+def memory_size_table(grid: str) -> str:
+    """Table 5 in kind: the 2K-memory model of `grid` tested with larger memories, and after a fine-tune
+    at 128K where the grid has one."""
     row, tuned = load(grid, "L-mem2k-xl-s0"), load(grid, "L-mem2k-xl-ft128k")
     if row is None:
         return "Not finished yet: L-mem2k-xl-s0."
@@ -348,8 +357,8 @@ def pycode_tables(suffix: str = "") -> dict[str, Callable[[], str]]:
     T4, B = f"table4-pycode{suffix}", f"budgets-pycode{suffix}"
     return {
         f"table4-pycode{suffix}": lambda: table4_table(T4),
-        f"budgets-pycode{suffix}": lambda: budget_table(suffix),
-        f"memory-sizes-pycode{suffix}": lambda: memory_size_table(suffix),
+        f"budgets-pycode{suffix}": lambda: budget_table(budget_points(suffix)),
+        f"memory-sizes-pycode{suffix}": lambda: memory_size_table(T4),
         f"fine-tune-into-memory-pycode{suffix}": lambda: fine_tune_into_memory_table(suffix),
         f"variants-pycode{suffix}": lambda: grid_table(
             [
@@ -409,6 +418,19 @@ TABLES: dict[str, Callable[[], str]] = {
     "retrieval-pycode": lambda: retrieval_table("pycode"),
     "layers-proofs": lambda: layer_table("proofs"),
     "layers-pycode-2048": lambda: layer_table("pycode", "-2048", moved=True),
+    "layer1-pycode-2048": lambda: grid_table(
+        [
+            ("layers-pycode-2048", "L-xl-s0"),
+            ("layer1-pycode-2048", "L-mem8k-s0"),
+            ("layers-pycode-2048", "L-mem8k-xl-layer1-s0"),
+            ("layer1-pycode-2048", "L-mem8k-xl-joint-s0"),
+            ("layer1-pycode-2048", "L-mem64k-xl-s0"),
+        ],
+        ("layers-pycode-2048", "L-xl-s0"),
+        "vs XL alone",
+    ),
+    "budgets-layer1-pycode-2048": lambda: budget_table(layer_budget_points("pycode", 1, "-2048")),
+    "memory-sizes-layer1-pycode-2048": lambda: memory_size_table("layer1-pycode-2048"),
     "smollm2": smollm2_table,
     "smollm2-sizes": smollm2_sizes_table,
 }
