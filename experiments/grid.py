@@ -748,6 +748,7 @@ def train_run(
         "peak_memory": peak_memory(grid, run, device),
         "memory_readout": memory_readout(model, test_docs) if memory else None,
         "memory_gates": model.memory_gates(),
+        "memory_gates_by_step": gate_history(trainer.metrics_path) if memory else None,
         # what decides how much a retrieved entry weighs, per memory layer and head: the softmax
         # temperature, and the position bias the joint softmax gives it (the farthest bucket's)
         "memory_attention": {
@@ -773,6 +774,19 @@ def train_run(
     write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
     print(f"  {run.name}: test perplexity " + ", ".join(f"{k} {v.perplexity:.3f}" for k, v in evaluated.items()))
     return True
+
+
+GATE_POINTS = 20  # steps at which a run's JSON keeps the memory gates, spread over its training
+
+
+def gate_history(metrics: Path, points: int = GATE_POINTS) -> list[dict[str, Any]]:
+    """The memory gates per layer and head at about `points` steps spread over training, the last
+    included, from the trainer's log (a resume truncates the log to its checkpoint's step)."""
+    logged = [record for line in metrics.read_text().splitlines() if "memory_gates" in (record := json.loads(line))]
+    kept = logged[:: max(1, len(logged) // points)]
+    if logged and kept[-1] is not logged[-1]:
+        kept.append(logged[-1])
+    return [{"step": record["step"], "gates": record["memory_gates"]} for record in kept]
 
 
 READOUT_TOKENS = 16_384  # test tokens over which the memory's readout is inspected

@@ -22,6 +22,16 @@ def quick_grid(tmp_path):
     return dataclasses.replace(grid_script.GRIDS["quick"], corpus="files", vocab_size=300)
 
 
+def test_gate_history_spreads_its_points_over_training_and_keeps_the_last(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    lines = [{"step": s, "loss": 1.0, "memory_gates": {"1": [s / 100]}} for s in range(1, 47)]
+    log.write_text("\n".join(json.dumps(r) for r in [{"step": 0, "loss": 2.0}, *lines]) + "\n")
+    history = grid_script.gate_history(log, points=10)
+    assert [h["step"] for h in history] == [*range(1, 47, 4), 46]
+    assert history[-1]["gates"] == {"1": [0.46]}
+    assert grid_script.gate_history(log, points=100) == [{"step": s, "gates": {"1": [s / 100]}} for s in range(1, 47)]
+
+
 @pytest.mark.slow
 def test_a_grid_resumes_across_invocations_and_skips_finished_runs(quick_grid, tmp_path, monkeypatch, capsys):
     runs, results = tmp_path / "runs", tmp_path / "results"
@@ -41,6 +51,12 @@ def test_a_grid_resumes_across_invocations_and_skips_finished_runs(quick_grid, t
     attention = rows["mem-xl"]["memory_attention"]
     (layer,) = rows["mem-xl"]["memory_gates"]  # the one memory layer, 2 heads
     assert list(attention) == [layer]
+    # The gates over training, from the trainer's log: the last logged step is the run's last.
+    history = rows["mem-xl"]["memory_gates_by_step"]
+    assert (
+        history[-1] == {"step": 4, "gates": rows["mem-xl"]["memory_gates"]}
+        and rows["xl"]["memory_gates_by_step"] is None
+    )
     assert len(attention[layer]["farthest_bias"]) == len(attention[layer]["qk_scale"]) == 2
     # The same command on the same machine gives the same figures: the pre-training run again
     # from nothing, into other folders, matches to the last bit.
