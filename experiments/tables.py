@@ -416,6 +416,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "table4-books": lambda: table4_table("table4-books"),
     "retrieval-proofs": lambda: retrieval_table("proofs"),
     "retrieval-pycode": lambda: retrieval_table("pycode"),
+    "retrieval-books": lambda: retrieval_table("books"),
     "layers-proofs": lambda: layer_table("proofs"),
     "layers-pycode-2048": lambda: layer_table("pycode", "-2048", moved=True),
     "layer1-pycode-2048": lambda: grid_table(

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
-from memorizing_transformers.model.attention import Attention
+from memorizing_transformers.model.attention import Attention, local_attention
 from memorizing_transformers.model.state import MemorizingState
 
 
@@ -311,6 +311,26 @@ def test_gradient_reaches_local_attention_and_gate_but_never_the_memory():
     memory = second.state.memories[2]
     assert not memory.keys.requires_grad and not memory.values.requires_grad
     assert all(not c.keys.requires_grad and not c.values.requires_grad for c in second.state.xl)
+
+
+def test_local_attention_written_out_equals_the_fused_kernel_with_its_gradients():
+    """On a CPU a bias that needs a gradient takes the written-out product: the same outputs and
+    gradients (q, keys, values and the bias, broadcast over the batch) as scaled_dot_product_attention."""
+    torch.manual_seed(0)
+    q, keys, values, bias = (*(torch.randn(2, 3, 5, 8) for _ in range(3)), torch.randn(1, 3, 5, 9))
+    keys, values = torch.cat([torch.randn(2, 3, 4, 8), keys], 2), torch.cat([torch.randn(2, 3, 4, 8), values], 2)
+    allowed = torch.ones(5, 9, dtype=torch.bool).tril(4)  # an XL cache of 4, then causal
+    grads = []
+    for attend in (
+        local_attention,
+        lambda *a: torch.nn.functional.scaled_dot_product_attention(*a[:3], attn_mask=a[3], scale=1.0),
+    ):
+        leaves = [t.clone().requires_grad_() for t in (q, keys, values, bias)]
+        out = attend(*leaves[:3], leaves[3].masked_fill(~allowed, float("-inf")))
+        (out * torch.linspace(-1, 1, 8)).sum().backward()
+        grads.append([out, *(t.grad for t in leaves)])
+    for ours, fused in zip(*grads):
+        torch.testing.assert_close(ours, fused)
 
 
 def test_memory_dtype_is_honoured():

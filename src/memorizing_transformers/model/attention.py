@@ -59,6 +59,20 @@ def memory_readout(mem_logits: torch.Tensor, mem_values: torch.Tensor, mem_valid
     return torch.einsum("bhtk,bhtkd->bhtd", probs.to(mem_values.dtype), mem_values)
 
 
+def local_attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q keys^T + bias) values: q (batch, heads, seq, head_dim), already scaled; keys, values
+    (batch, heads, kv_len, head_dim); bias additive, broadcastable to (batch, heads, seq, kv_len), -inf
+    where not allowed, with at least one key allowed per query. Returns (batch, heads, seq, head_dim).
+
+    PyTorch's fused CPU kernel takes no mask that needs a gradient (a learned position bias, in
+    training); its fallback then adds a pass that zeroes rows with no allowed key, which callers
+    never have, and runs its products slower. There the product is written out; elsewhere
+    scaled_dot_product_attention."""
+    if q.device.type == "cpu" and bias.requires_grad and torch.is_grad_enabled():
+        return torch.matmul(torch.softmax(torch.matmul(q, keys.transpose(-1, -2)) + bias, dim=-1), values)
+    return F.scaled_dot_product_attention(q, keys, values, attn_mask=bias, scale=1.0)
+
+
 def gate_share(memory_gate: torch.Tensor, mem_valid: torch.Tensor) -> torch.Tensor:
     """sigmoid(memory_gate) per head, 0 where nothing valid was retrieved: (batch, heads, seq, 1)."""
     return torch.sigmoid(memory_gate)[None, :, None, None] * mem_valid.any(dim=-1, keepdim=True)
@@ -88,7 +102,7 @@ def memory_attention(
     (batch, heads, seq): the gate, or the retrieved entries' softmax mass.
     """
     if memory_gate is not None:
-        local = F.scaled_dot_product_attention(q, keys, values, attn_mask=local_bias, scale=1.0)
+        local = local_attention(q, keys, values, local_bias)
         gate = gate_share(memory_gate, mem_valid)
         return gate * memory_readout(mem_logits, mem_values, mem_valid) + (1 - gate) * local, gate.squeeze(-1)
     local_logits = torch.matmul(q, keys.transpose(-1, -2)) + local_bias  # (batch, heads, seq, kv_len)
@@ -215,7 +229,7 @@ class Attention(nn.Module):
             values = torch.cat([store.values.to(v.dtype), values], dim=2)
 
         if not self.use_memory:
-            out = F.scaled_dot_product_attention(q_scaled, keys, values, attn_mask=local_bias, scale=1.0)
+            out = local_attention(q_scaled, keys, values, local_bias)
         else:
             # Retrieve before writing: a query never sees its own segment in memory.
             found = memory.search(q, self.knn_k, gather_keys=q.requires_grad)  # (batch, heads, seq, k, ...)
