@@ -197,14 +197,22 @@ def table4(
 
 
 def questions(
-    corpus: str, finetune_tokens: int, eval_tokens: int | None, tokens_per_step: int | None = None
+    corpus: str,
+    finetune_tokens: int,
+    eval_tokens: int | None,
+    tokens_per_step: int | None = None,
+    memory_layer: int | None = None,
 ) -> list[Grid]:
     """The three questions of the project, as fine-tunes of the same pre-training as table4-CORPUS
     (whose XL and memory rows they are read against): (a) other long-range approaches, (b) a
     wider window instead of a memory, (c) short documents. With `tokens_per_step`, against
-    table4-CORPUS-TOKENS, every run reading that many tokens a step."""
+    table4-CORPUS-TOKENS, every run reading that many tokens a step. With `memory_layer`, for a
+    corpus that has moved since table4-CORPUS ran (pycode): read through the pre-training's
+    tokenizer, with contexts L and 4L of their own, the short documents' memory in that layer, and
+    read against layersN-CORPUS's rows and layerN-CORPUS's (experiments/grid.py `in_layer`)."""
     suffix = f"-{tokens_per_step}" if tokens_per_step else ""
     L, source = SMALL["segment_length"], f"table4-{corpus}{suffix}/pretrain"
+    moved = memory_layer is not None
     other = [
         (
             "window512",
@@ -226,8 +234,17 @@ def questions(
     ]
     short = [
         ("short-xl", f"context {L} + XL {L}", dict(NO_MEMORY, xl_length=L)),
-        ("short-mem8k-xl", f"context {L} + memory 8K + XL {L}", dict(xl_length=L, memory_size=8192)),
+        (
+            "short-mem8k-xl",
+            f"context {L} + memory 8K + XL {L}" + (f", the memory in layer {memory_layer}" if moved else ""),
+            dict(xl_length=L, memory_size=8192, **(dict(knn_layers=(memory_layer,)) if moved else {})),
+        ),
     ]
+    if moved:  # table4-CORPUS's context-alone rows read the corpus as it was: these read it as it is
+        other += [
+            ("L", f"context {L}", dict(NO_MEMORY, xl_length=0)),
+            ("4L", f"context {4 * L}", dict(NO_MEMORY, xl_length=0, segment_length=4 * L)),
+        ]
     make = lambda rows: at_tokens_per_step(  # noqa: E731
         [Run(name, label, model, finetune_tokens, init_from=source, lr=1e-3) for name, label, model in rows],
         tokens_per_step,
@@ -237,12 +254,17 @@ def questions(
             f"questions-{corpus}{suffix}",
             f"Other long-range approaches and wider windows on `{corpus}`, fine-tuned for "
             f"{finetune_tokens:,} tokens from the pre-training of table4-{corpus}{suffix} "
-            "(read against its XL and memory rows)",
+            + (
+                f"through its tokenizer (read against layers-{corpus}{suffix}'s XL and layer-{memory_layer} rows)"
+                if moved
+                else "(read against its XL and memory rows)"
+            ),
             corpus,
             4096,
             SMALL,
             make(other),
             eval_tokens=eval_tokens,
+            tokenizer_from=source if moved else None,
         ),
         Grid(
             f"short-{corpus}{suffix}",
@@ -254,6 +276,7 @@ def questions(
             make(short),
             eval_tokens=eval_tokens,
             document_tokens=2 * L,
+            tokenizer_from=source if moved else None,
         ),
     ]
 
@@ -310,14 +333,16 @@ def in_layer(
     layer: int,
     budgets: tuple[int, ...],
     finetune_tokens: int,
+    scratch_tokens: int,
     eval_tokens: int | None,
     tokens_per_step: int | None = None,
 ) -> Grid:
     """Table 4's memory rows and the budget curve with the memory in `layer`, where
     experiments/retrieval_hits.py finds the pre-training's search selective (layers-CORPUS found it
     paying there at `finetune_tokens`; its L-xl and L-mem8k-xl-layerN rows are this grid's middle point
-    and references). Fine-tuned from table4-CORPUS's pre-training through its tokenizer, like layers-CORPUS
-    for a corpus that has moved. The longest budget runs last."""
+    and references), and a memory model trained from scratch for `scratch_tokens`. Fine-tuned from
+    table4-CORPUS's pre-training through its tokenizer, like layers-CORPUS for a corpus that has moved.
+    The longest runs come last."""
     suffix = f"-{tokens_per_step}" if tokens_per_step else ""
     L, source = SMALL["segment_length"], f"table4-{corpus}{suffix}/pretrain"
     here, memory = f", the memory in layer {layer}", dict(knn_layers=(layer,))
@@ -359,6 +384,16 @@ def in_layer(
         )
     )
     runs += curve(budgets[-1])
+    # The memory model trained from scratch as long as the pre-training: the share of the gap to it that
+    # a fine-tune closes, against the fine-tune's length (the paper: 85% in 4% of the steps).
+    runs.append(
+        Run(
+            "scratch-mem8k-xl",
+            f"context {L} + memory 8K + XL {L}{here}, from scratch",
+            dict(memory, xl_length=L, memory_size=8192),
+            scratch_tokens,
+        )
+    )
     return Grid(
         f"layer{layer}-{corpus}{suffix}",
         f"Table 4's memory rows and the budget curve ({', '.join(f'{t:,}' for t in budgets)} tokens) with the "
@@ -498,16 +533,9 @@ GRIDS = {
             "pycode", pretrain_tokens=20_000_000, finetune_tokens=2_000_000, eval_tokens=200_000, tokens_per_step=2048
         ),
         *questions("pycode", finetune_tokens=2_000_000, eval_tokens=200_000),
-        *questions("pycode", finetune_tokens=2_000_000, eval_tokens=200_000, tokens_per_step=2048),
+        *questions("pycode", finetune_tokens=2_000_000, eval_tokens=200_000, tokens_per_step=2048, memory_layer=1),
         batch16("pycode", finetune_tokens=2_000_000, eval_tokens=200_000),
         budgets("pycode", tokens=(250_000, 500_000, 1_000_000), scratch_tokens=20_000_000, eval_tokens=200_000),
-        budgets(
-            "pycode",
-            tokens=(250_000, 500_000, 1_000_000),
-            scratch_tokens=20_000_000,
-            eval_tokens=200_000,
-            tokens_per_step=2048,
-        ),
         table4("proofs", pretrain_tokens=8_000_000, finetune_tokens=1_000_000),
         *questions("proofs", finetune_tokens=1_000_000, eval_tokens=None),
         layers("proofs", finetune_tokens=1_000_000, eval_tokens=None),
@@ -517,6 +545,7 @@ GRIDS = {
             1,
             budgets=(500_000, 1_000_000, 4_000_000, 8_000_000),
             finetune_tokens=2_000_000,
+            scratch_tokens=20_000_000,
             eval_tokens=200_000,
             tokens_per_step=2048,
         ),

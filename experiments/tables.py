@@ -29,6 +29,17 @@ GRIDS = HERE / "results" / "grids"
 RESULTS_PAGE = HERE.parent / "docs" / "RESULTS.md"
 
 
+# Grids whose corpus has changed since their pre-training ran (pycode follows the installed packages'
+# versions; experiments/grid.py refuses to fine-tune from such weights unless a grid reads the corpus
+# through their tokenizer): their rows without a result will not get one here.
+MOVED = {"table4-pycode", "budgets-pycode", "batch16-pycode", "questions-pycode", "short-pycode", "table4-pycode-2048"}
+
+
+def missing(grid: str) -> str:
+    """What a table says of a row with no result."""
+    return "not run: the corpus has moved since its pre-training" if grid in MOVED else "not finished yet"
+
+
 def load(grid: str, run: str) -> dict[str, Any] | None:
     path = GRIDS / grid / f"{run}.json"
     return json.loads(path.read_text()) if path.is_file() else None
@@ -98,7 +109,7 @@ def grid_table(runs: list[tuple[str, str]], reference: tuple[str, str] | None = 
     for grid, run in runs:
         rows, name = seeds(grid, run), f"{grid}/{run}" if mixed else run
         if not rows:
-            lines.append(f"| {name} | not finished yet |" + " |" * (len(compared) + 7))
+            lines.append(f"| {name} | {missing(grid)} |" + " |" * (len(compared) + 7))
             continue
         off = [r["test"]["memory off"]["perplexity"] for r in rows if "memory off" in r["test"]]
         cells = [name, rows[0]["label"], str(len(rows)), spread([main_result(r)["perplexity"] for r in rows])]
@@ -109,14 +120,13 @@ def grid_table(runs: list[tuple[str, str]], reference: tuple[str, str] | None = 
     return "\n".join(lines)
 
 
-def budget_points(suffix: str = "") -> list[tuple[int, str, str, str]]:
-    """The fine-tuning budgets measured: (tokens, grid, XL-alone run, memory 8K + XL run);
-    the budgets grid's fine-tunes, then table4's 2M-token rows (grids named with `suffix`)."""
+def budget_points() -> list[tuple[int, str, str, str]]:
+    """The fine-tuning budgets measured at 4 segments a step: (tokens, grid, XL-alone run, memory 8K +
+    XL run); the budgets grid's fine-tunes, then table4's 2M-token rows."""
     points = [
-        (t, f"budgets-pycode{suffix}", f"L-xl-{t // 1000}k", f"L-mem8k-xl-{t // 1000}k")
-        for t in (250_000, 500_000, 1_000_000)
+        (t, "budgets-pycode", f"L-xl-{t // 1000}k", f"L-mem8k-xl-{t // 1000}k") for t in (250_000, 500_000, 1_000_000)
     ]
-    return points + [(2_000_000, f"table4-pycode{suffix}", "L-xl", "L-mem8k-xl")]
+    return points + [(2_000_000, "table4-pycode", "L-xl", "L-mem8k-xl")]
 
 
 def layer_budget_points(corpus: str, layer: int, suffix: str = "") -> list[tuple[int, str, str, str]]:
@@ -138,7 +148,7 @@ def budget_table(points: list[tuple[int, str, str, str]]) -> str:
     for tokens, grid, xl_run, memory_run in points:
         xl, memory = seeds(grid, xl_run), seeds(grid, memory_run)
         if not xl or not memory:
-            lines.append(f"| {tokens:,} | not finished yet | | | | | |")
+            lines.append(f"| {tokens:,} | {missing(grid)} | | | | | |")
             continue
         on = perplexity(memory)
         off = statistics.fmean(r["test"]["memory off"]["perplexity"] for r in memory)
@@ -151,13 +161,13 @@ def budget_table(points: list[tuple[int, str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def fine_tune_into_memory_table(suffix: str = "") -> str:
+def fine_tune_into_memory_table() -> str:
     """The paper's fine-tuning into memory: the share of the gap between the vanilla pre-training
     and a memory model trained from scratch as long that fine-tunes with a memory close."""
-    vanilla, scratch = load(f"table4-pycode{suffix}", "pretrain"), load(f"budgets-pycode{suffix}", "scratch-mem8k-xl")
+    vanilla, scratch = load("table4-pycode", "pretrain"), load("budgets-pycode", "scratch-mem8k-xl")
     if vanilla is None or scratch is None:
         return (
-            "Not finished yet: "
+            f"{missing('budgets-pycode').capitalize()}: "
             + " and ".join(
                 name for name, row in (("the pre-training", vanilla), ("scratch-mem8k-xl", scratch)) if row is None
             )
@@ -171,9 +181,9 @@ def fine_tune_into_memory_table(suffix: str = "") -> str:
         "| fine-tuning tokens | share of the pre-training | memory 8K + XL fine-tuned | share of the gap closed |",
         "|---:|---:|---:|---:|",
     ]
-    for tokens, grid, _, run in budget_points(suffix):
+    for tokens, grid, _, run in budget_points():
         if not (rows := seeds(grid, run)):
-            lines.append(f"| {tokens:,} | not finished yet | | |")
+            lines.append(f"| {tokens:,} | {missing(grid)} | | |")
             continue
         tuned = perplexity(rows)
         lines.append(
@@ -323,26 +333,30 @@ def table4_table(grid: str) -> str:
     return grid_table([(grid, run) for run in TABLE4_ROWS], (grid, "L-xl"), "vs XL alone")
 
 
-def question_tables(corpus: str, suffix: str = "") -> dict[str, Callable[[], str]]:
+def question_tables(
+    corpus: str, suffix: str = "", references: dict[str, tuple[str, str]] | None = None
+) -> dict[str, Callable[[], str]]:
     """The three questions' tables on `corpus` (its questions and short grids, read against its table4
-    grid's rows): other long-range approaches, wider windows, short documents."""
+    grid's rows, or against `references`, by table4's row names, for a corpus that has moved):
+    other long-range approaches, wider windows, short documents."""
     T4, Q, S = (f"{name}-{corpus}{suffix}" for name in ("table4", "questions", "short"))
+    ref = {row: (T4, row) for row in TABLE4_ROWS} | (references or {})
     return {
         f"others-{corpus}{suffix}": lambda: grid_table(
             [
-                (T4, "L-xl"),
+                ref["L-xl"],
                 (Q, "window512"),
                 (Q, "window512-g8"),
                 (Q, "linformer64"),
-                (T4, "L-mem8k-xl"),
-                (T4, "L-mem8k-xl-joint"),
+                ref["L-mem8k-xl"],
+                ref["L-mem8k-xl-joint"],
             ],
-            (T4, "L-xl"),
+            ref["L-xl"],
             "vs XL alone",
         ),
         f"wider-{corpus}{suffix}": lambda: grid_table(
-            [(T4, "L"), (Q, "2L"), (T4, "4L"), (T4, "L-mem8k"), (T4, "L-xl"), (Q, "2L-xl"), (T4, "L-mem8k-xl")],
-            (T4, "L"),
+            [ref["L"], (Q, "2L"), ref["4L"], ref["L-mem8k"], ref["L-xl"], (Q, "2L-xl"), ref["L-mem8k-xl"]],
+            ref["L"],
             "vs context L",
         ),
         f"short-{corpus}{suffix}": lambda: grid_table(
@@ -351,16 +365,15 @@ def question_tables(corpus: str, suffix: str = "") -> dict[str, Callable[[], str
     }
 
 
-def pycode_tables(suffix: str = "") -> dict[str, Callable[[], str]]:
-    """The tables of the pycode grids named with `suffix` ("" for 4 segments a step, "-2048"
-    for 2,048 tokens a step), each named after its table with the same suffix."""
-    T4, B = f"table4-pycode{suffix}", f"budgets-pycode{suffix}"
+def pycode_tables() -> dict[str, Callable[[], str]]:
+    """The tables of the pycode grids at 4 segments a step."""
+    T4, B = "table4-pycode", "budgets-pycode"
     return {
-        f"table4-pycode{suffix}": lambda: table4_table(T4),
-        f"budgets-pycode{suffix}": lambda: budget_table(budget_points(suffix)),
-        f"memory-sizes-pycode{suffix}": lambda: memory_size_table(T4),
-        f"fine-tune-into-memory-pycode{suffix}": lambda: fine_tune_into_memory_table(suffix),
-        f"variants-pycode{suffix}": lambda: grid_table(
+        "table4-pycode": lambda: table4_table(T4),
+        "budgets-pycode": lambda: budget_table(budget_points()),
+        "memory-sizes-pycode": lambda: memory_size_table(T4),
+        "fine-tune-into-memory-pycode": fine_tune_into_memory_table,
+        "variants-pycode": lambda: grid_table(
             [
                 (B, f"L-{row}500k")
                 for row in (
@@ -375,26 +388,42 @@ def pycode_tables(suffix: str = "") -> dict[str, Callable[[], str]]:
             (B, "L-xl-500k"),
             "vs XL alone",
         ),
-        **question_tables("pycode", suffix),
-        f"readout-pycode{suffix}": lambda: readout_table(
+        **question_tables("pycode"),
+        "readout-pycode": lambda: readout_table(
             [
                 (B, f"L-mem8k-xl-{t}")
                 for t in ("250k", "500k", "1000k", "gate0-500k", "joint-500k", "sharp-500k", "sharp-gate0-500k")
             ]
             + [(T4, "L-mem8k"), (T4, "L-mem8k-xl"), (T4, "L-mem8k-xl-joint")]
-            + (
-                [("batch16-pycode", run) for run in ("L-mem8k-xl", "L-mem8k-xl-sharp", "L-mem8k-xl-joint-evicted")]
-                if not suffix
-                else []
-            )
+            + [("batch16-pycode", run) for run in ("L-mem8k-xl", "L-mem8k-xl-sharp", "L-mem8k-xl-joint-evicted")]
         ),
     }
+
+
+# At 2,048 tokens a step: table4-pycode-2048 ran before the corpus moved; every grid after it reads
+# the corpus through that pre-training's tokenizer, the memory in layer 1, against these rows.
+T4_2048, LAYERS_2048, LAYER1_2048 = "table4-pycode-2048", "layers-pycode-2048", "layer1-pycode-2048"
+MOVED_2048 = {
+    "L": ("questions-pycode-2048", "L"),
+    "4L": ("questions-pycode-2048", "4L"),
+    "L-xl": (LAYERS_2048, "L-xl-s0"),
+    "L-mem8k": (LAYER1_2048, "L-mem8k-s0"),
+    "L-mem8k-xl": (LAYERS_2048, "L-mem8k-xl-layer1-s0"),
+    "L-mem8k-xl-joint": (LAYER1_2048, "L-mem8k-xl-joint-s0"),
+}
 
 
 T4 = "table4-pycode"
 TABLES: dict[str, Callable[[], str]] = {
     **pycode_tables(),
-    **pycode_tables("-2048"),
+    "table4-pycode-2048": lambda: table4_table(T4_2048),
+    "memory-sizes-pycode-2048": lambda: memory_size_table(T4_2048),
+    "readout-pycode-2048": lambda: readout_table(
+        [(T4_2048, "L-mem8k"), (T4_2048, "L-mem8k-xl"), (T4_2048, "L-mem8k-xl-joint")]
+        + [(LAYERS_2048, f"L-mem8k-xl-layer{n}") for n in (1, 2, 3)]
+        + [(LAYER1_2048, f"L-mem8k-xl-{t}") for t in ("500k", "1000k", "4000k", "8000k", "joint-s0")]
+    ),
+    **question_tables("pycode", "-2048", MOVED_2048),
     "steps-pycode": lambda: (
         grid_table(
             [
