@@ -365,6 +365,11 @@ def in_layer(
             f"context {L} + memory 8K + XL {L}{here}, one softmax over local and retrieved entries",
             dict(memory, xl_length=L, memory_size=8192, memory_combine="joint"),
         ),
+        (  # the gates open in this layer, as fast as the learning rate lets them from nearly shut
+            "L-mem8k-xl-gate0-s0",
+            f"context {L} + memory 8K + XL {L}{here}, gate starting at 0.5",
+            dict(memory, xl_length=L, memory_size=8192, memory_gate_init=0.0),
+        ),
         (
             "L-mem64k-xl-s0",
             f"context {L} + memory 64K + XL {L}{here}",

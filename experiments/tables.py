@@ -214,6 +214,27 @@ def readout_table(runs: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def gate_history_table(runs: list[tuple[str, str]]) -> str:
+    """Each memory head's gate over training (experiments/grid.py keeps them at steps spread over it):
+    at the first logged step and at a quarter, half, three quarters and all of the run."""
+    lines = [
+        "| run | layer, head | first step | 1/4 | 1/2 | 3/4 | end |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for grid, run in runs:
+        row = load(grid, run)
+        if row is None or not row.get("memory_gates_by_step"):
+            lines.append(f"| {grid}/{run} | {'not recorded' if row else missing(grid)} | | | | | |")
+            continue
+        history, last = row["memory_gates_by_step"], row["steps"]
+        at = [history[0]] + [min(history, key=lambda h: abs(h["step"] - f * last)) for f in (0.25, 0.5, 0.75, 1.0)]
+        for layer, gates in history[-1]["gates"].items():
+            for head in range(len(gates)):
+                cells = " | ".join(f"{h['gates'][layer][head]:.4f} ({h['step']})" for h in at)
+                lines.append(f"| {grid}/{run} | {layer}, {head} | {cells} |")
+    return "\n".join(lines)
+
+
 def cross_context_table() -> str:
     """Final weights tested with another context (experiments/cross_context.py)."""
     path = HERE / "results" / "cross_context.json"
@@ -454,12 +475,16 @@ TABLES: dict[str, Callable[[], str]] = {
             ("layer1-pycode-2048", "L-mem8k-s0"),
             ("layers-pycode-2048", "L-mem8k-xl-layer1-s0"),
             ("layer1-pycode-2048", "L-mem8k-xl-joint-s0"),
+            ("layer1-pycode-2048", "L-mem8k-xl-gate0-s0"),
             ("layer1-pycode-2048", "L-mem64k-xl-s0"),
         ],
         ("layers-pycode-2048", "L-xl-s0"),
         "vs XL alone",
     ),
     "budgets-layer1-pycode-2048": lambda: budget_table(layer_budget_points("pycode", 1, "-2048")),
+    "gates-layer1-pycode-2048": lambda: gate_history_table(
+        [(LAYER1_2048, f"L-mem8k-xl-{t}") for t in ("500k", "1000k", "4000k", "8000k", "gate0-s0")]
+    ),
     "memory-sizes-layer1-pycode-2048": lambda: memory_size_table("layer1-pycode-2048"),
     "smollm2": smollm2_table,
     "smollm2-sizes": smollm2_sizes_table,
