@@ -26,10 +26,11 @@ EXACT_BACKENDS = {
 def test_block_topk_equals_topk(width):
     scores = torch.randn(3, 2, 5, width)
     scores[0, 0, 0, : width // 2] = float("-inf")  # masked slots, as after a reset
-    values, index = block_topk(scores, 8)
-    ref = scores.topk(8, dim=-1)
-    assert torch.equal(values, ref.values)
-    assert torch.equal(index, ref.indices)
+    for laid_out in (scores, scores.transpose(1, 2)):  # contiguous, and not
+        values, index = block_topk(laid_out, 8)
+        ref = laid_out.topk(8, dim=-1)
+        assert torch.equal(values, ref.values)
+        assert torch.equal(index, ref.indices)
 
 
 def brute_force(keys, valid, queries, k):
