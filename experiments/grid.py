@@ -3,6 +3,7 @@
     python experiments/grid.py table4-code                 # run (or go on with) every run of the grid
     python experiments/grid.py table4-code --max-minutes 90 --threads 1
     python experiments/grid.py table4-code --summarize     # only the table and plot, from the JSON
+    python experiments/grid.py layer1-pycode-2048 questions-pycode-2048   # one grid after the other
     python experiments/grid.py --list                      # the grids and their runs
 
 Each run trains through the library's `Trainer` (checkpoints every few minutes, in
@@ -1033,7 +1034,7 @@ def summarize(grid: Grid, results: Path) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("grid", nargs="?", help="the grid to run (see --list)")
+    parser.add_argument("grids", nargs="*", metavar="GRID", help="the grids to run, one after the other (see --list)")
     parser.add_argument("--list", action="store_true", help="the grids and their runs")
     parser.add_argument("--only", nargs="+", metavar="RUN", help="only these runs of the grid")
     parser.add_argument("--summarize", action="store_true", help="only write the table and plot from the JSON")
@@ -1052,15 +1053,22 @@ def main(argv: list[str] | None = None) -> None:
                     + (f", from {run.init_from}" if run.init_from else "")
                 )
         return
-    if args.grid not in GRIDS:
-        raise SystemExit(f"unknown grid {args.grid!r}; grids: {', '.join(GRIDS)}")
-    grid, results = GRIDS[args.grid], Path(args.results)
+    if unknown := [name for name in args.grids if name not in GRIDS]:
+        raise SystemExit(f"unknown grid {unknown[0]!r}; grids: {', '.join(GRIDS)}")
+    if not args.grids:
+        raise SystemExit("name a grid to run (--list shows them)")
+    if args.only and len(args.grids) > 1:
+        raise SystemExit("--only names runs of one grid: give one grid with it")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if not args.summarize:
-        finished = run_grid(grid, Path(args.runs), results, torch.device(args.device), args.max_minutes, args.only)
-        print("grid finished" if finished else "grid not finished", file=sys.stderr)
-    print(summarize(grid, results))
+    started = time.time()
+    for name in args.grids:
+        grid, results = GRIDS[name], Path(args.results)
+        if not args.summarize:
+            left = None if args.max_minutes is None else max(0.0, args.max_minutes - (time.time() - started) / 60)
+            finished = run_grid(grid, Path(args.runs), results, torch.device(args.device), left, args.only)
+            print(f"grid {name} {'finished' if finished else 'not finished'}", file=sys.stderr)
+        print(summarize(grid, results))
 
 
 if __name__ == "__main__":

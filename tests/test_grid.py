@@ -22,6 +22,15 @@ def quick_grid(tmp_path):
     return dataclasses.replace(grid_script.GRIDS["quick"], corpus="files", vocab_size=300)
 
 
+def test_the_command_names_its_refusals():
+    with pytest.raises(SystemExit, match="unknown grid 'nope'"):
+        grid_script.main(["quick", "nope"])
+    with pytest.raises(SystemExit, match="--only names runs of one grid"):
+        grid_script.main(["quick", "table4-books", "--only", "xl"])
+    with pytest.raises(SystemExit, match="name a grid"):
+        grid_script.main([])
+
+
 def test_gate_history_spreads_its_points_over_training_and_keeps_the_last(tmp_path):
     log = tmp_path / "metrics.jsonl"
     lines = [{"step": s, "loss": 1.0, "memory_gates": {"1": [s / 100]}} for s in range(1, 47)]
