@@ -210,7 +210,7 @@ def questions(
     table4-CORPUS-TOKENS, every run reading that many tokens a step. With `memory_layer`, for a
     corpus that has moved since table4-CORPUS ran (pycode): read through the pre-training's
     tokenizer, with contexts L and 4L of their own, the short documents' memory in that layer, and
-    read against layersN-CORPUS's rows and layerN-CORPUS's (experiments/grid.py `in_layer`)."""
+    read against the rows of layers-CORPUS and layerN-CORPUS (experiments/grid.py `in_layer`)."""
     suffix = f"-{tokens_per_step}" if tokens_per_step else ""
     L, source = SMALL["segment_length"], f"table4-{corpus}{suffix}/pretrain"
     moved = memory_layer is not None
