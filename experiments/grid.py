@@ -377,7 +377,12 @@ def in_layer(
             dict(memory, xl_length=L, memory_size=65536, memory_backend="faiss_ivf"),
         ),
     ]
-    runs = [run for tokens in budgets[:-1] for run in curve(tokens)]
+    # The pre-training's weights on the corpus as it is now (0 tokens: evaluated as they are), where a
+    # fine-tune into memory starts (fine_tune_into_memory in experiments/tables.py).
+    runs = [
+        Run("pretrain-as-is", "vanilla pre-training, not fine-tuned", dict(NO_MEMORY, xl_length=0), 0, init_from=source)
+    ]
+    runs += [run for tokens in budgets[:-1] for run in curve(tokens)]
     runs += [tune(name, label, model, finetune_tokens) for name, label, model in rows]
     # The paper's Table 5 in kind: trained with a 2K memory, tested with larger ones as they are.
     runs.append(
@@ -566,6 +571,13 @@ GRIDS = {
                 Run("pretrain", "vanilla", dict(NO_MEMORY, xl_length=0), 4 * 32 * 6),
                 Run("xl", "XL", dict(NO_MEMORY, xl_length=32), 4 * 32 * 4, init_from="pretrain"),
                 Run(
+                    "as-is",
+                    "the pre-training, not trained further",
+                    dict(NO_MEMORY, xl_length=0),
+                    0,
+                    init_from="pretrain",
+                ),
+                Run(
                     "mem-xl",
                     "memory + XL",
                     dict(xl_length=32),
@@ -618,8 +630,10 @@ def batch_size(grid: Grid, run: Run) -> int:
 
 
 def steps_for(grid: Grid, run: Run) -> int:
+    """The run's training steps: its tokens over a step's (at least one); none for a run of 0 tokens,
+    which evaluates its source's weights as they are."""
     segment = {**grid.base, **run.model}["segment_length"]
-    return max(1, run.tokens // (batch_size(grid, run) * segment))
+    return max(1, run.tokens // (batch_size(grid, run) * segment)) if run.tokens else 0
 
 
 def result_path(grid: Grid, run: Run, results: Path) -> Path:
@@ -679,7 +693,7 @@ def build_model(grid: Grid, run: Run, device: torch.device) -> MemorizingTransfo
 def build_trainer(grid: Grid, run: Run, run_dir: Path, device: torch.device, steps: int | None = None) -> Trainer:
     """The run's model and its Trainer writing to `run_dir`; `steps` shortens the run (the
     learning-rate schedule follows)."""
-    steps = steps or steps_for(grid, run)
+    steps = steps or steps_for(grid, run) or 1  # a run of 0 tokens gets a trainer that never trains
     train = TrainConfig(
         steps=steps,
         batch_size=batch_size(grid, run),
@@ -720,7 +734,7 @@ def train_run(
 ) -> bool:
     """Train `run` (resuming) until its budget or the deadline; True when it is finished."""
     trainer = build_trainer(grid, run, runs_dir / grid.name / run.name, device)
-    model, config, steps, tokenizer = trainer.model, trainer.model.config, trainer.config.steps, trainer.model.tokenizer
+    model, config, steps, tokenizer = trainer.model, trainer.model.config, steps_for(grid, run), trainer.model.tokenizer
     if trainer.resume():
         print(f"  {run.name}: resuming at step {trainer.step:,} of {steps:,}")
     elif (source := start_weights(grid, run, model, results)) is not None:
@@ -891,7 +905,7 @@ def peak_memory(grid: Grid, run: Run, device: torch.device | str) -> dict[str, A
     """`measure_peak` of training and of test, each in a fresh process with this process's threads."""
     device = torch.device(device)
     measured = {"measure": PEAK_MEASURE, "counted": "CUDA allocated bytes" if device.type == "cuda" else "VmHWM"}
-    for phase in ("train", "test"):
+    for phase in ("train", "test") if run.tokens else ("test",):
         with multiprocessing.get_context("spawn").Pool(1) as pool:
             measured |= pool.apply(measure_peak, (grid, run, phase, str(device), torch.get_num_threads()))
     return measured
@@ -1004,10 +1018,11 @@ def summarize(grid: Grid, results: Path) -> str:
             else "-"
         )
         peak = row.get("peak_memory")
-        peak = f"{peak['train_bytes'] / 2**20:,.0f} / {peak['test_bytes'] / 2**20:,.0f}" if peak else "-"
+        peak = f"{peak.get('train_bytes', 0) / 2**20:,.0f} / {peak['test_bytes'] / 2**20:,.0f}" if peak else "-"
+        speed = f"{row['train_tokens'] / row['train_seconds']:,.0f}" if row["train_tokens"] else "-"  # 0: not trained
         lines.append(
             f"| {row['run']} | {row['label']} | {row['parameters']:,} | {row['train_tokens']:,} | "
-            f"{row['train_tokens'] / row['train_seconds']:,.0f} | {flops / 1e9:.4f} | {peak} | {main.tokens:,} | "
+            f"{speed} | {flops / 1e9:.4f} | {peak} | {main.tokens:,} | "
             f"{per_token} | {main.perplexity:.3f} | {off} | {machine['device']}, {machine['threads']} threads |"
         )
         curves[f"{row['run']}: {row['label']}"] = main

@@ -77,10 +77,12 @@ def cost_cells(rows: list[dict[str, Any]]) -> list[str]:
     )
     peak = row.get("peak_memory")
     return [
-        f"{statistics.fmean(r['train_tokens'] / r['train_seconds'] for r in rows):,.0f}",
+        f"{statistics.fmean(r['train_tokens'] / r['train_seconds'] for r in rows):,.0f}"
+        if row["train_tokens"]
+        else "-",
         f"{statistics.fmean(per_token):.2f}" if per_token else "-",
         f"{flops['total'] / 1e9:.4f}",
-        f"{peak['train_bytes'] / 2**20:,.0f} / {peak['test_bytes'] / 2**20:,.0f}"
+        f"{peak.get('train_bytes', 0) / 2**20:,.0f} / {peak['test_bytes'] / 2**20:,.0f}"
         if peak and "test_bytes" in peak
         else "-",
     ]
@@ -161,33 +163,32 @@ def budget_table(points: list[tuple[int, str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def fine_tune_into_memory_table() -> str:
+def fine_tune_into_memory_table(
+    vanilla: tuple[str, str], scratch: tuple[str, str], points: list[tuple[int, str, str, str]]
+) -> str:
     """The paper's fine-tuning into memory: the share of the gap between the vanilla pre-training
-    and a memory model trained from scratch as long that fine-tunes with a memory close."""
-    vanilla, scratch = load("table4-pycode", "pretrain"), load("budgets-pycode", "scratch-mem8k-xl")
-    if vanilla is None or scratch is None:
-        return (
-            f"{missing('budgets-pycode').capitalize()}: "
-            + " and ".join(
-                name for name, row in (("the pre-training", vanilla), ("scratch-mem8k-xl", scratch)) if row is None
-            )
-            + "."
-        )
-    start, goal = main_result(vanilla)["perplexity"], main_result(scratch)["perplexity"]
+    (`vanilla`, a (grid, run)) and a memory model trained from scratch as long (`scratch`) that
+    fine-tunes with a memory (the memory runs of `points`, as budget_points gives them) close."""
+    start_row, goal_row = load(*vanilla), load(*scratch)
+    if start_row is None or goal_row is None:
+        absent = [f"{g}/{r}" for (g, r), row in ((vanilla, start_row), (scratch, goal_row)) if row is None]
+        return f"{missing(scratch[0]).capitalize()}: {' and '.join(absent)}."
+    start, goal = main_result(start_row)["perplexity"], main_result(goal_row)["perplexity"]
     lines = [
-        f"Vanilla pre-training ({vanilla['train_tokens']:,} tokens): {start:.2f}; memory 8K + XL from scratch "
-        f"({scratch['train_tokens']:,} tokens): {goal:.2f}.",
+        f"Vanilla pre-training: {start:.2f}; memory 8K + XL from scratch ({goal_row['train_tokens']:,} tokens): "
+        f"{goal:.2f}.",
         "",
-        "| fine-tuning tokens | share of the pre-training | memory 8K + XL fine-tuned | share of the gap closed |",
+        "| fine-tuning tokens | share of the from-scratch run's tokens | memory 8K + XL fine-tuned | "
+        "share of the gap closed |",
         "|---:|---:|---:|---:|",
     ]
-    for tokens, grid, _, run in budget_points():
+    for tokens, grid, _, run in points:
         if not (rows := seeds(grid, run)):
             lines.append(f"| {tokens:,} | {missing(grid)} | | |")
             continue
         tuned = perplexity(rows)
         lines.append(
-            f"| {tokens:,} | {100 * tokens / vanilla['train_tokens']:.1f}% | {tuned:.2f} | "
+            f"| {tokens:,} | {100 * tokens / goal_row['train_tokens']:.1f}% | {tuned:.2f} | "
             f"{100 * (start - tuned) / (start - goal):.0f}% |"
         )
     return "\n".join(lines)
@@ -393,7 +394,9 @@ def pycode_tables() -> dict[str, Callable[[], str]]:
         "table4-pycode": lambda: table4_table(T4),
         "budgets-pycode": lambda: budget_table(budget_points()),
         "memory-sizes-pycode": lambda: memory_size_table(T4),
-        "fine-tune-into-memory-pycode": fine_tune_into_memory_table,
+        "fine-tune-into-memory-pycode": lambda: fine_tune_into_memory_table(
+            (T4, "pretrain"), (B, "scratch-mem8k-xl"), budget_points()
+        ),
         "variants-pycode": lambda: grid_table(
             [
                 (B, f"L-{row}500k")
@@ -486,6 +489,9 @@ TABLES: dict[str, Callable[[], str]] = {
         [(LAYER1_2048, f"L-mem8k-xl-{t}") for t in ("500k", "1000k", "4000k", "8000k", "gate0-s0")]
     ),
     "memory-sizes-layer1-pycode-2048": lambda: memory_size_table("layer1-pycode-2048"),
+    "fine-tune-into-memory-layer1-pycode-2048": lambda: fine_tune_into_memory_table(
+        (LAYER1_2048, "pretrain-as-is"), (LAYER1_2048, "scratch-mem8k-xl"), layer_budget_points("pycode", 1, "-2048")
+    ),
     "smollm2": smollm2_table,
     "smollm2-sizes": smollm2_sizes_table,
 }

@@ -55,7 +55,10 @@ def test_a_grid_resumes_across_invocations_and_skips_finished_runs(quick_grid, t
     assert rows["xl"]["train_tokens"] == 4 * 32 * 4 and rows["xl"]["train_seconds"] > 0
     # Fine-tunes start from the pre-training's final weights (memory gates at the grid's value).
     out = capsys.readouterr().out
-    assert out.count(f"starting from the weights of {results / 'quick' / 'pretrain-weights'}") == 2
+    assert out.count(f"starting from the weights of {results / 'quick' / 'pretrain-weights'}") == 3
+    # A run of 0 tokens is its source evaluated as it is: the pre-training's own figures, no training.
+    assert rows["as-is"]["test"] == rows["pretrain"]["test"] and rows["as-is"]["train_tokens"] == 0
+    assert rows["as-is"]["steps"] == 0 and "train_bytes" not in rows["as-is"]["peak_memory"]
     assert rows["mem-xl"]["settings"]["model"]["memory_gate_init"] == -3.0
     attention = rows["mem-xl"]["memory_attention"]
     (layer,) = rows["mem-xl"]["memory_gates"]  # the one memory layer, 2 heads
