@@ -384,6 +384,8 @@ def in_layer(
     ]
     runs += [run for tokens in budgets[:-1] for run in curve(tokens)]
     runs += [tune(name, label, model, finetune_tokens) for name, label, model in rows]
+    gate0 = next(run for run in runs if run.name == "L-mem8k-xl-gate0-s0")
+    runs.insert(runs.index(gate0) + 1, dataclasses.replace(gate0, name="L-mem8k-xl-gate0-s1", seed=1))
     # The paper's Table 5 in kind: trained with a 2K memory, tested with larger ones as they are.
     runs.append(
         tune(

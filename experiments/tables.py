@@ -472,6 +472,11 @@ TABLES: dict[str, Callable[[], str]] = {
     "retrieval-books": lambda: retrieval_table("books"),
     "layers-proofs": lambda: layer_table("proofs"),
     "layers-pycode-2048": lambda: layer_table("pycode", "-2048", moved=True),
+    "layer1-seeds-pycode-2048": lambda: grid_table(
+        [(LAYERS_2048, "L-xl"), (LAYERS_2048, "L-mem8k-xl-layer1"), (LAYER1_2048, "L-mem8k-xl-gate0")],
+        (LAYERS_2048, "L-xl"),
+        "vs XL alone",
+    ),
     "layer1-pycode-2048": lambda: grid_table(
         [
             ("layers-pycode-2048", "L-xl-s0"),
