@@ -310,6 +310,16 @@ def layers(
     if moved:  # the layer that pays, and XL alone, on a second seed
         runs.append(dataclasses.replace(runs[1], name="L-mem8k-xl-layer1-s1", seed=1))
         runs.append(dataclasses.replace(xl, name="L-xl-s1", seed=1))
+        # the gate starting at 0.5, which pays in layer 1 (layer1-CORPUS), in layer 2
+        layer2 = runs[2]
+        runs.append(
+            dataclasses.replace(
+                layer2,
+                name="L-mem8k-xl-layer2-gate0-s0",
+                label=f"{layer2.label}, gate starting at 0.5",
+                model=dict(layer2.model, memory_gate_init=0.0),
+            )
+        )
     return Grid(
         f"layers-{corpus}{suffix}",
         f"The memory in layer {'1, 2 or 3' if moved else '1 or 3 instead of 2'}, fine-tuned for "

@@ -484,6 +484,7 @@ TABLES: dict[str, Callable[[], str]] = {
             ("layers-pycode-2048", "L-mem8k-xl-layer1-s0"),
             ("layer1-pycode-2048", "L-mem8k-xl-joint-s0"),
             ("layer1-pycode-2048", "L-mem8k-xl-gate0-s0"),
+            ("layers-pycode-2048", "L-mem8k-xl-layer2-gate0-s0"),
             ("layer1-pycode-2048", "L-mem64k-xl-s0"),
         ],
         ("layers-pycode-2048", "L-xl-s0"),
