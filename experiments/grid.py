@@ -310,14 +310,17 @@ def layers(
     if moved:  # the layer that pays, and XL alone, on a second seed
         runs.append(dataclasses.replace(runs[1], name="L-mem8k-xl-layer1-s1", seed=1))
         runs.append(dataclasses.replace(xl, name="L-xl-s1", seed=1))
-        # the gate starting at 0.5, which pays in layer 1 (layer1-CORPUS), in layer 2
-        layer2 = runs[2]
+    # The gate starting at 0.5, which pays in pycode's layer 1 (layer1-pycode-2048 has that row): in
+    # layer 2, and, where this grid has no layer1-CORPUS, in layer 1 too.
+    for layer in (2,) if moved else (1, 2):
         runs.append(
-            dataclasses.replace(
-                layer2,
-                name="L-mem8k-xl-layer2-gate0-s0",
-                label=f"{layer2.label}, gate starting at 0.5",
-                model=dict(layer2.model, memory_gate_init=0.0),
+            Run(
+                f"L-mem8k-xl-layer{layer}-gate0-s0",
+                f"context {L} + memory 8K + XL {L}, the memory in layer {layer}, gate starting at 0.5",
+                dict(xl_length=L, memory_size=8192, knn_layers=(layer,), memory_gate_init=0.0),
+                finetune_tokens,
+                init_from=source,
+                lr=1e-3,
             )
         )
     return Grid(

@@ -284,6 +284,7 @@ def layer_table(corpus: str, suffix: str = "", moved: bool = False) -> str:
     T4, layers = f"table4-{corpus}{suffix}", f"layers-{corpus}{suffix}"
     reference = (layers if moved else T4, "L-xl-s0")
     in_layer = [(layers, f"L-mem8k-xl-layer{layer}-s0") for layer in (1, 2, 3) if moved or layer != 2]
+    in_layer += [(layers, f"L-mem8k-xl-layer{layer}-gate0-s0") for layer in ((2,) if moved else (1, 2))]
     rows = [reference, *([] if moved else [(T4, "L-mem8k-xl-s0")]), *in_layer]
     table = grid_table(rows, reference, "vs XL alone (same seed)")
     if not moved:
@@ -484,7 +485,6 @@ TABLES: dict[str, Callable[[], str]] = {
             ("layers-pycode-2048", "L-mem8k-xl-layer1-s0"),
             ("layer1-pycode-2048", "L-mem8k-xl-joint-s0"),
             ("layer1-pycode-2048", "L-mem8k-xl-gate0-s0"),
-            ("layers-pycode-2048", "L-mem8k-xl-layer2-gate0-s0"),
             ("layer1-pycode-2048", "L-mem64k-xl-s0"),
         ],
         ("layers-pycode-2048", "L-xl-s0"),
