@@ -2,7 +2,7 @@
 same document with every token from `--cut` on replaced at random: a causal model's losses before
 the cut are identical, whatever its memory holds.
 
-    python experiments/causality_check.py runs/grids/layer1-pycode-2048/L-mem8k-xl-gate0-s0/checkpoints/latest \\
+    python experiments/causality_check.py runs/grids/layer1-pycode-2048/L-mem8k-xl-gate0-s0/checkpoints/step-0000976 \\
         --corpus pycode --out experiments/results/causality-layer1-gate0.json
 
 The test suite checks causality on tiny models (tests/test_model.py); this checks the weights a
@@ -46,7 +46,7 @@ def check(model: MemorizingTransformer, ids: torch.Tensor, cut: int, seed: int =
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="a model folder (save_pretrained or a trainer checkpoint)")
+    parser.add_argument("checkpoint", help="a model folder (save_pretrained, or a trainer checkpoint's step-N folder)")
     parser.add_argument("--corpus", required=True)
     parser.add_argument("--document", type=int, default=0, help="which test document")
     parser.add_argument("--tokens", type=int, default=4096)

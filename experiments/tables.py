@@ -478,23 +478,23 @@ TABLES: dict[str, Callable[[], str]] = {
         (LAYERS_2048, "L-xl"),
         "vs XL alone",
     ),
-    "layer1-pycode-2048": lambda: grid_table(
+    LAYER1_2048: lambda: grid_table(
         [
-            ("layers-pycode-2048", "L-xl-s0"),
-            ("layer1-pycode-2048", "L-mem8k-s0"),
-            ("layers-pycode-2048", "L-mem8k-xl-layer1-s0"),
-            ("layer1-pycode-2048", "L-mem8k-xl-joint-s0"),
-            ("layer1-pycode-2048", "L-mem8k-xl-gate0-s0"),
-            ("layer1-pycode-2048", "L-mem64k-xl-s0"),
+            (LAYERS_2048, "L-xl-s0"),
+            (LAYER1_2048, "L-mem8k-s0"),
+            (LAYERS_2048, "L-mem8k-xl-layer1-s0"),
+            (LAYER1_2048, "L-mem8k-xl-joint-s0"),
+            (LAYER1_2048, "L-mem8k-xl-gate0-s0"),
+            (LAYER1_2048, "L-mem64k-xl-s0"),
         ],
-        ("layers-pycode-2048", "L-xl-s0"),
+        (LAYERS_2048, "L-xl-s0"),
         "vs XL alone",
     ),
     "budgets-layer1-pycode-2048": lambda: budget_table(layer_budget_points("pycode", 1, "-2048")),
     "gates-layer1-pycode-2048": lambda: gate_history_table(
         [(LAYER1_2048, f"L-mem8k-xl-{t}") for t in ("500k", "1000k", "4000k", "8000k", "gate0-s0")]
     ),
-    "memory-sizes-layer1-pycode-2048": lambda: memory_size_table("layer1-pycode-2048"),
+    "memory-sizes-layer1-pycode-2048": lambda: memory_size_table(LAYER1_2048),
     "fine-tune-into-memory-layer1-pycode-2048": lambda: fine_tune_into_memory_table(
         (LAYER1_2048, "pretrain-as-is"), (LAYER1_2048, "scratch-mem8k-xl"), layer_budget_points("pycode", 1, "-2048")
     ),
