@@ -1033,7 +1033,8 @@ def summarize(grid: Grid, results: Path) -> str:
             else "-"
         )
         peak = row.get("peak_memory")
-        peak = f"{peak.get('train_bytes', 0) / 2**20:,.0f} / {peak['test_bytes'] / 2**20:,.0f}" if peak else "-"
+        train = f"{peak['train_bytes'] / 2**20:,.0f}" if peak and "train_bytes" in peak else "-"  # 0 tokens: none
+        peak = f"{train} / {peak['test_bytes'] / 2**20:,.0f}" if peak else "-"
         speed = f"{row['train_tokens'] / row['train_seconds']:,.0f}" if row["train_tokens"] else "-"  # 0: not trained
         lines.append(
             f"| {row['run']} | {row['label']} | {row['parameters']:,} | {row['train_tokens']:,} | "

@@ -75,16 +75,15 @@ def cost_cells(rows: list[dict[str, Any]]) -> list[str]:
     flops = row.get("forward_flops_per_token") or forward_flops_per_token(
         MemorizingConfig.from_dict({**row["settings"]["model"], "vocab_size": row["settings"]["vocab_size"]})
     )
-    peak = row.get("peak_memory")
+    peak = row.get("peak_memory") or {}
+    train = f"{peak['train_bytes'] / 2**20:,.0f}" if "train_bytes" in peak else "-"  # 0 tokens: no training
     return [
         f"{statistics.fmean(r['train_tokens'] / r['train_seconds'] for r in rows):,.0f}"
         if row["train_tokens"]
         else "-",
         f"{statistics.fmean(per_token):.2f}" if per_token else "-",
         f"{flops['total'] / 1e9:.4f}",
-        f"{peak.get('train_bytes', 0) / 2**20:,.0f} / {peak['test_bytes'] / 2**20:,.0f}"
-        if peak and "test_bytes" in peak
-        else "-",
+        f"{train} / {peak['test_bytes'] / 2**20:,.0f}" if "test_bytes" in peak else "-",
     ]
 
 
