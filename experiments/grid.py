@@ -209,8 +209,9 @@ def questions(
     wider window instead of a memory, (c) short documents. With `tokens_per_step`, against
     table4-CORPUS-TOKENS, every run reading that many tokens a step. With `memory_layer`, for a
     corpus that has moved since table4-CORPUS ran (pycode): read through the pre-training's
-    tokenizer, with contexts L and 4L of their own, the short documents' memory in that layer, and
-    read against the rows of layers-CORPUS and layerN-CORPUS (experiments/grid.py `in_layer`)."""
+    tokenizer, with contexts L and 4L of their own, the short documents' memory in that layer with the
+    gate starting at 0.5 (as layerN-CORPUS's memory rows), and read against the rows of layers-CORPUS and
+    layerN-CORPUS (experiments/grid.py `in_layer`)."""
     suffix = f"-{tokens_per_step}" if tokens_per_step else ""
     L, source = SMALL["segment_length"], f"table4-{corpus}{suffix}/pretrain"
     moved = memory_layer is not None
@@ -237,8 +238,13 @@ def questions(
         ("short-xl", f"context {L} + XL {L}", dict(NO_MEMORY, xl_length=L)),
         (
             "short-mem8k-xl",
-            f"context {L} + memory 8K + XL {L}" + (f", the memory in layer {memory_layer}" if moved else ""),
-            dict(xl_length=L, memory_size=8192, **(dict(knn_layers=(memory_layer,)) if moved else {})),
+            f"context {L} + memory 8K + XL {L}"
+            + (f", the memory in layer {memory_layer}, gate starting at 0.5" if moved else ""),
+            dict(
+                xl_length=L,
+                memory_size=8192,
+                **(dict(knn_layers=(memory_layer,), memory_gate_init=0.0) if moved else {}),
+            ),
         ),
     ]
     if moved:  # table4-CORPUS's context-alone rows read the corpus as it was: these read it as it is
@@ -356,38 +362,41 @@ def in_layer(
     paying there at `finetune_tokens`; its L-xl and L-mem8k-xl-layerN rows are this grid's middle point
     and references), and a memory model trained from scratch for `scratch_tokens`. Fine-tuned from
     table4-CORPUS's pre-training through its tokenizer, like layers-CORPUS for a corpus that has moved.
-    The longest runs come last."""
+    The budget curve ran first with the grids' gate starting nearly shut; the gate starting at 0.5
+    paid in this layer over two seeds (L-mem8k-xl-gate0-s0/s1), so every row after them starts there,
+    the curve's memory runs too. The longest runs come last."""
     suffix = f"-{tokens_per_step}" if tokens_per_step else ""
     L, source = SMALL["segment_length"], f"table4-{corpus}{suffix}/pretrain"
     here, memory = f", the memory in layer {layer}", dict(knn_layers=(layer,))
+    gate0, open_gate = dict(memory_gate_init=0.0), ", gate starting at 0.5"
     tune = lambda name, label, model, tokens, **kw: Run(  # noqa: E731
         name, label, model, tokens, init_from=source, lr=1e-3, **kw
     )
-    curve = lambda tokens: [  # noqa: E731
-        tune(f"L-xl-{tokens // 1000}k", f"context {L} + XL {L}", dict(NO_MEMORY, xl_length=L), tokens),
-        tune(
-            f"L-mem8k-xl-{tokens // 1000}k",
-            f"context {L} + memory 8K + XL {L}{here}",
-            dict(memory, xl_length=L, memory_size=8192),
-            tokens,
-        ),
-    ]
+    xl = lambda tokens: tune(  # noqa: E731
+        f"L-xl-{tokens // 1000}k", f"context {L} + XL {L}", dict(NO_MEMORY, xl_length=L), tokens
+    )
+    mem = lambda tokens, gate="", **model: tune(  # noqa: E731
+        f"L-mem8k-xl-{gate}{tokens // 1000}k",
+        f"context {L} + memory 8K + XL {L}{here}" + (open_gate if gate else ""),
+        dict(memory, xl_length=L, memory_size=8192, **model),
+        tokens,
+    )
     rows = [
-        ("L-mem8k-s0", f"context {L} + memory 8K{here}", dict(memory, xl_length=0, memory_size=8192)),
         (
-            "L-mem8k-xl-joint-s0",
-            f"context {L} + memory 8K + XL {L}{here}, one softmax over local and retrieved entries",
-            dict(memory, xl_length=L, memory_size=8192, memory_combine="joint"),
-        ),
-        (  # the gates open in this layer, as fast as the learning rate lets them from nearly shut
             "L-mem8k-xl-gate0-s0",
-            f"context {L} + memory 8K + XL {L}{here}, gate starting at 0.5",
-            dict(memory, xl_length=L, memory_size=8192, memory_gate_init=0.0),
+            f"context {L} + memory 8K + XL {L}{here}{open_gate}",
+            dict(memory, xl_length=L, memory_size=8192, **gate0),
+        ),
+        ("L-mem8k-gate0-s0", f"context {L} + memory 8K{here}{open_gate}", dict(memory, xl_length=0, memory_size=8192, **gate0)),
+        (
+            "L-mem8k-xl-joint-gate0-s0",
+            f"context {L} + memory 8K + XL {L}{here}, one softmax over local and retrieved entries{open_gate}",
+            dict(memory, xl_length=L, memory_size=8192, memory_combine="joint", **gate0),
         ),
         (
-            "L-mem64k-xl-s0",
-            f"context {L} + memory 64K + XL {L}{here}",
-            dict(memory, xl_length=L, memory_size=65536, memory_backend="faiss_ivf"),
+            "L-mem64k-xl-gate0-s0",
+            f"context {L} + memory 64K + XL {L}{here}{open_gate}",
+            dict(memory, xl_length=L, memory_size=65536, memory_backend="faiss_ivf", **gate0),
         ),
     ]
     # The pre-training's weights on the corpus as it is now (0 tokens: evaluated as they are), where a
@@ -395,28 +404,28 @@ def in_layer(
     runs = [
         Run("pretrain-as-is", "vanilla pre-training, not fine-tuned", dict(NO_MEMORY, xl_length=0), 0, init_from=source)
     ]
-    runs += [run for tokens in budgets[:-1] for run in curve(tokens)]
-    runs += [tune(name, label, model, finetune_tokens) for name, label, model in rows]
-    gate0 = next(run for run in runs if run.name == "L-mem8k-xl-gate0-s0")
-    runs.insert(runs.index(gate0) + 1, dataclasses.replace(gate0, name="L-mem8k-xl-gate0-s1", seed=1))
+    runs += [run for tokens in budgets for run in (xl(tokens), mem(tokens))]
+    first, *others = [tune(name, label, model, finetune_tokens) for name, label, model in rows]
+    runs += [first, dataclasses.replace(first, name="L-mem8k-xl-gate0-s1", seed=1), *others]
+    runs += [mem(tokens, "gate0-", **gate0) for tokens in budgets[:-1]]
     # The paper's Table 5 in kind: trained with a 2K memory, tested with larger ones as they are.
     runs.append(
         tune(
-            "L-mem2k-xl-s0",
-            f"context {L} + memory 2K + XL {L}{here}",
-            dict(memory, xl_length=L, memory_size=2048),
+            "L-mem2k-xl-gate0-s0",
+            f"context {L} + memory 2K + XL {L}{here}{open_gate}",
+            dict(memory, xl_length=L, memory_size=2048, **gate0),
             finetune_tokens,
             eval_memory_sizes=(8192, 32768, 131072),
         )
     )
-    runs += curve(budgets[-1])
+    runs.append(mem(budgets[-1], "gate0-", **gate0))
     # The memory model trained from scratch as long as the pre-training: the share of the gap to it that
     # a fine-tune closes, against the fine-tune's length (the paper: 85% in 4% of the steps).
     runs.append(
         Run(
-            "scratch-mem8k-xl",
-            f"context {L} + memory 8K + XL {L}{here}, from scratch",
-            dict(memory, xl_length=L, memory_size=8192),
+            "scratch-mem8k-xl-gate0",
+            f"context {L} + memory 8K + XL {L}{here}{open_gate}, from scratch",
+            dict(memory, xl_length=L, memory_size=8192, **gate0),
             scratch_tokens,
         )
     )

@@ -121,24 +121,34 @@ def grid_table(runs: list[tuple[str, str]], reference: tuple[str, str] | None = 
     return "\n".join(lines)
 
 
-def budget_points() -> list[tuple[int, str, str, str]]:
-    """The fine-tuning budgets measured at 4 segments a step: (tokens, grid, XL-alone run, memory 8K +
-    XL run); the budgets grid's fine-tunes, then table4's 2M-token rows."""
-    points = [
-        (t, "budgets-pycode", f"L-xl-{t // 1000}k", f"L-mem8k-xl-{t // 1000}k") for t in (250_000, 500_000, 1_000_000)
+Point = tuple[int, tuple[str, str], tuple[str, str]]  # (fine-tuning tokens, XL alone, memory 8K + XL) as (grid, run)
+
+
+def budget_points() -> list[Point]:
+    """The fine-tuning budgets measured at 4 segments a step: the budgets grid's fine-tunes, then
+    table4's 2M-token rows."""
+    B = "budgets-pycode"
+    points: list[Point] = [
+        (t, (B, f"L-xl-{t // 1000}k"), (B, f"L-mem8k-xl-{t // 1000}k")) for t in (250_000, 500_000, 1_000_000)
     ]
-    return points + [(2_000_000, "table4-pycode", "L-xl", "L-mem8k-xl")]
+    return points + [(2_000_000, ("table4-pycode", "L-xl"), ("table4-pycode", "L-mem8k-xl"))]
 
 
-def layer_budget_points(corpus: str, layer: int, suffix: str = "") -> list[tuple[int, str, str, str]]:
-    """The budgets of layerN-CORPUS (experiments/grid.py `in_layer`) and, at 2M tokens, layers-CORPUS's rows."""
-    grid = f"layer{layer}-{corpus}{suffix}"
-    points = [(t, grid, f"L-xl-{t // 1000}k", f"L-mem8k-xl-{t // 1000}k") for t in (500_000, 1_000_000)]
-    points.append((2_000_000, f"layers-{corpus}{suffix}", "L-xl-s0", f"L-mem8k-xl-layer{layer}-s0"))
-    return points + [(t, grid, f"L-xl-{t // 1000}k", f"L-mem8k-xl-{t // 1000}k") for t in (4_000_000, 8_000_000)]
+def layer_budget_points(corpus: str, layer: int, suffix: str = "", gate: str = "") -> list[Point]:
+    """The budgets of layerN-CORPUS (experiments/grid.py `in_layer`), its memory runs named
+    L-mem8k-xl-{gate}{TOKENS}k, and at 2M tokens layers-CORPUS's rows: its seed-0 XL and layer-N rows for
+    the gate nearly shut, both seeds of XL and of layerN-CORPUS's L-mem8k-xl-gate0 for gate="gate0-"."""
+    grid, layers = f"layer{layer}-{corpus}{suffix}", f"layers-{corpus}{suffix}"
+    at = lambda t: (t, (grid, f"L-xl-{t // 1000}k"), (grid, f"L-mem8k-xl-{gate}{t // 1000}k"))  # noqa: E731
+    middle = (
+        ((layers, "L-xl"), (grid, "L-mem8k-xl-gate0"))
+        if gate
+        else ((layers, "L-xl-s0"), (layers, f"L-mem8k-xl-layer{layer}-s0"))
+    )
+    return [at(500_000), at(1_000_000), (2_000_000, *middle), at(4_000_000), at(8_000_000)]
 
 
-def budget_table(points: list[tuple[int, str, str, str]]) -> str:
+def budget_table(points: list[Point]) -> str:
     """The memory's gain against fine-tuning tokens, with the gates it ended with; `points` as
     budget_points gives them."""
     lines = [
@@ -146,10 +156,10 @@ def budget_table(points: list[tuple[int, str, str, str]]) -> str:
         "memory vs memory off | gates at the end (mean of 4 heads) |",
         "|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for tokens, grid, xl_run, memory_run in points:
-        xl, memory = seeds(grid, xl_run), seeds(grid, memory_run)
+    for tokens, xl_row, memory_row in points:
+        xl, memory = seeds(*xl_row), seeds(*memory_row)
         if not xl or not memory:
-            lines.append(f"| {tokens:,} | {missing(grid)} | | | | | |")
+            lines.append(f"| {tokens:,} | {missing(memory_row[0])} | | | | | |")
             continue
         on = perplexity(memory)
         off = statistics.fmean(r["test"]["memory off"]["perplexity"] for r in memory)
@@ -163,7 +173,7 @@ def budget_table(points: list[tuple[int, str, str, str]]) -> str:
 
 
 def fine_tune_into_memory_table(
-    vanilla: tuple[str, str], scratch: tuple[str, str], points: list[tuple[int, str, str, str]]
+    vanilla: tuple[str, str], scratch: tuple[str, str], points: list[Point]
 ) -> str:
     """The paper's fine-tuning into memory: the share of the gap between the vanilla pre-training
     (`vanilla`, a (grid, run)) and a memory model trained from scratch as long (`scratch`) that
@@ -181,7 +191,7 @@ def fine_tune_into_memory_table(
         "share of the gap closed |",
         "|---:|---:|---:|---:|",
     ]
-    for tokens, grid, _, run in points:
+    for tokens, _, (grid, run) in points:
         if not (rows := seeds(grid, run)):
             lines.append(f"| {tokens:,} | {missing(grid)} | | |")
             continue
@@ -256,12 +266,12 @@ def cross_context_table() -> str:
     return "\n".join(lines)
 
 
-def memory_size_table(grid: str) -> str:
-    """Table 5 in kind: the 2K-memory model of `grid` tested with larger memories, and after a fine-tune
-    at 128K where the grid has one."""
-    row, tuned = load(grid, "L-mem2k-xl-s0"), load(grid, "L-mem2k-xl-ft128k")
+def memory_size_table(grid: str, run: str = "L-mem2k-xl-s0") -> str:
+    """Table 5 in kind: the 2K-memory model `run` of `grid` tested with larger memories, and after a
+    fine-tune at 128K where the grid has one (L-mem2k-xl-ft128k)."""
+    row, tuned = load(grid, run), load(grid, "L-mem2k-xl-ft128k")
     if row is None:
-        return "Not finished yet: L-mem2k-xl-s0."
+        return f"Not finished yet: {run}."
     lines = ["| memory at test time | test perplexity | memory off |", "|---|---:|---:|"]
     off = row["test"]["memory off"]["perplexity"]
     lines.append(f"| 2,048 (as trained) | {main_result(row)['perplexity']:.2f} | {off:.2f} |")
@@ -285,12 +295,7 @@ def layer_table(corpus: str, suffix: str = "", moved: bool = False) -> str:
     in_layer = [(layers, f"L-mem8k-xl-layer{layer}-s0") for layer in (1, 2, 3) if moved or layer != 2]
     in_layer += [(layers, f"L-mem8k-xl-layer{layer}-gate0-s0") for layer in ((2,) if moved else (1, 2))]
     rows = [reference, *([] if moved else [(T4, "L-mem8k-xl-s0")]), *in_layer]
-    table = grid_table(rows, reference, "vs XL alone (same seed)")
-    if not moved:
-        return table
-    seeds = grid_table([(layers, "L-xl"), (layers, "L-mem8k-xl-layer1")], (layers, "L-xl"), "vs XL alone")
-    lead = "XL alone and the layer-1 row over their seeds (their change compares like with like once both have the same"
-    return f"{table}\n\n{lead} seeds; until then, read the memory-off column):\n\n{seeds}"
+    return grid_table(rows, reference, "vs XL alone (same seed)")
 
 
 def retrieval_table(corpus: str) -> str:
@@ -430,10 +435,10 @@ T4_2048, LAYERS_2048, LAYER1_2048 = "table4-pycode-2048", "layers-pycode-2048", 
 MOVED_2048 = {
     "L": ("questions-pycode-2048", "L"),
     "4L": ("questions-pycode-2048", "4L"),
-    "L-xl": (LAYERS_2048, "L-xl-s0"),
-    "L-mem8k": (LAYER1_2048, "L-mem8k-s0"),
-    "L-mem8k-xl": (LAYERS_2048, "L-mem8k-xl-layer1-s0"),
-    "L-mem8k-xl-joint": (LAYER1_2048, "L-mem8k-xl-joint-s0"),
+    "L-xl": (LAYERS_2048, "L-xl"),
+    "L-mem8k": (LAYER1_2048, "L-mem8k-gate0-s0"),
+    "L-mem8k-xl": (LAYER1_2048, "L-mem8k-xl-gate0"),
+    "L-mem8k-xl-joint": (LAYER1_2048, "L-mem8k-xl-joint-gate0-s0"),
 }
 
 
@@ -445,7 +450,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "readout-pycode-2048": lambda: readout_table(
         [(T4_2048, "L-mem8k"), (T4_2048, "L-mem8k-xl"), (T4_2048, "L-mem8k-xl-joint")]
         + [(LAYERS_2048, f"L-mem8k-xl-layer{n}") for n in (1, 2, 3)]
-        + [(LAYER1_2048, f"L-mem8k-xl-{t}") for t in ("500k", "1000k", "4000k", "8000k", "joint-s0")]
+        + [(LAYER1_2048, f"L-mem8k-xl-{t}") for t in ("500k", "1000k", "4000k", "8000k", "gate0", "joint-gate0-s0")]
     ),
     **question_tables("pycode", "-2048", MOVED_2048),
     "steps-pycode": lambda: (
@@ -480,22 +485,26 @@ TABLES: dict[str, Callable[[], str]] = {
     LAYER1_2048: lambda: grid_table(
         [
             (LAYERS_2048, "L-xl-s0"),
-            (LAYER1_2048, "L-mem8k-s0"),
             (LAYERS_2048, "L-mem8k-xl-layer1-s0"),
-            (LAYER1_2048, "L-mem8k-xl-joint-s0"),
             (LAYER1_2048, "L-mem8k-xl-gate0-s0"),
-            (LAYER1_2048, "L-mem64k-xl-s0"),
+            (LAYER1_2048, "L-mem8k-gate0-s0"),
+            (LAYER1_2048, "L-mem8k-xl-joint-gate0-s0"),
+            (LAYER1_2048, "L-mem64k-xl-gate0-s0"),
         ],
         (LAYERS_2048, "L-xl-s0"),
         "vs XL alone",
     ),
     "budgets-layer1-pycode-2048": lambda: budget_table(layer_budget_points("pycode", 1, "-2048")),
+    "budgets-layer1-gate0-pycode-2048": lambda: budget_table(layer_budget_points("pycode", 1, "-2048", "gate0-")),
     "gates-layer1-pycode-2048": lambda: gate_history_table(
-        [(LAYER1_2048, f"L-mem8k-xl-{t}") for t in ("500k", "1000k", "4000k", "8000k", "gate0-s0")]
+        [(LAYER1_2048, f"L-mem8k-xl-{t}") for t in ("500k", "1000k", "4000k", "8000k")]
+        + [(LAYER1_2048, f"L-mem8k-xl-gate0-{t}") for t in ("500k", "1000k", "s0", "4000k", "8000k")]
     ),
-    "memory-sizes-layer1-pycode-2048": lambda: memory_size_table(LAYER1_2048),
+    "memory-sizes-layer1-pycode-2048": lambda: memory_size_table(LAYER1_2048, "L-mem2k-xl-gate0-s0"),
     "fine-tune-into-memory-layer1-pycode-2048": lambda: fine_tune_into_memory_table(
-        (LAYER1_2048, "pretrain-as-is"), (LAYER1_2048, "scratch-mem8k-xl"), layer_budget_points("pycode", 1, "-2048")
+        (LAYER1_2048, "pretrain-as-is"),
+        (LAYER1_2048, "scratch-mem8k-xl-gate0"),
+        layer_budget_points("pycode", 1, "-2048", "gate0-"),
     ),
     "smollm2": smollm2_table,
     "smollm2-sizes": smollm2_sizes_table,
