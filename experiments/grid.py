@@ -387,7 +387,11 @@ def in_layer(
             f"context {L} + memory 8K + XL {L}{here}{open_gate}",
             dict(memory, xl_length=L, memory_size=8192, **gate0),
         ),
-        ("L-mem8k-gate0-s0", f"context {L} + memory 8K{here}{open_gate}", dict(memory, xl_length=0, memory_size=8192, **gate0)),
+        (
+            "L-mem8k-gate0-s0",
+            f"context {L} + memory 8K{here}{open_gate}",
+            dict(memory, xl_length=0, memory_size=8192, **gate0),
+        ),
         (
             "L-mem8k-xl-joint-gate0-s0",
             f"context {L} + memory 8K + XL {L}{here}, one softmax over local and retrieved entries{open_gate}",

@@ -172,9 +172,7 @@ def budget_table(points: list[Point]) -> str:
     return "\n".join(lines)
 
 
-def fine_tune_into_memory_table(
-    vanilla: tuple[str, str], scratch: tuple[str, str], points: list[Point]
-) -> str:
+def fine_tune_into_memory_table(vanilla: tuple[str, str], scratch: tuple[str, str], points: list[Point]) -> str:
     """The paper's fine-tuning into memory: the share of the gap between the vanilla pre-training
     (`vanilla`, a (grid, run)) and a memory model trained from scratch as long (`scratch`) that
     fine-tunes with a memory (the memory runs of `points`, as budget_points gives them) close."""
