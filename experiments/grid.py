@@ -576,6 +576,9 @@ GRIDS = {
         batch16("pycode", finetune_tokens=2_000_000, eval_tokens=200_000),
         budgets("pycode", tokens=(250_000, 500_000, 1_000_000), scratch_tokens=20_000_000, eval_tokens=200_000),
         table4("proofs", pretrain_tokens=8_000_000, finetune_tokens=1_000_000),
+        # pycode's pre-training at 2,048 tokens a step grew a layer whose search finds continuations
+        # (experiments/retrieval_hits.py); proofs' at 512 a step grew none: the same recipe on proofs.
+        table4("proofs", pretrain_tokens=20_000_000, finetune_tokens=2_000_000, tokens_per_step=2048),
         *questions("proofs", finetune_tokens=1_000_000, eval_tokens=None),
         layers("proofs", finetune_tokens=1_000_000, eval_tokens=None),
         layers("pycode", finetune_tokens=2_000_000, eval_tokens=200_000, tokens_per_step=2048, moved=True),
