@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import multiprocessing
@@ -113,6 +114,12 @@ SMALL = dict(
 NO_MEMORY = dict(knn_layers=())
 
 
+def fine_tune(source: str, name: str, label: str, model: dict[str, Any], tokens: int, **kw: Any) -> Run:
+    """A run of `tokens` tokens from the final weights of `source` (RUN of the same grid, or GRID/RUN),
+    at the learning rate of every fine-tune here."""
+    return Run(name, label, model, tokens, init_from=source, lr=1e-3, **kw)
+
+
 def at_tokens_per_step(runs: list[Run], tokens_per_step: int | None) -> tuple[Run, ...]:
     """The runs, each reading `tokens_per_step` tokens a step (its batch: that over its segment
     length); unchanged (the grid's batch) when None."""
@@ -158,18 +165,17 @@ def table4(
     runs = [Run("pretrain", f"vanilla pre-training, context {L}", dict(NO_MEMORY, xl_length=0), pretrain_tokens)]
     for name, label, model, seeds in rows:
         for seed in seeds:
-            runs.append(Run(f"{name}-s{seed}", label, model, finetune_tokens, seed=seed, init_from="pretrain", lr=1e-3))
+            runs.append(fine_tune("pretrain", f"{name}-s{seed}", label, model, finetune_tokens, seed=seed))
     # The paper's Table 5 in kind: trained with a 2K memory, evaluated with larger ones as they are,
     # then briefly fine-tuned with the largest.
     sizes = (2048, 8192, 32768, 131072)
     runs.append(
-        Run(
+        fine_tune(
+            "pretrain",
             "L-mem2k-xl-s0",
             f"context {L} + memory 2K + XL {L}",
             dict(xl_length=L, memory_size=2048),
             finetune_tokens,
-            init_from="pretrain",
-            lr=1e-3,
             eval_memory_sizes=sizes[1:],
         )
     )
@@ -253,7 +259,7 @@ def questions(
             ("4L", f"context {4 * L}", dict(NO_MEMORY, xl_length=0, segment_length=4 * L)),
         ]
     make = lambda rows: at_tokens_per_step(  # noqa: E731
-        [Run(name, label, model, finetune_tokens, init_from=source, lr=1e-3) for name, label, model in rows],
+        [fine_tune(source, name, label, model, finetune_tokens) for name, label, model in rows],
         tokens_per_step,
     )
     return [
@@ -298,18 +304,15 @@ def layers(
     pre-training's tokenizer and runs its own XL and layer-2 rows to compare with."""
     suffix = f"-{tokens_per_step}" if tokens_per_step else ""
     L, source = SMALL["segment_length"], f"table4-{corpus}{suffix}/pretrain"
-    xl = Run(
-        "L-xl-s0", f"context {L} + XL {L}", dict(NO_MEMORY, xl_length=L), finetune_tokens, init_from=source, lr=1e-3
-    )
+    xl = fine_tune(source, "L-xl-s0", f"context {L} + XL {L}", dict(NO_MEMORY, xl_length=L), finetune_tokens)
     runs = [xl] if moved else []
     runs += [
-        Run(
+        fine_tune(
+            source,
             f"L-mem8k-xl-layer{layer}-s0",
             f"context {L} + memory 8K + XL {L}, the memory in layer {layer}",
             dict(xl_length=L, memory_size=8192, knn_layers=(layer,)),
             finetune_tokens,
-            init_from=source,
-            lr=1e-3,
         )
         for layer in ((1, 2, 3) if moved else (1, 3))
     ]
@@ -320,13 +323,12 @@ def layers(
     # layer 2, and, where this grid has no layer1-CORPUS, in layer 1 too.
     for layer in (2,) if moved else (1, 2):
         runs.append(
-            Run(
+            fine_tune(
+                source,
                 f"L-mem8k-xl-layer{layer}-gate0-s0",
                 f"context {L} + memory 8K + XL {L}, the memory in layer {layer}, gate starting at 0.5",
                 dict(xl_length=L, memory_size=8192, knn_layers=(layer,), memory_gate_init=0.0),
                 finetune_tokens,
-                init_from=source,
-                lr=1e-3,
             )
         )
     return Grid(
@@ -369,9 +371,7 @@ def in_layer(
     L, source = SMALL["segment_length"], f"table4-{corpus}{suffix}/pretrain"
     here, memory = f", the memory in layer {layer}", dict(knn_layers=(layer,))
     gate0, open_gate = dict(memory_gate_init=0.0), ", gate starting at 0.5"
-    tune = lambda name, label, model, tokens, **kw: Run(  # noqa: E731
-        name, label, model, tokens, init_from=source, lr=1e-3, **kw
-    )
+    tune = functools.partial(fine_tune, source)
     xl = lambda tokens: tune(  # noqa: E731
         f"L-xl-{tokens // 1000}k", f"context {L} + XL {L}", dict(NO_MEMORY, xl_length=L), tokens
     )
@@ -464,23 +464,15 @@ def budgets(
     runs = []
     for budget in tokens:
         runs.append(
-            Run(
-                f"L-xl-{budget // 1000}k",
-                f"context {L} + XL {L}",
-                dict(NO_MEMORY, xl_length=L),
-                budget,
-                init_from=source,
-                lr=1e-3,
-            )
+            fine_tune(source, f"L-xl-{budget // 1000}k", f"context {L} + XL {L}", dict(NO_MEMORY, xl_length=L), budget)
         )
         runs.append(
-            Run(
+            fine_tune(
+                source,
                 f"L-mem8k-xl-{budget // 1000}k",
                 f"context {L} + memory 8K + XL {L}",
                 dict(xl_length=L, memory_size=8192),
                 budget,
-                init_from=source,
-                lr=1e-3,
             )
         )
     # Ways a fine-tune might put its memory to use sooner, at the middle budget: the gate
@@ -501,13 +493,12 @@ def budgets(
         ),
     ):
         runs.append(
-            Run(
+            fine_tune(
+                source,
                 f"L-mem8k-xl-{name}-{middle // 1000}k",
                 f"context {L} + memory 8K + XL {L}, {label}",
                 dict(xl_length=L, memory_size=8192, **model),
                 middle,
-                init_from=source,
-                lr=1e-3,
             )
         )
     runs.append(
@@ -558,7 +549,7 @@ def batch16(corpus: str, finetune_tokens: int, eval_tokens: int | None) -> Grid:
         corpus,
         4096,
         SMALL,
-        tuple(Run(name, label, model, finetune_tokens, init_from=source, lr=1e-3) for name, label, model in rows),
+        tuple(fine_tune(source, name, label, model, finetune_tokens) for name, label, model in rows),
         batch_size=16,
         eval_tokens=eval_tokens,
     )
