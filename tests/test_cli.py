@@ -58,13 +58,19 @@ def test_train_rejects_unknown_config_keys(tmp_path, cli_error):
     assert "unknown keys" in cli_error(["train", "--config", str(config), "--out", str(tmp_path / "r")])
 
 
+def test_demo_without_its_pretrained_weights_says_where_they_should_be(tmp_path, cli_error):
+    message = cli_error(["demo", "--quick", "--out", str(tmp_path), "--pretrained", str(tmp_path / "absent")])
+    assert "pre-trained weights" in message and "--pretrained DIR" in message
+
+
 @pytest.mark.slow
 def test_demo_quick_runs_every_stage(tmp_path, capsys):
     main(["demo", "--quick", "--out", str(tmp_path), "--docs", str(tmp_path / "docs")])
     out = capsys.readouterr().out
-    assert "| XL + kNN memory | 128 | 128 | 4,096 | 32 |" in out and "| XL only | 128 | 128 | - | - |" in out
+    assert "| XL + kNN memory | 128 | 128 | 8,192 | 32 |" in out and "| XL only | 128 | 128 | - | - |" in out
     report = json.loads((tmp_path / "quick" / "demo.json").read_text())
-    assert [r["label"] for r in report["code"]["results"]] == ["XL + kNN memory", "XL only"]
+    labels = ["XL + kNN memory", "XL + kNN memory, memory off", "XL only"]
+    assert [r["label"] for r in report["code"]["results"]] == labels
     assert all(r["tokens"] == 512 for r in report["code"]["results"])
     recall = report["recall"]["results"]
     assert [r["label"] for r in recall] == ["XL + kNN memory", "XL only"]

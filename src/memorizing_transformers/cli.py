@@ -135,9 +135,14 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 # ---------------------------------------------------------------------- demo
 def cmd_demo(args: argparse.Namespace) -> None:
-    from .demo import run_demo
+    from .demo import PRETRAINED, run_demo
 
-    run_demo(quick=args.quick, out_dir=Path(args.out), docs_dir=Path(args.docs) if args.docs else None)
+    run_demo(
+        quick=args.quick,
+        out_dir=Path(args.out),
+        docs_dir=Path(args.docs) if args.docs else None,
+        pretrained=Path(args.pretrained) if args.pretrained else PRETRAINED,
+    )
 
 
 # ---------------------------------------------------------------------- memorize / generate
@@ -566,6 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--quick", action="store_true", help="a smoke test of every stage (about a minute)")
     demo.add_argument("--out", default="runs/demo", help="where runs and results go")
     demo.add_argument("--docs", help="also write the results table and plot into this folder (e.g. docs)")
+    demo.add_argument("--pretrained", help="the vanilla model the code stage fine-tunes (default: the repository's)")
     demo.set_defaults(func=cmd_demo)
     return parser
 
