@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from memorizing_transformers import KNNMemory
 from memorizing_transformers.memory import exact
 from memorizing_transformers.memory import files as memory_files
+from memorizing_transformers.memory.knn_memory import make_backend
 
 
 def unit(*shape):
@@ -227,11 +228,29 @@ def test_interrupted_save_leaves_previous_file_intact(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["memory.safetensors"]
 
 
+@pytest.mark.parametrize("backend", ["exact", "faiss_flat"])
+def test_grouped_queries_search_their_key_value_head(backend):
+    """Queries of 6 heads over a memory of 3 (grouped-query attention) get what a memory of 6 heads, head
+    h holding what head h // 2 holds, gives them: query head h searches key/value head h // 2."""
+    keys, values = unit(2, 3, 40, 8), torch.randn(2, 3, 40, 8)
+    grouped = KNNMemory(2, 3, 8, capacity=64, backend=make_backend(backend))
+    grouped.add(keys, values)
+    reference = KNNMemory(2, 6, 8, capacity=64, backend=make_backend(backend))
+    reference.add(keys.repeat_interleave(2, dim=1), values.repeat_interleave(2, dim=1))
+    queries = unit(2, 6, 5, 8)
+    found, expected = grouped.search(queries, 4), reference.search(queries, 4)
+    assert found.slots.shape == (2, 6, 5, 4) and found.keys.shape == (2, 6, 5, 4, 8)
+    for got, want in zip(found, expected):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
 def test_clear_errors(tmp_path):
     memory = KNNMemory(2, 3, 8, capacity=16)
     with pytest.raises(ValueError, match="batch size 1 but this memory holds 2 rows"):
         memory.add(torch.randn(1, 3, 5, 8), torch.randn(1, 3, 5, 8))
     with pytest.raises(ValueError, match=r"shape \(batch, heads=3, seq, head_dim=8\)"):
+        memory.add(torch.randn(2, 4, 5, 8), torch.randn(2, 4, 5, 8))
+    with pytest.raises(ValueError, match=r"shape \(batch, heads=a multiple of 3, seq, head_dim=8\)"):
         memory.search(torch.randn(2, 4, 5, 8), 4)
     with pytest.raises(ValueError, match="values must have the shape of keys"):
         memory.add(torch.randn(2, 3, 5, 8), torch.randn(2, 3, 4, 8))

@@ -379,6 +379,8 @@ def test_bad_input_gets_clear_errors():
         tiny(knn_layers=(4,))
     with pytest.raises(ValueError, match="memory_dtype must be one of"):
         tiny(memory_dtype="int8")
+    with pytest.raises(ValueError, match=r"n_kv_heads must be a positive divisor of n_heads \(4\), got 3"):
+        tiny(n_kv_heads=3)
 
 
 def test_initialisation_options():
@@ -436,3 +438,36 @@ def test_evicted_writes_store_what_leaves_the_cache_whatever_else_the_layer_atte
     assert torch.equal(written[0].next_slot, written[1].next_slot) and written[0].fill.tolist() == [48, 48]
     torch.testing.assert_close(written[1].keys, written[0].keys)
     torch.testing.assert_close(written[1].values, written[0].values)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(),
+        dict(memory_combine="joint"),
+        dict(xl_compression=4, knn_layers=()),
+        dict(global_tokens=3, attention_window=12),
+        dict(n_kv_heads=1),
+    ],
+)
+def test_grouped_query_attention_is_attention_with_each_key_value_head_repeated(overrides):
+    """A model with 2 key/value heads for 4 query heads (cache, memory, compression and global tokens
+    included) computes what the same model with 4 key/value heads, head h a copy of head h // 2, does."""
+    grouped = make_model(**{"n_kv_heads": 2, **overrides})
+    kv_heads, d = grouped.config.kv_heads, grouped.config.head_dim
+    full = MemorizingTransformer(dataclasses.replace(grouped.config, n_kv_heads=None)).eval()
+    weights = grouped.state_dict()
+    for name, weight in weights.items():
+        if name.endswith("qkv.weight"):  # (queries + keys + values, d_model): repeat each key/value head
+            q, k, v = weight.split([grouped.config.n_heads * d, kv_heads * d, kv_heads * d])
+            k, v = (t.view(kv_heads, d, -1).repeat_interleave(4 // kv_heads, dim=0).flatten(0, 1) for t in (k, v))
+            weights[name] = torch.cat([q, k, v])
+    full.load_state_dict(weights)
+    ids = torch.randint(0, 512, (2, 80))
+    out, expected = grouped(ids, labels=ids), full(ids, labels=ids)
+    torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    memory = out.state.memories.get(2)
+    assert memory is None or memory.num_heads == kv_heads
+    assert out.state.xl[0].keys.shape[1] == kv_heads  # the cache keeps only the key/value heads
+    out.loss.backward()  # and it trains
+    assert all(p.grad is not None for p in grouped.parameters() if p.requires_grad)

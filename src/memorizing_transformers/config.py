@@ -26,6 +26,10 @@ class MemorizingConfig:
     d_model: int = 256
     n_layers: int = 6
     n_heads: int = 4
+    # Key/value heads (None: n_heads). Fewer share each one among n_heads / n_kv_heads query heads
+    # (grouped-query attention; 1: multi-query), in the XL cache and the memory too, which is then
+    # that many times smaller and cheaper to search.
+    n_kv_heads: int | None = None
     head_dim: int = 64
     d_ff: int = 1024
     dropout: float = 0.0
@@ -119,6 +123,13 @@ class MemorizingConfig:
         for name, value in positive.items():
             if value <= 0:
                 raise ValueError(f"MemorizingConfig.{name} must be positive, got {value}")
+        if self.n_kv_heads is not None and (
+            not _is_int(self.n_kv_heads) or self.n_kv_heads <= 0 or self.n_heads % self.n_kv_heads
+        ):
+            raise ValueError(
+                f"MemorizingConfig.n_kv_heads must be a positive divisor of n_heads ({self.n_heads}), "
+                f"got {self.n_kv_heads!r}"
+            )
         for name in ("xl_length", "attention_window", "xl_compression", "global_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"MemorizingConfig.{name} must be >= 0, got {getattr(self, name)}")
@@ -164,6 +175,11 @@ class MemorizingConfig:
     def memory_layer_indices(self) -> tuple[int, ...]:
         """The kNN layers as non-negative indices, in order."""
         return tuple(sorted(i % self.n_layers for i in self.knn_layers))
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_heads, or n_heads when it is None."""
+        return self.n_heads if self.n_kv_heads is None else int(self.n_kv_heads)
 
     @property
     def initial_qk_scale(self) -> float:

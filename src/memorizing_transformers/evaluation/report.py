@@ -126,7 +126,8 @@ def forward_flops_per_token(c: MemorizingConfig, memory_fill: int | None = None)
     keys += (c.segment_length + 1) / 2
     if c.attention_window:
         keys = min(keys, c.attention_window)
-    per_layer = 2 * c.d_model * 3 * inner + 2 * inner * c.d_model + 2 * 2 * c.d_model * c.d_ff + 2 * 2 * inner * keys
+    qkv = inner + 2 * c.kv_heads * c.head_dim  # the projection's outputs: queries, keys and values
+    per_layer = 2 * c.d_model * qkv + 2 * inner * c.d_model + 2 * 2 * c.d_model * c.d_ff + 2 * 2 * inner * keys
     parts = {"layers": c.n_layers * per_layer, "lm_head": 2.0 * c.d_model * c.vocab_size}
     if c.knn_layers:
         stored = c.memory_size if memory_fill is None else memory_fill

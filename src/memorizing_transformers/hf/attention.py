@@ -12,7 +12,6 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from einops import rearrange
 from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import rotate_half
@@ -146,18 +145,14 @@ def memorizing_attention(
 
     # Retrieve: the query heads of a group search their key/value head's memory together. The keys
     # found are gathered only when the logits must carry a gradient back to the queries.
-    grouped = rearrange(searching, "b (h g) s d -> b h (g s) d", g=groups)
-    found = memory.search(grouped, layer.knn_k, gather_keys=query.requires_grad)
-    logits, values, valid, slots = retrieved_logits(grouped, found, scaling), found.values, found.valid, found.slots
+    found = memory.search(searching, layer.knn_k, gather_keys=query.requires_grad)  # (batch, heads, seq, k, ...)
+    mem_logits, mem_values = retrieved_logits(searching, found, scaling), found.values
+    mem_valid, mem_slots = found.valid, found.slots
     if sinks is not None:  # every sink token, for every query (slots past the memory's capacity)
-        sunk = sinks.search(grouped, sinks.capacity, gather_keys=query.requires_grad)
-        logits = torch.cat([logits, retrieved_logits(grouped, sunk, scaling)], dim=3)
-        values, valid = torch.cat([values, sunk.values], dim=3), torch.cat([valid, sunk.valid], dim=3)
-        slots = torch.cat([slots, sunk.slots + layer.capacity], dim=3)
-    mem_logits, mem_valid, mem_slots = (
-        rearrange(t, "b h (g s) k -> b (h g) s k", g=groups) for t in (logits, valid, slots)
-    )
-    mem_values = rearrange(values, "b h (g s) k d -> b (h g) s k d", g=groups)
+        sunk = sinks.search(searching, sinks.capacity, gather_keys=query.requires_grad)
+        mem_logits = torch.cat([mem_logits, retrieved_logits(searching, sunk, scaling)], dim=3)
+        mem_values, mem_valid = torch.cat([mem_values, sunk.values], dim=3), torch.cat([mem_valid, sunk.valid], dim=3)
+        mem_slots = torch.cat([mem_slots, sunk.slots + layer.capacity], dim=3)
 
     keys_all = key.repeat_interleave(groups, dim=1)  # (batch, heads, kv_len, head_dim)
     values_all = value.repeat_interleave(groups, dim=1)

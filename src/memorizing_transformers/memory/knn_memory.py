@@ -14,6 +14,7 @@ import os
 from typing import NamedTuple, Sequence
 
 import torch
+from einops import rearrange
 
 from .backend import BACKENDS, SearchBackend, Store
 from .exact import ExactSearch
@@ -115,11 +116,13 @@ class KNNMemory:
         )
 
     # ------------------------------------------------------------------ checks
-    def _check_heads(self, name: str, x: torch.Tensor) -> None:
-        if x.dim() != 4 or x.shape[1] != self.num_heads or x.shape[3] != self.head_dim:
+    def _check_heads(self, name: str, x: torch.Tensor, grouped: bool = False) -> None:
+        """x: (batch, heads, seq, head_dim) with this memory's heads, or with `grouped` a multiple of them."""
+        heads_fit = x.dim() == 4 and (x.shape[1] % self.num_heads == 0 if grouped else x.shape[1] == self.num_heads)
+        if not heads_fit or x.shape[3] != self.head_dim:
+            heads = f"a multiple of {self.num_heads}" if grouped else str(self.num_heads)
             raise ValueError(
-                f"{name} must have shape (batch, heads={self.num_heads}, seq, head_dim={self.head_dim}), "
-                f"got {tuple(x.shape)}"
+                f"{name} must have shape (batch, heads={heads}, seq, head_dim={self.head_dim}), got {tuple(x.shape)}"
             )
         if x.shape[0] != self.batch_size:
             raise ValueError(f"{name} have batch size {x.shape[0]} but this memory holds {self.batch_size} rows")
@@ -203,15 +206,22 @@ class KNNMemory:
         """Top-k stored entries by inner product for each query, per (row, head).
 
         queries: (batch, heads, seq, head_dim), on any device: the search runs on the memory's, the
-        result is on the queries'. Returns min(k, capacity) entries per query,
+        result is on the queries'. With heads = groups x the memory's heads (grouped-query attention),
+        the query heads of a group search their key/value head together (query head h reads memory
+        head h // groups) and the result is laid out by query head. Returns min(k, capacity) entries per query,
         best first; slots that are empty are never returned as valid. Exact with the
         "exact" and "faiss_flat" backends, approximate with "faiss_ivf". With `gather_keys`
         False the result's keys are None: a caller that needs only the scores (inference: no
         gradient to carry back to the queries) skips gathering them.
         """
-        self._check_heads("queries", queries)
+        self._check_heads("queries", queries, grouped=True)
         if k <= 0:
             raise ValueError(f"k must be positive, got {k}")
+        if (groups := queries.shape[1] // self.num_heads) > 1:
+            found = self.search(rearrange(queries, "b (h g) s d -> b h (g s) d", g=groups), k, gather_keys)
+            return SearchResult(
+                *(None if t is None else rearrange(t, "b h (g s) ... -> b (h g) s ...", g=groups) for t in found)
+            )
         batch, heads, seq, dim = queries.shape
         k = min(k, self.capacity)
         best_scores, best_slots = self.backend.search(self.store, queries.detach().to(self.device), k)

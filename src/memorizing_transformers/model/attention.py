@@ -137,17 +137,19 @@ class Retrieved(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with T5 bias and an XL cache; with `use_memory`, also a kNN memory."""
+    """Multi-head attention with T5 bias and an XL cache; with `use_memory`, also a kNN memory. With
+    n_kv_heads below n_heads, each key/value head (in the cache and the memory too) serves a group of
+    n_heads / n_kv_heads query heads: query head h reads key/value head h // groups."""
 
     def __init__(self, config: MemorizingConfig, use_memory: bool = False) -> None:
         super().__init__()
-        self.n_heads, self.head_dim = config.n_heads, config.head_dim
+        self.n_heads, self.kv_heads, self.head_dim = config.n_heads, config.kv_heads, config.head_dim
         self.eps = config.qk_norm_eps
         self.knn_k = config.knn_k
         self.combine = config.memory_combine
         self.memory_writes, self.xl_length = config.memory_writes, config.xl_length
         inner = config.n_heads * config.head_dim
-        self.qkv = nn.Linear(config.d_model, 3 * inner, bias=False)
+        self.qkv = nn.Linear(config.d_model, inner + 2 * config.kv_heads * config.head_dim, bias=False)
         self.out = nn.Linear(inner, config.d_model, bias=False)
         self.log_scale = nn.Parameter(torch.full((config.n_heads,), math.log(config.initial_qk_scale)))
         self.position_bias = RelativePositionBias(config.n_heads, config.num_buckets, config.max_distance)
@@ -197,14 +199,17 @@ class Attention(nn.Module):
         global_tokens: the stored global tokens (an XLCache of global_tokens slots, or None),
         their T5 buckets (batch, seq, slots) and which queries attend each (batch, 1, 1, slots).
         Returns the output (batch, seq, d_model) and this segment's normalised keys and
-        values (batch, heads, seq, head_dim) for the XL cache.
+        values (batch, kv_heads, seq, head_dim) for the XL cache.
         """
         memory = state.memories.get(layer)
         if self.use_memory and memory is None:
             raise ValueError("this attention layer has a kNN memory but the state holds none for it")
-        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.n_heads)
+        q, k, v = (
+            rearrange(t, "b t (h d) -> b h t d", d=self.head_dim)
+            for t in self.qkv(x).split([self.n_heads * self.head_dim, *2 * [self.kv_heads * self.head_dim]], dim=-1)
+        )
         q = F.normalize(q, dim=-1, eps=self.eps)  # (batch, heads, seq, head_dim)
-        k = F.normalize(k, dim=-1, eps=self.eps)
+        k = F.normalize(k, dim=-1, eps=self.eps)  # (batch, kv_heads, seq, head_dim), as v
         q_scaled = q * self.log_scale.exp()[None, :, None, None]
         keys, values, key_mask = state.update(layer, k, v, token_mask)  # [XL cache ; segment]
         cached = (keys, values, key_mask)  # what evicted writes read, before compression or global tokens
@@ -227,6 +232,8 @@ class Attention(nn.Module):
             )
             keys = torch.cat([store.keys.to(k.dtype), keys], dim=2)
             values = torch.cat([store.values.to(v.dtype), values], dim=2)
+        if (groups := self.n_heads // self.kv_heads) > 1:  # each query head its group's key/value head
+            keys, values = keys.repeat_interleave(groups, dim=1), values.repeat_interleave(groups, dim=1)
 
         if not self.use_memory:
             out = local_attention(q_scaled, keys, values, local_bias)

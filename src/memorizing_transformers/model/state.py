@@ -55,7 +55,7 @@ class MemorizingState:
         self.memories: dict[int, KNNMemory] = {
             layer: KNNMemory(
                 batch_size,
-                config.n_heads,
+                config.kv_heads,
                 config.head_dim,
                 config.memory_size,
                 dtype=config.torch_memory_dtype,
