@@ -70,10 +70,16 @@ def size_label(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else f"{n:,}"
 
 
+ONE_KV_HEAD = ", 1 kv head"  # the label of our rows shaped as theirs
+
+
 def variants(base: MemorizingConfig, large_memory: int) -> dict[str, MemorizingConfig]:
+    """Our rows; and some again with one key/value head shared by all heads (multi-query attention,
+    MemorizingConfig.n_kv_heads=1), which is how the popular implementation's attention and memory are
+    built: the same model as theirs, for a like-for-like comparison."""
     small, large = size_label(base.memory_size), size_label(large_memory)
     ivf = dict(memory_size=large_memory, memory_backend="faiss_ivf")
-    return {
+    rows = {
         "vanilla": dataclasses.replace(base, xl_length=0, knn_layers=()),
         "XL only": dataclasses.replace(base, knn_layers=()),
         f"memory {small}": dataclasses.replace(base, xl_length=0),
@@ -82,6 +88,8 @@ def variants(base: MemorizingConfig, large_memory: int) -> dict[str, MemorizingC
         f"memory {large} IVF": dataclasses.replace(base, xl_length=0, **ivf),
         f"memory {large} IVF + XL": dataclasses.replace(base, **ivf),
     }
+    shaped = ("vanilla", "XL only", f"memory {large} + XL", f"memory {large} IVF + XL")
+    return rows | {f"{name}{ONE_KV_HEAD}": dataclasses.replace(rows[name], n_kv_heads=1) for name in shaped}
 
 
 def our_case(
@@ -93,7 +101,7 @@ def our_case(
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     state = model.new_state(batch, memory_device=memory_device)
     for memory in state.memories.values():  # steady state: a full memory
-        shape = (batch, config.n_heads, config.memory_size, config.head_dim)
+        shape = (batch, config.kv_heads, config.memory_size, config.head_dim)
         memory.add(F.normalize(torch.randn(shape, device=device), dim=-1), torch.randn(shape, device=device))
     ids = torch.randint(0, config.vocab_size, (batch, config.segment_length), device=device)
 
@@ -163,13 +171,14 @@ def rows_of(cases: list[Case], times: list[list[float]], owner: str) -> list[dic
 
 def speedups(cases: list[Case], times: list[list[float]]) -> dict[str, dict[str, float]]:
     """Our tokens/s over theirs, per round, for each of our rows against theirs of the same label
-    (our IVF rows against their memory of the same size, with XL or not)."""
+    (our IVF rows against their memory of the same size, with XL or not; our rows with one key/value
+    head against theirs, which have one too)."""
     by = {(case.owner, case.variant): t for case, t in zip(cases, times)}
     result = {}
     for (owner, variant), ours in by.items():
         if owner != "ours":
             continue
-        theirs = by.get(("popular", variant.replace(" IVF", "")))
+        theirs = by.get(("popular", variant.replace(" IVF", "").removesuffix(ONE_KV_HEAD)))
         if theirs is not None:
             result[variant] = spread([b / a for a, b in zip(ours, theirs)])
     return result
@@ -252,7 +261,8 @@ def main(argv: list[str] | None = None) -> None:
                 + "; ".join(
                     f"{variant} {s['median']:.2f}x ({s['min']:.2f}-{s['max']:.2f}x)" for variant, s in faster.items()
                 )
-                + ". Their memory: one key head shared by all heads, HNSW, wiped whole when full; ours: per head, FIFO."
+                + ". Their attention and memory: one key/value head shared by all heads (ours too in the rows "
+                f"marked '{ONE_KV_HEAD[2:]}'), HNSW, the memory wiped whole when full; ours: FIFO."
             )
     text = "\n\n".join(sections)
     print(text)

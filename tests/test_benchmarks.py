@@ -39,6 +39,10 @@ def test_train_step_benchmark_quick(tmp_path):
         "memory 2K + XL",
         "memory 2K IVF",
         "memory 2K IVF + XL",
+        "vanilla, 1 kv head",
+        "XL only, 1 kv head",
+        "memory 2K + XL, 1 kv head",
+        "memory 2K IVF + XL, 1 kv head",
     ]
     xl = next(r for r in rows if r["variant"] == "XL only")
     assert xl["ratio_to_xl"] == xl["ratio_to_xl_min"] == xl["ratio_to_xl_max"] == 1.0  # a ratio per round, to itself
@@ -135,6 +139,7 @@ def test_targets_table_reads_the_measured_figures(tmp_path):
                             "memory 64K IVF": faster(1.4, 1.3, 1.45),
                             "vanilla": faster(0.98, 0.9, 1.05),
                             "XL only": faster(1.02, 1.01, 1.03),
+                            "XL only, 1 kv head": faster(1.2, 1.1, 1.3),
                         },
                     }
                 },
@@ -186,6 +191,8 @@ def test_targets_table_reads_the_measured_figures(tmp_path):
     assert met["tokens/s, ours memory 64K IVF + XL / theirs (same memory, exact), same rounds"] == "yes"
     assert met["tokens/s, ours memory 64K IVF / theirs (same memory, exact), same rounds"] == "no"
     assert met["tokens/s, ours vanilla / theirs, same rounds"] == "spread too wide for a verdict"
+    assert met["tokens/s, ours XL only / theirs, both with one key/value head, same rounds"] == "yes"
+    assert not any("ours vanilla / theirs, both with one" in line for line in page)  # not measured: no row
     assert met["IVF search at 262K / exact, recall@32 on model keys"] == "no"  # fast, but recall 0.85 < 0.9
     # A floor from memory_step's run that this run's median beats (1.28x under 1.67x) is no floor:
     # the rounds decide, and the row says that split is stale.
