@@ -12,7 +12,8 @@ The models, each given a memory of `--memory-size` entries in one layer at a tim
 (a layer's queries and keys come from the layers below it, which a memory in that layer does not
 change): the vanilla pre-trainings of the grids (experiments/grid.py; their weights are committed
 beside their JSON), with segments of 128 and an XL cache of 128 as the grids' memory rows read; the
-grid runs given with `--runs` (memory models fine-tuned from them) at their own memory layers; and
+grid runs given with `--runs` (memory models fine-tuned from them) at their own memory layers, a run
+with no memory (another pre-training of the corpus, e.g. table4-proofs-2048/pretrain) at `--layers`; and
 SmolLM2-135M (`make smollm2`) with a 512-token window, for the layers given with `--smollm2-layers`.
 Documents: the first `--documents` test documents of `--corpus` holding at least `--tokens` tokens
 under the corpus's tokenizer, each cut to its first `--tokens` tokens under each model's tokenizer.
@@ -203,10 +204,11 @@ def main(argv: list[str] | None = None) -> None:
         result["command"] = " ".join(["python experiments/retrieval_hits.py", *flags])
         result["threads"] = torch.get_num_threads()
         done = {(c["model"], c["layer"]) for c in result["cases"]}
-        todo = [(pretraining, int(layer)) for layer in args.layers.split(",")]
-        for run in args.runs:  # fine-tuned memory models, at their own memory layers
+        layers = [int(layer) for layer in args.layers.split(",")]
+        todo = [(pretraining, layer) for layer in layers]
+        for run in args.runs:  # fine-tuned memory models at their own memory layers, other models at --layers
             config = MemorizingTransformer.from_pretrained(run_folder(run)).config
-            todo += [(run, layer) for layer in config.memory_layer_indices]
+            todo += [(run, layer) for layer in config.memory_layer_indices or layers]
         if Path(args.smollm2).is_dir():
             todo += [("SmolLM2-135M", int(layer)) for layer in args.smollm2_layers.split(",")]
         for model_name, layer in todo:
