@@ -567,7 +567,11 @@ def build_parser() -> argparse.ArgumentParser:
     smollm2.add_argument("--force", action="store_true", help="convert again even if --out holds a checkpoint")
     smollm2.set_defaults(func=cmd_pretrained_smollm2)
 
-    demo = sub.add_parser("demo", help="train with and without memory on the embedded data, and compare")
+    demo = sub.add_parser(
+        "demo",
+        help="train with and without memory (the recall task; Python code, fine-tuned from a vanilla pre-training) "
+        "and compare",
+    )
     demo.add_argument("--quick", action="store_true", help="a smoke test of every stage (about a minute)")
     demo.add_argument("--out", default="runs/demo", help="where runs and results go")
     demo.add_argument("--docs", help="also write the results table and plot into this folder (e.g. docs)")
