@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
@@ -74,9 +75,22 @@ def interleaved(cases: list[Case], rounds: int, calls: int, warmup: int, device:
     return times
 
 
+def median_interval(values: list[float], confidence: float = 0.95) -> tuple[float, float]:
+    """A distribution-free confidence interval of the median: the order statistics x(j) and x(n + 1 - j)
+    for the largest j with P(Binomial(n, 1/2) < j) <= (1 - confidence) / 2, which cover the median with
+    at least that probability whatever the distribution. Below 6 values none does: min and max."""
+    ordered, n = sorted(values), len(values)
+    below = lambda j: sum(math.comb(n, i) for i in range(j)) / 2**n  # noqa: E731  P(Binomial(n, 1/2) < j)
+    j = 1
+    while 2 * (j + 1) <= n and 2 * below(j + 1) <= 1 - confidence:
+        j += 1
+    return ordered[j - 1], ordered[n - j]
+
+
 def spread(values: list[float]) -> dict[str, float]:
-    """Median, min and max."""
-    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    """Median, min and max, and the median's 95% confidence interval (low, high; see median_interval)."""
+    low, high = median_interval(values)
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "low": low, "high": high}
 
 
 def write_results(name: str, results: dict[str, Any], table: str, out_dir: Path) -> None:

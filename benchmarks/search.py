@@ -84,9 +84,10 @@ def race(contenders: dict[str, Any], rounds: int, device: torch.device) -> dict[
 
 
 def ratio_fields(name: str, over: list[float], under: list[float]) -> dict[str, float]:
-    """name (the median of over / under, per round), name_min and name_max."""
+    """name (the median of over / under, per round), name_min and name_max, and the median's 95% interval
+    (name_low, name_high)."""
     measured = spread([a / b for a, b in zip(over, under)])
-    return {name: measured["median"], f"{name}_min": measured["min"], f"{name}_max": measured["max"]}
+    return {name: measured["median"], **{f"{name}_{end}": measured[end] for end in ("min", "max", "low", "high")}}
 
 
 def exact_rows(

@@ -3,7 +3,9 @@
 Reads the JSON that `benchmarks.search`, `benchmarks.train_step`, `benchmarks.memory_step`
 and `benchmarks.long_stream` wrote into --out and writes targets.md beside them; it
 measures nothing itself. A target measured over rounds is judged by its median, and
-reads "spread too wide for a verdict" when the rounds' min-max straddles the goal.
+reads "spread too wide for a verdict" when the median's 95% confidence interval (a
+distribution-free one, from the rounds' order statistics: benchmarks.common.median_interval;
+the rounds' min-max for figures recorded without it) straddles the goal.
 
     python -m benchmarks.targets
 """
@@ -20,8 +22,9 @@ POPULAR_REFERENCE_TOKENS_PER_S = 980  # memorizing-transformers-pytorch 0.4.1, k
 
 
 def verdict(measured: dict[str, float], goal: float, at_most: bool) -> str:
-    """yes / no by the median, or "spread too wide for a verdict" when min-max straddles the goal."""
-    if measured["min"] <= goal <= measured["max"] and measured["min"] < measured["max"]:
+    """yes / no by the median, or "spread too wide for a verdict" when the median's interval straddles the goal."""
+    low, high = measured.get("low", measured["min"]), measured.get("high", measured["max"])
+    if low <= goal <= high and low < high:
         return "spread too wide for a verdict"
     return "yes" if (measured["median"] <= goal if at_most else measured["median"] >= goal) else "no"
 
@@ -51,12 +54,27 @@ def unlike(first: dict, second: dict) -> str:
 
 
 def rounds(row: dict, name: str) -> dict[str, float]:
-    """A ratio measured over rounds: its median, min and max (min = max = median if not recorded)."""
-    return {"median": row[name], "min": row.get(f"{name}_min", row[name]), "max": row.get(f"{name}_max", row[name])}
+    """A ratio measured over rounds: its median, min and max (min = max = median if not recorded), and the
+    median's interval (low, high: min and max if not recorded)."""
+    low, high = row.get(f"{name}_min", row[name]), row.get(f"{name}_max", row[name])
+    return {
+        "median": row[name],
+        "min": low,
+        "max": high,
+        "low": row.get(f"{name}_low", low),
+        "high": row.get(f"{name}_high", high),
+    }
 
 
 def shown(measured: dict[str, float], unit: str = "x") -> str:
-    return f"{measured['median']:.2f}{unit} ({measured['min']:.2f}-{measured['max']:.2f}{unit})"
+    """The median, the median's 95% interval where it is narrower than the rounds' min-max, and min-max."""
+    m = {key: measured.get(key, measured[fallback]) for key, fallback in (("low", "min"), ("high", "max"))}
+    interval = (
+        f"median within {m['low']:.2f}-{m['high']:.2f}{unit}; "
+        if (m["low"], m["high"]) != (measured["min"], measured["max"])
+        else ""
+    )
+    return f"{measured['median']:.2f}{unit} ({interval}rounds {measured['min']:.2f}-{measured['max']:.2f}{unit})"
 
 
 def rows(out: Path) -> list[tuple[str, str, str, str]]:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from benchmarks import fits, long_stream, memory_step, memory_use, retrofit, search, targets, train_step
+from benchmarks.common import median_interval
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
 from memorizing_transformers.data.streaming import TokenizedDocument
 
@@ -289,3 +290,31 @@ def test_fits_scales_the_measured_overheads_to_a_preset(tmp_path):
     # paper preset: 8 heads x 128, one memory layer; 65,536 bf16 entries: 2 x 8 x 128 x 2 bytes each = 256 MiB
     assert "| 65,536 | bfloat16 | exact | 256 | 96 | 320 | 564 |" in text
     assert "| 65,536 | float32 | faiss_ivf | 1,024 | 24 | 80 | 141 |" in text
+
+
+def test_the_medians_interval_is_the_order_statistics_that_cover_it():
+    """x(j) and x(n + 1 - j), j the largest with P(Binomial(n, 1/2) < j) <= 2.5%: min and max up to 8
+    values, x(2) and x(8) of 9 (coverage 96%), x(3) and x(10) of 12, x(6) and x(15) of 20."""
+    assert median_interval([5.0, 1.0, 3.0]) == (1.0, 5.0)
+    assert median_interval(list(range(8))) == (0, 7)
+    assert median_interval(list(range(1, 10))) == (2, 8)
+    assert median_interval(list(range(12, 0, -1))) == (3, 10)
+    assert median_interval(list(range(1, 21))) == (6, 15)
+    # by simulation: the interval of 12 draws holds the true median at least 95% of the time
+    generator = torch.Generator().manual_seed(0)
+    draws = torch.rand(4000, 12, generator=generator)  # uniform: median 0.5
+    held = sum(low <= 0.5 <= high for low, high in (median_interval(row.tolist()) for row in draws))
+    assert held / 4000 >= 0.95
+
+
+def test_a_target_is_judged_by_the_medians_interval_not_the_extreme_rounds():
+    # 12 rounds, one slow outlier: the rounds straddle 1.15, the median's interval (1.04-1.10) does not
+    ratios = [1.04, 1.05, 1.06, 1.07, 1.07, 1.08, 1.08, 1.09, 1.10, 1.10, 1.11, 1.40]
+    low, high = median_interval(ratios)
+    measured = {"median": 1.08, "min": min(ratios), "max": max(ratios), "low": low, "high": high}
+    assert targets.verdict(measured, 1.15, at_most=True) == "yes"
+    assert targets.verdict({**measured, "low": 1.0, "high": 1.2}, 1.15, at_most=True) == "spread too wide for a verdict"
+    # figures recorded before the interval: the rounds' min-max decides, as it did
+    assert targets.verdict({"median": 1.08, "min": 1.04, "max": 1.40}, 1.15, at_most=True) == (
+        "spread too wide for a verdict"
+    )
