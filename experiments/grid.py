@@ -392,9 +392,9 @@ def in_layer(
             f"context {L} + memory 8K{here}{open_gate}",
             dict(memory, xl_length=0, memory_size=8192, **gate0),
         ),
-        (
+        (  # the joint softmax has no gate: its gate setting, made with the rows around it, does nothing
             "L-mem8k-xl-joint-gate0-s0",
-            f"context {L} + memory 8K + XL {L}{here}, one softmax over local and retrieved entries{open_gate}",
+            f"context {L} + memory 8K + XL {L}{here}, one softmax over local and retrieved entries (no gate)",
             dict(memory, xl_length=L, memory_size=8192, memory_combine="joint", **gate0),
         ),
         (
