@@ -21,9 +21,14 @@ from memorizing_transformers.atomic import write_atomically
 POPULAR_REFERENCE_TOKENS_PER_S = 980  # memorizing-transformers-pytorch 0.4.1, kNN 65K, as first measured on this CPU
 
 
+def interval(measured: dict[str, float]) -> tuple[float, float]:
+    """The median's 95% interval; the rounds' min-max for a figure recorded without it."""
+    return measured.get("low", measured["min"]), measured.get("high", measured["max"])
+
+
 def verdict(measured: dict[str, float], goal: float, at_most: bool) -> str:
     """yes / no by the median, or "spread too wide for a verdict" when the median's interval straddles the goal."""
-    low, high = measured.get("low", measured["min"]), measured.get("high", measured["max"])
+    low, high = interval(measured)
     if low <= goal <= high and low < high:
         return "spread too wide for a verdict"
     return "yes" if (measured["median"] <= goal if at_most else measured["median"] >= goal) else "no"
@@ -68,13 +73,9 @@ def rounds(row: dict, name: str) -> dict[str, float]:
 
 def shown(measured: dict[str, float], unit: str = "x") -> str:
     """The median, the median's 95% interval where it is narrower than the rounds' min-max, and min-max."""
-    m = {key: measured.get(key, measured[fallback]) for key, fallback in (("low", "min"), ("high", "max"))}
-    interval = (
-        f"median within {m['low']:.2f}-{m['high']:.2f}{unit}; "
-        if (m["low"], m["high"]) != (measured["min"], measured["max"])
-        else ""
-    )
-    return f"{measured['median']:.2f}{unit} ({interval}rounds {measured['min']:.2f}-{measured['max']:.2f}{unit})"
+    low, high = interval(measured)
+    within = f"median within {low:.2f}-{high:.2f}{unit}; " if (low, high) != (measured["min"], measured["max"]) else ""
+    return f"{measured['median']:.2f}{unit} ({within}rounds {measured['min']:.2f}-{measured['max']:.2f}{unit})"
 
 
 def rows(out: Path) -> list[tuple[str, str, str, str]]:
