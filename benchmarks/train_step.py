@@ -3,8 +3,11 @@
 Reference configuration (the one the popular PyTorch implementation was measured at):
 vocab 8,192, d_model 256, 6 layers, 4 heads x 64, kNN in the 4th layer, k 32, batch 4 x
 256-token segments, one AdamW step per segment; then the `small` preset (the same with
-the GPT-2 vocabulary of 50,257). Our memories are filled to capacity before timing, so
-every search covers the whole memory (steady state). Rows marked IVF use the approximate
+the GPT-2 vocabulary of 50,257); then the `documents` configuration, the experiments' grid
+model (experiments/grid.py) at 16 rows of 128 tokens, whose rows' memories hold evenly spaced
+shares of their capacity, as a stream of documents leaves them (each row emptied at its
+document's end). Elsewhere our memories are filled to capacity before timing, so every
+search covers the whole memory (steady state). Rows marked IVF use the approximate
 `faiss_ivf` backend; the others search exactly. When memorizing-transformers-pytorch
 0.4.1 is installed (see benchmarks/popular.py), its steps are timed in the same rounds.
 
@@ -15,8 +18,8 @@ A row gives the median over rounds with the min-max beside it; a ratio is taken 
 memory is wiped whole when full, so their memory rows refill it to evenly spaced shares of
 its capacity round by round: over the rounds they cover a whole fill-and-wipe cycle.
 
-    python -m benchmarks.train_step            # the reference configuration
-    python -m benchmarks.train_step --quick    # a tiny configuration, seconds
+    python -m benchmarks.train_step            # the three configurations
+    python -m benchmarks.train_step --quick    # tiny ones, seconds
 """
 
 from __future__ import annotations
@@ -66,6 +69,24 @@ QUICK = dataclasses.replace(
 )
 
 
+# The experiments' grid model (experiments/grid.py, layer1-pycode-2048: 16 rows of 128 tokens a step,
+# memory in layer 1), its memories at the fills a stream of documents leaves them (see our_case): the
+# shape the science runs train in, where rows are reset at every document's end.
+DOCUMENTS = MemorizingConfig(
+    vocab_size=4096,
+    d_model=128,
+    n_layers=4,
+    n_heads=4,
+    head_dim=32,
+    d_ff=512,
+    segment_length=128,
+    xl_length=128,
+    knn_layers=(1,),
+    memory_size=8192,
+    knn_k=32,
+)
+
+
 def size_label(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 else f"{n:,}"
 
@@ -92,17 +113,43 @@ def variants(base: MemorizingConfig, large_memory: int) -> dict[str, MemorizingC
     return rows | {f"{name}{ONE_KV_HEAD}": dataclasses.replace(rows[name], n_kv_heads=1) for name in shaped}
 
 
+def document_variants(base: MemorizingConfig, large_memory: int) -> dict[str, MemorizingConfig]:
+    """The rows of the documents configuration: XL alone and the grids' memory rows."""
+    small, large = size_label(base.memory_size), size_label(large_memory)
+    return {
+        "XL only": dataclasses.replace(base, knn_layers=()),
+        f"memory {small} + XL": base,
+        f"memory {large} + XL": dataclasses.replace(base, memory_size=large_memory),
+        f"memory {large} IVF + XL": dataclasses.replace(base, memory_size=large_memory, memory_backend="faiss_ivf"),
+    }
+
+
+def staggered_fills(batch: int, capacity: int, device: torch.device) -> torch.Tensor:
+    """The write mask (batch, capacity) that leaves row i holding its first (i + 1) / batch of the slots."""
+    fill = torch.arange(1, batch + 1, device=device)[:, None] * capacity // batch  # (batch, 1)
+    return torch.arange(capacity, device=device) < fill
+
+
 def our_case(
-    variant: str, config: MemorizingConfig, batch: int, device: torch.device, memory_device: str | None = None
+    variant: str,
+    config: MemorizingConfig,
+    batch: int,
+    device: torch.device,
+    memory_device: str | None = None,
+    staggered: bool = False,
 ) -> Case:
-    """One AdamW step of our model on one segment, its memories full (on `memory_device` when given)."""
+    """One AdamW step of our model on one segment (on `memory_device` when given), its memories full;
+    `staggered`: row i holds (i + 1) / batch of the capacity, as rows reset at their documents' ends
+    are left (an IVF row holding fewer keys than its lists need is searched exactly)."""
     torch.manual_seed(0)
     model = MemorizingTransformer(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     state = model.new_state(batch, memory_device=memory_device)
-    for memory in state.memories.values():  # steady state: a full memory
+    for memory in state.memories.values():  # steady state: a full memory (each row as full as it gets)
         shape = (batch, config.kv_heads, config.memory_size, config.head_dim)
-        memory.add(F.normalize(torch.randn(shape, device=device), dim=-1), torch.randn(shape, device=device))
+        mask = staggered_fills(batch, config.memory_size, device) if staggered else None
+        keys = F.normalize(torch.randn(shape, device=device), dim=-1)
+        memory.add(keys, torch.randn(shape, device=device), mask=mask)
     ids = torch.randint(0, config.vocab_size, (batch, config.segment_length), device=device)
 
     def step() -> None:
@@ -222,39 +269,52 @@ def search_matmul_gflops(config: MemorizingConfig, batch: int, slots: int, devic
 
 def main(argv: list[str] | None = None) -> None:
     args, device = parse_arguments(__doc__, argv)
+    # name: (configuration, rows a step, memories staggered as documents leave them)
     if args.quick:
-        configs, large, batch, rounds, calls, warmup = {"quick": QUICK}, 2048, 2, 3, 1, 1
+        configs = {"quick": (QUICK, 2, False), "quick documents": (QUICK, 8, True)}
+        large, rounds, calls, warmup = 2048, 3, 1, 1
     else:
-        configs, large, batch, rounds, calls, warmup = (
-            {"reference": REFERENCE, "small": MemorizingConfig.preset("small")},
-            65536,
-            4,
-            12,  # rounds: from 9 on, the median's 95% interval is narrower than the rounds' min-max
-            3,
-            2,
-        )
+        configs = {
+            "reference": (REFERENCE, 4, False),
+            "small": (MemorizingConfig.preset("small"), 4, False),
+            "documents": (DOCUMENTS, 16, True),
+        }
+        large, calls, warmup = 65536, 3, 2
+        rounds = 12  # from 9 on, the median's 95% interval is narrower than the rounds' min-max
     results = {
         "command": "python -m benchmarks.train_step" + (" --quick" if args.quick else ""),
         "device": describe_device(device),
-        "batch_size": batch,
+        "batch_size": next(iter(configs.values()))[1],  # the first configuration's (each has its own below)
         "rounds": rounds,
         "steps_per_round": calls,
         "warmup_steps": warmup,
         "configs": {},
     }
     sections = []
-    for name, base in configs.items():
+    for name, (base, batch, staggered) in configs.items():
         with contextlib.ExitStack() as resources:
-            cases = [our_case(label, config, batch, device) for label, config in variants(base, large).items()]
-            if popular.available():
+            cases = [
+                our_case(label, config, batch, device, staggered=staggered)
+                for label, config in (document_variants if staggered else variants)(base, large).items()
+            ]
+            if popular.available() and not staggered:
                 cases += popular_cases(base, large, batch, device, resources)
             times = interleaved(cases, rounds, calls, warmup, device)
         rows = rows_of(cases, times, "ours")
         matmul = {str(n): search_matmul_gflops(base, batch, n, device) for n in (base.memory_size, large)}
-        results["configs"][name] = {"config": base.to_dict(), "rows": rows, "search_matmul_gflops": matmul}
+        results["configs"][name] = {
+            "config": base.to_dict(),
+            "batch_size": batch,
+            "rows": rows,
+            "search_matmul_gflops": matmul,
+        }
         sections.append(
             f"### {name} configuration (vocab {base.vocab_size:,}), batch {batch} x {base.segment_length}"
-            f"\n\n{table(rows)}"
+            + (
+                f", row i's memory holding (i + 1) / {batch} of its capacity, as a stream of documents leaves them"
+                * staggered
+            )
+            + f"\n\n{table(rows)}"
         )
         if any(case.owner == "popular" for case in cases):
             theirs, faster = rows_of(cases, times, "popular"), speedups(cases, times)

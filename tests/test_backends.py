@@ -180,7 +180,10 @@ def test_ivf_rows_are_searched_exactly_until_they_hold_enough_keys_to_train():
         m.add(more, more, mask=torch.tensor([[True] * 30, [False] * 30]))
     assert backend.indices[0] is not None and backend.indices[1] is None  # row 0 now holds 64 keys
     a, b = reference.search(queries, 8), memory.search(queries, 8)
-    assert torch.equal(a.slots[1], b.slots[1])  # row 1: still exact
+    assert torch.equal(a.slots[1], b.slots[1])  # row 1: still exact, searched alone over the slots it uses
+    torch.testing.assert_close(a.scores[1], b.scores[1])
+    young = memory.store.select([1])
+    assert young.extent == 40 and young.keys.shape == (1, 2, 40, 8) and torch.equal(young.keys, memory.keys[1:, :, :40])
 
 
 @pytest.mark.parametrize("dtype, code_bytes", [(torch.float32, 4), (torch.bfloat16, 2), (torch.float16, 2)])

@@ -50,6 +50,21 @@ def test_train_step_benchmark_quick(tmp_path):
     # every variant timed in every round, in the same rounds
     assert all(len(r["round_seconds"]) == results["rounds"] == 3 for r in rows)
     assert all(r["seconds_min"] <= r["seconds"] <= r["seconds_max"] for r in rows)
+    # the grids' shape: memories as a stream of documents leaves them, the IVF memory's young rows searched exactly
+    documents = results["configs"]["quick documents"]
+    assert documents["batch_size"] == 8
+    assert [r["variant"] for r in documents["rows"]] == [
+        "XL only",
+        "memory 512 + XL",
+        "memory 2K + XL",
+        "memory 2K IVF + XL",
+    ]
+
+
+def test_staggered_fills_leave_row_i_holding_its_share_of_the_memory():
+    mask = train_step.staggered_fills(4, 64, torch.device("cpu"))
+    assert mask.sum(dim=1).tolist() == [16, 32, 48, 64]
+    assert all(bool(row[: int(row.sum())].all()) for row in mask)  # a prefix, as after a reset
 
 
 def test_memory_step_benchmark_quick(tmp_path):

@@ -38,6 +38,14 @@ class Store:
         """Stored entries per row: (batch,) long."""
         return self.valid.sum(dim=1)
 
+    def select(self, rows: list[int]) -> "Store":
+        """The store of these rows alone, cut to the slots they use (a copy of those slots' keys)."""
+        index = torch.tensor(rows, device=self.device)
+        valid = self.valid.index_select(0, index)  # (len(rows), capacity)
+        used = valid.any(dim=0).nonzero()
+        extent = int(used.max()) + 1 if used.numel() else 0
+        return Store(self.keys[:, :, :extent].index_select(0, index), valid[:, :extent], extent)
+
 
 class SearchBackend(Protocol):
     def exact_scores(self, store: Store) -> bool:

@@ -89,9 +89,10 @@ class ExactSearch:
         pairs, chunk = score_blocks(store.device, batch * heads, seq, store.extent, k, self.block_elements)
         best_scores = torch.full((batch * heads, seq, k), float("-inf"), device=store.device)
         best_slots = torch.zeros((batch * heads, seq, k), dtype=torch.long, device=store.device)
-        empty = None
+        empty = None  # -inf on empty slots, 0 elsewhere: adding it is several times faster than a masked_fill_
         if not bool(store.valid[:, : store.extent].all()):  # the steady state has no slot to mask
-            empty = (~store.valid)[:, None].expand(batch, heads, -1).flatten(0, 1)[:, None]  # (batch * heads, 1, cap)
+            empty = torch.zeros(store.valid.shape, device=store.device).masked_fill_(~store.valid, float("-inf"))
+            empty = empty[:, None].expand(batch, heads, -1).flatten(0, 1)[:, None]  # (batch * heads, 1, capacity)
         for first in range(0, batch * heads, pairs):
             group = slice(first, first + pairs)
             for start in range(0, store.extent, chunk):
@@ -99,7 +100,7 @@ class ExactSearch:
                 block = keys[group, start:stop]  # (pairs, c, head_dim)
                 scores = torch.matmul(q[group], block.to(compute_dtype).transpose(-1, -2)).float()  # (pairs, seq, c)
                 if empty is not None:
-                    scores.masked_fill_(empty[group, :, start:stop], float("-inf"))
+                    scores.add_(empty[group, :, start:stop])
                 top_scores, top_slots = block_topk(scores, min(k, stop - start))
                 if start == 0 and top_scores.shape[-1] == k:  # the first block fills the top-k
                     best_scores[group], best_slots[group] = top_scores, top_slots

@@ -141,13 +141,15 @@ class FaissSearch:
         else:  # a row holding fewer keys than it takes to train its lists is searched by young_rows
             enough = (store.fill >= self.train_size(store)).tolist()
             indexed = [row for row in range(batch) if self.indices[row] is not None and enough[row]]
-        if len(indexed) < batch:
-            scores_t, slots_t = self.young_rows.search(store, queries, k)
-            if not indexed:
-                return scores_t, slots_t
-        else:
-            scores_t = torch.empty((batch, heads, seq, k), device=store.device)
-            slots_t = torch.empty((batch, heads, seq, k), dtype=torch.long, device=store.device)
+        if not indexed:
+            return self.young_rows.search(store, queries, k)
+        scores_t = torch.empty((batch, heads, seq, k), device=store.device)
+        slots_t = torch.empty((batch, heads, seq, k), dtype=torch.long, device=store.device)
+        if young := [row for row in range(batch) if row not in indexed]:
+            # Young rows hold a prefix of their slots (a reset restarts a row at slot 0, and a row that
+            # wrapped holds enough keys to be indexed): searched alone, over the slots they use.
+            rows = torch.tensor(young, device=store.device)
+            scores_t[rows], slots_t[rows] = self.young_rows.search(store.select(young), queries[rows], k)
         host = self._host(queries[indexed])
         for i, row in enumerate(indexed):
             for head in range(heads):
