@@ -358,11 +358,13 @@ def in_layer(
     scratch_tokens: int,
     eval_tokens: int | None,
     tokens_per_step: int | None = None,
+    references: str | None = None,
 ) -> Grid:
     """Table 4's memory rows and the budget curve with the memory in `layer`, where
     experiments/retrieval_hits.py finds the pre-training's search selective (layers-CORPUS found it
     paying there at `finetune_tokens`; its L-xl and L-mem8k-xl-layerN rows are this grid's middle point
-    and references), and a memory model trained from scratch for `scratch_tokens`. Fine-tuned from
+    and references; `references`: another grid's, named), and a memory model trained from scratch for
+    `scratch_tokens`. Fine-tuned from
     table4-CORPUS's pre-training through its tokenizer, like layers-CORPUS for a corpus that has moved.
     The budget curve ran first with the grids' gate starting nearly shut; the gate starting at 0.5
     paid in this layer over two seeds (L-mem8k-xl-gate0-s0/s1), so every row after them starts there,
@@ -422,7 +424,7 @@ def in_layer(
             eval_memory_sizes=(8192, 32768, 131072),
         )
     )
-    runs.append(mem(budgets[-1], "gate0-", **gate0))
+    runs += [mem(tokens, "gate0-", **gate0) for tokens in budgets[-1:]]
     # The memory model trained from scratch as long as the pre-training: the share of the gap to it that
     # a fine-tune closes, against the fine-tune's length (the paper: 85% in 4% of the steps).
     runs.append(
@@ -435,9 +437,10 @@ def in_layer(
     )
     return Grid(
         f"layer{layer}-{corpus}{suffix}",
-        f"Table 4's memory rows and the budget curve ({', '.join(f'{t:,}' for t in budgets)} tokens) with the "
-        f"memory in layer {layer}, fine-tuned from the pre-training of table4-{corpus}{suffix} through its "
-        f"tokenizer; read with layers-{corpus}{suffix}'s {finetune_tokens:,}-token rows",
+        "Table 4's memory rows"
+        + (f" and the budget curve ({', '.join(f'{t:,}' for t in budgets)} tokens)" if budgets else "")
+        + f" with the memory in layer {layer}, fine-tuned from the pre-training of table4-{corpus}{suffix} through its "
+        f"tokenizer; read with {references or f'layers-{corpus}{suffix}'}'s {finetune_tokens:,}-token rows",
         corpus,
         4096,
         SMALL,
@@ -581,6 +584,19 @@ GRIDS = {
             scratch_tokens=20_000_000,
             eval_tokens=200_000,
             tokens_per_step=2048,
+        ),
+        # proofs' pre-training at 2,048 tokens a step grew a layer-1 head whose search finds continuations
+        # (68% of queries against 15% by chance, experiments/retrieval_hits.py): the gate-0.5 rows there,
+        # read against table4-proofs-2048's XL rows (L-xl-s0/s1); no budget curve.
+        in_layer(
+            "proofs",
+            1,
+            budgets=(),
+            finetune_tokens=2_000_000,
+            scratch_tokens=20_000_000,
+            eval_tokens=None,
+            tokens_per_step=2048,
+            references="table4-proofs-2048",
         ),
         table4("books", pretrain_tokens=8_000_000, finetune_tokens=1_000_000),
         Grid(
