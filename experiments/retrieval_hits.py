@@ -119,7 +119,8 @@ def cell(value: float, digits: int = 2) -> str:
 
 def table(result: dict[str, Any]) -> str:
     lines = [
-        f"Made by `{result['command']}` ({result['threads']} threads): {result['corpus']}, "
+        f"Made by {', then '.join(f'`{command}`' for command in result['commands'])} "
+        f"({result['threads']} threads): {result['corpus']}, "
         f"{len(result['documents'])} test documents, their first {result['tokens']:,} tokens; a memory of "
         f"{result['memory_size']:,} entries in one layer at a time, k = {result['k']}, no training for it "
         "(a run fine-tuned with a memory: at its own memory layer, as trained).",
@@ -201,7 +202,10 @@ def main(argv: list[str] | None = None) -> None:
             f"--{n.replace('_', '-')} {getattr(args, n)}" for n in given if getattr(args, n) != parser.get_default(n)
         ]
         flags += [f"--runs {' '.join(args.runs)}"] if args.runs else []
-        result["command"] = " ".join(["python experiments/retrieval_hits.py", *flags])
+        command = " ".join(["python experiments/retrieval_hits.py", *flags])
+        # Each invocation adds the cases it lacks: the JSON lists every command that added some.
+        commands = result.get("commands", [])
+        result["commands"] = commands + [command] * (command not in commands)
         result["threads"] = torch.get_num_threads()
         done = {(c["model"], c["layer"]) for c in result["cases"]}
         layers = [int(layer) for layer in args.layers.split(",")]
@@ -225,7 +229,7 @@ def main(argv: list[str] | None = None) -> None:
             result["cases"].append({**case, "seconds": time.perf_counter() - started})
             write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))
             print(f"{model_name} layer {layer}: {time.perf_counter() - started:.0f} s", flush=True)
-        write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))  # the command run
+        write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=2)))  # the commands
     if result is None:
         sys.exit(f"error: {path} does not exist: run without --summarize first")
     write_atomically(path.with_suffix(".md"), lambda tmp: Path(tmp).write_text(table(result)))

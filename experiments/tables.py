@@ -504,6 +504,19 @@ TABLES: dict[str, Callable[[], str]] = {
         (LAYER1_2048, "scratch-mem8k-xl-gate0"),
         layer_budget_points("pycode", 1, "-2048", "gate0-"),
     ),
+    # proofs pre-trained as pycode was: its memory rows in layer 1 against table4-proofs-2048's XL rows
+    "layer1-proofs-2048": lambda: grid_table(
+        [
+            ("table4-proofs-2048", "pretrain"),
+            ("table4-proofs-2048", "L-xl"),
+            ("layer1-proofs-2048", "L-mem8k-xl-gate0"),
+            ("layer1-proofs-2048", "L-mem8k-gate0-s0"),
+            ("layer1-proofs-2048", "L-mem8k-xl-joint-gate0-s0"),
+            ("layer1-proofs-2048", "L-mem64k-xl-gate0-s0"),
+        ],
+        ("table4-proofs-2048", "L-xl"),
+        "vs XL alone",
+    ),
     "smollm2": smollm2_table,
     "smollm2-sizes": smollm2_sizes_table,
 }
