@@ -35,7 +35,7 @@ from einops import rearrange
 from memorizing_transformers import KNNMemory, MemorizingTransformer
 from memorizing_transformers.data.pipeline import load_tokenized
 from memorizing_transformers.devices import describe_device
-from memorizing_transformers.memory.exact import ExactSearch
+from memorizing_transformers.memory.exact import ExactSearch, block_topk, score_blocks
 from memorizing_transformers.runs import resolve_model_dir
 
 from .common import Case, interleaved, parse_arguments, spread, write_results
@@ -252,7 +252,33 @@ def block_rows(
     return rows
 
 
-def tables(exact: list[dict], approximate: list[dict], settings: dict, probes: list[dict], blocks: list[dict]) -> str:
+def topk_rows(shapes: list[tuple[str, int, int, int, int]], k: int, repeats: int, device: torch.device) -> list[dict]:
+    """The exact search's top-k of one score block (block_topk) against torch.topk on the same scores,
+    the block cut as the search cuts it for each shape (label, rows, heads, queries per head, memory size)."""
+    rows = []
+    for label, batch, heads, queries, size in shapes:
+        pairs, width = score_blocks(device, batch * heads, queries, size, k)
+        generator = torch.Generator().manual_seed(0)
+        scores = torch.randn(pairs, queries, min(width, size), generator=generator).to(device)
+        times = race({"block": lambda: block_topk(scores, k), "torch": lambda: scores.topk(k, dim=-1)}, repeats, device)
+        rows.append(
+            {
+                "shape": label,
+                "memory_size": size,
+                "block": list(scores.shape),
+                "block_topk_s": statistics.median(times["block"]),
+                "torch_topk_s": statistics.median(times["torch"]),
+                **ratio_fields("time_ratio", times["block"], times["torch"]),
+                "same_values": bool(torch.equal(block_topk(scores, k)[0], scores.topk(k, dim=-1).values)),
+            }
+        )
+        print(f"top-k, {label} at {size:,}: block_topk {rows[-1]['time_ratio']:.2f}x the time of torch.topk")
+    return rows
+
+
+def tables(
+    exact: list[dict], approximate: list[dict], settings: dict, probes: list[dict], blocks: list[dict], tops: list[dict]
+) -> str:
     lines = [
         f"Exact top-{settings['k']} of {settings['heads']} heads x {settings['queries']} queries x {settings['dim']} "
         "dims, random unit vectors:",
@@ -310,6 +336,22 @@ def tables(exact: list[dict], approximate: list[dict], settings: dict, probes: l
         f"{'yes' if r['same_scores'] else 'no'} |"
         for r in blocks
     ]
+    lines += [
+        "",
+        f"The top-{settings['k']} of one score block, cut as the exact search cuts it (queries x slots per "
+        "(row, head) pair), random scores: block_topk (the k best groups of 32, then of 8, then top-k) against "
+        "torch.topk:",
+        "",
+        "| shape | memory size | block (pairs x queries x slots) | block_topk (ms) | torch.topk (ms) | time ratio "
+        "| min-max | same values |",
+        "|---|---:|---|---:|---:|---:|---:|---|",
+    ]
+    lines += [
+        f"| {r['shape']} | {r['memory_size']:,} | {' x '.join(f'{n:,}' for n in r['block'])} | "
+        f"{r['block_topk_s'] * 1e3:.2f} | {r['torch_topk_s'] * 1e3:.2f} | {r['time_ratio']:.2f}x | "
+        f"{r['time_ratio_min']:.2f}-{r['time_ratio_max']:.2f}x | {'yes' if r['same_values'] else 'no'} |"
+        for r in tops
+    ]
     return "\n".join(lines)
 
 
@@ -334,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
     shapes = [("training step", 4, 4, 256, n) for n in ([2048] if args.quick else [8192, 65536])]
     shapes += [("retrofit window", 1, 3, 1536, n) for n in ([4096] if args.quick else [32768, 131072])]
     blocks = block_rows(shapes, dim, k, repeats, device)
+    tops = topk_rows(shapes, k, repeats, device)
     command = "python -m benchmarks.search" + (" --quick" if args.quick else "")
     probes = []
     if args.checkpoint:
@@ -351,8 +394,9 @@ def main(argv: list[str] | None = None) -> None:
         "approximate": approximate,
         "nprobe": probes,
         "blocks": blocks,
+        "topk": tops,
     }
-    text = tables(exact, approximate, settings, probes, blocks)
+    text = tables(exact, approximate, settings, probes, blocks, tops)
     print(text)
     write_results("search-quick" if args.quick else "search", results, text, Path(args.out))
 

@@ -18,7 +18,8 @@ from .backend import Store
 # of 2**25 elements, about 0.9x at 64K); on an accelerator, large blocks, for few kernel launches.
 _CPU_BLOCK_ELEMENTS = 1 << 21
 _DEVICE_BLOCK_ELEMENTS = 1 << 25
-_GROUP = 32  # slots per group in the two-stage top-k
+_GROUP = 32  # slots per group in block_topk's first cut
+_SUBGROUP = 8  # and in its second
 # Slot blocks are no narrower than 16k groups: with many queries (a retrofit's window of 512 x 3
 # heads) narrower ones cost more in merges than the cache saves (1,536 queries over 32K slots:
 # 0.78-0.83x the time of 2**25-element blocks with this floor, 1.12x with 4k groups).
@@ -42,27 +43,40 @@ def score_blocks(
     return per_block, chunk
 
 
-def block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """torch.topk(scores, k) over the last dim, best first, in two cheaper stages.
-
-    The scores are cut into groups of 32; only the k groups with the largest maxima can
-    hold a top-k entry (a group holding one has its maximum >= the k-th score, and at most
-    k - 1 groups have a maximum above it), so the final top-k runs over k * 32 candidates
-    instead of every slot. Equal to torch.topk up to the order of tied scores.
-    """
-    *lead, width = scores.shape
-    groups = width // _GROUP
-    if width % _GROUP or groups < 4 * k:
-        return scores.topk(k, dim=-1)
-    grouped = scores.reshape(-1, groups, _GROUP)  # (rows, groups, 32)
-    top_groups = grouped.amax(dim=-1).topk(k, dim=-1).indices  # (rows, k)
-    # The chosen groups' scores, as whole rows of a (rows * groups, 32) view: index_select copies
+def _best_groups(scores: torch.Tensor, k: int, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k groups of `size` consecutive scores with the largest maxima, per row of `scores`
+    (rows, width): their scores (rows, k * size) and their group indices (rows, k), in no order."""
+    rows, width = scores.shape
+    groups = width // size
+    grouped = scores.reshape(rows, groups, size)
+    best = grouped.amax(dim=-1).topk(k, dim=-1, sorted=False).indices  # (rows, k)
+    # The chosen groups' scores, as whole rows of a (rows * groups, size) view: index_select copies
     # each group at once, where a gather with an expanded index reads it score by score (about 18x
     # slower on a CPU for a training step's block).
-    first = torch.arange(grouped.shape[0], device=scores.device)[:, None] * groups  # (rows, 1)
-    candidates = grouped.reshape(-1, _GROUP).index_select(0, (top_groups + first).flatten())  # (rows * k, 32)
-    values, index = candidates.view(-1, k * _GROUP).topk(k, dim=-1)  # (rows, k)
-    slots = top_groups.gather(-1, index // _GROUP) * _GROUP + index % _GROUP
+    first = torch.arange(rows, device=scores.device)[:, None] * groups  # (rows, 1)
+    candidates = grouped.reshape(-1, size).index_select(0, (best + first).flatten())  # (rows * k, size)
+    return candidates.view(rows, k * size), best
+
+
+def block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """torch.topk(scores, k) over the last dim, best first, in three cheaper stages.
+
+    Only the k groups with the largest maxima can hold a top-k entry (a group holding one has
+    its maximum >= the k-th score, and at most k - 1 groups have a maximum above it). So the
+    scores are cut into groups of 32 and the k best groups kept (k * 32 candidates), those are cut
+    into groups of 8 and the k best kept again (k * 8), and the final top-k runs over these
+    instead of every slot: on a CPU a top-k's cost grows with the width it searches
+    (benchmarks.search times this against torch.topk on the search's blocks). Equal to
+    torch.topk up to the order of tied scores.
+    """
+    *lead, width = scores.shape
+    if width % _GROUP or width // _GROUP < 4 * k:
+        return scores.topk(k, dim=-1)
+    candidates, groups = _best_groups(scores.reshape(-1, width), k, _GROUP)  # (rows, k * 32), (rows, k)
+    finalists, subgroups = _best_groups(candidates, k, _SUBGROUP)  # (rows, k * 8), (rows, k)
+    values, index = finalists.topk(k, dim=-1)  # (rows, k), into the finalists
+    index = subgroups.gather(-1, index // _SUBGROUP) * _SUBGROUP + index % _SUBGROUP  # into the candidates
+    slots = groups.gather(-1, index // _GROUP) * _GROUP + index % _GROUP
     return values.view(*lead, k), slots.view(*lead, k)
 
 
