@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import statistics
 from pathlib import Path
 
@@ -69,22 +70,18 @@ QUICK = dataclasses.replace(
 )
 
 
-# The experiments' grid model (experiments/grid.py, layer1-pycode-2048: 16 rows of 128 tokens a step,
-# memory in layer 1), its memories at the fills a stream of documents leaves them (see our_case): the
-# shape the science runs train in, where rows are reset at every document's end.
-DOCUMENTS = MemorizingConfig(
-    vocab_size=4096,
-    d_model=128,
-    n_layers=4,
-    n_heads=4,
-    head_dim=32,
-    d_ff=512,
-    segment_length=128,
-    xl_length=128,
-    knn_layers=(1,),
-    memory_size=8192,
-    knn_k=32,
-)
+# The experiments' grid model, as layer1-pycode-2048's memory rows trained it (16 rows of 128 tokens a
+# step, memory in layer 1), read from its committed settings; its memories at the fills a stream of
+# documents leaves them (see our_case): the shape the science runs train in.
+GRID_RUN = Path(__file__).resolve().parents[1] / "experiments/results/grids/layer1-pycode-2048/L-mem8k-xl-gate0-s0.json"
+
+
+def grid_model() -> tuple[MemorizingConfig, int]:
+    """The grid run's model and its rows a step."""
+    settings = json.loads(GRID_RUN.read_text())["settings"]
+    return MemorizingConfig.from_dict({**settings["model"], "vocab_size": settings["vocab_size"]}), settings[
+        "batch_size"
+    ]
 
 
 def size_label(n: int) -> str:
@@ -277,7 +274,7 @@ def main(argv: list[str] | None = None) -> None:
         configs = {
             "reference": (REFERENCE, 4, False),
             "small": (MemorizingConfig.preset("small"), 4, False),
-            "documents": (DOCUMENTS, 16, True),
+            "documents": (*grid_model(), True),
         }
         large, calls, warmup = 65536, 3, 2
         rounds = 12  # from 9 on, the median's 95% interval is narrower than the rounds' min-max

@@ -61,6 +61,11 @@ def test_train_step_benchmark_quick(tmp_path):
     ]
 
 
+def test_the_documents_configuration_is_the_grid_runs_model():
+    config, batch = train_step.grid_model()
+    assert (batch, config.segment_length, config.knn_layers, config.memory_size) == (16, 128, (1,), 8192)
+
+
 def test_staggered_fills_leave_row_i_holding_its_share_of_the_memory():
     mask = train_step.staggered_fills(4, 64, torch.device("cpu"))
     assert mask.sum(dim=1).tolist() == [16, 32, 48, 64]
