@@ -8,7 +8,9 @@ model (experiments/grid.py) at 16 rows of 128 tokens, whose rows' memories hold 
 shares of their capacity, as a stream of documents leaves them (each row emptied at its
 document's end). Elsewhere our memories are filled to capacity before timing, so every
 search covers the whole memory (steady state). Rows marked IVF use the approximate
-`faiss_ivf` backend; the others search exactly. When memorizing-transformers-pytorch
+`faiss_ivf` backend; the others search exactly, and the rows marked "blocks of 2^25" search
+with score blocks of 2^25 scores instead of the cache-sized ones a CPU search cuts (which
+suits the step better at 2 threads is measured here, in the step itself). When memorizing-transformers-pytorch
 0.4.1 is installed (see benchmarks/popular.py), its steps are timed in the same rounds.
 
 Every variant, ours and theirs, is built once and warmed up alike; then each round times a
@@ -36,10 +38,13 @@ import torch.nn.functional as F
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
 from memorizing_transformers.devices import describe_device
 from memorizing_transformers.memory import exact
+from memorizing_transformers.memory.backend import SearchBackend
+from memorizing_transformers.memory.exact import ExactSearch
 from memorizing_transformers.training.trainer import segment_loss
 
 from . import popular
 from .common import Case, interleaved, median_seconds, parse_arguments, spread, write_results
+from .search import LARGE_BLOCKS
 
 REFERENCE = MemorizingConfig(
     vocab_size=8192,
@@ -134,15 +139,18 @@ def our_case(
     device: torch.device,
     memory_device: str | None = None,
     staggered: bool = False,
+    search: SearchBackend | None = None,
 ) -> Case:
     """One AdamW step of our model on one segment (on `memory_device` when given), its memories full;
     `staggered`: row i holds (i + 1) / batch of the capacity, as rows reset at their documents' ends
-    are left (an IVF row holding fewer keys than its lists need is searched exactly)."""
+    are left (an IVF row holding fewer keys than its lists need is searched exactly); `search`: the
+    memories' search backend instead of the configuration's."""
     torch.manual_seed(0)
     model = MemorizingTransformer(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     state = model.new_state(batch, memory_device=memory_device)
     for memory in state.memories.values():  # steady state: a full memory (each row as full as it gets)
+        memory.backend = search or memory.backend
         shape = (batch, config.kv_heads, config.memory_size, config.head_dim)
         mask = staggered_fills(batch, config.memory_size, device) if staggered else None
         keys = F.normalize(torch.randn(shape, device=device), dim=-1)
@@ -290,10 +298,12 @@ def main(argv: list[str] | None = None) -> None:
     sections = []
     for name, (base, batch, staggered) in configs.items():
         with contextlib.ExitStack() as resources:
-            cases = [
-                our_case(label, config, batch, device, staggered=staggered)
-                for label, config in (document_variants if staggered else variants)(base, large).items()
-            ]
+            rows = (document_variants if staggered else variants)(base, large)
+            cases = [our_case(label, config, batch, device, staggered=staggered) for label, config in rows.items()]
+            # The exact search's CPU score blocks (cache-sized) against the large ones it used before, in the step.
+            exact_row = next(label for label in rows if label.startswith(f"memory {size_label(base.memory_size)}"))
+            large_blocks = dict(staggered=staggered, search=ExactSearch(LARGE_BLOCKS))
+            cases.append(our_case(f"{exact_row}, blocks of 2^25", rows[exact_row], batch, device, **large_blocks))
             if popular.available() and not staggered:
                 cases += popular_cases(base, large, batch, device, resources)
             times = interleaved(cases, rounds, calls, warmup, device)
