@@ -84,9 +84,8 @@ GRID_RUN = Path(__file__).resolve().parents[1] / "experiments/results/grids/laye
 def grid_model() -> tuple[MemorizingConfig, int]:
     """The grid run's model and its rows a step."""
     settings = json.loads(GRID_RUN.read_text())["settings"]
-    return MemorizingConfig.from_dict({**settings["model"], "vocab_size": settings["vocab_size"]}), settings[
-        "batch_size"
-    ]
+    config = MemorizingConfig.from_dict({**settings["model"], "vocab_size": settings["vocab_size"]})
+    return config, settings["batch_size"]
 
 
 def size_label(n: int) -> str:
@@ -149,10 +148,10 @@ def our_case(
     model = MemorizingTransformer(config).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     state = model.new_state(batch, memory_device=memory_device)
+    shape = (batch, config.kv_heads, config.memory_size, config.head_dim)
+    mask = staggered_fills(batch, config.memory_size, device) if staggered else None
     for memory in state.memories.values():  # steady state: a full memory (each row as full as it gets)
         memory.backend = search or memory.backend
-        shape = (batch, config.kv_heads, config.memory_size, config.head_dim)
-        mask = staggered_fills(batch, config.memory_size, device) if staggered else None
         keys = F.normalize(torch.randn(shape, device=device), dim=-1)
         memory.add(keys, torch.randn(shape, device=device), mask=mask)
     ids = torch.randint(0, config.vocab_size, (batch, config.segment_length), device=device)

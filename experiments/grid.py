@@ -364,8 +364,8 @@ def in_layer(
     experiments/retrieval_hits.py finds the pre-training's search selective (layers-CORPUS found it
     paying there at `finetune_tokens`; its L-xl and L-mem8k-xl-layerN rows are this grid's middle point
     and references; `references`: another grid's, named), and a memory model trained from scratch for
-    `scratch_tokens`. Fine-tuned from
-    table4-CORPUS's pre-training through its tokenizer, like layers-CORPUS for a corpus that has moved.
+    `scratch_tokens`. Fine-tuned from table4-CORPUS's pre-training through its tokenizer, like
+    layers-CORPUS for a corpus that has moved.
     The budget curve ran first with the grids' gate starting nearly shut; the gate starting at 0.5
     paid in this layer over two seeds (L-mem8k-xl-gate0-s0/s1), so every row after them starts there,
     the curve's memory runs too. The longest runs come last."""
