@@ -285,6 +285,49 @@ def memory_size_table(grid: str, run: str = "L-mem2k-xl-s0") -> str:
     return "\n".join(lines)
 
 
+def token_gain_table(runs: dict[str, tuple[str, str]]) -> str:
+    """What the memory helps (memorizing_transformers.evaluation.token_gain), rows named by `runs`' keys side
+    by side: each group's share of the scored tokens, its mean gain and its share of the total gain, means
+    over seeds."""
+    found = {
+        name: rows
+        for name, (grid, run) in runs.items()
+        if (rows := [r for r in seeds(grid, run) if r.get("token_gain")])
+    }
+    if not found:
+        return "Not finished yet: " + ", ".join(f"{grid}/{run}" for grid, run in runs.values()) + "."
+    mean = lambda rows, key: statistics.fmean(r["token_gain"][key] for r in rows)  # noqa: E731
+    lines = [
+        "| group | " + " | ".join(f"{name}: tokens | mean gain (nats) | share of the gain" for name in found) + " |",
+        "|---|" + "---:|---:|---:|" * len(found),
+        "| all scored tokens | "
+        + " | ".join(f"{mean(rows, 'tokens'):,.0f} | {mean(rows, 'mean_gain'):.3f} | 100%" for rows in found.values())
+        + " |",
+        "| tokens gaining over 0.5 nats | "
+        + " | ".join(
+            f"{100 * mean(rows, 'share_of_tokens_gaining_over_0.5_nats'):.1f}% | | " for rows in found.values()
+        )
+        + " |",
+    ]
+    for grouping, title in (
+        ("by_distance_to_previous_occurrence", "distance back to the same token"),
+        ("by_training_frequency", "training frequency"),
+        ("by_kind", "kind of token"),
+    ):
+        lines.append(f"| **{title}** |" + " | | |" * len(found))
+        for i, group in enumerate(next(iter(found.values()))[0]["token_gain"][grouping]):
+            cells = []
+            for rows in found.values():
+                at = [r["token_gain"][grouping][i] for r in rows]
+                cells.append(
+                    f"{100 * statistics.fmean(g['share_of_tokens'] for g in at):.1f}% | "
+                    f"{statistics.fmean(g['mean_gain'] for g in at):.3f} | "
+                    f"{100 * statistics.fmean(g['share_of_gain'] for g in at):.1f}%"
+                )
+            lines.append(f"| {group['group']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def layer_table(corpus: str, suffix: str = "", moved: bool = False) -> str:
     """The memory in another layer (layers-CORPUS), against table4's XL and memory rows of the same seed,
     or against its own where the corpus has moved since table4 ran (see experiments/grid.py's `layers`)."""
@@ -516,6 +559,9 @@ TABLES: dict[str, Callable[[], str]] = {
         ],
         ("table4-proofs-2048", "L-xl"),
         "vs XL alone",
+    ),
+    "token-gain-layer1": lambda: token_gain_table(
+        {"pycode": (LAYER1_2048, "L-mem8k-xl-gate0"), "proofs": ("layer1-proofs-2048", "L-mem8k-xl-gate0")}
     ),
     "smollm2": smollm2_table,
     "smollm2-sizes": smollm2_sizes_table,
