@@ -36,6 +36,7 @@ from memorizing_transformers import KNNMemory, MemorizingTransformer
 from memorizing_transformers.data.pipeline import load_tokenized
 from memorizing_transformers.devices import describe_device
 from memorizing_transformers.memory.exact import ExactSearch, block_topk, score_blocks
+from memorizing_transformers.memory.faiss_search import FaissSearch
 from memorizing_transformers.runs import resolve_model_dir
 
 from .common import Case, interleaved, parse_arguments, spread, write_results
@@ -70,7 +71,7 @@ def model_keys(checkpoint: str, corpus: str, size: int) -> tuple[torch.Tensor, t
     return F.normalize(k[:, :size], dim=-1), F.normalize(q[:, size:], dim=-1)
 
 
-def filled(keys: torch.Tensor, backend: str, device: torch.device) -> KNNMemory:
+def filled(keys: torch.Tensor, backend: str | FaissSearch, device: torch.device) -> KNNMemory:
     heads, size, dim = keys.shape
     memory = KNNMemory(1, heads, dim, size, device=device, backend=backend)
     memory.add(keys[None].to(device), keys[None].to(device))
@@ -152,10 +153,19 @@ def approximate_rows(
         began = time.perf_counter()
         ivf = filled(keys[:, -size:], "faiss_ivf", device)
         build = time.perf_counter() - began
-        times = race({"exact": lambda: exact.search(q, k), "ivf": lambda: ivf.search(q, k)}, repeats, device)
+        # The same lists in float32 (faiss_search's half_lists=False), to show what fp16 lists cost and save.
+        ivf32 = filled(keys[:, -size:], FaissSearch(ExactSearch(), "ivf", half_lists=False), device)
+        times = race(
+            {"exact": lambda: exact.search(q, k), "ivf": lambda: ivf.search(q, k), "fp32": lambda: ivf32.search(q, k)},
+            repeats,
+            device,
+        )
         exact_s, ivf_s = statistics.median(times["exact"]), statistics.median(times["ivf"])
-        truth, found = exact.search(q, k).slots, ivf.search(q, k).slots
-        recall = float((truth[..., :, None] == found[..., None, :]).any(-1).float().mean())
+        truth = exact.search(q, k).slots
+        recall, recall32 = (
+            float((truth[..., :, None] == m.search(q, k).slots[..., None, :]).any(-1).float().mean())
+            for m in (ivf, ivf32)
+        )
         rows.append(
             {
                 "data": data,
@@ -164,7 +174,10 @@ def approximate_rows(
                 "exact_s": exact_s,
                 "ivf_s": ivf_s,
                 **ratio_fields("speedup", times["exact"], times["ivf"]),
+                "ivf_fp32_lists_s": statistics.median(times["fp32"]),
+                **ratio_fields("time_vs_fp32_lists", times["ivf"], times["fp32"]),
                 "recall_at_k": recall,
+                "recall_at_k_fp32_lists": recall32,
                 "ivf_build_s": build,
                 "ivf": repr(ivf.backend),
             }
@@ -299,14 +312,16 @@ def tables(
         f"Approximate (`faiss_ivf` backend) against exact on the same memory, top-{settings['k']}:",
         "",
         "| data | queries (heads x n x dim) | memory size | exact (ms) | IVF (ms) | IVF speed-up | "
-        f"recall@{settings['k']} | IVF build (s) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        f"recall@{settings['k']} | IVF build (s) | IVF with fp32 lists (ms) | IVF / fp32 lists | "
+        f"recall@{settings['k']} with fp32 lists |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in approximate:
         lines.append(
             f"| {r['data']} | {r['queries']} | {r['memory_size']:,} | {r['exact_s'] * 1e3:.1f} | "
             f"{r['ivf_s'] * 1e3:.1f} | {r['speedup']:.1f}x | "
-            f"{r['recall_at_k']:.3f} | {r['ivf_build_s']:.1f} |"
+            f"{r['recall_at_k']:.3f} | {r['ivf_build_s']:.1f} | {r['ivf_fp32_lists_s'] * 1e3:.1f} | "
+            f"{r['time_vs_fp32_lists']:.2f}x | {r['recall_at_k_fp32_lists']:.3f} |"
         )
     if probes:
         lines += [

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from memorizing_transformers import KNNMemory, MemorizingConfig, MemorizingTransformer
-from memorizing_transformers.memory.exact import block_topk
+from memorizing_transformers.memory.exact import ExactSearch, block_topk
+from memorizing_transformers.memory.faiss_search import FaissSearch
 from memorizing_transformers.memory.knn_memory import make_backend
 
 
@@ -14,11 +15,12 @@ def unit(*shape):
     return F.normalize(torch.randn(*shape), dim=-1)
 
 
-# "faiss_ivf" with nprobe >= lists searches every list: exact, so it must agree exactly too.
+# "faiss_ivf" with nprobe >= lists searches every list: exact, so it must agree exactly too (with float32
+# stores' lists kept in float32; in fp16, the default, see test_half_lists_of_a_float32_store).
 EXACT_BACKENDS = {
     "exact": lambda: make_backend("exact"),
     "faiss_flat": lambda: make_backend("faiss_flat"),
-    "faiss_ivf_all_lists": lambda: make_backend("faiss_ivf", ivf_list_size=4, ivf_nprobe=1000),
+    "faiss_ivf_all_lists": lambda: FaissSearch(ExactSearch(), "ivf", list_size=4, nprobe=1000, half_lists=False),
 }
 
 
@@ -119,7 +121,7 @@ def test_ivf_recall_on_clustered_keys_stays_high_through_fifo_eviction():
         keys = clustered(heads * 256, dim, centres, generator).view(1, heads, 256, dim)
         exact_memory.add(keys, keys)
         ivf.add(keys, keys)
-    assert all(isinstance(index, faiss.IndexIVFFlat) for index in ivf.backend.indices[0])
+    assert all(isinstance(index, faiss.IndexIVFScalarQuantizer) for index in ivf.backend.indices[0])
     assert ivf.backend.train_size(ivf) == 2048  # 64 keys per list: exact search until then
     assert index_sizes(ivf) == [[capacity] * heads]
     queries = clustered(heads * 64, dim, centres, generator).view(1, heads, 64, dim)
@@ -186,17 +188,49 @@ def test_ivf_rows_are_searched_exactly_until_they_hold_enough_keys_to_train():
     assert young.extent == 40 and young.keys.shape == (1, 2, 40, 8) and torch.equal(young.keys, memory.keys[1:, :, :40])
 
 
-@pytest.mark.parametrize("dtype, code_bytes", [(torch.float32, 4), (torch.bfloat16, 2), (torch.float16, 2)])
-def test_ivf_lists_hold_keys_in_the_stores_dtype(dtype, code_bytes):
-    backend = make_backend("faiss_ivf", ivf_list_size=32, ivf_nprobe=1000)
+@pytest.mark.parametrize(
+    "dtype, half_lists, codes_dtype",
+    [
+        (torch.float32, True, torch.float16),
+        (torch.float32, False, torch.float32),
+        (torch.bfloat16, True, torch.bfloat16),
+        (torch.float16, True, torch.float16),
+    ],
+)
+def test_ivf_lists_hold_the_stores_keys_in_half_precision(dtype, half_lists, codes_dtype):
+    backend = FaissSearch(ExactSearch(), "ivf", list_size=32, nprobe=1000, half_lists=half_lists)
     memory = KNNMemory(1, 2, 16, capacity=256, dtype=dtype, backend=backend)
     memory.add(unit(1, 2, 256, 16), torch.randn(1, 2, 256, 16))
     for index in memory.backend.indices[0]:
-        assert index.code_size == 16 * code_bytes
-        # Each list's codes are the store's keys, byte for byte.
+        assert index.code_size == 16 * codes_dtype.itemsize
+        # Each list's codes are the store's keys, byte for byte in the lists' dtype.
         for lst in range(index.nlist):
             n = index.invlists.list_size(lst)
             codes = faiss.rev_swig_ptr(index.invlists.get_codes(lst), n * index.code_size).copy()
             ids = torch.from_numpy(faiss.rev_swig_ptr(index.invlists.get_ids(lst), n).copy())
             head = memory.backend.indices[0].index(index)
-            assert torch.equal(torch.frombuffer(codes, dtype=dtype).view(n, 16), memory.keys[0, head][ids])
+            stored = torch.frombuffer(codes, dtype=codes_dtype).view(n, 16)
+            assert torch.equal(stored, memory.keys[0, head][ids].to(codes_dtype))
+
+
+def test_half_lists_of_a_float32_store_find_brute_forces_neighbours_and_report_exact_scores():
+    generator = torch.Generator().manual_seed(1)
+    heads, dim, capacity, k = 2, 32, 1024, 16
+    centres = F.normalize(torch.randn(32, dim, generator=generator), dim=-1)
+    keys = clustered(heads * capacity, dim, centres, generator).view(1, heads, capacity, dim)
+    keys[0, 0, 7] = 1e6  # past fp16's range: clamped in the list, still found, scored from the store
+    reference, memory = KNNMemory(1, heads, dim, capacity), KNNMemory(1, heads, dim, capacity, backend="faiss_ivf")
+    memory.backend.nprobe = 1000  # every list: only the fp16 rounding of the lists stands between them
+    for m in (reference, memory):
+        m.add(keys, torch.randn(1, heads, capacity, dim, generator=torch.Generator().manual_seed(2)))
+    queries = clustered(heads * 64, dim, centres, generator).view(1, heads, 64, dim)
+    a, b = reference.search(queries, k), memory.search(queries, k)
+    assert not memory.backend.exact_scores(memory.store)
+    recall = (a.slots[..., :, None] == b.slots[..., None, :]).any(-1).float().mean()
+    assert recall >= 0.99, recall
+    huge = (a.slots[0, 0] == 7).any(-1)  # found first by the queries it points along, by no other
+    assert huge.any() and torch.equal(huge, (b.slots[0, 0, :, 0] == 7))
+    # The scores are the stored keys' products, best first, whatever the lists' rounding.
+    found_keys = torch.stack([memory.keys[0, h][b.slots[0, h]] for h in range(heads)])[None]  # (1, heads, q, k, dim)
+    torch.testing.assert_close(b.scores, torch.einsum("bhqd,bhqkd->bhqk", queries, found_keys))
+    assert (b.scores[..., :-1] >= b.scores[..., 1:]).all()

@@ -72,7 +72,7 @@ class MemorizingConfig:
     memory_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     # How the memory is searched: "exact" (torch, on the model's device), "faiss_flat"
     # (exact, faiss IndexFlatIP) or "faiss_ivf" (approximate, a faiss IVF index with
-    # memory_size / ivf_list_size lists holding the keys in memory_dtype, ivf_nprobe of
+    # memory_size / ivf_list_size lists holding the keys in half precision, ivf_nprobe of
     # them searched per query).
     memory_backend: Literal["exact", "faiss_flat", "faiss_ivf"] = "exact"
     ivf_list_size: int = 256
