@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from memorizing_transformers.atomic import write_atomically
-from memorizing_transformers.devices import synchronize
+from memorizing_transformers.devices import keep_freed_host_memory, synchronize
 
 
 def median_seconds(run: Callable[[], Any], repeats: int, warmup: int = 1, device: torch.device | None = None) -> float:
@@ -102,11 +102,16 @@ def write_results(name: str, results: dict[str, Any], table: str, out_dir: Path)
 
 
 def parse_arguments(
-    description: str, argv: list[str] | None, model_keys: bool = False, extra: list[tuple[str, type, Any]] = ()
+    description: str,
+    argv: list[str] | None,
+    model_keys: bool = False,
+    extra: list[tuple[str, type, Any]] = (),
+    keep_freed: bool = True,
 ) -> tuple[argparse.Namespace, torch.device]:
     """The flags every benchmark takes: --quick, --out, --device; with `model_keys`, also
     --checkpoint and --corpus (a trained model whose memory-layer keys to measure on); `extra`:
-    a benchmark's own (flag, type, default)."""
+    a benchmark's own (flag, type, default). `keep_freed`: set malloc as `mt` does
+    (devices.keep_freed_host_memory)."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a tiny configuration, seconds")
     parser.add_argument("--out", default="docs/benchmarks", help="where NAME.json and NAME.md go")
@@ -117,4 +122,6 @@ def parse_arguments(
     for flag, kind, default in extra:
         parser.add_argument(flag, type=kind, default=default, help=f"(default {default})")
     args = parser.parse_args(argv)
+    if keep_freed:  # as `mt` runs: every variant, ours and theirs, allocates the same way
+        keep_freed_host_memory()
     return args, torch.device(args.device)

@@ -46,6 +46,7 @@ from memorizing_transformers.config import MemorizingConfig
 from memorizing_transformers.data.pipeline import corpus_tokenizer, load_tokenized, tokenizer_fingerprint
 from memorizing_transformers.data.streaming import TokenizedDocument
 from memorizing_transformers.data.tokenizer import load_tokenizer
+from memorizing_transformers.devices import keep_freed_host_memory
 from memorizing_transformers.evaluation.peak_memory import PeakMemory
 from memorizing_transformers.evaluation.perplexity import EvalResult, evaluate
 from memorizing_transformers.evaluation.report import forward_flops_per_token, plot_loss_by_position
@@ -1098,6 +1099,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs", default="runs/grids", help="where checkpoints go")
     parser.add_argument("--results", default=str(RESULTS), help="where RUN.json files and the tables go")
     args = parser.parse_args(argv)
+    keep_freed_host_memory()  # as `mt train` runs
     if args.list:
         for grid in GRIDS.values():
             print(f"{grid.name}: {grid.description}")

@@ -3,7 +3,7 @@ import json
 import pytest
 import torch
 
-from benchmarks import fits, long_stream, memory_step, memory_use, retrofit, search, targets, train_step
+from benchmarks import allocator, fits, long_stream, memory_step, memory_use, retrofit, search, targets, train_step
 from benchmarks.common import median_interval
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
 from memorizing_transformers.data.streaming import TokenizedDocument
@@ -26,6 +26,15 @@ def test_search_benchmark_quick(tmp_path):
         ("retrofit window", 4096),
     ]
     assert all(r["same_scores"] and r["time_ratio"] > 0 for r in results["blocks"])
+
+
+def test_allocator_benchmark_quick(tmp_path):
+    allocator.main(["--quick", "--out", str(tmp_path), "--device", "cpu"])
+    results = json.loads((tmp_path / "allocator-quick.json").read_text())
+    assert [(r["pair"], r["setting"]) for r in results["runs"]] == [(0, "glibc default"), (0, "keep freed")]
+    assert [r["variant"] for r in results["rows"]] == ["XL only", "memory 512 + XL", "memory 2K IVF + XL"]
+    assert all(r["keep_over_default"]["median"] > 0 for r in results["rows"])
+    assert "| memory 512 + XL |" in (tmp_path / "allocator-quick.md").read_text()
 
 
 def test_train_step_benchmark_quick(tmp_path):

@@ -96,3 +96,27 @@ def test_a_retrofitted_memory_of_every_earlier_token_is_full_attention_on_the_de
         streamed = handle.stream(ids, window=8)
     torch.testing.assert_close(streamed, full, rtol=1e-3, atol=1e-3)
     assert handle.layers[0].memory.device.type == ((memory_device and "cpu") or device.type)
+
+
+def test_keep_freed_host_memory_serves_large_tensors_from_the_heap():
+    import ctypes
+
+    from memorizing_transformers.devices import keep_freed_host_memory
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallinfo2 = libc.mallinfo2
+    except (OSError, AttributeError):
+        pytest.skip("not glibc >= 2.33")
+
+    class Mallinfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd")] + [
+            (name, ctypes.c_size_t) for name in ("usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")
+        ]
+
+    mallinfo2.restype = Mallinfo2
+    assert keep_freed_host_memory()
+    mapped = mallinfo2().hblkhd  # bytes in chunks mapped one allocation at a time
+    big = torch.empty(64 * 2**20 // 4)  # 64 MiB: mapped on its own by default
+    assert mallinfo2().hblkhd == mapped
+    del big

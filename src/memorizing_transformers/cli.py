@@ -14,6 +14,7 @@ import torch
 
 from .atomic import write_atomically
 from .config import PRESETS
+from .devices import keep_freed_host_memory
 from .memory.backend import BACKENDS
 
 
@@ -589,6 +590,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = build_parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)  # the command line, for results that name it
+    keep_freed_host_memory()
     try:
         args.func(args)
     except SystemExit as err:  # the commands' own refusals

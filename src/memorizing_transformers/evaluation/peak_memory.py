@@ -6,7 +6,8 @@
 
 On the CPU these are the process's resident set (VmRSS) and its high-water mark (VmHWM,
 reset to the current resident set on entry through /proc/self/clear_refs), so they count
-everything the process touched, tensors or not (Linux only); on CUDA, torch's allocated
+everything the process touched, tensors or not (Linux only); memory malloc holds free (see
+devices.keep_freed_host_memory) is returned to the system before the resident set is read; on CUDA, torch's allocated
 and peak allocated memory of the device.
 """
 
@@ -15,6 +16,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+
+from ..devices import release_freed_host_memory
 
 
 def process_memory_bytes(field: str) -> int:
@@ -36,14 +39,15 @@ class PeakMemory:
     def _current(self) -> int:
         if self.device.type == "cuda":
             return torch.cuda.memory_allocated(self.device)
+        release_freed_host_memory()
         return process_memory_bytes("VmRSS")
 
     def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        else:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
         self.before = self._current()
+        if self.device.type != "cuda":
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current resident set
         return self
 
     def in_use(self) -> int:
