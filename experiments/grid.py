@@ -425,6 +425,17 @@ def in_layer(
             eval_memory_sizes=(8192, 32768, 131072),
         )
     )
+    # ... then fine-tuned briefly with the largest, as table4's L-mem2k-xl-ft128k.
+    runs.append(
+        Run(
+            "L-mem2k-xl-gate0-ft128k",
+            "the 2K-memory model fine-tuned with memory 128K",
+            dict(memory, xl_length=L, memory_size=131072, memory_backend="faiss_ivf", **gate0),
+            finetune_tokens // 10,
+            init_from="L-mem2k-xl-gate0-s0",
+            lr=5e-4,
+        )
+    )
     runs += [mem(tokens, "gate0-", **gate0) for tokens in budgets[-1:]]
     # The memory model trained from scratch as long as the pre-training: the share of the gap to it that
     # a fine-tune closes, against the fine-tune's length (the paper: 85% in 4% of the steps).

@@ -264,10 +264,10 @@ def cross_context_table() -> str:
     return "\n".join(lines)
 
 
-def memory_size_table(grid: str, run: str = "L-mem2k-xl-s0") -> str:
+def memory_size_table(grid: str, run: str = "L-mem2k-xl-s0", tuned_run: str = "L-mem2k-xl-ft128k") -> str:
     """Table 5 in kind: the 2K-memory model `run` of `grid` tested with larger memories, and after a
-    fine-tune at 128K where the grid has one (L-mem2k-xl-ft128k)."""
-    row, tuned = load(grid, run), load(grid, "L-mem2k-xl-ft128k")
+    fine-tune at 128K (`tuned_run`) where the grid has one."""
+    row, tuned = load(grid, run), load(grid, tuned_run)
     if row is None:
         return f"Not finished yet: {run}."
     lines = ["| memory at test time | test perplexity | memory off |", "|---|---:|---:|"]
@@ -541,7 +541,9 @@ TABLES: dict[str, Callable[[], str]] = {
         [(LAYER1_2048, f"L-mem8k-xl-{t}") for t in ("500k", "1000k", "4000k", "8000k")]
         + [(LAYER1_2048, f"L-mem8k-xl-gate0-{t}") for t in ("500k", "1000k", "s0", "4000k", "8000k")]
     ),
-    "memory-sizes-layer1-pycode-2048": lambda: memory_size_table(LAYER1_2048, "L-mem2k-xl-gate0-s0"),
+    "memory-sizes-layer1-pycode-2048": lambda: memory_size_table(
+        LAYER1_2048, "L-mem2k-xl-gate0-s0", "L-mem2k-xl-gate0-ft128k"
+    ),
     "fine-tune-into-memory-layer1-pycode-2048": lambda: fine_tune_into_memory_table(
         (LAYER1_2048, "pretrain-as-is"),
         (LAYER1_2048, "scratch-mem8k-xl-gate0"),
