@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
-from memorizing_transformers.devices import describe_device
+from memorizing_transformers.devices import describe_device, release_freed_host_memory
 from memorizing_transformers.memory import exact
 from memorizing_transformers.memory.backend import SearchBackend
 from memorizing_transformers.memory.exact import ExactSearch
@@ -335,6 +335,8 @@ def main(argv: list[str] | None = None) -> None:
                 + ". Their attention and memory: one key/value head shared by all heads (ours too in the rows "
                 f"marked '{ONE_KV_HEAD[2:]}'), HNSW, the memory wiped whole when full; ours: FIFO."
             )
+        del cases  # this configuration's models and memories, given back to the system before the next's
+        release_freed_host_memory()
     text = "\n\n".join(sections)
     print(text)
     write_results("train_step-quick" if args.quick else "train_step", results, text, Path(args.out))

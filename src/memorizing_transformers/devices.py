@@ -40,14 +40,16 @@ def keep_freed_host_memory() -> bool:
     page-faults all its pages in again at every step: 10-16% of a CPU training step in these models
     (docs/PERFORMANCE.md). PyTorch's CPU tuning guide suggests jemalloc or tcmalloc for the same
     reason; this is glibc's own setting (mallopt), for machines that have neither. The process keeps
-    its peak of host memory instead of returning it (release_freed_host_memory returns it on demand,
-    as PeakMemory does before it reads the resident set). `mt`, the experiments and the benchmarks
-    call it; library users may. Returns False, changing nothing, where the C library is not glibc.
+    up to 1 GiB of freed memory at the top of its heap instead of returning it, and whatever freed
+    memory lies below live allocations (release_freed_host_memory returns it all on demand, as
+    PeakMemory does before it reads the resident set, and benchmarks between configurations). `mt`,
+    the experiments and the benchmarks call it; library users may. Returns False, changing nothing,
+    where the C library is not glibc.
     """
     if (libc := _glibc()) is None:
         return False
     m_trim_threshold, m_mmap_max = -1, -4  # glibc's malloc.h
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**31 - 1))
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2**30))
 
 
 def release_freed_host_memory() -> None:
