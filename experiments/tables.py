@@ -549,6 +549,9 @@ TABLES: dict[str, Callable[[], str]] = {
         (LAYER1_2048, "scratch-mem8k-xl-gate0"),
         layer_budget_points("pycode", 1, "-2048", "gate0-"),
     ),
+    "memory-sizes-layer1-proofs-2048": lambda: memory_size_table(
+        "layer1-proofs-2048", "L-mem2k-xl-gate0-s0", "L-mem2k-xl-gate0-ft128k"
+    ),
     # proofs pre-trained as pycode was: its memory rows in layer 1 against table4-proofs-2048's XL rows
     "layer1-proofs-2048": lambda: grid_table(
         [
