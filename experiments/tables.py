@@ -439,10 +439,6 @@ def pycode_tables() -> dict[str, Callable[[], str]]:
     return {
         "table4-pycode": lambda: table4_table(T4),
         "budgets-pycode": lambda: budget_table(budget_points()),
-        "memory-sizes-pycode": lambda: memory_size_table(T4),
-        "fine-tune-into-memory-pycode": lambda: fine_tune_into_memory_table(
-            (T4, "pretrain"), (B, "scratch-mem8k-xl"), budget_points()
-        ),
         "variants-pycode": lambda: grid_table(
             [
                 (B, f"L-{row}500k")
