@@ -14,7 +14,6 @@ process, hence one process per measurement.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 import subprocess
@@ -26,7 +25,7 @@ import torch
 from memorizing_transformers.devices import describe_device, keep_freed_host_memory
 
 from .common import interleaved, parse_arguments, spread, write_results
-from .train_step import QUICK, grid_model, our_case, size_label
+from .train_step import QUICK, document_variants, grid_model, our_case, size_label
 
 SETTINGS = ("glibc default", "keep freed")
 
@@ -37,13 +36,8 @@ def child(setting: str, quick: bool, device: torch.device) -> dict[str, float]:
         assert keep_freed_host_memory(), "not glibc"
     base, batch = (QUICK, 8) if quick else grid_model()
     large = 2048 if quick else 65536
-    variants = {
-        "XL only": dataclasses.replace(base, knn_layers=()),
-        f"memory {size_label(base.memory_size)} + XL": base,
-        f"memory {size_label(large)} IVF + XL": dataclasses.replace(
-            base, memory_size=large, memory_backend="faiss_ivf"
-        ),
-    }
+    exact_large = f"memory {size_label(large)} + XL"  # its exact search is not what is measured here
+    variants = {name: config for name, config in document_variants(base, large).items() if name != exact_large}
     cases = [our_case(name, config, batch, device, staggered=True) for name, config in variants.items()]
     times = interleaved(cases, 2 if quick else 5, 1 if quick else 3, 1 if quick else 2, device)
     return {case.variant: statistics.median(t) for case, t in zip(cases, times)}
