@@ -8,9 +8,9 @@ model (experiments/grid.py) at 16 rows of 128 tokens, whose rows' memories hold 
 shares of their capacity, as a stream of documents leaves them (each row emptied at its
 document's end). Elsewhere our memories are filled to capacity before timing, so every
 search covers the whole memory (steady state). Rows marked IVF use the approximate
-`faiss_ivf` backend; the others search exactly, and the rows marked "blocks of 2^25" search
-with score blocks of 2^25 scores instead of the cache-sized ones a CPU search cuts (which
-suits the step better at 2 threads is measured here, in the step itself). When memorizing-transformers-pytorch
+`faiss_ivf` backend; the others search exactly, and the rows marked "blocks of 2^21" search
+with cache-sized score blocks of 2^21 scores instead of the search's 2^25 (which suits the
+step better is measured here, in the step itself). When memorizing-transformers-pytorch
 0.4.1 is installed (see benchmarks/popular.py), its steps are timed in the same rounds.
 
 Every variant, ours and theirs, is built once and warmed up alike; then each round times a
@@ -44,7 +44,7 @@ from memorizing_transformers.training.trainer import segment_loss
 
 from . import popular
 from .common import Case, interleaved, median_seconds, parse_arguments, spread, write_results
-from .search import LARGE_BLOCKS
+from .search import CACHE_BLOCKS
 
 REFERENCE = MemorizingConfig(
     vocab_size=8192,
@@ -258,7 +258,7 @@ def search_matmul_gflops(config: MemorizingConfig, batch: int, slots: int, devic
     into), measured beside the steps: the speed its floor in benchmarks.targets is computed at."""
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(batch, config.n_heads, config.segment_length, config.head_dim, generator=generator).to(device)
-    pairs, width = exact.score_blocks(device, batch * config.n_heads, config.segment_length, slots, config.knn_k)
+    pairs, width = exact.score_blocks(batch * config.n_heads, config.segment_length, slots, config.knn_k)
     q = q.flatten(0, 1)[:pairs]  # (pairs, queries, head_dim)
     block = torch.randn(pairs, config.head_dim, min(width, slots), generator=generator).to(device)
     blocks = -(-batch * config.n_heads // pairs) * -(-slots // block.shape[-1])
@@ -299,10 +299,10 @@ def main(argv: list[str] | None = None) -> None:
         with contextlib.ExitStack() as resources:
             rows = (document_variants if staggered else variants)(base, large)
             cases = [our_case(label, config, batch, device, staggered=staggered) for label, config in rows.items()]
-            # The exact search's CPU score blocks (cache-sized) against the large ones it used before, in the step.
+            # The exact search's score blocks against cache-sized ones, in the step.
             exact_row = next(label for label in rows if label.startswith(f"memory {size_label(base.memory_size)}"))
-            large_blocks = dict(staggered=staggered, search=ExactSearch(LARGE_BLOCKS))
-            cases.append(our_case(f"{exact_row}, blocks of 2^25", rows[exact_row], batch, device, **large_blocks))
+            cache_blocks = dict(staggered=staggered, search=ExactSearch(CACHE_BLOCKS))
+            cases.append(our_case(f"{exact_row}, blocks of 2^21", rows[exact_row], batch, device, **cache_blocks))
             if popular.available() and not staggered:
                 cases += popular_cases(base, large, batch, device, resources)
             times = interleaved(cases, rounds, calls, warmup, device)

@@ -56,7 +56,7 @@ def test_train_step_benchmark_quick(tmp_path):
         "XL only, 1 kv head",
         "memory 2K + XL, 1 kv head",
         "memory 2K IVF + XL, 1 kv head",
-        "memory 512, blocks of 2^25",  # the exact search's score blocks, cache-sized against large, in the step
+        "memory 512, blocks of 2^21",  # the exact search's score blocks against cache-sized ones, in the step
     ]
     xl = next(r for r in rows if r["variant"] == "XL only")
     assert xl["ratio_to_xl"] == xl["ratio_to_xl_min"] == xl["ratio_to_xl_max"] == 1.0  # a ratio per round, to itself
@@ -71,7 +71,7 @@ def test_train_step_benchmark_quick(tmp_path):
         "memory 512 + XL",
         "memory 2K + XL",
         "memory 2K IVF + XL",
-        "memory 512 + XL, blocks of 2^25",
+        "memory 512 + XL, blocks of 2^21",
     ]
 
 

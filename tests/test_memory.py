@@ -21,9 +21,8 @@ def brute_force_topk(keys: np.ndarray, queries: np.ndarray, k: int):
 
 
 def score_blocks_of(monkeypatch, elements: int) -> None:
-    """The exact search cut into blocks of `elements` scores, on every device, however narrow."""
-    monkeypatch.setattr(exact, "_CPU_BLOCK_ELEMENTS", elements)
-    monkeypatch.setattr(exact, "_DEVICE_BLOCK_ELEMENTS", elements)
+    """The exact search cut into blocks of `elements` scores, however narrow."""
+    monkeypatch.setattr(exact, "_BLOCK_ELEMENTS", elements)
     monkeypatch.setattr(exact, "_MIN_BLOCK_GROUPS", 0)
 
 

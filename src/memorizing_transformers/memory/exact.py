@@ -12,12 +12,12 @@ import torch
 
 from .backend import Store
 
-# The largest score block searched at once, in (row-head pairs x queries x slots) elements. On a CPU,
-# 8 MiB of fp32 scores, which stay in the last-level cache from the product that writes them to the
-# top-k that reads them (4 x 4 heads, 256 queries, 8K slots, one thread: 0.65-0.70x the time of blocks
-# of 2**25 elements, about 0.9x at 64K); on an accelerator, large blocks, for few kernel launches.
-_CPU_BLOCK_ELEMENTS = 1 << 21
-_DEVICE_BLOCK_ELEMENTS = 1 << 25
+# The largest score block searched at once, in (row-head pairs x queries x slots) elements, on every
+# device. On a CPU, cache-sized blocks (2**21, 8 MiB of fp32 scores) were cheaper at one thread, but
+# at two, with freed memory kept in malloc's heap (devices.keep_freed_host_memory), the training
+# steps of benchmarks.train_step with memory 8K take 0.94-0.96x their time with these, and a 64K
+# search's block_topk half (few blocks, few merges): the top-k's cost is per block, not per score.
+_BLOCK_ELEMENTS = 1 << 25
 _GROUP = 32  # slots per group in block_topk's first cut
 _SUBGROUP = 8  # and in its second
 # Slot blocks are no narrower than 16k groups: with many queries (a retrofit's window of 512 x 3
@@ -26,16 +26,13 @@ _SUBGROUP = 8  # and in its second
 _MIN_BLOCK_GROUPS = 16
 
 
-def score_blocks(
-    device: torch.device, pairs: int, queries: int, slots: int, k: int, elements: int | None = None
-) -> tuple[int, int]:
+def score_blocks(pairs: int, queries: int, slots: int, k: int, elements: int | None = None) -> tuple[int, int]:
     """How a search of `pairs` (row, head) pairs of `queries` queries over `slots` slots is cut:
     (pairs per block, slots per block), in blocks of at most `elements` scores where the floor on
-    slots allows (None: the device's). A block holds whole pairs over every slot where one pair's
+    slots allows (None: _BLOCK_ELEMENTS). A block holds whole pairs over every slot where one pair's
     scores fit, so each query's top-k is taken once; the running merge across slot blocks (k more
     candidates per query and block, three top-k passes each time) is left to larger stores."""
-    if elements is None:
-        elements = _CPU_BLOCK_ELEMENTS if device.type == "cpu" else _DEVICE_BLOCK_ELEMENTS
+    elements = elements or _BLOCK_ELEMENTS
     per_block = max(1, min(pairs, elements // max(1, queries * slots)))
     chunk = max(k, _MIN_BLOCK_GROUPS * k * _GROUP, elements // (per_block * queries))
     if chunk > _GROUP:
@@ -82,7 +79,7 @@ def block_topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor
 
 class ExactSearch:
     """Brute-force search over the store itself: no index to keep in sync. `block_elements`: the
-    largest score block searched at once (None: the device's; benchmarks.search compares them)."""
+    largest score block searched at once (None: _BLOCK_ELEMENTS; benchmarks.search compares sizes)."""
 
     def __init__(self, block_elements: int | None = None) -> None:
         self.block_elements = block_elements
@@ -100,7 +97,7 @@ class ExactSearch:
         compute_dtype = torch.float32 if store.device.type == "cpu" else store.dtype
         q = queries.to(compute_dtype).flatten(0, 1)  # (batch * heads, seq, head_dim)
         keys = store.keys.flatten(0, 1)  # (batch * heads, capacity, head_dim)
-        pairs, chunk = score_blocks(store.device, batch * heads, seq, store.extent, k, self.block_elements)
+        pairs, chunk = score_blocks(batch * heads, seq, store.extent, k, self.block_elements)
         best_scores = torch.full((batch * heads, seq, k), float("-inf"), device=store.device)
         best_slots = torch.zeros((batch * heads, seq, k), dtype=torch.long, device=store.device)
         empty = None  # -inf on empty slots, 0 elsewhere: adding it is several times faster than a masked_fill_
