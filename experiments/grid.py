@@ -436,6 +436,18 @@ def in_layer(
             lr=5e-4,
         )
     )
+    # The same fine-tune at the rate its source ended at (1e-3 decayed to 1e-4) and with exact search, as
+    # the rows tested with larger memories as they are read theirs: only the weight updates differ from them.
+    runs.append(
+        Run(
+            "L-mem2k-xl-gate0-ft128k-exact-lr1e-4",
+            "the 2K-memory model fine-tuned with memory 128K (exact) at its final learning rate",
+            dict(memory, xl_length=L, memory_size=131072, **gate0),
+            finetune_tokens // 10,
+            init_from="L-mem2k-xl-gate0-s0",
+            lr=1e-4,
+        )
+    )
     runs += [mem(tokens, "gate0-", **gate0) for tokens in budgets[-1:]]
     # The memory model trained from scratch as long as the pre-training: the share of the gap to it that
     # a fine-tune closes, against the fine-tune's length (the paper: 85% in 4% of the steps).

@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> None:
         }
         if result is None or any(result.get(key) != value for key, value in settings.items()):
             result = {**settings, "cases": []}
-        given = ("corpus", "documents", "tokens", "memory_size", "knn_k", "layers", "smollm2_layers")
+        given = ("corpus", "documents", "tokens", "memory_size", "knn_k", "layers", "smollm2", "smollm2_layers", "out")
         flags = [
             f"--{n.replace('_', '-')} {getattr(args, n)}" for n in given if getattr(args, n) != parser.get_default(n)
         ]

@@ -264,10 +264,12 @@ def cross_context_table() -> str:
     return "\n".join(lines)
 
 
-def memory_size_table(grid: str, run: str = "L-mem2k-xl-s0", tuned_run: str = "L-mem2k-xl-ft128k") -> str:
-    """Table 5 in kind: the 2K-memory model `run` of `grid` tested with larger memories, and after a
-    fine-tune at 128K (`tuned_run`) where the grid has one."""
-    row, tuned = load(grid, run), load(grid, tuned_run)
+def memory_size_table(
+    grid: str, run: str = "L-mem2k-xl-s0", tuned_runs: tuple[str, ...] = ("L-mem2k-xl-ft128k",)
+) -> str:
+    """Table 5 in kind: the 2K-memory model `run` of `grid` tested with larger memories, and after each
+    fine-tune at 128K of `tuned_runs` the grid has (its search and learning rate named)."""
+    row = load(grid, run)
     if row is None:
         return f"Not finished yet: {run}."
     lines = ["| memory at test time | test perplexity | memory off |", "|---|---:|---:|"]
@@ -276,11 +278,13 @@ def memory_size_table(grid: str, run: str = "L-mem2k-xl-s0", tuned_run: str = "L
     for label, result in row["test"].items():
         if label.startswith("memory ") and label != "memory off":
             lines.append(f"| {label.split()[1]} (no fine-tune) | {result['perplexity']:.2f} | |")
-    if tuned is not None:
+    for tuned in filter(None, (load(grid, name) for name in tuned_runs)):
+        settings = tuned["settings"]
+        search = "faiss IVF" if settings["model"].get("memory_backend") == "faiss_ivf" else "exact"
+        lr = f"{settings['lr']:.0e}".replace("e-0", "e-")  # 5e-4, not 0.0005 or 5e-04
         lines.append(
-            f"| 131,072 after {tuned['train_tokens']:,} tokens of fine-tuning | "
-            f"{main_result(tuned)['perplexity']:.2f} | "
-            f"{tuned['test']['memory off']['perplexity']:.2f} |"
+            f"| 131,072 ({search}) after {tuned['train_tokens']:,} tokens of fine-tuning at lr {lr} | "
+            f"{main_result(tuned)['perplexity']:.2f} | {tuned['test']['memory off']['perplexity']:.2f} |"
         )
     return "\n".join(lines)
 
@@ -538,7 +542,9 @@ TABLES: dict[str, Callable[[], str]] = {
         + [(LAYER1_2048, f"L-mem8k-xl-gate0-{t}") for t in ("500k", "1000k", "s0", "4000k", "8000k")]
     ),
     "memory-sizes-layer1-pycode-2048": lambda: memory_size_table(
-        LAYER1_2048, "L-mem2k-xl-gate0-s0", "L-mem2k-xl-gate0-ft128k"
+        LAYER1_2048,
+        "L-mem2k-xl-gate0-s0",
+        ("L-mem2k-xl-gate0-ft128k", "L-mem2k-xl-gate0-ft128k-exact-lr1e-4"),
     ),
     "fine-tune-into-memory-layer1-pycode-2048": lambda: fine_tune_into_memory_table(
         (LAYER1_2048, "pretrain-as-is"),
@@ -546,7 +552,9 @@ TABLES: dict[str, Callable[[], str]] = {
         layer_budget_points("pycode", 1, "-2048", "gate0-"),
     ),
     "memory-sizes-layer1-proofs-2048": lambda: memory_size_table(
-        "layer1-proofs-2048", "L-mem2k-xl-gate0-s0", "L-mem2k-xl-gate0-ft128k"
+        "layer1-proofs-2048",
+        "L-mem2k-xl-gate0-s0",
+        ("L-mem2k-xl-gate0-ft128k", "L-mem2k-xl-gate0-ft128k-exact-lr1e-4"),
     ),
     # proofs pre-trained as pycode was: its memory rows in layer 1 against table4-proofs-2048's XL rows
     "layer1-proofs-2048": lambda: grid_table(
