@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 from collections.abc import Callable
@@ -354,6 +355,40 @@ def retrieval_table(corpus: str) -> str:
     return table(json.loads(path.read_text())).rstrip("\n")
 
 
+def retrieval_size_table(corpora: tuple[str, ...], sizes: tuple[int, ...], run: str) -> str:
+    """What the search of `run` (its grid named layer1-CORPUS-2048) finds at each memory size, from the JSON of
+    experiments/retrieval_hits.py in results/retrieval-sizes/CORPUS-SIZE/: per corpus and size, means over the
+    memory layer's heads, as retrieval_table gives them."""
+    lines = [
+        "| corpus | memory | queries whose memory holds a continuation | continuations among the entries found "
+        "(x their share of the memory) | queries finding one (chance) | best entry a continuation "
+        "| readout weight: continuations | answers | entries after the same token |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for corpus in corpora:
+        for size in sizes:
+            path = HERE / "results" / "retrieval-sizes" / f"{corpus}-{size}" / f"retrieval_hits-{corpus}.json"
+            model = f"layer1-{corpus}-2048/{run}"
+            cases = [c for c in json.loads(path.read_text())["cases"] if c["model"] == model] if path.is_file() else []
+            if not cases:
+                lines.append(f"| {corpus} | {size:,} | not run yet | | | | | | |")
+                continue
+
+            def mean(kind: str, field: str, heads: list = cases[0]["heads"]) -> float:
+                values = [h[kind][field] for h in heads if not math.isnan(h[kind][field])]
+                return statistics.fmean(values) if values else math.nan
+
+            found = mean("continuation", "share")
+            lines.append(
+                f"| {corpus} | {size:,} | {mean('continuation', 'in_memory'):.2f} | "
+                f"{found:.3f} ({found / mean('continuation', 'base_rate'):.1f}x) | "
+                f"{mean('continuation', 'found'):.2f} ({mean('continuation', 'chance'):.2f}) | "
+                f"{mean('continuation', 'best'):.3f} | {mean('continuation', 'weight'):.3f} | "
+                f"{mean('answer', 'weight'):.3f} | {mean('after the same token', 'weight'):.3f} |"
+            )
+    return "\n".join(lines)
+
+
 def smollm2_table() -> str:
     """SmolLM2-135M, zero training: mean perplexity of the scored tokens per corpus and setting."""
     lines = [
@@ -516,6 +551,9 @@ TABLES: dict[str, Callable[[], str]] = {
     "retrieval-proofs": lambda: retrieval_table("proofs"),
     "retrieval-pycode": lambda: retrieval_table("pycode"),
     "retrieval-books": lambda: retrieval_table("books"),
+    "retrieval-by-memory-size": lambda: retrieval_size_table(
+        ("proofs", "pycode"), (2048, 8192, 32768), "L-mem2k-xl-gate0-s0"
+    ),
     "layers-proofs": lambda: layer_table("proofs"),
     "layers-pycode-2048": lambda: layer_table("pycode", "-2048", moved=True),
     "layer1-seeds-pycode-2048": lambda: grid_table(
