@@ -548,6 +548,7 @@ TABLES: dict[str, Callable[[], str]] = {
     "table4-proofs": lambda: table4_table("table4-proofs"),
     **question_tables("proofs"),
     "table4-books": lambda: table4_table("table4-books"),
+    "memory-sizes-books": lambda: memory_size_table("table4-books"),
     "retrieval-proofs": lambda: retrieval_table("proofs"),
     "retrieval-pycode": lambda: retrieval_table("pycode"),
     "retrieval-books": lambda: retrieval_table("books"),
