@@ -590,6 +590,11 @@ TABLES: dict[str, Callable[[], str]] = {
         (LAYER1_2048, "scratch-mem8k-xl-gate0"),
         layer_budget_points("pycode", 1, "-2048", "gate0-"),
     ),
+    "fine-tune-into-memory-layer1-proofs-2048": lambda: fine_tune_into_memory_table(
+        ("layer1-proofs-2048", "pretrain-as-is"),
+        ("layer1-proofs-2048", "scratch-mem8k-xl-gate0"),
+        [(2_000_000, ("table4-proofs-2048", "L-xl"), ("layer1-proofs-2048", "L-mem8k-xl-gate0"))],
+    ),
     "memory-sizes-layer1-proofs-2048": lambda: memory_size_table(
         "layer1-proofs-2048",
         "L-mem2k-xl-gate0-s0",
