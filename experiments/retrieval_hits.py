@@ -117,6 +117,12 @@ def cell(value: float, digits: int = 2) -> str:
     return "-" if math.isnan(value) else f"{value:.{digits}f}"
 
 
+def mean_over_heads(heads: list[dict[str, float]], field: str) -> float:
+    """The mean of `field` over the heads that have it (NaN where a head's queries never met the case)."""
+    values = [h[field] for h in heads if not math.isnan(h[field])]
+    return sum(values) / len(values) if values else math.nan
+
+
 def table(result: dict[str, Any]) -> str:
     lines = [
         f"Made by {', then '.join(f'`{command}`' for command in result['commands'])} "
@@ -143,8 +149,7 @@ def table(result: dict[str, Any]) -> str:
             heads = [h[kind] for h in case["heads"]]
 
             def mean(field: str, heads: list[dict[str, float]] = heads) -> float:
-                values = [h[field] for h in heads if not math.isnan(h[field])]
-                return sum(values) / len(values) if values else math.nan
+                return mean_over_heads(heads, field)
 
             best = max(heads, key=lambda h: -1.0 if math.isnan(h["share"]) else h["share"])
             lines.append(

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import statistics
 import sys
 from collections.abc import Callable
@@ -365,6 +364,9 @@ def retrieval_size_table(corpora: tuple[str, ...], sizes: tuple[int, ...], run: 
         "| readout weight: continuations | answers | entries after the same token |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    sys.path.insert(0, str(HERE))
+    from retrieval_hits import mean_over_heads
+
     for corpus in corpora:
         for size in sizes:
             path = HERE / "results" / "retrieval-sizes" / f"{corpus}-{size}" / f"retrieval_hits-{corpus}.json"
@@ -375,8 +377,7 @@ def retrieval_size_table(corpora: tuple[str, ...], sizes: tuple[int, ...], run: 
                 continue
 
             def mean(kind: str, field: str, heads: list = cases[0]["heads"]) -> float:
-                values = [h[kind][field] for h in heads if not math.isnan(h[kind][field])]
-                return statistics.fmean(values) if values else math.nan
+                return mean_over_heads([h[kind] for h in heads], field)
 
             found = mean("continuation", "share")
             lines.append(

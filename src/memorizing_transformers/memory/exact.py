@@ -32,7 +32,8 @@ def score_blocks(pairs: int, queries: int, slots: int, k: int, elements: int | N
     slots allows (None: _BLOCK_ELEMENTS). A block holds whole pairs over every slot where one pair's
     scores fit, so each query's top-k is taken once; the running merge across slot blocks (k more
     candidates per query and block, three top-k passes each time) is left to larger stores."""
-    elements = elements or _BLOCK_ELEMENTS
+    if elements is None:
+        elements = _BLOCK_ELEMENTS
     per_block = max(1, min(pairs, elements // max(1, queries * slots)))
     chunk = max(k, _MIN_BLOCK_GROUPS * k * _GROUP, elements // (per_block * queries))
     if chunk > _GROUP:
