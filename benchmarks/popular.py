@@ -25,7 +25,8 @@ import torch.nn.functional as F
 
 from .common import Case
 
-VARIANTS = ("vanilla", "XL only", "memory", "memory + XL")
+# Each variant's (kNN memory, XL cache).
+VARIANTS = {"vanilla": (False, False), "XL only": (False, True), "memory": (True, False), "memory + XL": (True, True)}
 
 
 def available() -> bool:
@@ -63,8 +64,8 @@ def case(
     from memorizing_transformers_pytorch import MemorizingTransformer
 
     if variant not in VARIANTS:
-        raise ValueError(f"unknown variant {variant!r}: choose one of {VARIANTS}")
-    use_knn, use_xl = variant.startswith("memory"), variant.endswith("XL")
+        raise ValueError(f"unknown variant {variant!r}: choose one of {', '.join(VARIANTS)}")
+    use_knn, use_xl = VARIANTS[variant]
     torch.manual_seed(0)
     directory = resources.enter_context(tempfile.TemporaryDirectory())
     model = MemorizingTransformer(

@@ -286,6 +286,33 @@ def test_interleaved_rounds_rotate_the_order_and_refill_memories_across_their_cy
     assert fills == [0.5 / 3, 1.5 / 3, 2.5 / 3] and all(len(t) == 3 for t in times)
 
 
+@pytest.mark.parametrize("variant", ["vanilla", "XL only", "memory", "memory + XL"])
+def test_the_popular_implementations_cases_are_the_models_their_labels_name(variant, monkeypatch):
+    """Each labelled step of memorizing-transformers-pytorch attends its XL cache and searches its
+    kNN memory exactly when the label says so (an "XL only" step once ran their plain model)."""
+    theirs = pytest.importorskip("memorizing_transformers_pytorch.memorizing_transformers_pytorch")
+    import contextlib
+
+    from benchmarks import popular
+
+    seen = {"xl": 0, "knn": 0}
+    for name, cls in (("xl", theirs.Attention), ("knn", theirs.KNNAttention)):
+        forward = cls.forward
+
+        def counted(self, x, *args, name=name, forward=forward, **kwargs):
+            seen[name] += kwargs.get("xl_memory") is not None if name == "xl" else 1
+            return forward(self, x, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "forward", counted)
+    shape = dict(vocab_size=64, d_model=32, n_layers=2, n_heads=2, head_dim=16, knn_layer=1, k=4)
+    with contextlib.ExitStack() as resources:
+        case = popular.case(
+            variant, variant, **shape, segment_length=8, batch=2, memory_size=64, xl_length=8, resources=resources
+        )
+        case.step(), case.step()  # the second step reads the cache the first left
+    assert (seen["knn"] > 0, seen["xl"] > 0) == popular.VARIANTS[variant]
+
+
 def test_gpu_check_says_plainly_that_there_is_no_gpu_here():
     import subprocess
     import sys
