@@ -139,13 +139,16 @@ def our_case(
     memory_device: str | None = None,
     staggered: bool = False,
     search: SearchBackend | None = None,
+    compile_backend: str | None = None,
 ) -> Case:
     """One AdamW step of our model on one segment (on `memory_device` when given), its memories full;
     `staggered`: row i holds (i + 1) / batch of the capacity, as rows reset at their documents' ends
     are left (an IVF row holding fewer keys than its lists need is searched exactly); `search`: the
-    memories' search backend instead of the configuration's."""
+    memories' search backend instead of the configuration's; `compile_backend`: the forward pass
+    through torch.compile with that backend (see benchmarks.compile)."""
     torch.manual_seed(0)
     model = MemorizingTransformer(config).to(device)
+    forward = model if compile_backend is None else torch.compile(model, backend=compile_backend)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     state = model.new_state(batch, memory_device=memory_device)
     shape = (batch, config.kv_heads, config.memory_size, config.head_dim)
@@ -158,7 +161,7 @@ def our_case(
 
     def step() -> None:
         nonlocal state
-        out = model(ids, state=state)
+        out = forward(ids, state=state)
         state = out.state
         loss = segment_loss(out.logits, ids)[0]
         optimizer.zero_grad(set_to_none=True)

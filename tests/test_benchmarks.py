@@ -3,7 +3,18 @@ import json
 import pytest
 import torch
 
-from benchmarks import allocator, fits, long_stream, memory_step, memory_use, retrofit, search, targets, train_step
+from benchmarks import (
+    allocator,
+    fits,
+    long_stream,
+    memory_step,
+    memory_use,
+    retrofit,
+    search,
+    targets,
+    train_step,
+)
+from benchmarks import compile as compile_step
 from benchmarks.common import median_interval
 from memorizing_transformers import MemorizingConfig, MemorizingTransformer
 from memorizing_transformers.data.streaming import TokenizedDocument
@@ -35,6 +46,16 @@ def test_allocator_benchmark_quick(tmp_path):
     assert [r["variant"] for r in results["rows"]] == ["XL only", "memory 512 + XL", "memory 2K IVF + XL"]
     assert all(r["keep_over_default"]["median"] > 0 for r in results["rows"])
     assert "| memory 512 + XL |" in (tmp_path / "allocator-quick.md").read_text()
+
+
+def test_compile_benchmark_quick(tmp_path):
+    compile_step.main(["--quick", "--out", str(tmp_path), "--device", "cpu"])
+    results = json.loads((tmp_path / "compile-quick.json").read_text())
+    assert [r["variant"] for r in results["rows"]] == ["vanilla", "XL only", "memory 512", "memory 2K IVF + XL"]
+    for row in results["rows"]:  # each variant timed compiled against eager, or the compiler's error given
+        assert row["error"] or row["compiled_over_eager"]["median"] > 0
+        assert row["graphs"] > 0
+    assert "| memory 2K IVF + XL |" in (tmp_path / "compile-quick.md").read_text()
 
 
 def test_train_step_benchmark_quick(tmp_path):
