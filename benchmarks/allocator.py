@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
@@ -24,7 +23,7 @@ import torch
 
 from memorizing_transformers.devices import describe_device, keep_freed_host_memory
 
-from .common import interleaved, parse_arguments, spread, write_results
+from .common import in_child, interleaved, parse_arguments, spread, write_results
 from .train_step import QUICK, document_variants, grid_model, our_case, size_label
 
 SETTINGS = ("glibc default", "keep freed")
@@ -54,9 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     runs: list[dict] = []
     for pair in range(pairs):
         for setting in SETTINGS if pair % 2 == 0 else SETTINGS[::-1]:
-            command = [sys.executable, "-m", "benchmarks.allocator", "--child", setting, "--device", "cpu"]
-            done = subprocess.run(command + ["--quick"] * args.quick, capture_output=True, text=True, check=True)
-            runs.append({"pair": pair, "setting": setting, "seconds": json.loads(done.stdout.splitlines()[-1])})
+            seconds = in_child("benchmarks.allocator", "--child", setting, "--device", "cpu", *["--quick"] * args.quick)
+            runs.append({"pair": pair, "setting": setting, "seconds": seconds})
     variants = list(runs[0]["seconds"])
     by = {(r["pair"], r["setting"]): r["seconds"] for r in runs}
     rows = []

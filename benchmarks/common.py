@@ -7,6 +7,8 @@ import json
 import math
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,6 +93,13 @@ def spread(values: list[float]) -> dict[str, float]:
     """Median, min and max, and the median's 95% confidence interval (low, high; see median_interval)."""
     low, high = median_interval(values)
     return {"median": statistics.median(values), "min": min(values), "max": max(values), "low": low, "high": high}
+
+
+def in_child(module: str, *arguments: str) -> Any:
+    """Run `python -m MODULE ARGUMENTS` in a fresh process and return the JSON its last line of output
+    prints: for measurements whose setting cannot be undone in a process (malloc's, torch.compile's)."""
+    done = subprocess.run([sys.executable, "-m", module, *arguments], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.splitlines()[-1])
 
 
 def write_results(name: str, results: dict[str, Any], table: str, out_dir: Path) -> None:

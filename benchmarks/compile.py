@@ -16,8 +16,6 @@ a variant that does not run compiled.
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -25,7 +23,7 @@ from torch._dynamo.utils import counters
 
 from memorizing_transformers.devices import describe_device
 
-from .common import interleaved, parse_arguments, spread, write_results
+from .common import in_child, interleaved, parse_arguments, spread, write_results
 from .train_step import QUICK, REFERENCE, our_case, size_label, variants
 
 VARIANTS = ("vanilla", "XL only", "memory {small}", "memory {large} IVF + XL")
@@ -42,15 +40,15 @@ def child(variant: str, backend: str, quick: bool, device: torch.device) -> dict
     config = variants(base, large)[variant]
     eager = our_case(variant, config, batch, device)
     compiled = our_case(variant, config, batch, device, compile_backend=backend)
-    graphs = counters["stats"]
+    error = ""
     try:
         for _ in range(warmup):
             compiled.step()
-    except Exception as error:  # noqa: BLE001 - whatever the compiler raises is the finding
-        times = interleaved([eager], rounds, calls, 1, device)
-        return {"eager": times[0], "graphs": graphs["unique_graphs"], "error": f"{type(error).__name__}: {error}"}
-    times = interleaved([eager, compiled], rounds, calls, 1, device)
-    return {"eager": times[0], "compiled": times[1], "graphs": graphs["unique_graphs"], "error": ""}
+    except Exception as failure:  # noqa: BLE001 - whatever the compiler raises is the finding
+        error = f"{type(failure).__name__}: {failure}"
+    times = interleaved([eager] if error else [eager, compiled], rounds, calls, 1, device)
+    measured = {"eager": times[0], "graphs": counters["stats"]["unique_graphs"], "error": error}
+    return measured if error else measured | {"compiled": times[1]}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,10 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in VARIANTS:
         variant = name.format(small=size_label(base.memory_size), large=size_label(large))
-        command = [sys.executable, "-m", "benchmarks.compile", "--child", variant, "--device", str(device)]
-        command += ["--quick"] if args.quick else ["--backend", backend]
-        done = subprocess.run(command, capture_output=True, text=True, check=True)
-        measured = json.loads(done.stdout.splitlines()[-1])
+        setting = ["--quick"] if args.quick else ["--backend", backend]
+        measured = in_child("benchmarks.compile", "--child", variant, "--device", str(device), *setting)
         row = {"variant": variant, "eager_seconds": spread(measured["eager"]), "graphs": measured["graphs"]}
         row["error"] = measured["error"].strip().splitlines()[0] if measured["error"] else ""
         if "compiled" in measured:

@@ -330,7 +330,8 @@ def test_the_popular_implementations_cases_are_the_models_their_labels_name(vari
         case = popular.case(
             variant, variant, **shape, segment_length=8, batch=2, memory_size=64, xl_length=8, resources=resources
         )
-        case.step(), case.step()  # the second step reads the cache the first left
+        case.step()
+        case.step()  # reads the cache the first step left
     assert (seen["knn"] > 0, seen["xl"] > 0) == popular.VARIANTS[variant]
 
 
