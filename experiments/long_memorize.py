@@ -32,18 +32,20 @@ from memorizing_transformers.atomic import write_atomically
 from memorizing_transformers.cli import main as mt
 from memorizing_transformers.data.long_tasks import make_task
 from memorizing_transformers.devices import describe_device
+from memorizing_transformers.evaluation.peak_memory import PeakMemory
 
 RESULTS = Path(__file__).resolve().parent / "results" / "long-memorize-smollm2"
 QUESTION = "What is the pass key? The pass key is"
 
 
-def timed_command(arguments: list[str]) -> tuple[float, str]:
-    """Run `mt ARGUMENTS` here; its wall time and what it printed."""
+def timed_command(arguments: list[str]) -> tuple[float, str, int]:
+    """Run `mt ARGUMENTS` here; its wall time, what it printed and the process's peak resident set
+    while it ran (bytes)."""
     printed = StringIO()
     tick = time.perf_counter()
-    with redirect_stdout(printed):
+    with redirect_stdout(printed), PeakMemory("cpu") as peak:
         mt(arguments)
-    return time.perf_counter() - tick, printed.getvalue().strip()
+    return time.perf_counter() - tick, printed.getvalue().strip(), peak.before + peak.peak_bytes
 
 
 @torch.no_grad()
@@ -67,6 +69,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--memory-dtype", default="float32")
     parser.add_argument("--positions", default="fixed")
     parser.add_argument("--window", type=int, default=512)
+    parser.add_argument(
+        "--write-only", action="store_true", help="memorize without searching (mt memorize --write-only)"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     argv = sys.argv[1:] if argv is None else argv
@@ -81,11 +86,12 @@ def main(argv: list[str] | None = None) -> dict:
     path.write_text(document)
     options = ["--knn-layers", args.knn_layers, "--memory-backend", args.memory_backend]
     options += ["--memory-dtype", args.memory_dtype, "--positions", args.positions, "--window", str(args.window)]
+    options += ["--write-only"] if args.write_only else []
     memorize = ["memorize", args.checkpoint, str(path), "--out", str(memory), *options, "--device", "cpu"]
     generate = ["generate", args.checkpoint, "--memory", str(memory), "--prompt", QUESTION]
     generate += ["--max-new-tokens", "8", "--device", "cpu"]
-    memorize_seconds, memorized = timed_command(memorize)
-    generate_seconds, answer = timed_command(generate)
+    memorize_seconds, memorized, memorize_peak = timed_command(memorize)
+    generate_seconds, answer, generate_peak = timed_command(generate)
     result = {
         "settings": vars(args) | {"out": str(args.out)},
         "device": describe_device(torch.device("cpu")),
@@ -94,7 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
         "commands": [shlex.join(["mt", *memorize]), shlex.join(["mt", *generate])],
         "memorize_seconds": memorize_seconds,
         "memorized": memorized,
+        "memorize_peak_bytes": memorize_peak,
         "generate_seconds": generate_seconds,
+        "generate_peak_bytes": generate_peak,
         "answer": answer,
         "found": sample.answer in answer,
         "plain_seconds": plain_seconds(args.checkpoint, document, args.window),
@@ -110,11 +118,13 @@ def main(argv: list[str] | None = None) -> dict:
             "",
             *(f"    {command}" for command in result["commands"]),
             "",
-            "| step | seconds |",
-            "|---|---:|",
-            f"| `mt memorize` (model loading included) | {memorize_seconds:.0f} |",
-            f"| `mt generate` (loading the model and the memory file included) | {generate_seconds:.0f} |",
-            f"| the model's own forward pass over the same tokens, window by window | {result['plain_seconds']:.0f} |",
+            "| step | seconds | peak resident set of the process |",
+            "|---|---:|---:|",
+            f"| `mt memorize` (model loading included) | {memorize_seconds:.0f} | {memorize_peak / 2**30:.2f} GiB |",
+            f"| `mt generate` (loading the model and the memory file included) | {generate_seconds:.0f} "
+            f"| {generate_peak / 2**30:.2f} GiB |",
+            f"| the model's own forward pass over the same tokens, window by window | {result['plain_seconds']:.0f} "
+            "| |",
             "",
             f"The key {sample.answer}: the model answered `{answer}` ({'found' if result['found'] else 'not found'}); "
             f"the memory file held {result['memory_file_bytes'] / 2**20:,.0f} MiB.",

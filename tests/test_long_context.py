@@ -72,6 +72,23 @@ def test_a_memory_of_every_earlier_token_reads_as_full_attention_does():
     assert right and logprob < 0
 
 
+def test_write_only_readers_search_only_in_the_prompts_last_window(monkeypatch):
+    from memorizing_transformers.memory.exact import ExactSearch
+
+    searches = []
+    search = ExactSearch.search
+    monkeypatch.setattr(ExactSearch, "search", lambda self, *a, **k: searches.append(1) or search(self, *a, **k))
+    model = tiny_llama(vocab_size=97, max_position_embeddings=1024)
+    ids = torch.randint(0, 97, (1, 100))  # 7 windows of 16 tokens
+    for write_only, calls in [(False, 7), (True, 1)]:
+        searches.clear()
+        settings = LongBenchSettings(
+            methods=["memory-fixed"], window=16, knn_k=8, knn_layers=[0, 1], write_only=write_only
+        )
+        Readers(model, settings, capacity=128).logits("memory-fixed", ids, 5)
+        assert len(searches) == 2 * calls  # two memory layers
+
+
 def test_position_buckets_double_from_2k():
     assert position_buckets(20000) == [(0, 2048), (2048, 4096), (4096, 8192), (8192, 16384), (16384, 32768)]
 
@@ -157,8 +174,10 @@ def test_long_memorize_times_the_commands_and_checks_the_answer(tmp_path):
     out = tmp_path / "out"
     result = long_memorize.main(
         ["--checkpoint", str(tmp_path / "llama"), "--tokens", "600", "--window", "64", "--out", str(out)]
+        + ["--write-only"]
     )
     assert result["tokens"] > 500 and result["memorize_seconds"] > 0 and result["plain_seconds"] > 0
+    assert "--write-only" in result["commands"][0] and result["memorize_peak_bytes"] > 2**20
     assert result["found"] == (result["key"] in result["answer"]) and "memorized" in result["memorized"]
     text = (out / "long_memorize.md").read_text()
     assert "Made by `python experiments/long_memorize.py --checkpoint" in text and "mt memorize" in text

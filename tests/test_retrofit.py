@@ -413,3 +413,58 @@ def test_logits_from_the_search_scores_equal_those_from_the_gathered_keys(name, 
         recomputed = model(ids).logits
     assert recomputed.requires_grad and not scored.requires_grad
     torch.testing.assert_close(scored, recomputed.detach(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_write_only_reads_as_the_model_alone_and_stores_every_token(name):
+    ids = torch.randint(0, 97, (1, 30))
+    handle = add_memory(MODELS[name](), knn_layers=[0, 2], memory_size=64, knn_k=4)
+    with torch.no_grad(), handle.disabled():
+        alone = handle.stream(ids, window=8)
+    handle.reset()
+    with torch.no_grad(), handle.write_only():
+        written = handle.stream(ids, window=8)
+    torch.testing.assert_close(written, alone)  # no retrieval: each window as the model reads it
+    assert handle.fill() == {0: [30], 2: [30]} and all(layer.searching for layer in handle.layers.values())
+    stored = {key: tensor.clone() for key, tensor in handle.layers[0].memory.state_dict().items()}
+    handle.reset()
+    with torch.no_grad():
+        handle.memorize([ids], window=8)  # searching: layer 0's keys do not depend on what is retrieved
+    for key, tensor in handle.layers[0].memory.state_dict().items():
+        torch.testing.assert_close(stored[key], tensor)
+    with torch.no_grad():  # and what was written is read afterwards
+        assert not torch.allclose(handle.stream(ids[:, :8], window=8), alone[:, :8])
+
+
+def test_write_only_memorize_stores_each_layers_own_keys_and_values_read_with_context():
+    # Fixed positions store keys unrotated: exactly k_proj's and v_proj's outputs as the model
+    # alone computes them, in every layer. Each call reads again the `overlap` tokens before
+    # those it stores (the first call stores all it reads): windows of 8 advancing by 5.
+    model, window, overlap = tiny_llama(2), 8, 3
+    captured = {}
+    for i, layer in enumerate(model.model.layers):
+        for name in ("k", "v"):
+            getattr(layer.self_attn, f"{name}_proj").register_forward_hook(
+                lambda m, a, out, key=(i, name): captured.setdefault(key, []).append(out)
+            )
+    handle = add_memory(model, knn_layers=[0, 1], memory_size=64, knn_k=4, positions="fixed")
+    ids = torch.randint(0, 97, (1, 24))
+    calls = [(0, 8, 0), (5, 13, 3), (10, 18, 3), (15, 23, 3), (20, 24, 3)]  # (first, end, tokens not stored)
+    with torch.no_grad(), handle.disabled():
+        for first, end, _ in calls:
+            model(input_ids=ids[:, first:end], position_ids=torch.arange(first, end)[None])
+    expected = {
+        key: torch.cat([out[:, skip:] for out, (_, _, skip) in zip(outs, calls)], dim=1)
+        .view(1, 24, 2, 8)
+        .transpose(1, 2)
+        for key, outs in captured.items()
+    }
+    captured.clear()
+    with torch.no_grad():
+        assert handle.memorize([ids], window=window, search=False, overlap=overlap) == 24
+    assert len(captured[(0, "k")]) == len(calls) and handle.fill() == {0: [24], 1: [24]}
+    for i, layer in handle.layers.items():
+        torch.testing.assert_close(layer.memory.keys[:, :, :24], expected[(i, "k")])
+        torch.testing.assert_close(layer.memory.values[:, :, :24], expected[(i, "v")])
+    with pytest.raises(ValueError, match="overlap"):
+        handle.memorize([ids], window=window, search=False, overlap=window)

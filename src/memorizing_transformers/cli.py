@@ -160,6 +160,7 @@ PRETRAINED_ONLY = (
     "fixed_distance",
     "memory_backend",
     "memory_dtype",
+    "write_only",
 )
 KNN_LAYERS_HELP = "Hugging Face models: layers given a memory, 'all' (default) or e.g. '-4,-3'"
 KNN_K_HELP = "Hugging Face models: entries retrieved per query and head (default 32)"
@@ -170,6 +171,10 @@ POSITIONS_HELP = (
 FIXED_DISTANCE_HELP = "Hugging Face models with --positions fixed: the distance given to every retrieved entry (512)"
 MEMORY_BACKEND_HELP = "Hugging Face models: how the memory is searched (default exact; faiss_ivf: approximate, faster)"
 MEMORY_DTYPE_HELP = "Hugging Face models: what the memory stores its keys and values in (default float32)"
+WRITE_ONLY_HELP = (
+    "memorize without searching the memory: each window read as the model alone reads it, reading again the "
+    "window/8 tokens before those it stores (about 1.15x the model's own forward pass)"
+)
 
 
 def _is_pretrained(args: argparse.Namespace) -> bool:
@@ -249,7 +254,7 @@ def cmd_memorize(args: argparse.Namespace) -> None:
     if total == 0:
         raise SystemExit("the files hold no tokens")
     handle = _add_memory_from_options(args, model, total)
-    handle.memorize(documents, window=args.window or 512)
+    handle.memorize(documents, window=args.window or 512, search=not args.write_only)
     handle.save(args.out)
     print(
         f"memorized {total:,} tokens from {len(texts)} file(s) into {args.out} (layers {sorted(handle.layers)}, "
@@ -467,6 +472,9 @@ def build_parser() -> argparse.ArgumentParser:
     memorize.add_argument("--memory-backend", choices=BACKENDS, help=MEMORY_BACKEND_HELP)
     memorize.add_argument("--memory-dtype", choices=["float32", "bfloat16", "float16"], help=MEMORY_DTYPE_HELP)
     memorize.add_argument("--window", type=int, help="Hugging Face models: tokens attended locally (default 512)")
+    memorize.add_argument(
+        "--write-only", action="store_true", default=None, help="Hugging Face models: " + WRITE_ONLY_HELP
+    )
     memorize.add_argument("--device", default="auto")
     memorize.set_defaults(func=cmd_memorize)
 
@@ -550,6 +558,12 @@ def build_parser() -> argparse.ArgumentParser:
     longbench.add_argument("--memory-backend", choices=BACKENDS, help="how the memory is searched (default exact)")
     longbench.add_argument("--memory-dtype", choices=["float32", "bfloat16", "float16"], help="(default float32)")
     longbench.add_argument("--fixed-distance", type=int, help="memory-fixed: every retrieved entry's distance (512)")
+    longbench.add_argument("--write-only", action="store_true", default=None, help="memory methods: " + WRITE_ONLY_HELP)
+    longbench.add_argument(
+        "--write-overlap",
+        type=int,
+        help="with --write-only: tokens each call reads again before those it stores (window/8)",
+    )
     longbench.add_argument("--full-limit", type=int, help="full attention only up to this many tokens (default 8192)")
     longbench.add_argument("--documents", nargs="+", help="long text files scored by position (perplexity)")
     longbench.add_argument("--document-tokens", type=int, help="tokens of each document scored (default 16384)")

@@ -57,6 +57,8 @@ class LongBenchSettings:
     memory_backend: str = "exact"
     memory_dtype: str = "float32"
     fixed_distance: int = 512
+    write_only: bool = False  # memorize a prompt without searching the memory (MemoryHandle.write_only)
+    write_overlap: int | None = None  # with write_only, tokens each call reads again (None: window // 8)
     full_limit: int = 8192  # full attention only up to this many tokens
     documents: Sequence[str] = field(default_factory=list)  # text files: perplexity by position
     document_tokens: int = 16384  # each document's first tokens scored
@@ -71,6 +73,8 @@ class LongBenchSettings:
                 raise ValueError(f"unknown long-context task {task!r}: choose among {', '.join(TASKS)}")
         if self.window <= 0 or self.trials <= 0 or self.knn_k <= 0:
             raise ValueError("window, trials and knn_k must be positive")
+        if self.write_overlap is not None and not 0 <= self.write_overlap < self.window:
+            raise ValueError(f"need 0 <= write_overlap < window, got {self.write_overlap} and {self.window}")
 
 
 class Readers:
@@ -110,7 +114,8 @@ class Readers:
         handle.reset()
         split = max(0, ids.shape[1] - window)
         if split:
-            handle.memorize([ids[:, :split]], window=window)
+            search, overlap = not self.settings.write_only, self.settings.write_overlap
+            handle.memorize([ids[:, :split]], window=window, search=search, overlap=overlap)
         return handle.stream(ids[:, split:], window=window)[0, -last:].float()
 
     @torch.no_grad()

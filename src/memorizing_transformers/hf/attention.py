@@ -56,6 +56,9 @@ class LayerMemory:
     memory_device: torch.device | str | None = None  # where the memory lives (None: the model's device)
     memory: KNNMemory | None = None  # created at the first call, for its batch size
     enabled: bool = True
+    # False: the layer stores its tokens but does not search (the handle's `write_only`): each
+    # window is read as the model alone reads it, at the cost of its own forward pass.
+    searching: bool = True
     # Hooks see what the layer retrieves, call by call (see evaluation/inspect.py).
     retrieved: Retrieved = field(default_factory=Retrieved)
     # Read-only calls with more rows than the memory (beam search, several return sequences
@@ -142,6 +145,12 @@ def memorizing_attention(
         positions = positions[:, -seq:].to(query.device)
         searching = rotate(query, layer.distance - positions, layer.rotary.inv_freq)
         new_keys = rotate(new_keys, -positions, layer.rotary.inv_freq)
+    if not layer.searching:  # write only: the window as the model alone reads it, then the store
+        out, _ = sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+        _store(layer, memory, sinks, new_keys, value[:, :, -seq:], writes)
+        return out, None
 
     # Retrieve: the query heads of a group search their key/value head's memory together. The keys
     # found are gathered only when the logits must carry a gradient back to the queries.
@@ -177,16 +186,28 @@ def memorizing_attention(
     )
     layer.retrieved(mem_slots, mem_logits, mem_valid, share)
 
-    # Write this call's tokens (the last `seq` keys), unless the caller keeps them in a KV cache.
-    if writes is not False:
-        written = (
-            torch.ones(batch, seq, dtype=torch.bool, device=key.device) if writes is None else writes.to(key.device)
-        )
-        if sinks is not None:  # a row's first written tokens fill its sink store, the rest go to memory
-            rank = written.long().cumsum(dim=1) - 1
-            to_sinks = written & (rank < (sinks.capacity - sinks.fill.to(key.device))[:, None])
-            sinks.add(new_keys, value[:, :, -seq:], mask=to_sinks)
-            layer.sink.expanded, written = None, written & ~to_sinks
-        memory.add(new_keys, value[:, :, -seq:], mask=written)
-        layer.expanded = None
+    _store(layer, memory, sinks, new_keys, value[:, :, -seq:], writes)
     return out.transpose(1, 2).contiguous(), None
+
+
+def _store(
+    layer: LayerMemory,
+    memory: KNNMemory,
+    sinks: KNNMemory | None,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    writes: torch.Tensor | bool | None,
+) -> None:
+    """Write this call's keys and values (batch, kv_heads, seq, head_dim) where `writes` (the
+    layer's `call_writes`) says, unless the caller keeps them in a KV cache (False)."""
+    if writes is False:
+        return
+    batch, _, seq, _ = keys.shape
+    written = torch.ones(batch, seq, dtype=torch.bool, device=keys.device) if writes is None else writes.to(keys.device)
+    if sinks is not None:  # a row's first written tokens fill its sink store, the rest go to memory
+        rank = written.long().cumsum(dim=1) - 1
+        to_sinks = written & (rank < (sinks.capacity - sinks.fill.to(keys.device))[:, None])
+        sinks.add(keys, values, mask=to_sinks)
+        layer.sink.expanded, written = None, written & ~to_sinks
+    memory.add(keys, values, mask=written)
+    layer.expanded = None

@@ -89,17 +89,28 @@ class MemoryHandle:
         finally:
             self._writing = before
 
-    @contextlib.contextmanager
-    def disabled(self) -> Iterator[None]:
+    def disabled(self) -> contextlib.AbstractContextManager[None]:
         """Within this block the memory layers neither read nor write: the original model."""
-        before = {i: layer.enabled for i, layer in self.layers.items()}
+        return self._layers_set("enabled", False)
+
+    def write_only(self) -> contextlib.AbstractContextManager[None]:
+        """Within this block the memory layers store their tokens but do not search their memory:
+        each window is read as the original model reads it, at the cost of its own forward pass,
+        and its keys and values are kept. What later tokens lose is what earlier windows would
+        have retrieved into their hidden states (and so into the keys and values stored)."""
+        return self._layers_set("searching", False)
+
+    @contextlib.contextmanager
+    def _layers_set(self, flag: str, value: bool) -> Iterator[None]:
+        """Within this block every memory layer's `flag` is `value`."""
+        before = {i: getattr(layer, flag) for i, layer in self.layers.items()}
         for layer in self.layers.values():
-            layer.enabled = False
+            setattr(layer, flag, value)
         try:
             yield
         finally:
             for i, layer in self.layers.items():
-                layer.enabled = before[i]
+                setattr(layer, flag, before[i])
 
     def fill(self) -> dict[int, list[int]]:
         """Stored entries per layer and row."""
@@ -123,9 +134,13 @@ class MemoryHandle:
         """
         return self._stream(input_ids, window, stride, "losses" if losses else "logits")
 
-    def _stream(self, input_ids: torch.Tensor, window: int, stride: int | None, keep: str) -> torch.Tensor | None:
+    def _stream(
+        self, input_ids: torch.Tensor, window: int, stride: int | None, keep: str, store_new: bool = False
+    ) -> torch.Tensor | None:
         """`stream`, keeping the calls' "logits", their "losses", or nothing ("none": the model is
-        asked for no more logits than it must compute, a call's last)."""
+        asked for no more logits than it must compute, a call's last). With `store_new` a call
+        writes the tokens the previous call did not read (its last `stride`) rather than those
+        that leave the window: each token is stored once, read with the most left context."""
         stride = window if stride is None else stride
         if window <= 0 or not 0 < stride <= window:
             raise ValueError(f"need window > 0 and 0 < stride <= window, got window={window}, stride={stride}")
@@ -138,14 +153,17 @@ class MemoryHandle:
             last = end == seq
             chunk = input_ids[:, start:end]
             positions = torch.arange(self.position + start, self.position + end, device=chunk.device).expand_as(chunk)
+            new = 0 if start == 0 else window - stride  # the earlier tokens were read by the previous call
             write = torch.zeros_like(chunk, dtype=torch.bool)
-            write[:, : (end - start) if last else stride] = True
+            if store_new:
+                write[:, new:] = True
+            else:
+                write[:, : (end - start) if last else stride] = True
             self._write_mask = write
             try:
                 out = self.model(input_ids=chunk, position_ids=positions, **extra).logits  # (batch, end - start, vocab)
             finally:
                 self._write_mask = None
-            new = 0 if start == 0 else window - stride  # the earlier tokens were scored by the previous call
             if keep == "losses":  # targets of positions start + new .. end - 1 (none after the input's last token)
                 targets = input_ids[:, start + new + 1 : end + 1]
                 out = F.cross_entropy(
@@ -160,12 +178,28 @@ class MemoryHandle:
             start += stride
 
     @torch.no_grad()
-    def memorize(self, documents: Sequence[torch.Tensor], window: int = 512) -> int:
+    def memorize(
+        self, documents: Sequence[torch.Tensor], window: int = 512, search: bool = True, overlap: int | None = None
+    ) -> int:
         """Stream documents (token ids (1, n) each), one after another, into the memory through a
-        sliding window of `window` tokens: learning at inference time. Returns the tokens read."""
+        sliding window of `window` tokens: learning at inference time. Returns the tokens read.
+
+        With `search` False the windows are read without searching the memory (`write_only`), at
+        the model's own forward-pass speed, each call reading again the `overlap` tokens (default
+        window // 8) before those it stores: a window's first tokens, read with no context,
+        become attention sinks, and a memory of them would hand them to every later search
+        before anything else (window / (window - overlap) times the forward pass's work)."""
         device = next(self.model.parameters()).device
-        for ids in documents:
-            self._stream(ids.to(device), window, None, "none")
+        overlap = window // 8 if overlap is None else overlap
+        if search:
+            reads = contextlib.nullcontext()
+        elif not 0 <= overlap < window:
+            raise ValueError(f"need 0 <= overlap < window, got overlap={overlap}, window={window}")
+        else:
+            reads = self.write_only()
+        with reads:
+            for ids in documents:
+                self._stream(ids.to(device), window, window - overlap if not search else None, "none", not search)
         return sum(ids.shape[1] for ids in documents)
 
     def _check_positions(self, length: int) -> None:
