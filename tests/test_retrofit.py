@@ -468,3 +468,12 @@ def test_write_only_memorize_stores_each_layers_own_keys_and_values_read_with_co
         torch.testing.assert_close(layer.memory.values[:, :, :24], expected[(i, "v")])
     with pytest.raises(ValueError, match="overlap"):
         handle.memorize([ids], window=window, search=False, overlap=window)
+
+
+def test_generate_can_memorize_a_long_prompt_without_searching():
+    handle = add_memory(tiny_llama(2), knn_layers=[0, 2], memory_size=64, knn_k=4, positions="fixed")
+    prompt = torch.randint(0, 97, (1, 40))
+    with torch.no_grad():
+        out = handle.generate(prompt, window=16, search=False, max_new_tokens=3, do_sample=False)
+    assert out.shape == (1, 43) and torch.equal(out[:, :40], prompt)
+    assert handle.fill() == {0: [24], 2: [24]} and all(layer.searching for layer in handle.layers.values())

@@ -304,7 +304,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
                 model, **settings | {"memory_backend": args.memory_backend or settings["memory_backend"]}
             )
             handle.load(args.memory)
-            output = handle.generate(prompt, window=args.window or 512, **options)
+            output = handle.generate(prompt, window=args.window or 512, search=not args.write_only, **options)
         else:
             output = model.generate(prompt, attention_mask=torch.ones_like(prompt), **options)
     print(tokenizer.decode(output[0, prompt.shape[1] :], skip_special_tokens=True))
@@ -490,6 +490,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--memory-backend",
         choices=BACKENDS,
         help="Hugging Face models: how the memory is searched (default: the file's)",
+    )
+    generate.add_argument(
+        "--write-only", action="store_true", default=None, help="a prompt longer than the window: " + WRITE_ONLY_HELP
     )
     generate.add_argument("--max-new-tokens", type=int, default=50)
     generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")

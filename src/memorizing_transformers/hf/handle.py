@@ -181,8 +181,9 @@ class MemoryHandle:
     def memorize(
         self, documents: Sequence[torch.Tensor], window: int = 512, search: bool = True, overlap: int | None = None
     ) -> int:
-        """Stream documents (token ids (1, n) each), one after another, into the memory through a
-        sliding window of `window` tokens: learning at inference time. Returns the tokens read.
+        """Stream documents (token ids (batch, n) each, a row per memory row), one after another,
+        into the memory through a sliding window of `window` tokens: learning at inference time.
+        Returns the tokens read.
 
         With `search` False the windows are read without searching the memory (`write_only`), at
         the model's own forward-pass speed, each call reading again the `overlap` tokens (default
@@ -211,9 +212,9 @@ class MemoryHandle:
                 f"positions: an input of {length} tokens is too long for it (RoPE models have no such limit)"
             )
 
-    def generate(self, input_ids: torch.Tensor, window: int, **generate_kwargs) -> torch.Tensor:
+    def generate(self, input_ids: torch.Tensor, window: int, search: bool = True, **generate_kwargs) -> torch.Tensor:
         """Generate after a long prompt, which follows whatever the memory already holds: all
-        but its last `window` tokens are streamed into the memory (and stay there), then
+        but its last `window` tokens are memorized (and stay there; `search` as in `memorize`), then
         Hugging Face's `generate` continues from the last window, positions going on from
         there, reading the memory without writing to it. Returns the prompt and the new
         tokens (batch * num_return_sequences, seq + new), like `generate`; beam search and
@@ -222,8 +223,7 @@ class MemoryHandle:
         self._check_positions(self.position + seq + generate_kwargs.get("max_new_tokens", 0))
         split = max(0, seq - window)
         if split:
-            with torch.no_grad():
-                self.stream(input_ids[:, :split], window)  # every token stored once
+            self.memorize([input_ids[:, :split]], window, search=search)  # every token stored once
         last = input_ids[:, split:]
         positions = torch.arange(self.position, self.position + seq - split, device=input_ids.device).expand(batch, -1)
         with self.read_only():
