@@ -10,6 +10,11 @@ Layers are ranked by their best head's mass: a memory in the top layers of that 
 the check run of `mt longbench --knn-layers ...` (the command is written beside the table, on
 other samples: `--seed 1`) then tests.
 
+With `--write-only` the prompt is memorized without searching (`memorize(search=False)`, each
+call reading again `--write-overlap` tokens before those it stores), and each layer's share of
+retrieved entries that the call storing them read among its first 4 tokens (with almost no
+context: attention sinks) is measured too.
+
     python experiments/retrieval_layers.py --checkpoint models/smollm2-135m --length 16384 --depths 0,0.5
 
 Writes experiments/results/retrieval-layers-smollm2/retrieval_layers.json and .md.
@@ -30,7 +35,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from memorizing_transformers.atomic import write_atomically
 from memorizing_transformers.data.long_tasks import make_task
 from memorizing_transformers.devices import describe_device
-from memorizing_transformers.evaluation.long_context import sample_tokens
+from memorizing_transformers.evaluation.long_context import answer_score, sample_tokens
 from memorizing_transformers.hf.retrofit import add_memory
 
 RESULTS = Path(__file__).resolve().parent / "results" / "retrieval-layers-smollm2"
@@ -43,9 +48,24 @@ def needle_tokens(tokenizer, prompt: str, needle: str) -> torch.Tensor:
     return torch.tensor([i for i, (a, b) in enumerate(offsets) if a < start + len(needle) and b > start])
 
 
+SINK = 4  # a call's first tokens, read with (almost) no context
+
+
 @torch.no_grad()
-def needle_mass(model, tokenizer, length: int, depth: float, window: int, knn_k: int, positions: str) -> dict:
-    """Per layer and head, the attention mass the answer's queries give the needle through memory."""
+def needle_mass(
+    model,
+    tokenizer,
+    length: int,
+    depth: float,
+    window: int,
+    knn_k: int,
+    positions: str,
+    search: bool = True,
+    overlap: int | None = None,
+) -> dict:
+    """Per layer and head, the attention mass the answer's queries give the needle through memory;
+    per layer, the share of their retrieved entries that the memorizing call which stored them had
+    read among its first SINK tokens (`memorize(search=search, overlap=overlap)`)."""
     sample = make_task("passkey", tokenizer, length, depth, 0)
     prompt, answer = sample_tokens(tokenizer, sample)
     ids = torch.tensor([prompt + answer])[:, :-1]  # what predicts every answer token
@@ -58,15 +78,21 @@ def needle_mass(model, tokenizer, length: int, depth: float, window: int, knn_k:
         copy.deepcopy(model), knn_layers=list(range(layers)), memory_size=ids.shape[1], knn_k=knn_k, positions=positions
     )
     tick = time.perf_counter()
-    handle.memorize([ids[:, :split]], window=window)  # one row, no eviction: slot i holds token i
+    handle.memorize([ids[:, :split]], window=window, search=search, overlap=overlap)  # slot i holds token i
+    stride = window if search else window - (window // 8 if overlap is None else overlap)
+    read_again = window - stride  # what a call after the first reads before the tokens it stores
+    without_context = torch.zeros(ids.shape[1], dtype=torch.bool)  # stored by a call among its first SINK tokens
+    without_context[:SINK] = True
+    for start in range(stride, split, stride) if read_again < SINK else ():
+        without_context[start + read_again : start + SINK] = True
     with ExitStack() as stack:
         records = {i: stack.enter_context(layer.retrieved.record()) for i, layer in handle.layers.items()}
         logits = handle.stream(ids[:, split:], window=window)
     seconds = time.perf_counter() - tick
-    answered = bool((logits[0, -len(answer) :].argmax(-1) == torch.tensor(answer)).all())
+    answered, logprob = answer_score(logits[0, -len(answer) :].float(), torch.tensor(answer))
     in_needle = torch.zeros(ids.shape[1], dtype=torch.bool)
     in_needle[needle] = True
-    mass = []
+    mass, sink_share = [], []
     for layer in range(layers):
         (call,) = records[layer]  # the last window is read in one call
         slots, logits_mem, valid, share = (
@@ -75,13 +101,16 @@ def needle_mass(model, tokenizer, length: int, depth: float, window: int, knn_k:
         probs = torch.softmax(logits_mem.masked_fill(~valid, float("-inf")), dim=-1)  # (heads, queries, k)
         on_needle = (probs * in_needle[slots.clamp(max=ids.shape[1] - 1)] * valid).sum(-1)  # (heads, queries)
         mass.append((share * on_needle).mean(dim=-1).tolist())  # (heads,) averaged over the answer's queries
+        sink_share.append(float(without_context[slots[valid]].float().mean()))
     return {
         "depth": depth,
         "tokens": ids.shape[1],
         "needle_tokens": needle.tolist(),
         "answered": answered,
+        "answer_logprob": logprob,
         "seconds": seconds,
         "mass": mass,
+        "retrieved_without_context": sink_share,
     }
 
 
@@ -98,13 +127,18 @@ def summary(result: dict) -> str:
     """The Markdown page of a result: the layers ranked, and the check run of each subset."""
     settings, rows, best = result["settings"], result["rows"], result["best_head_mass"]
     depths = ", ".join(f"{row['depth']:g}" for row in rows)
+    write_only = settings.get("write_only", False)
+    overlap = settings.get("write_overlap")
+    flags = (" --write-only" + ("" if overlap is None else f" --write-overlap {overlap}")) if write_only else ""
+    memorized = "" if not write_only else f", memorized without searching (overlap {overlap or 0})"
     lines = [
         f"Made by `python experiments/retrieval_layers.py --checkpoint {settings['checkpoint']} --length "
-        f"{settings['length']} --depths {settings['depths']} --positions {settings['positions']}` "
+        f"{settings['length']} --depths {settings['depths']} --positions {settings['positions']}{flags}` "
         f"on {result['device']}.",
         "",
         f"The passkey at {settings['length']:,} tokens, depths {depths}, memory in every layer "
-        f"({settings['positions']} positions, k {settings['knn_k']}, window {settings['window']}); answered: "
+        f"({settings['positions']} positions, k {settings['knn_k']}, window {settings['window']}{memorized}); "
+        "answered: "
         + ", ".join(f"depth {row['depth']:g} {'yes' if row['answered'] else 'no'}" for row in rows)
         + ". Attention mass of the answer's queries on the needle through memory, the best head of each layer "
         "(the lower of the depths), layers ranked:",
@@ -117,6 +151,25 @@ def summary(result: dict) -> str:
     for rank, layer in enumerate(result["ranked"], 1):
         per_depth = " | ".join(f"{max(row['mass'][layer]):.3f}" for row in rows)
         lines.append(f"| {rank} | {layer} | {best[layer]:.3f} | {per_depth} |")
+    if write_only:
+        lines += [
+            "",
+            f"Share of the answer's retrieved entries that the call storing them read among its first {SINK} tokens:",
+            "",
+        ]
+        lines += ["| layer | " + " | ".join(f"depth {row['depth']:g}" for row in rows) + " |"]
+        lines += ["|---:|" + "---:|" * len(rows)]
+        for layer in range(len(rows[0]["mass"])):
+            lines.append(
+                f"| {layer} | " + " | ".join(f"{row['retrieved_without_context'][layer]:.2f}" for row in rows) + " |"
+            )
+        for row in rows:
+            shares = row["retrieved_without_context"]
+            lines.append("")
+            lines.append(
+                f"Depth {row['depth']:g}: more than half in {sum(x > 0.5 for x in shares)} of {len(shares)} layers; "
+                f"answer log-likelihood {row['answer_logprob']:.3f} per token."
+            )
     for top in settings["top"]:
         layers = sorted(result["ranked"][:top])
         lines += ["", f"The {top} layers ranked first, {layers}, are checked on other samples by:", ""]
@@ -132,6 +185,8 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=512)
     parser.add_argument("--knn-k", type=int, default=32)
     parser.add_argument("--positions", choices=["true", "fixed"], default="fixed")
+    parser.add_argument("--write-only", action="store_true", help="memorize without searching")
+    parser.add_argument("--write-overlap", type=int, help="with --write-only: tokens read again per call (window/8)")
     parser.add_argument("--top", default="6,11", help="comma-separated sizes of the subsets the check runs test")
     parser.add_argument("--summarize", action="store_true", help="only rewrite the page from the JSON there")
     parser.add_argument("--threads", type=int, default=1)
@@ -147,7 +202,19 @@ def main() -> None:
         tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
         rows = []
         for depth in (float(d) for d in args.depths.split(",")):
-            rows.append(needle_mass(model, tokenizer, args.length, depth, args.window, args.knn_k, args.positions))
+            rows.append(
+                needle_mass(
+                    model,
+                    tokenizer,
+                    args.length,
+                    depth,
+                    args.window,
+                    args.knn_k,
+                    args.positions,
+                    search=not args.write_only,
+                    overlap=args.write_overlap,
+                )
+            )
             print(f"depth {depth}: answered {rows[-1]['answered']}, {rows[-1]['seconds']:.0f} s", flush=True)
         layers = len(rows[0]["mass"])
         best = [min(max(row["mass"][layer]) for row in rows) for layer in range(layers)]  # the worse depth's best

@@ -165,6 +165,14 @@ def test_retrieval_layers_measures_each_heads_mass_on_the_needle(tmp_path):
     assert all(0.0 <= m <= 1.0 for head in row["mass"] for m in head) and any(m > 0 for h in row["mass"] for m in h)
     with pytest.raises(ValueError, match="the needle is in the last window"):
         retrieval_layers.needle_mass(model, tokenizer, 600, 1.0, window=128, knn_k=8, positions="fixed")
+    assert len(row["retrieved_without_context"]) == 2 and row["answer_logprob"] < 0
+    shares = [
+        retrieval_layers.needle_mass(model, tokenizer, 600, 0.0, 128, 8, "fixed", search=False, overlap=overlap)[
+            "retrieved_without_context"
+        ]
+        for overlap in (0, 16)
+    ]
+    assert all(0.0 <= x <= 1.0 for share in shares for x in share)
 
 
 def test_long_memorize_times_the_commands_and_checks_the_answer(tmp_path):
