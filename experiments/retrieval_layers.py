@@ -130,6 +130,8 @@ def summary(result: dict) -> str:
     write_only = settings.get("write_only", False)
     overlap = settings.get("write_overlap")
     flags = (" --write-only" + ("" if overlap is None else f" --write-overlap {overlap}")) if write_only else ""
+    if Path(settings["out"]).resolve() != RESULTS:
+        flags += f" --out {settings['out']}"
     memorized = "" if not write_only else f", memorized without searching (overlap {overlap or 0})"
     lines = [
         f"Made by `python experiments/retrieval_layers.py --checkpoint {settings['checkpoint']} --length "
