@@ -132,7 +132,8 @@ def summary(result: dict) -> str:
     flags = (" --write-only" + ("" if overlap is None else f" --write-overlap {overlap}")) if write_only else ""
     if Path(settings["out"]).resolve() != RESULTS:
         flags += f" --out {settings['out']}"
-    memorized = "" if not write_only else f", memorized without searching (overlap {overlap or 0})"
+    read_again = settings["window"] // 8 if overlap is None else overlap
+    memorized = "" if not write_only else f", memorized without searching, windows overlapping by {read_again}"
     lines = [
         f"Made by `python experiments/retrieval_layers.py --checkpoint {settings['checkpoint']} --length "
         f"{settings['length']} --depths {settings['depths']} --positions {settings['positions']}{flags}` "
@@ -172,7 +173,7 @@ def summary(result: dict) -> str:
                 f"Depth {row['depth']:g}: more than half in {sum(x > 0.5 for x in shares)} of {len(shares)} layers; "
                 f"answer log-likelihood {row['answer_logprob']:.3f} per token."
             )
-    for top in settings["top"]:
+    for top in [] if write_only else settings["top"]:  # the check runs memorize with search
         layers = sorted(result["ranked"][:top])
         lines += ["", f"The {top} layers ranked first, {layers}, are checked on other samples by:", ""]
         lines.append(f"    {check_command(settings['checkpoint'], settings['positions'], layers)}")
