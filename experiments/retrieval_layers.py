@@ -36,6 +36,7 @@ from memorizing_transformers.atomic import write_atomically
 from memorizing_transformers.data.long_tasks import make_task
 from memorizing_transformers.devices import describe_device
 from memorizing_transformers.evaluation.long_context import answer_score, sample_tokens
+from memorizing_transformers.hf.handle import write_overlap
 from memorizing_transformers.hf.retrofit import add_memory
 
 RESULTS = Path(__file__).resolve().parent / "results" / "retrieval-layers-smollm2"
@@ -79,8 +80,8 @@ def needle_mass(
     )
     tick = time.perf_counter()
     handle.memorize([ids[:, :split]], window=window, search=search, overlap=overlap)  # slot i holds token i
-    stride = window if search else window - (window // 8 if overlap is None else overlap)
-    read_again = window - stride  # what a call after the first reads before the tokens it stores
+    read_again = 0 if search else write_overlap(window, overlap)  # what a later call reads before what it stores
+    stride = window - read_again
     without_context = torch.zeros(ids.shape[1], dtype=torch.bool)  # stored by a call among its first SINK tokens
     without_context[:SINK] = True
     for start in range(stride, split, stride) if read_again < SINK else ():
@@ -132,8 +133,11 @@ def summary(result: dict) -> str:
     flags = (" --write-only" + ("" if overlap is None else f" --write-overlap {overlap}")) if write_only else ""
     if Path(settings["out"]).resolve() != RESULTS:
         flags += f" --out {settings['out']}"
-    read_again = settings["window"] // 8 if overlap is None else overlap
-    memorized = "" if not write_only else f", memorized without searching, windows overlapping by {read_again}"
+    memorized = (
+        f", memorized without searching, windows overlapping by {write_overlap(settings['window'], overlap)}"
+        if write_only
+        else ""
+    )
     lines = [
         f"Made by `python experiments/retrieval_layers.py --checkpoint {settings['checkpoint']} --length "
         f"{settings['length']} --depths {settings['depths']} --positions {settings['positions']}{flags}` "

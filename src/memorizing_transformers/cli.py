@@ -173,7 +173,7 @@ MEMORY_BACKEND_HELP = "Hugging Face models: how the memory is searched (default 
 MEMORY_DTYPE_HELP = "Hugging Face models: what the memory stores its keys and values in (default float32)"
 WRITE_ONLY_HELP = (
     "memorize without searching the memory: each window read as the model alone reads it, reading again the "
-    "window/8 tokens before those it stores (about 1.15x the model's own forward pass)"
+    "window/8 tokens before those it stores (8/7 of the model's own forward pass's work)"
 )
 
 

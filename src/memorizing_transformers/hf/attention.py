@@ -143,8 +143,9 @@ def memorizing_attention(
         if positions is None:  # as Hugging Face numbers a call without them: after its cache
             positions = torch.arange(key.shape[2] - seq, key.shape[2], device=query.device)[None]
         positions = positions[:, -seq:].to(query.device)
-        searching = rotate(query, layer.distance - positions, layer.rotary.inv_freq)
         new_keys = rotate(new_keys, -positions, layer.rotary.inv_freq)
+        if layer.searching:
+            searching = rotate(query, layer.distance - positions, layer.rotary.inv_freq)
     if not layer.searching:  # write only: the window as the model alone reads it, then the store
         out, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs

@@ -18,6 +18,15 @@ from .attention import LayerMemory
 from .files import load_memories, save_memories
 
 
+def write_overlap(window: int, overlap: int | None = None) -> int:
+    """The tokens a write-only memorizing call reads again before those it stores: `overlap`, by
+    default an eighth of the window (see `MemoryHandle.memorize`)."""
+    overlap = window // 8 if overlap is None else overlap
+    if not 0 <= overlap < window:
+        raise ValueError(f"need 0 <= overlap < window, got overlap={overlap}, window={window}")
+    return overlap
+
+
 class MemoryHandle:
     """What `add_memory` returns: the memories of the chosen layers, and what to do with them."""
 
@@ -191,16 +200,10 @@ class MemoryHandle:
         become attention sinks, and a memory of them would hand them to every later search
         before anything else (window / (window - overlap) times the forward pass's work)."""
         device = next(self.model.parameters()).device
-        overlap = window // 8 if overlap is None else overlap
-        if search:
-            reads = contextlib.nullcontext()
-        elif not 0 <= overlap < window:
-            raise ValueError(f"need 0 <= overlap < window, got overlap={overlap}, window={window}")
-        else:
-            reads = self.write_only()
-        with reads:
+        stride = None if search else window - write_overlap(window, overlap)
+        with contextlib.nullcontext() if search else self.write_only():
             for ids in documents:
-                self._stream(ids.to(device), window, window - overlap if not search else None, "none", not search)
+                self._stream(ids.to(device), window, stride, "none", store_new=not search)
         return sum(ids.shape[1] for ids in documents)
 
     def _check_positions(self, length: int) -> None:
