@@ -5,15 +5,22 @@ A passkey prompt (the `mt longbench` format, the same sample as its trial 0) is 
 is read, every layer's retrieval is recorded. For the queries that predict the answer's digits,
 each head's attention mass on the needle's tokens in memory is measured: its share of the
 joint softmax that went to the memory, times the part of the memory's softmax on retrieved
-entries that lie in the needle ("The pass key is 12345. Remember it. 12345 is the pass key.").
-Layers are ranked by their best head's mass: a memory in the top layers of that ranking is what
-the check run of `mt longbench --knn-layers ...` (the command is written beside the table, on
-other samples: `--seed 1`) then tests.
+entries that lie in the needle ("The pass key is 12345."). Each layer's share of the answer's
+attention that went to the memory at all is recorded too, also where the needle lies in the
+last window (depth 1), where the memory can only distract. Layers are ranked by their best
+head's mass: a memory in the top layers of that ranking is what the check run of `mt longbench
+--knn-layers ...` (the command is written beside the table, on other samples: `--seed 1`) then
+tests.
 
 With `--write-only` the prompt is memorized without searching (`memorize(search=False)`, each
 call reading again `--write-overlap` tokens before those it stores), and each layer's share of
 retrieved entries that the call storing them read among its first 4 tokens (with almost no
 context: attention sinks) is measured too.
+
+With `--task multikey` (RULER's niah_multikey: four needles "One of the special magic numbers
+for <word> is: <seven digits>.", one asked) the mass on the needles not asked is measured
+beside the asked one's, and the page says whether the model's prediction is another needle's
+value. `--seed S` reads the samples `mt longbench --seed S` reads.
 
     python experiments/retrieval_layers.py --checkpoint models/smollm2-135m --length 16384 --depths 0,0.5
 
@@ -25,6 +32,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -42,14 +50,15 @@ from memorizing_transformers.hf.retrofit import add_memory
 RESULTS = Path(__file__).resolve().parent / "results" / "retrieval-layers-smollm2"
 
 
-def needle_tokens(tokenizer, prompt: str, needle: str) -> torch.Tensor:
+def needle_tokens(tokenizer, prompt: str, needle: re.Match) -> torch.Tensor:
     """The positions (n,) of the prompt's tokens that overlap the needle's characters."""
-    start = prompt.index(needle)
     offsets = tokenizer(prompt, return_offsets_mapping=True)["offset_mapping"]
-    return torch.tensor([i for i, (a, b) in enumerate(offsets) if a < start + len(needle) and b > start])
+    return torch.tensor([i for i, (a, b) in enumerate(offsets) if a < needle.end() and b > needle.start()])
 
 
 SINK = 4  # a call's first tokens, read with (almost) no context
+# The sentences a task hides in its filler ("the needles"), as data.long_tasks writes them.
+NEEDLES = {"passkey": r"The pass key is (\d+)\.", "multikey": r"One of the special magic numbers for \w+ is: (\d+)\."}
 
 
 @torch.no_grad()
@@ -63,17 +72,21 @@ def needle_mass(
     positions: str,
     search: bool = True,
     overlap: int | None = None,
+    task: str = "passkey",
+    seed: int = 0,
 ) -> dict:
-    """Per layer and head, the attention mass the answer's queries give the needle through memory;
-    per layer, the share of their retrieved entries that the memorizing call which stored them had
-    read among its first SINK tokens (`memorize(search=search, overlap=overlap)`)."""
-    sample = make_task("passkey", tokenizer, length, depth, 0)
+    """Per layer and head, the attention mass the answer's queries give the asked needle through memory
+    (and, for multikey, the needles not asked); per layer, the share of their attention that went to
+    the memory and the share of their retrieved entries that the memorizing call which stored them
+    had read among its first SINK tokens (`memorize(search=search, overlap=overlap)`). The sample is
+    `mt longbench --seed seed`'s first trial."""
+    sample = make_task(task, tokenizer, length, depth, seed * 1000)
     prompt, answer = sample_tokens(tokenizer, sample)
     ids = torch.tensor([prompt + answer])[:, :-1]  # what predicts every answer token
-    needle = needle_tokens(tokenizer, sample.prompt, f"The pass key is {sample.answer}.")
+    found = list(re.finditer(NEEDLES[task], sample.prompt))
+    asked = needle_tokens(tokenizer, sample.prompt, next(m for m in found if m[1] == sample.answer))
+    others = [needle_tokens(tokenizer, sample.prompt, m) for m in found if m[1] != sample.answer]
     split = ids.shape[1] - window
-    if int(needle.max()) >= split:
-        raise ValueError(f"at depth {depth} the needle is in the last window: nothing to find in memory")
     layers = model.config.num_hidden_layers
     handle = add_memory(
         copy.deepcopy(model), knn_layers=list(range(layers)), memory_size=ids.shape[1], knn_k=knn_k, positions=positions
@@ -91,26 +104,39 @@ def needle_mass(
         logits = handle.stream(ids[:, split:], window=window)
     seconds = time.perf_counter() - tick
     answered, logprob = answer_score(logits[0, -len(answer) :].float(), torch.tensor(answer))
-    in_needle = torch.zeros(ids.shape[1], dtype=torch.bool)
-    in_needle[needle] = True
-    mass, sink_share = [], []
+    top = ids.shape[1] - 1
+    in_asked, in_others = torch.zeros(ids.shape[1], dtype=torch.bool), torch.zeros(ids.shape[1], dtype=torch.bool)
+    in_asked[asked] = True
+    for needle in others:
+        in_others[needle] = True
+    mass, others_mass, memory_share, sink_share = [], [], [], []
     for layer in range(layers):
         (call,) = records[layer]  # the last window is read in one call
         slots, logits_mem, valid, share = (
             call[name][0, :, -len(answer) :] for name in ("slots", "logits", "valid", "share")
         )
-        probs = torch.softmax(logits_mem.masked_fill(~valid, float("-inf")), dim=-1)  # (heads, queries, k)
-        on_needle = (probs * in_needle[slots.clamp(max=ids.shape[1] - 1)] * valid).sum(-1)  # (heads, queries)
-        mass.append((share * on_needle).mean(dim=-1).tolist())  # (heads,) averaged over the answer's queries
+        probs = torch.softmax(logits_mem.masked_fill(~valid, float("-inf")), dim=-1) * valid  # (heads, queries, k)
+        for tokens, out in ((in_asked, mass), (in_others, others_mass)):
+            on_needle = (probs * tokens[slots.clamp(max=top)]).sum(-1)  # (heads, queries)
+            out.append((share * on_needle).mean(dim=-1).tolist())  # (heads,) averaged over the answer's queries
+        memory_share.append(float(share.mean()))
         sink_share.append(float(without_context[slots[valid]].float().mean()))
     return {
+        "task": task,
         "depth": depth,
         "tokens": ids.shape[1],
-        "needle_tokens": needle.tolist(),
+        "needle_tokens": asked.tolist(),
+        "in_window": int(asked.min()) >= split,
         "answered": answered,
+        "predicted": tokenizer.decode(logits[0, -len(answer) :].argmax(dim=-1)),
+        "answer": sample.answer,
+        "other_answers": [m[1] for m in found if m[1] != sample.answer],
+        "others_in_memory": sum(int(needle.max()) < split for needle in others),
         "answer_logprob": logprob,
         "seconds": seconds,
         "mass": mass,
+        "others_mass": others_mass,
+        "memory_share": memory_share,
         "retrieved_without_context": sink_share,
     }
 
@@ -128,9 +154,12 @@ def summary(result: dict) -> str:
     """The Markdown page of a result: the layers ranked, and the check run of each subset."""
     settings, rows, best = result["settings"], result["rows"], result["best_head_mass"]
     depths = ", ".join(f"{row['depth']:g}" for row in rows)
+    task, seed = settings.get("task", "passkey"), settings.get("seed", 0)
     write_only = settings.get("write_only", False)
     overlap = settings.get("write_overlap")
-    flags = (" --write-only" + ("" if overlap is None else f" --write-overlap {overlap}")) if write_only else ""
+    flags = "" if task == "passkey" else f" --task {task}"
+    flags += f" --seed {seed}" if seed else ""
+    flags += (" --write-only" + ("" if overlap is None else f" --write-overlap {overlap}")) if write_only else ""
     if Path(settings["out"]).resolve() != RESULTS:
         flags += f" --out {settings['out']}"
     memorized = (
@@ -143,12 +172,13 @@ def summary(result: dict) -> str:
         f"{settings['length']} --depths {settings['depths']} --positions {settings['positions']}{flags}` "
         f"on {result['device']}.",
         "",
-        f"The passkey at {settings['length']:,} tokens, depths {depths}, memory in every layer "
+        f"The {TASK_NAMES[task]} at {settings['length']:,} tokens, depths {depths}, memory in every layer "
         f"({settings['positions']} positions, k {settings['knn_k']}, window {settings['window']}{memorized}); "
         "answered: "
         + ", ".join(f"depth {row['depth']:g} {'yes' if row['answered'] else 'no'}" for row in rows)
         + ". Attention mass of the answer's queries on the needle through memory, the best head of each layer "
-        "(the lower of the depths), layers ranked:",
+        f"(the lower of the depths{'' if len(ranked_rows(rows)) == len(rows) else ' where the needle is in memory'})"
+        ", layers ranked:",
         "",
         "| rank | layer | needle mass, best head | "
         + " | ".join(f"depth {row['depth']:g}, best head" for row in rows)
@@ -158,6 +188,23 @@ def summary(result: dict) -> str:
     for rank, layer in enumerate(result["ranked"], 1):
         per_depth = " | ".join(f"{max(row['mass'][layer]):.3f}" for row in rows)
         lines.append(f"| {rank} | {layer} | {best[layer]:.3f} | {per_depth} |")
+    if "memory_share" in rows[0]:
+        lines += ["", *answers(rows), ""]
+        others = task != "passkey"
+        lines.append(
+            "Per layer, the share of the answer's attention that went to the memory (all heads)"
+            + (" and the best head's mass through memory on the asked needle / on those not asked" if others else "")
+            + ":"
+        )
+        lines += ["", "| layer | " + " | ".join(f"depth {row['depth']:g}" for row in rows) + " |"]
+        lines += ["|---:|" + "---:|" * len(rows)]
+        for layer in range(len(rows[0]["mass"])):
+            cells = [
+                f"{row['memory_share'][layer]:.2f}"
+                + (f"; {max(row['mass'][layer]):.2f} / {max(row['others_mass'][layer]):.2f}" if others else "")
+                for row in rows
+            ]
+            lines.append(f"| {layer} | " + " | ".join(cells) + " |")
     if write_only:
         lines += [
             "",
@@ -177,16 +224,48 @@ def summary(result: dict) -> str:
                 f"Depth {row['depth']:g}: more than half in {sum(x > 0.5 for x in shares)} of {len(shares)} layers; "
                 f"answer log-likelihood {row['answer_logprob']:.3f} per token."
             )
-    for top in [] if write_only else settings["top"]:  # the check runs memorize with search
+    for top in [] if write_only or task != "passkey" else settings["top"]:  # the check runs memorize with search
         layers = sorted(result["ranked"][:top])
         lines += ["", f"The {top} layers ranked first, {layers}, are checked on other samples by:", ""]
         lines.append(f"    {check_command(settings['checkpoint'], settings['positions'], layers)}")
     return "\n".join(lines) + "\n"
 
 
+TASK_NAMES = {"passkey": "passkey", "multikey": "multi-key needle"}
+
+
+def ranked_rows(rows: list[dict]) -> list[dict]:
+    """The rows whose asked needle lies in memory (all rows if there is none)."""
+    return [row for row in rows if not row.get("in_window")] or rows
+
+
+def answers(rows: list[dict]) -> list[str]:
+    """One line per row: what the model predicted (each answer token the argmax, given the ones before)."""
+    lines = []
+    for row in rows:
+        where = "in the window" if row["in_window"] else "in memory"
+        others = row["other_answers"]
+        mistaken = [value for value in others if value.startswith(row["predicted"].strip()[:3])]
+        lines.append(
+            f"- Depth {row['depth']:g}: the asked needle {where}, predicted {row['predicted'].strip()!r} for "
+            f"{row['answer']!r} ({row['answer_logprob']:.3f} per token)"
+            + (
+                f"; {row['others_in_memory']} of {len(others)} other needles in memory, their values "
+                + ", ".join(others)
+                + ("" if not mistaken else f" (the prediction starts like {', '.join(mistaken)})")
+                if others
+                else ""
+            )
+            + f"; read in {row['seconds']:.0f} s."
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", default="models/smollm2-135m")
+    parser.add_argument("--task", choices=sorted(NEEDLES), default="passkey")
+    parser.add_argument("--seed", type=int, default=0, help="the samples of `mt longbench --seed`")
     parser.add_argument("--length", type=int, default=16384)
     parser.add_argument("--depths", default="0,0.5", help="comma-separated needle depths")
     parser.add_argument("--window", type=int, default=512)
@@ -199,7 +278,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    path = args.out / "retrieval_layers.json"
+    path, partial = args.out / "retrieval_layers.json", args.out / "retrieval_layers.partial.json"
     if args.summarize:
         result = json.loads(path.read_text())
         result["settings"]["top"] = [int(n) for n in args.top.split(",")]
@@ -207,8 +286,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         model = AutoModelForCausalLM.from_pretrained(args.checkpoint, dtype=torch.float32).eval()
         tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
-        rows = []
-        for depth in (float(d) for d in args.depths.split(",")):
+        settings = vars(args) | {"out": str(args.out), "top": [int(n) for n in args.top.split(",")]}
+        del settings["summarize"]
+        # Each depth's row is kept as it is measured; a run started again with the same settings skips those done.
+        kept = json.loads(partial.read_text()) if partial.is_file() else {}
+        rows = kept["rows"] if kept.get("settings") == settings else []
+        for depth in [float(d) for d in args.depths.split(",")][len(rows) :]:
             rows.append(
                 needle_mass(
                     model,
@@ -220,13 +303,16 @@ def main() -> None:
                     args.positions,
                     search=not args.write_only,
                     overlap=args.write_overlap,
+                    task=args.task,
+                    seed=args.seed,
                 )
             )
+            args.out.mkdir(parents=True, exist_ok=True)
+            state = json.dumps({"settings": settings, "rows": rows})
+            write_atomically(partial, lambda tmp: Path(tmp).write_text(state))
             print(f"depth {depth}: answered {rows[-1]['answered']}, {rows[-1]['seconds']:.0f} s", flush=True)
         layers = len(rows[0]["mass"])
-        best = [min(max(row["mass"][layer]) for row in rows) for layer in range(layers)]  # the worse depth's best
-        settings = vars(args) | {"out": str(args.out), "top": [int(n) for n in args.top.split(",")]}
-        del settings["summarize"]
+        best = [min(max(row["mass"][layer]) for row in ranked_rows(rows)) for layer in range(layers)]  # the worse depth
         result = {
             "settings": settings,
             "device": describe_device(next(model.parameters()).device),
@@ -236,6 +322,7 @@ def main() -> None:
         }
     args.out.mkdir(parents=True, exist_ok=True)
     write_atomically(path, lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    partial.unlink(missing_ok=True)
     (args.out / "retrieval_layers.md").write_text(summary(result))
     print(summary(result))
 

@@ -163,8 +163,14 @@ def test_retrieval_layers_measures_each_heads_mass_on_the_needle(tmp_path):
     )
     assert "The pass key is" in needle and len(row["mass"]) == 2 and len(row["mass"][0]) == 4  # layers x heads
     assert all(0.0 <= m <= 1.0 for head in row["mass"] for m in head) and any(m > 0 for h in row["mass"] for m in h)
-    with pytest.raises(ValueError, match="the needle is in the last window"):
-        retrieval_layers.needle_mass(model, tokenizer, 600, 1.0, window=128, knn_k=8, positions="fixed")
+    assert not row["in_window"] and 0.0 < min(row["memory_share"]) and max(row["memory_share"]) <= 1.0
+    in_window = retrieval_layers.needle_mass(model, tokenizer, 600, 1.0, window=128, knn_k=8, positions="fixed")
+    assert in_window["in_window"] and all(m == 0.0 for head in in_window["mass"] for m in head)  # nothing to find
+    multikey = retrieval_layers.needle_mass(model, tokenizer, 600, 0.0, 128, 8, "fixed", task="multikey", seed=1)
+    sample = make_task("multikey", tokenizer, 600, 0.0, 1000)
+    assert multikey["answer"] == sample.answer and len(multikey["other_answers"]) == 3
+    assert sample.answer not in multikey["other_answers"] and len(multikey["others_mass"]) == 2
+    assert all(0.0 <= a + o <= 1.0 for x, y in zip(multikey["mass"], multikey["others_mass"]) for a, o in zip(x, y))
     assert len(row["retrieved_without_context"]) == 2 and row["answer_logprob"] < 0
     shares = [
         retrieval_layers.needle_mass(model, tokenizer, 600, 0.0, 128, 8, "fixed", search=False, overlap=overlap)[
