@@ -5,7 +5,10 @@ in filler), the question asked after the memorized text.
 The document is written to --out/document.txt; the two commands run in this process, each
 timed, with the options given (the memory's layers, search backend and storage dtype, the
 position mode); the generated continuation is checked for the key. The model's own forward pass
-over the same tokens, window by window, is timed in the same run for comparison.
+over the same tokens, window by window, is timed in the same run for comparison, and so is
+generation apart from loading: the saved memory loaded once, the question's first token and
+each token after it, with the full memory and with the memory disabled (the window alone),
+in alternating rounds.
 
     python experiments/long_memorize.py --checkpoint models/smollm2-135m --tokens 102400 \\
         --knn-layers 7,14,17,18,20,21 --memory-backend faiss_ivf --memory-dtype bfloat16
@@ -16,9 +19,11 @@ Writes --out/long_memorize.json and .md.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
+import statistics
 import sys
 import time
 from contextlib import redirect_stdout
@@ -33,6 +38,8 @@ from memorizing_transformers.cli import main as mt
 from memorizing_transformers.data.long_tasks import make_task
 from memorizing_transformers.devices import describe_device
 from memorizing_transformers.evaluation.peak_memory import PeakMemory
+from memorizing_transformers.hf.files import memory_file_settings
+from memorizing_transformers.hf.retrofit import add_memory
 
 RESULTS = Path(__file__).resolve().parent / "results" / "long-memorize-smollm2"
 QUESTION = "What is the pass key? The pass key is"
@@ -57,6 +64,34 @@ def plain_seconds(checkpoint: str, text: str, window: int) -> float:
     for start in range(0, ids.shape[1], window):
         model(ids[:, start : start + window], logits_to_keep=1)
     return time.perf_counter() - tick
+
+
+@torch.no_grad()
+def generation_seconds(checkpoint: str, memory: Path, window: int, new_tokens: int = 16, rounds: int = 3) -> dict:
+    """Generating after the question with the saved memory loaded (as `mt generate` loads it) and
+    with it disabled: the medians over `rounds` alternating rounds of the first token's time (the
+    question read) and of each later token's (greedy, `new_tokens` forced)."""
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    handle = add_memory(model, **memory_file_settings(memory))
+    handle.load(memory)
+    question = AutoTokenizer.from_pretrained(checkpoint)(QUESTION, return_tensors="pt")["input_ids"]
+
+    def seconds(tokens: int) -> float:
+        tick = time.perf_counter()
+        handle.generate(question, window, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False)
+        return time.perf_counter() - tick
+
+    times: dict[str, list[tuple[float, float]]] = {"memory": [], "window": []}
+    for _ in range(rounds):
+        for name in times:
+            with handle.disabled() if name == "window" else contextlib.nullcontext():
+                first, whole = seconds(1), seconds(1 + new_tokens)
+            times[name].append((first, (whole - first) / new_tokens))
+    return {
+        f"{name}_{part}": statistics.median(pair[i] for pair in pairs)
+        for name, pairs in times.items()
+        for i, part in enumerate(("first_token_seconds", "token_seconds"))
+    }
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -107,9 +142,11 @@ def main(argv: list[str] | None = None) -> dict:
         "found": sample.answer in answer,
         "plain_seconds": plain_seconds(args.checkpoint, document, args.window),
         "memory_file_bytes": memory.stat().st_size,
+        "generation": generation_seconds(args.checkpoint, memory, args.window),
     }
     memory.unlink()  # large, and made again by the command
     write_atomically(args.out / "long_memorize.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
+    gen = result["generation"]
     text = "\n".join(
         [
             f"Made by `python experiments/long_memorize.py {shlex.join(argv)}` on {result['device']}.",
@@ -125,6 +162,19 @@ def main(argv: list[str] | None = None) -> dict:
             f"| {generate_peak / 2**30:.2f} GiB |",
             f"| the model's own forward pass over the same tokens, window by window | {result['plain_seconds']:.0f} "
             "| |",
+            "",
+            "Generating after the question, the model and the memory file loaded once (medians of 3 alternating "
+            "rounds, 16 tokens forced after the first):",
+            "",
+            "| | first token (the question read) | each token after it |",
+            "|---|---:|---:|",
+            *(
+                f"| {label} | {gen[name + '_first_token_seconds'] * 1000:,.0f} ms "
+                f"| {gen[name + '_token_seconds'] * 1000:,.0f} ms |"
+                for name, label in (("memory", "the full memory"), ("window", "the window alone (memory disabled)"))
+            ),
+            f"| ratio | {gen['memory_first_token_seconds'] / gen['window_first_token_seconds']:.2f}x "
+            f"| {gen['memory_token_seconds'] / gen['window_token_seconds']:.2f}x |",
             "",
             f"The key {sample.answer}: the model answered `{answer}` ({'found' if result['found'] else 'not found'}); "
             f"the memory file held {result['memory_file_bytes'] / 2**20:,.0f} MiB.",

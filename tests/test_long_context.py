@@ -193,6 +193,10 @@ def test_long_memorize_times_the_commands_and_checks_the_answer(tmp_path):
     assert result["tokens"] > 500 and result["memorize_seconds"] > 0 and result["plain_seconds"] > 0
     assert "--write-only" in result["commands"][0] and result["memorize_peak_bytes"] > 2**20
     assert result["found"] == (result["key"] in result["answer"]) and "memorized" in result["memorized"]
+    generation = result["generation"]
+    assert set(generation) == {f"{m}_{p}_seconds" for m in ("memory", "window") for p in ("first_token", "token")}
+    assert all(seconds > 0 for seconds in generation.values())
     text = (out / "long_memorize.md").read_text()
     assert "Made by `python experiments/long_memorize.py --checkpoint" in text and "mt memorize" in text
+    assert "| the window alone (memory disabled) |" in text
     assert not (out / "kb.safetensors").exists() and (out / "document.txt").is_file()
