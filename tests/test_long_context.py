@@ -12,7 +12,13 @@ from tiny_models import tiny_llama
 from memorizing_transformers.cli import main
 from memorizing_transformers.data.long_tasks import TASKS, make_task
 from memorizing_transformers.data.tokenizer import load_tokenizer
-from memorizing_transformers.evaluation.long_context import LongBenchSettings, Readers, answer_score, position_buckets
+from memorizing_transformers.evaluation.long_context import (
+    LongBenchSettings,
+    Readers,
+    answer_score,
+    position_buckets,
+    value_start,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # the experiment scripts
 
@@ -89,6 +95,21 @@ def test_write_only_readers_search_only_in_the_prompts_last_window(monkeypatch):
         assert len(searches) == 2 * calls  # two memory layers
 
 
+def test_the_value_is_scored_apart_from_the_space_before_it(tokenizer):
+    class DigitTokenizer:  # one token per digit and a space token of its own, as SmolLM2's tokenizer has
+        pieces = [" ", ":", "1", "2", "3"]
+
+        def decode(self, ids):
+            return "".join(self.pieces[i] for i in ids)
+
+    answer = torch.tensor([0, 2, 3, 4])  # " 123"
+    logits = torch.nn.functional.one_hot(torch.tensor([1, 2, 3, 4]), 5).float()  # ":123", as the needle writes it
+    start = value_start(DigitTokenizer(), answer.tolist())
+    assert start == 1 and not answer_score(logits, answer)[0] and answer_score(logits[start:], answer[start:])[0]
+    assert value_start(tokenizer, tokenizer(" 1926110")["input_ids"]) == 0  # GPT-2 writes " 1926" as one token
+    assert value_start(DigitTokenizer(), [0]) == 0  # an answer of whitespace alone is scored whole
+
+
 def test_position_buckets_double_from_2k():
     assert position_buckets(20000) == [(0, 2048), (2048, 4096), (4096, 8192), (8192, 16384), (16384, 32768)]
 
@@ -112,6 +133,8 @@ def test_longbench_quick_writes_its_results_and_names_its_command(tmp_path, caps
     assert report["summary"]["passkey"]["memory-true"]["256"]["time_over_plain"] > 0
     assert "over the model's own forward pass over the same tokens" in text
     assert not (out / "longbench.partial.json").exists()
+    assert all(row["value_correct"] or not row["correct"] for row in report["samples"])
+    assert "Accuracy of the value alone, the space before it given" in text
 
 
 def test_longbench_refuses_what_is_not_a_hugging_face_model(tmp_path, cli_error):

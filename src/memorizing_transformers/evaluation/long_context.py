@@ -157,6 +157,15 @@ def sample_tokens(tokenizer, sample: LongTask) -> tuple[list[int], list[int]]:
     return prompt, tokenizer(" " + sample.answer, add_special_tokens=False)["input_ids"]
 
 
+def value_start(tokenizer, answer: list[int]) -> int:
+    """How many of the answer's first tokens are whitespace alone (the space before its digits with
+    a tokenizer that splits digits): the value itself starts after them."""
+    start = 0
+    while start < len(answer) - 1 and not tokenizer.decode(answer[start : start + 1]).strip():
+        start += 1
+    return start
+
+
 def answer_score(logits: torch.Tensor, answer: torch.Tensor) -> tuple[bool, float]:
     """Whether every answer token (m,) is the argmax of its logits (m, vocab), and the answer's mean
     log-likelihood per token."""
@@ -215,10 +224,13 @@ def run_longbench(
                             continue
                         synchronize(next(model.parameters()).device)
                         tick = time.perf_counter()
-                        right, logprob = answer_score(  # its .cpu() waits for the device
-                            readers.logits(method, ids[:, :-1], len(answer)), torch.tensor(answer)
-                        )
+                        logits = readers.logits(method, ids[:, :-1], len(answer))
+                        right, logprob = answer_score(logits, torch.tensor(answer))  # its .cpu() waits for the device
                         seconds = time.perf_counter() - tick
+                        # The value alone (its separator given): a model that would write "is: 1234567" as
+                        # the needle does, where the prompt ends "is", misses the space but not the value.
+                        start = value_start(tokenizer, answer)
+                        value_right, value_logprob = answer_score(logits[start:], torch.tensor(answer[start:]))
                         if method.startswith("memory-") and plain is None:
                             plain = readers.plain_seconds(ids[:, :-1])
                         samples.append(
@@ -231,6 +243,8 @@ def run_longbench(
                                 "method": method,
                                 "correct": right,
                                 "answer_logprob": logprob,
+                                "value_correct": value_right,
+                                "value_logprob": value_logprob,
                                 "seconds": seconds,
                                 **({"plain_seconds": plain} if method.startswith("memory-") else {}),
                             }
@@ -275,6 +289,14 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, fl
                 length: {
                     "accuracy": sum(r["correct"] for r in rows) / len(rows),
                     "answer_logprob": sum(r["answer_logprob"] for r in rows) / len(rows),
+                    **(
+                        {
+                            "value_accuracy": sum(r["value_correct"] for r in rows) / len(rows),
+                            "value_logprob": sum(r["value_logprob"] for r in rows) / len(rows),
+                        }
+                        if all("value_correct" in r for r in rows)
+                        else {}
+                    ),
                     "samples": len(rows),
                     **(
                         {"time_over_plain": sum(r["seconds"] / r["plain_seconds"] for r in rows) / len(rows)}
@@ -293,18 +315,27 @@ def summarize(samples: list[dict[str, Any]]) -> dict[str, dict[str, dict[str, fl
 def markdown(report: dict[str, Any]) -> str:
     """Accuracy by task, method and length; perplexity of the documents by position bucket."""
     lengths = [str(n) for n in report["settings"]["lengths"]]
-    lines = [
+    header = [
         "| task | method | " + " | ".join(f"{int(n):,} tokens" for n in lengths) + " |",
         "|---|---|" + "---:|" * len(lengths),
     ]
-    for task, by_method in report["summary"].items():
-        for method, by_length in by_method.items():
-            cells = [
-                f"{by_length[n]['accuracy']:.0%} ({by_length[n]['answer_logprob']:.2f})" if n in by_length else "-"
-                for n in lengths
-            ]
-            lines.append(f"| {task} | {method} | " + " | ".join(cells) + " |")
-    text = "Accuracy (mean log-likelihood of the answer per token):\n\n" + "\n".join(lines) + "\n"
+
+    def table(accuracy: str, logprob: str) -> str:
+        lines = [
+            f"| {task} | {method} | "
+            + " | ".join(f"{cells[n][accuracy]:.0%} ({cells[n][logprob]:.2f})" if n in cells else "-" for n in lengths)
+            + " |"
+            for task, by_method in report["summary"].items()
+            for method, cells in by_method.items()
+        ]
+        return "\n".join(header + lines) + "\n"
+
+    text = "Accuracy (mean log-likelihood of the answer per token):\n\n" + table("accuracy", "answer_logprob")
+    if all("value_accuracy" in cell for m in report["summary"].values() for c in m.values() for cell in c.values()):
+        text += (
+            "\nAccuracy of the value alone, the space before it given (mean log-likelihood of its tokens):\n\n"
+            + table("value_accuracy", "value_logprob")
+        )
     speed = [
         f"| {task} | {method} | "
         + " | ".join(f"{by_length[n]['time_over_plain']:.2f}x" if n in by_length else "-" for n in lengths)
@@ -314,11 +345,10 @@ def markdown(report: dict[str, Any]) -> str:
         if any("time_over_plain" in cell for cell in by_length.values())
     ]
     if speed:
-        header = "| task | method | " + " | ".join(f"{int(n):,} tokens" for n in lengths) + " |"
         text += (
             "\nTime to read a prompt through the memory (memorizing all but its last window, then that window), "
             "over the model's own forward pass over the same tokens, window by window, in the same run:\n\n"
-            + "\n".join([header, "|---|---|" + "---:|" * len(lengths), *speed])
+            + "\n".join([*header, *speed])
             + "\n"
         )
     if report["documents"]:
