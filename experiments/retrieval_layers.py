@@ -224,7 +224,8 @@ def summary(result: dict) -> str:
                 f"Depth {row['depth']:g}: more than half in {sum(x > 0.5 for x in shares)} of {len(shares)} layers; "
                 f"answer log-likelihood {row['answer_logprob']:.3f} per token."
             )
-    for top in [] if write_only or task != "passkey" else settings["top"]:  # the check runs memorize with search
+    # The check runs memorize with search, the passkey, on other samples (seed 1) than the ranking's.
+    for top in [] if write_only or task != "passkey" or seed else settings["top"]:
         layers = sorted(result["ranked"][:top])
         lines += ["", f"The {top} layers ranked first, {layers}, are checked on other samples by:", ""]
         lines.append(f"    {check_command(settings['checkpoint'], settings['positions'], layers)}")
