@@ -22,7 +22,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import matplotlib
 
@@ -320,30 +320,30 @@ def markdown(report: dict[str, Any]) -> str:
         "|---|---|" + "---:|" * len(lengths),
     ]
 
-    def table(accuracy: str, logprob: str) -> str:
-        lines = [
+    def table(cell: Callable[[dict[str, Any]], str], field: str) -> list[str]:
+        """The rows of (task, method) with `field` in some length's summary, `cell` of each length that has it."""
+        return [
             f"| {task} | {method} | "
-            + " | ".join(f"{cells[n][accuracy]:.0%} ({cells[n][logprob]:.2f})" if n in cells else "-" for n in lengths)
+            + " | ".join(cell(cells[n]) if field in cells.get(n, {}) else "-" for n in lengths)
             + " |"
             for task, by_method in report["summary"].items()
             for method, cells in by_method.items()
+            if any(field in c for c in cells.values())
         ]
-        return "\n".join(header + lines) + "\n"
 
-    text = "Accuracy (mean log-likelihood of the answer per token):\n\n" + table("accuracy", "answer_logprob")
+    def accuracy(rate: str, logprob: str) -> Callable[[dict[str, Any]], str]:
+        return lambda c: f"{c[rate]:.0%} ({c[logprob]:.2f})"
+
+    accuracies = table(accuracy("accuracy", "answer_logprob"), "accuracy")
+    text = "Accuracy (mean log-likelihood of the answer per token):\n\n" + "\n".join(header + accuracies) + "\n"
+    values = table(accuracy("value_accuracy", "value_logprob"), "value_accuracy")
     if all("value_accuracy" in cell for m in report["summary"].values() for c in m.values() for cell in c.values()):
         text += (
             "\nAccuracy of the value alone, the space before it given (mean log-likelihood of its tokens):\n\n"
-            + table("value_accuracy", "value_logprob")
+            + "\n".join(header + values)
+            + "\n"
         )
-    speed = [
-        f"| {task} | {method} | "
-        + " | ".join(f"{by_length[n]['time_over_plain']:.2f}x" if n in by_length else "-" for n in lengths)
-        + " |"
-        for task, by_method in report["summary"].items()
-        for method, by_length in by_method.items()
-        if any("time_over_plain" in cell for cell in by_length.values())
-    ]
+    speed = table(lambda c: f"{c['time_over_plain']:.2f}x", "time_over_plain")
     if speed:
         text += (
             "\nTime to read a prompt through the memory (memorizing all but its last window, then that window), "
