@@ -194,6 +194,22 @@ def test_low_precision_storage_finds_the_same_neighbours(dtype):
     assert torch.allclose(a.scores, b.scores, atol=2e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_low_precision_store_widened_in_slices_is_searched_exactly(monkeypatch, dtype):
+    monkeypatch.setattr(exact, "_WIDEN_ELEMENTS", 2 * 3 * 16 * 40)  # slices of 40 slots, 300 slots to search
+    batch, heads, dim, capacity, k = 2, 3, 16, 300, 10
+    memory = KNNMemory(batch, heads, dim, capacity, dtype=dtype)
+    memory.add(unit(batch, heads, capacity, dim), torch.randn(batch, heads, capacity, dim))
+    queries = unit(batch, heads, 3, dim)
+    found = memory.search(queries, k)
+    widened = memory.keys.float()  # what the search multiplies, slice by slice
+    for b in range(batch):
+        for h in range(heads):
+            ref_scores, ref_index = brute_force_topk(widened[b, h].numpy(), queries[b, h].numpy(), k)
+            np.testing.assert_allclose(found.scores[b, h].numpy(), ref_scores, rtol=1e-5, atol=1e-6)
+            assert np.array_equal(found.slots[b, h].numpy(), ref_index)
+
+
 def test_save_and_load_round_trip(tmp_path):
     memory = KNNMemory(2, 2, 4, capacity=6, dtype=torch.bfloat16)
     memory.add(unit(2, 2, 9, 4), torch.randn(2, 2, 9, 4), mask=torch.rand(2, 9) > 0.2)
