@@ -19,10 +19,10 @@ import copy
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import matplotlib
 
@@ -218,6 +218,9 @@ def run_longbench(
                     sample = make_task(task, tokenizer, length, depth, settings.seed * 1000 + trial)
                     prompt, answer = sample_tokens(tokenizer, sample)
                     ids = torch.tensor([prompt + answer])
+                    # The value alone is scored too (its separator given): a model that would write "is: 1234567"
+                    # as the needle does, where the prompt ends "is", misses the space but not the value.
+                    start = value_start(tokenizer, answer)
                     plain = None  # the plain forward's time over the prompt, measured once for the memory methods
                     for method in settings.methods:
                         if not readers.fits(method, ids.shape[1]) or (task, length, depth, trial, method) in done:
@@ -227,9 +230,6 @@ def run_longbench(
                         logits = readers.logits(method, ids[:, :-1], len(answer))
                         right, logprob = answer_score(logits, torch.tensor(answer))  # its .cpu() waits for the device
                         seconds = time.perf_counter() - tick
-                        # The value alone (its separator given): a model that would write "is: 1234567" as
-                        # the needle does, where the prompt ends "is", misses the space but not the value.
-                        start = value_start(tokenizer, answer)
                         value_right, value_logprob = answer_score(logits[start:], torch.tensor(answer[start:]))
                         if method.startswith("memory-") and plain is None:
                             plain = readers.plain_seconds(ids[:, :-1])
