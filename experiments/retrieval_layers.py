@@ -246,14 +246,16 @@ def answers(rows: list[dict]) -> list[str]:
     for row in rows:
         where = "in the window" if row["in_window"] else "in memory"
         others = row["other_answers"]
-        mistaken = [value for value in others if value.startswith(row["predicted"].strip()[:3])]
+        # The first digit predicted, where it is not the answer's but begins needles not asked.
+        first = next((c for c in row["predicted"] if c.isdigit()), row["answer"][0])
+        mistaken = [value for value in others if value[0] == first != row["answer"][0]]
         lines.append(
             f"- Depth {row['depth']:g}: the asked needle {where}, predicted {row['predicted'].strip()!r} for "
             f"{row['answer']!r} ({row['answer_logprob']:.3f} per token)"
             + (
                 f"; {row['others_in_memory']} of {len(others)} other needles in memory, their values "
                 + ", ".join(others)
-                + ("" if not mistaken else f" (the prediction starts like {', '.join(mistaken)})")
+                + ("" if not mistaken else f" (the first digit predicted, {first}, begins {', '.join(mistaken)})")
                 if others
                 else ""
             )

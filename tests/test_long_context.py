@@ -204,6 +204,17 @@ def test_retrieval_layers_measures_each_heads_mass_on_the_needle(tmp_path):
     assert all(0.0 <= x <= 1.0 for share in shares for x in share)
 
 
+def test_retrieval_layers_names_the_needles_a_wrong_first_digit_came_from():
+    import retrieval_layers
+
+    row = {"depth": 0.5, "in_window": False, "answer": "3492592", "answer_logprob": -0.3, "seconds": 1.0}
+    row |= {"other_answers": ["8451075", "8024423", "6171940"], "others_in_memory": 3}
+    (wrong,) = retrieval_layers.answers([row | {"predicted": ":8492592"}])
+    assert "(the first digit predicted, 8, begins 8451075, 8024423)" in wrong
+    (right,) = retrieval_layers.answers([row | {"predicted": ":3492592"}])
+    assert "first digit predicted" not in right
+
+
 def test_long_memorize_times_the_commands_and_checks_the_answer(tmp_path):
     import long_memorize
 
