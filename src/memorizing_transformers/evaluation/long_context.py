@@ -336,11 +336,10 @@ def markdown(report: dict[str, Any]) -> str:
 
     accuracies = table(accuracy("accuracy", "answer_logprob"), "accuracy")
     text = "Accuracy (mean log-likelihood of the answer per token):\n\n" + "\n".join(header + accuracies) + "\n"
-    values = table(accuracy("value_accuracy", "value_logprob"), "value_accuracy")
     if all("value_accuracy" in cell for m in report["summary"].values() for c in m.values() for cell in c.values()):
         text += (
             "\nAccuracy of the value alone, the space before it given (mean log-likelihood of its tokens):\n\n"
-            + "\n".join(header + values)
+            + "\n".join(header + table(accuracy("value_accuracy", "value_logprob"), "value_accuracy"))
             + "\n"
         )
     speed = table(lambda c: f"{c['time_over_plain']:.2f}x", "time_over_plain")
