@@ -76,19 +76,17 @@ TRAINING_FILES = [
 ]
 
 
-MEMORY_PARAMETERS = ("memory_gate", "memory_bias")  # what add_memory adds: one per head and layer
-
-
-def trained_parameters(model, train: str, layers: list[int]) -> list[torch.nn.Parameter]:
+def trained_parameters(model, handle, train: str) -> list[torch.nn.Parameter]:
     """memory-parameters: the gates (gate) or retrieved-logit biases (joint) add_memory adds;
     memory-layers: those and the attention of the memory layers; all: every weight."""
     if train == "all":
         return list(model.parameters())
-    memory_layers = {f".layers.{i}.self_attn." for i in layers}
+    memory_layers = {f".layers.{i}.self_attn." for i in handle.layers}
+    added = handle.parameters()
     return [
         p
         for n, p in model.named_parameters()
-        if n.endswith(MEMORY_PARAMETERS) or (train == "memory-layers" and any(m in n for m in memory_layers))
+        if n in added or (train == "memory-layers" and any(m in n for m in memory_layers))
     ]
 
 
@@ -108,7 +106,7 @@ def finetune(model, handle, tokenizer, args) -> list[float]:
         for ids in (tokenizer(t, return_tensors="pt")["input_ids"] for t in texts)
         if ids.shape[1] > args.finetune_tokens
     ]
-    params = trained_parameters(model, args.train, sorted(handle.layers))
+    params = trained_parameters(model, handle, args.train)
     chosen = {id(p) for p in params}
     for p in model.parameters():
         p.requires_grad_(id(p) in chosen)

@@ -19,6 +19,7 @@ from memorizing_transformers.evaluation.long_context import (
     position_buckets,
     value_start,
 )
+from memorizing_transformers.loading import load_huggingface
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experiments"))  # the experiment scripts
 
@@ -234,3 +235,53 @@ def test_long_memorize_times_the_commands_and_checks_the_answer(tmp_path):
     assert "Made by `python experiments/long_memorize.py --checkpoint" in text and "mt memorize" in text
     assert "| the window alone (memory disabled) |" in text
     assert not (out / "kb.safetensors").exists() and (out / "document.txt").is_file()
+
+
+def test_a_fine_tune_of_the_memory_bias_resumes_as_if_never_stopped_and_the_benchmark_loads_it(
+    tmp_path, monkeypatch, cli_error
+):
+    import longbench_finetune
+
+    tiny_llama_checkpoint(tmp_path / "llama")
+    options = ["--checkpoint", str(tmp_path / "llama"), "--length", "256", "--window", "64", "--steps", "3"]
+    options += ["--write-only", "--lr", "0.1"]
+    longbench_finetune.main([*options, "--out", str(tmp_path / "whole")])
+    whole = json.loads((tmp_path / "whole" / "memory_parameters.json").read_text())
+    assert len(whole["steps"]) == 3 and not (tmp_path / "whole" / "finetune.partial.pt").exists()
+    assert len(whole["parameters"]) == 2 and all(any(v != 0 for v in vs) for vs in whole["parameters"].values())
+
+    # Stopped before its third step, then run again: the same steps and the same numbers.
+    sample = longbench_finetune.training_sample
+
+    def stop_at_the_third(task, tokenizer, length, step):
+        if step == 2:
+            raise KeyboardInterrupt
+        return sample(task, tokenizer, length, step)
+
+    monkeypatch.setattr(longbench_finetune, "training_sample", stop_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        longbench_finetune.main([*options, "--out", str(tmp_path / "stopped")])
+    monkeypatch.setattr(longbench_finetune, "training_sample", sample)
+    longbench_finetune.main([*options, "--out", str(tmp_path / "stopped")])
+    resumed = json.loads((tmp_path / "stopped" / "memory_parameters.json").read_text())
+    assert [s["loss"] for s in resumed["steps"]] == pytest.approx([s["loss"] for s in whole["steps"]], rel=1e-5)
+    for name, values in whole["parameters"].items():
+        assert resumed["parameters"][name] == pytest.approx(values, rel=1e-5, abs=1e-7)
+    assert "| layer | mean memory_bias over its heads |" in (tmp_path / "stopped" / "finetune.md").read_text()
+
+    # The benchmark reads its memory with them; a file for another memory is refused by name.
+    settings = LongBenchSettings(
+        methods=["memory-fixed"], window=64, memory_parameters=str(tmp_path / "whole" / "memory_parameters.json")
+    )
+    model, _ = load_huggingface(str(tmp_path / "llama"), torch.device("cpu"))
+    handle = Readers(model, settings, capacity=256).handles["memory-fixed"]
+    for name, p in handle.parameters().items():
+        assert p.tolist() == pytest.approx(whole["parameters"][name])
+    with pytest.raises(ValueError, match="memory parameters for another memory: 1 unknown"):
+        handle.load_parameters({**whole["parameters"], "model.layers.7.self_attn.memory_bias": [0.0]})
+    with pytest.raises(ValueError, match=r"holds \(3,\) numbers, this memory \(4,\)"):
+        handle.load_parameters({name: [0.0] * 3 for name in whole["parameters"]})
+    error = cli_error(
+        ["longbench", tmp_path / "llama", "--out", tmp_path / "o", "--quick", "--memory-parameters", tmp_path / "none"]
+    )
+    assert "none holds no memory parameters" in error

@@ -571,6 +571,11 @@ def build_parser() -> argparse.ArgumentParser:
     longbench.add_argument("--documents", nargs="+", help="long text files scored by position (perplexity)")
     longbench.add_argument("--document-tokens", type=int, help="tokens of each document scored (default 16384)")
     longbench.add_argument("--seed", type=int, help="which samples (default 0)")
+    longbench.add_argument(
+        "--memory-parameters",
+        help="memory methods: load these fine-tuned memory_bias / memory_gate values (a JSON, as "
+        "experiments/longbench_finetune.py writes)",
+    )
     longbench.add_argument("--quick", action="store_true", help="short prompts, few samples: seconds on a tiny model")
     longbench.add_argument("--device", default="auto")
     longbench.set_defaults(func=cmd_longbench)

@@ -63,6 +63,7 @@ class LongBenchSettings:
     documents: Sequence[str] = field(default_factory=list)  # text files: perplexity by position
     document_tokens: int = 16384  # each document's first tokens scored
     seed: int = 0
+    memory_parameters: str | None = None  # a fine-tune's JSON ({"parameters": {name: values}}), loaded into each memory
 
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in METHODS]
@@ -75,6 +76,17 @@ class LongBenchSettings:
             raise ValueError("window, trials and knn_k must be positive")
         if self.write_overlap is not None and not 0 <= self.write_overlap < self.window:
             raise ValueError(f"need 0 <= write_overlap < window, got {self.write_overlap} and {self.window}")
+
+
+def memory_parameters(path: str) -> dict[str, list[float]]:
+    """The memory parameters a fine-tune wrote (a JSON whose "parameters" maps their names to values)."""
+    try:
+        parameters = json.loads(Path(path).read_text())["parameters"]
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        raise ValueError(f'{path} holds no memory parameters (a JSON with "parameters"): {error}') from None
+    if not isinstance(parameters, dict):
+        raise ValueError(f'{path}: "parameters" must map parameter names to their values')
+    return parameters
 
 
 class Readers:
@@ -97,6 +109,8 @@ class Readers:
                     positions=method.removeprefix("memory-"),
                     fixed_distance=settings.fixed_distance,
                 )
+                if settings.memory_parameters:
+                    self.handles[method].load_parameters(memory_parameters(settings.memory_parameters))
 
     def fits(self, method: str, length: int) -> bool:
         return method != "full" or length <= self.settings.full_limit
@@ -104,6 +118,11 @@ class Readers:
     @torch.no_grad()
     def logits(self, method: str, ids: torch.Tensor, last: int) -> torch.Tensor:
         """Next-token logits (last, vocab) at the last `last` positions of ids (1, n), as `method` reads."""
+        return self.read(method, ids, last)
+
+    def read(self, method: str, ids: torch.Tensor, last: int) -> torch.Tensor:
+        """`logits`, with gradients where they are enabled: through the last window's call only
+        (memorizing never keeps a graph), to the weights and the memory's parameters (a fine-tune)."""
         window, device = self.settings.window, next(self.model.parameters()).device
         ids = ids.to(device)
         if method == "full":

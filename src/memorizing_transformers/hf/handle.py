@@ -17,6 +17,8 @@ from transformers import PreTrainedModel
 from .attention import LayerMemory
 from .files import load_memories, save_memories
 
+MEMORY_PARAMETERS = ("memory_bias", "memory_gate")  # what add_memory adds to a memory layer: one number per head
+
 
 def write_overlap(window: int, overlap: int | None = None) -> int:
     """The tokens a write-only memorizing call reads again before those it stores: `overlap`, by
@@ -120,6 +122,32 @@ class MemoryHandle:
         finally:
             for i, layer in self.layers.items():
                 setattr(layer, flag, before[i])
+
+    def parameters(self) -> dict[str, nn.Parameter]:
+        """What add_memory added to the model, by their names in `model.named_parameters()`: a
+        `memory_bias` (joint) or `memory_gate` (gate) per memory layer, one number per head, the
+        handful of numbers a short fine-tune trains."""
+        return {name: p for name, p in self.model.named_parameters() if name.endswith(MEMORY_PARAMETERS)}
+
+    def load_parameters(self, values: dict[str, Sequence[float] | torch.Tensor]) -> None:
+        """Set the parameters `parameters` names to `values` (a fine-tune's, by the same names).
+        Refuses names this model's memory does not have, missing ones and other shapes."""
+        mine = self.parameters()
+        if set(values) != set(mine):
+            unknown, missing = sorted(set(values) - set(mine)), sorted(set(mine) - set(values))
+            raise ValueError(
+                f"memory parameters for another memory: {len(unknown)} unknown here (e.g. {unknown[:1]}), "
+                f"{len(missing)} missing (e.g. {missing[:1]}); they come from a memory with other layers or "
+                "another combine"
+            )
+        with torch.no_grad():
+            for name, value in values.items():
+                value = torch.as_tensor(value, dtype=mine[name].dtype)
+                if value.shape != mine[name].shape:
+                    raise ValueError(
+                        f"{name} holds {tuple(value.shape)} numbers, this memory {tuple(mine[name].shape)}"
+                    )
+                mine[name].copy_(value)
 
     def fill(self) -> dict[int, list[int]]:
         """Stored entries per layer and row."""
