@@ -104,14 +104,15 @@ def finetune(args: argparse.Namespace, command: str) -> dict:
 def markdown(result: dict) -> str:
     steps = result["steps"]
     losses = [s["loss"] for s in steps]
-    tenth = max(1, len(losses) // 10)
+    quarter = max(1, len(losses) // 4)  # a quarter of the steps
     values = [v for vs in result["parameters"].values() for v in vs]
     per_layer = {name.split(".self_attn")[0]: sum(vs) / len(vs) for name, vs in result["parameters"].items()}
     lines = [
         f"Made by `{result['command']}` on {result['device']}.",
         "",
-        f"{len(steps)} steps; the value's loss, mean of the first {tenth} steps {sum(losses[:tenth]) / tenth:.3f}, "
-        f"of the last {tenth} {sum(losses[-tenth:]) / tenth:.3f}; {sum(s['seconds'] for s in steps) / 60:.1f} minutes.",
+        f"{len(steps)} steps in {sum(s['seconds'] for s in steps) / 60:.1f} minutes; the value's loss, mean of the "
+        f"first {quarter} steps {sum(losses[:quarter]) / quarter:.3f}, of the last {quarter} "
+        f"{sum(losses[-quarter:]) / quarter:.3f}.",
         f"The {len(values)} trained numbers: from {min(values):+.3f} to {max(values):+.3f}, "
         f"mean {sum(values) / len(values):+.3f}.",
         "",
@@ -150,7 +151,8 @@ def main(argv: list[str] | None = None) -> None:
         write_atomically(out / "memory_parameters.json", lambda tmp: Path(tmp).write_text(json.dumps(result, indent=1)))
         (out / "finetune.partial.pt").unlink(missing_ok=True)
     write_atomically(out / "finetune.md", lambda tmp: Path(tmp).write_text(markdown(result)))
-    print(f"wrote {out / 'memory_parameters.json'} and {out / 'finetune.md'}")
+    written = [out / "finetune.md"] if args.summarize else [out / "memory_parameters.json", out / "finetune.md"]
+    print("wrote " + " and ".join(map(str, written)))
 
 
 if __name__ == "__main__":
