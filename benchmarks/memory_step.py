@@ -30,7 +30,15 @@ from memorizing_transformers.memory.exact import ExactSearch
 from memorizing_transformers.memory.knn_memory import make_backend
 
 from .common import Case, interleaved, parse_arguments, spread, write_results
-from .train_step import QUICK, REFERENCE, our_case, size_label, variants
+from .search import CACHE_BLOCKS
+from .train_step import QUICK, REFERENCE, our_case, search_products, size_label, variants
+
+# The exact search's product in cache-sized blocks (its FLOP floor's faster cut, see train_step), and the
+# same with each block's scores read once as block_topk's first cut reads them: what any selection adds at least.
+SEARCH_PRODUCT = {
+    "its product alone (cache-sized blocks)": False,
+    "its product and one pass over its scores": True,
+}
 
 
 class KnownSlots(ExactSearch):
@@ -63,11 +71,16 @@ def part_cases(config: MemorizingConfig, backend: str, batch: int, device: torch
     gathering = copy.copy(memory)
     gathering.backend = KnownSlots(*memory.backend.search(memory.store, queries, config.knn_k))
     tokens = batch * config.segment_length
-    return [
+    cases = [
         Case("ours", f"{label}: search", lambda: memory.backend.search(memory.store, queries, config.knn_k), tokens),
         Case("ours", f"{label}: gather", lambda: gathering.search(queries, config.knn_k), tokens),
         Case("ours", f"{label}: write", lambda: memory.add(segment, segment), tokens),
     ]
+    if backend == "exact":  # the search's product alone, then with the least a selection adds to it
+        for part, first_cut in SEARCH_PRODUCT.items():
+            run = search_products(config, batch, config.memory_size, device, CACHE_BLOCKS, first_cut)
+            cases.append(Case("ours", f"{label}: {part}", run, tokens))
+    return cases
 
 
 def breakdown(cases: list[Case], times: list[list[float]], label: str) -> list[dict]:
@@ -78,7 +91,10 @@ def breakdown(cases: list[Case], times: list[list[float]], label: str) -> list[d
     parts = {name: by[f"{label}: {name}"] for name in ("search", "gather", "write")}
     rest = [c - sum(p[r] for p in parts.values()) for r, c in enumerate(cost)]
     named = [("step, XL only", xl), (f"step, {label} + XL", step), ("the memory's cost (the difference)", cost)]
-    named += [(f"  {name}", t) for name, t in parts.items()]
+    for name, t in parts.items():
+        named.append((f"  {name}", t))
+        if name == "search":  # its product alone and with one pass, where timed: within the search, not beside it
+            named += [(f"    {part}", by[f"{label}: {part}"]) for part in SEARCH_PRODUCT if f"{label}: {part}" in by]
     named.append(("  the rest: scoring, combination, backward (by subtraction)", rest))
     rows = []
     for name, t in named:

@@ -21,6 +21,7 @@ memory is wiped whole when full, so their memory rows refill it to evenly spaced
 its capacity round by round: over the rounds they cover a whole fill-and-wipe cycle.
 
     python -m benchmarks.train_step            # the three configurations
+    python -m benchmarks.train_step --rounds 20   # more rounds: narrower intervals
     python -m benchmarks.train_step --quick    # tiny ones, seconds
 """
 
@@ -30,6 +31,7 @@ import contextlib
 import dataclasses
 import json
 import statistics
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -256,33 +258,44 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def search_products(
+    config: MemorizingConfig, batch: int, slots: int, device: torch.device, elements: int | None, first_cut: bool
+) -> Callable[[], None]:
+    """The products an exact search over `slots` keys runs, in the blocks ExactSearch cuts with
+    `elements` (None: its own rule), each written into scores allocated once. With `first_cut`, each
+    block's scores are then read once as block_topk's first cut reads them (their maximum per group
+    of 32): the least that any selection of the best scores adds to the product."""
+    generator = torch.Generator().manual_seed(0)
+    queries = torch.randn(batch, config.n_heads, config.segment_length, config.head_dim, generator=generator)
+    pairs, width = exact.score_blocks(batch * config.n_heads, config.segment_length, slots, config.knn_k, elements)
+    q = queries.flatten(0, 1)[:pairs].to(device)  # (pairs, queries, head_dim)
+    block = torch.randn(pairs, config.head_dim, min(width, slots), generator=generator).to(device)
+    scores = torch.empty(pairs, config.segment_length, block.shape[-1], device=device)
+    blocks = -(-batch * config.n_heads // pairs) * -(-slots // block.shape[-1])
+    groups = scores.view(pairs, config.segment_length, -1, 32) if first_cut else None
+
+    def run() -> None:
+        for _ in range(blocks):
+            torch.matmul(q, block, out=scores)
+            if groups is not None:
+                groups.amax(dim=-1)
+
+    return run
+
+
 def search_matmul_gflops(config: MemorizingConfig, batch: int, slots: int, device: torch.device) -> float:
     """GFLOP/s of the product an exact search over `slots` keys runs, measured beside the steps: the
     speed its FLOP floor in benchmarks.targets is computed at. The product is timed in two cuts, the
-    blocks ExactSearch cuts it into and cache-sized blocks of CACHE_BLOCKS scores, each written into
-    scores allocated once, and the faster gives the floor: large blocks write their scores out to
-    memory and read slower, a cost of the search's design that a floor on its FLOPs must not include."""
-    generator = torch.Generator().manual_seed(0)
-    queries = torch.randn(batch, config.n_heads, config.segment_length, config.head_dim, generator=generator)
-    flops = 2.0 * queries.numel() * slots  # (batch * heads * queries * head_dim) products per slot
-    speeds = []
-    for elements in (None, CACHE_BLOCKS):
-        pairs, width = exact.score_blocks(batch * config.n_heads, config.segment_length, slots, config.knn_k, elements)
-        q = queries.flatten(0, 1)[:pairs].to(device)  # (pairs, queries, head_dim)
-        block = torch.randn(pairs, config.head_dim, min(width, slots), generator=generator).to(device)
-        scores = torch.empty(pairs, config.segment_length, block.shape[-1], device=device)
-        blocks = -(-batch * config.n_heads // pairs) * -(-slots // block.shape[-1])
-
-        def search_products(q=q, block=block, scores=scores, blocks=blocks) -> None:
-            for _ in range(blocks):
-                torch.matmul(q, block, out=scores)
-
-        speeds.append(flops / median_seconds(search_products, repeats=3, device=device) / 1e9)
-    return max(speeds)
+    blocks ExactSearch cuts it into and cache-sized blocks of CACHE_BLOCKS scores, and the faster
+    gives the floor: large blocks write their scores out to memory and read slower, a cost of the
+    search's design that a floor on its FLOPs must not include."""
+    flops = 2.0 * batch * config.n_heads * config.segment_length * config.head_dim * slots
+    products = [search_products(config, batch, slots, device, elements, False) for elements in (None, CACHE_BLOCKS)]
+    return max(flops / median_seconds(run, repeats=3, device=device) / 1e9 for run in products)
 
 
 def main(argv: list[str] | None = None) -> None:
-    args, device = parse_arguments(__doc__, argv)
+    args, device = parse_arguments(__doc__, argv, extra=[("--rounds", int, 12)])
     # name: (configuration, rows a step, memories staggered as documents leave them)
     if args.quick:
         configs = {"quick": (QUICK, 2, False), "quick documents": (QUICK, 8, True)}
@@ -293,10 +306,13 @@ def main(argv: list[str] | None = None) -> None:
             "small": (MemorizingConfig.preset("small"), 4, False),
             "documents": (*grid_model(), True),
         }
-        large, calls, warmup = 65536, 3, 2
-        rounds = 12  # from 9 on, the median's 95% interval is narrower than the rounds' min-max
+        # From 9 rounds on, the median's 95% interval is narrower than the rounds' min-max; more
+        # rounds narrow it further, for a verdict where it straddles a target.
+        large, calls, warmup, rounds = 65536, 3, 2, args.rounds
     results = {
-        "command": "python -m benchmarks.train_step" + (" --quick" if args.quick else ""),
+        "command": "python -m benchmarks.train_step"
+        + (" --quick" if args.quick else "")
+        + (f" --rounds {args.rounds}" if args.rounds != 12 and not args.quick else ""),
         "device": describe_device(device),
         "batch_size": next(iter(configs.values()))[1],  # the first configuration's (each has its own below)
         "rounds": rounds,

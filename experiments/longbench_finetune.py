@@ -62,7 +62,7 @@ def finetune(args: argparse.Namespace, command: str) -> dict:
     handle = readers.handles[args.method]
     for p in handle.model.parameters():
         p.requires_grad_(False)
-    trained = handle.parameters()
+    trained = handle.memory_parameters()
     for p in trained.values():
         p.requires_grad_(True)
     optimizer = torch.optim.AdamW(trained.values(), lr=args.lr, weight_decay=0.0)
@@ -72,7 +72,7 @@ def finetune(args: argparse.Namespace, command: str) -> dict:
         kept = torch.load(partial, weights_only=False)
         if kept["settings"] != recorded["settings"]:
             raise SystemExit(f"{partial} holds a run with other settings: remove it, or choose another --out")
-        handle.load_parameters(kept["parameters"])
+        handle.load_memory_parameters(kept["parameters"])
         optimizer.load_state_dict(kept["optimizer"])
         recorded["steps"] = kept["steps"]
         print(f"{partial}: going on after {len(recorded['steps'])} steps", file=sys.stderr)

@@ -82,7 +82,7 @@ def trained_parameters(model, handle, train: str) -> list[torch.nn.Parameter]:
     if train == "all":
         return list(model.parameters())
     memory_layers = {f".layers.{i}.self_attn." for i in handle.layers}
-    added = handle.parameters()
+    added = handle.memory_parameters()
     return [
         p
         for n, p in model.named_parameters()

@@ -118,6 +118,11 @@ def test_memory_step_benchmark_quick(tmp_path):
         rest = by["the rest: scoring, combination, backward (by subtraction)"]["round_seconds"]
         # The parts and the rest add up to the memory's cost in every round.
         assert all(abs(sum(p[r] for p in parts) + rest[r] - c) < 1e-9 for r, c in enumerate(cost))
+    # Within the exact search: its product alone, and with one pass over its scores, right under "search".
+    parts = [r["part"] for r in backends["memory 2K"]]
+    at = parts.index("  search")
+    assert parts[at + 1 : at + 3] == ["    " + name for name in memory_step.SEARCH_PRODUCT]
+    assert not any("product" in r["part"] for r in backends["memory 2K IVF"])
 
 
 @pytest.mark.slow
@@ -227,10 +232,15 @@ def test_targets_table_reads_the_measured_figures(tmp_path):
         )
     )
 
-    def verdicts(search_s: float) -> tuple[list[str], dict[str, str]]:
-        """targets.md's lines and verdicts, memory_step having timed the IVF search at `search_s`."""
+    def verdicts(search_s: float, one_pass_s: float | None = None) -> tuple[list[str], dict[str, str]]:
+        """targets.md's lines and verdicts, memory_step having timed the IVF search at `search_s` (and the
+        exact search's product with one pass over its scores at `one_pass_s`)."""
         parts = [{"part": "step, XL only", "seconds": 0.6}, {"part": "  search", "seconds": search_s}]
-        (tmp_path / "memory_step.json").write_text(json.dumps({"backends": {"memory 64K IVF": parts}}))
+        backends = {"memory 64K IVF": parts}
+        if one_pass_s is not None:
+            pass_part = {"part": "    its product and one pass over its scores", "seconds": one_pass_s}
+            backends["memory 64K"] = [parts[0], pass_part]
+        (tmp_path / "memory_step.json").write_text(json.dumps({"backends": backends}))
         targets.main(["--out", str(tmp_path)])
         page = (tmp_path / "targets.md").read_text().splitlines()
         rows = [line for line in page if line.startswith("| ") and not line.startswith("| target |")]
@@ -282,6 +292,14 @@ def test_targets_table_reads_the_measured_figures(tmp_path):
     floor_row = next(line for line in page if "memory 64K exact" in line)
     assert "34 GFLOP at 80 GFLOP/s, puts the floor at 1.72x" in floor_row and floor_row.endswith("| no |")
     assert "puts the floor at 1.09x" in next(line for line in page if "memory 8K exact" in line)
+    # The product and one pass over its scores, (0.6 + 0.6) / 0.6 = 2.00x, above 1.10 x 1.72x: no selection
+    # made of PyTorch's operations reaches the goal; at 1.80x it could, and the rounds decide.
+    page, met = verdicts(0.1, one_pass_s=0.6)
+    exact_row = "step, memory 64K exact / XL only, against its floor"
+    assert met[exact_row].startswith("no: out of reach of a selection made of PyTorch's operations: ")
+    assert "puts the step at 2.00x at least" in next(line for line in page if line.startswith(f"| {exact_row}"))
+    page, met = verdicts(0.1, one_pass_s=0.48)
+    assert met[exact_row] == "no"
 
 
 @pytest.mark.slow

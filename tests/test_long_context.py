@@ -275,12 +275,12 @@ def test_a_fine_tune_of_the_memory_bias_resumes_as_if_never_stopped_and_the_benc
     )
     model, _ = load_huggingface(str(tmp_path / "llama"), torch.device("cpu"))
     handle = Readers(model, settings, capacity=256).handles["memory-fixed"]
-    for name, p in handle.parameters().items():
+    for name, p in handle.memory_parameters().items():
         assert p.tolist() == pytest.approx(whole["parameters"][name])
     with pytest.raises(ValueError, match="memory parameters for another memory: 1 unknown"):
-        handle.load_parameters({**whole["parameters"], "model.layers.7.self_attn.memory_bias": [0.0]})
+        handle.load_memory_parameters({**whole["parameters"], "model.layers.7.self_attn.memory_bias": [0.0]})
     with pytest.raises(ValueError, match=r"holds \(3,\) numbers, this memory \(4,\)"):
-        handle.load_parameters({name: [0.0] * 3 for name in whole["parameters"]})
+        handle.load_memory_parameters({name: [0.0] * 3 for name in whole["parameters"]})
     error = cli_error(
         ["longbench", tmp_path / "llama", "--out", tmp_path / "o", "--quick", "--memory-parameters", tmp_path / "none"]
     )

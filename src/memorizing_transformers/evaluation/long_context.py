@@ -110,7 +110,7 @@ class Readers:
                     fixed_distance=settings.fixed_distance,
                 )
                 if settings.memory_parameters:
-                    self.handles[method].load_parameters(memory_parameters(settings.memory_parameters))
+                    self.handles[method].load_memory_parameters(memory_parameters(settings.memory_parameters))
 
     def fits(self, method: str, length: int) -> bool:
         return method != "full" or length <= self.settings.full_limit

@@ -123,16 +123,16 @@ class MemoryHandle:
             for i, layer in self.layers.items():
                 setattr(layer, flag, before[i])
 
-    def parameters(self) -> dict[str, nn.Parameter]:
+    def memory_parameters(self) -> dict[str, nn.Parameter]:
         """What add_memory added to the model, by their names in `model.named_parameters()`: a
         `memory_bias` (joint) or `memory_gate` (gate) per memory layer, one number per head, the
         handful of numbers a short fine-tune trains."""
         return {name: p for name, p in self.model.named_parameters() if name.endswith(MEMORY_PARAMETERS)}
 
-    def load_parameters(self, values: dict[str, Sequence[float] | torch.Tensor]) -> None:
-        """Set the parameters `parameters` names to `values` (a fine-tune's, by the same names).
+    def load_memory_parameters(self, values: dict[str, Sequence[float] | torch.Tensor]) -> None:
+        """Set the parameters `memory_parameters` names to `values` (a fine-tune's, by the same names).
         Refuses names this model's memory does not have, missing ones and other shapes."""
-        mine = self.parameters()
+        mine = self.memory_parameters()
         if set(values) != set(mine):
             unknown, missing = sorted(set(values) - set(mine)), sorted(set(mine) - set(values))
             raise ValueError(

@@ -65,11 +65,11 @@ def stop() -> None:
     success only: after an error on one rank, the others may be waiting in a collective.
 
     That abort still came, rarely, after this had run: on rank 1 of 2-process FSDP runs, once the
-    interpreter had left the program's code (2 of about 85 runs on a busy machine). FSDP's modules
-    hold their process group and the work of their collectives in reference cycles, freed only by
-    the garbage collector, which can run during teardown: so the garbage is collected here, while
-    the interpreter is whole, and the ranks wait for each other before leaving, so that none tears
-    down its connections while another still works.
+    interpreter had left the program's code (2 of about 85 runs on a busy machine). FSDP's modules,
+    and what they hold of the process group, sit in reference cycles that only the garbage collector
+    frees, and it can run during teardown: so the garbage is collected here, while the interpreter is
+    whole, and the ranks wait for each other before leaving, so that none tears down its connections
+    while another still works.
     """
     global _HOST_GROUP
     if dist.is_available() and dist.is_initialized():
