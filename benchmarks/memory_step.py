@@ -33,8 +33,9 @@ from .common import Case, interleaved, parse_arguments, spread, write_results
 from .search import CACHE_BLOCKS
 from .train_step import QUICK, REFERENCE, our_case, search_products, size_label, variants
 
-# The exact search's product in cache-sized blocks (its FLOP floor's faster cut, see train_step), and the
-# same with each block's scores read once as block_topk's first cut reads them: what any selection adds at least.
+# The exact search's product alone, in cache-sized blocks with one block of keys reused (the cut and the
+# kernel train_step measures its FLOP floor with), and the same with each block's scores then read once by
+# PyTorch's amax over groups of 32, as block_topk's first cut reads them: what one such pass costs.
 SEARCH_PRODUCT = {
     "its product alone (cache-sized blocks)": False,
     "its product and one pass over its scores": True,
