@@ -77,7 +77,7 @@ def part_cases(config: MemorizingConfig, backend: str, batch: int, device: torch
         Case("ours", f"{label}: gather", lambda: gathering.search(queries, config.knn_k), tokens),
         Case("ours", f"{label}: write", lambda: memory.add(segment, segment), tokens),
     ]
-    if backend == "exact":  # the search's product alone, then with the least a selection adds to it
+    if backend == "exact":  # the search's product alone, then with one PyTorch pass over its scores
         for part, first_cut in SEARCH_PRODUCT.items():
             run = search_products(config, batch, config.memory_size, device, CACHE_BLOCKS, first_cut)
             cases.append(Case("ours", f"{label}: {part}", run, tokens))

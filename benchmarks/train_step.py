@@ -263,8 +263,9 @@ def search_products(
 ) -> Callable[[], None]:
     """The products an exact search over `slots` keys runs, in the blocks ExactSearch cuts with
     `elements` (None: its own rule), each written into scores allocated once. With `first_cut`, each
-    block's scores are then read once as block_topk's first cut reads them (their maximum per group
-    of 32): the least that any selection of the best scores adds to the product."""
+    block's scores are then read once by PyTorch's amax over groups of 32, as block_topk's first cut
+    reads them (measured in benchmarks.memory_step: such a pass is no lower bound on the search's
+    selection, it costs more than the whole of it)."""
     generator = torch.Generator().manual_seed(0)
     queries = torch.randn(batch, config.n_heads, config.segment_length, config.head_dim, generator=generator)
     pairs, width = exact.score_blocks(batch * config.n_heads, config.segment_length, slots, config.knn_k, elements)

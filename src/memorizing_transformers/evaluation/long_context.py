@@ -96,6 +96,7 @@ class Readers:
         self.model, self.settings = model, settings
         layers = settings.knn_layers
         layers = list(range(model.config.num_hidden_layers)) if layers is None else list(layers)
+        trained = memory_parameters(settings.memory_parameters) if settings.memory_parameters else None
         self.handles: dict[str, MemoryHandle] = {}
         for method in settings.methods:
             if method.startswith("memory-"):
@@ -109,8 +110,8 @@ class Readers:
                     positions=method.removeprefix("memory-"),
                     fixed_distance=settings.fixed_distance,
                 )
-                if settings.memory_parameters:
-                    self.handles[method].load_memory_parameters(memory_parameters(settings.memory_parameters))
+                if trained is not None:
+                    self.handles[method].load_memory_parameters(trained)
 
     def fits(self, method: str, length: int) -> bool:
         return method != "full" or length <= self.settings.full_limit
