@@ -92,25 +92,18 @@ def rows(out: Path) -> list[tuple[str, str, str, str]]:
     exact_262k = next(r for r in search["exact"] if r["memory_size"] == 262144)
     model_rows = {r["memory_size"]: r for r in search["approximate"] if r["data"].startswith("model keys")}
     recall_65k, ivf_262k = model_rows[65536]["recall_at_k"], model_rows[262144]
-    config, xl_s = steps["config"], by["XL only"]["seconds"]
-    same_run = steps.get("search_matmul_gflops", {})  # measured beside the steps (benchmarks.train_step)
+    xl_s = by["XL only"]["seconds"]
+    floors = steps.get("search_floors", {})  # the exact searches' products, timed in the steps' rounds
 
-    def search_floor(slots: int) -> tuple[str, float, str]:
-        """The step's floor with exact search over `slots` keys: XL only plus the search's matmul alone, at
-        the speed train_step measured beside the steps (else benchmarks.search's). Returns its description
-        and, where the matmul's speed comes from another run on another device, why it is not compared."""
-        flops = 2.0 * train["batch_size"] * config["n_heads"] * config["segment_length"] * slots * config["head_dim"]
-        measured = (r["matmul_gflops"] for r in search["exact"] if r["memory_size"] == slots)
-        gflops = same_run.get(str(slots)) or next(measured, None)
-        if gflops is None:
-            return "", 0.0, f"no matmul speed measured at {slots:,} keys"
-        floor = (xl_s + flops / gflops / 1e9) / xl_s
-        text = f"its search's matmul alone, {flops / 1e9:.0f} GFLOP at {gflops:.0f} GFLOP/s, puts the floor at "
-        text += f"{floor:.2f}x"
-        return text, floor, "" if str(slots) in same_run else unlike(search, train)
+    def floor_of(slots: int) -> str:
+        """The floor the exact search's product alone over `slots` keys puts under the step, and the step over it."""
+        f = floors[str(slots)]
+        return (
+            f"its search's product alone, {f['gflop']:.0f} GFLOP in {f['product_seconds']['median'] * 1e3:.0f} ms "
+            f"({f['product_gflops']:.0f} GFLOP/s) in the same rounds, puts the floor at {f['floor']['median']:.2f}x; "
+            f"the step over XL only plus it: {shown(f['step_over_floor'])}"
+        )
 
-    floor_8k, _, unlike_8k = search_floor(8192)
-    floor_64k, floor, not_comparable = search_floor(65536)
     ratio = {variant: rounds(row, "ratio_to_xl") for variant, row in by.items()}  # to XL only, over rounds
     ivf = ratio["memory 64K IVF + XL"]
     # The floor of IVF at 64K: XL only plus the IVF search alone, as benchmarks.memory_step split the step.
@@ -133,14 +126,18 @@ def rows(out: Path) -> list[tuple[str, str, str, str]]:
         (
             "step, memory 8K exact / XL only",
             "<= 1.15x",
-            shown(ratio["memory 8K"]) + ("" if unlike_8k else f"; {floor_8k}"),
+            shown(ratio["memory 8K"]) + (f"; {floor_of(8192)}" if "8192" in floors else ""),
             verdict(ratio["memory 8K"], 1.15, at_most=True),
         ),
         (
             "step, memory 64K exact / XL only, against its floor",
             "within 10% of the floor",
-            f"{shown(ratio['memory 64K'])}; {floor_64k}{product_text}",
-            not_comparable or verdict(ratio["memory 64K"], 1.10 * floor, at_most=True),
+            f"{shown(ratio['memory 64K'])}; {floor_of(65536)}{product_text}"
+            if "65536" in floors
+            else shown(ratio["memory 64K"]),
+            verdict(floors["65536"]["step_over_floor"], 1.10, at_most=True)
+            if "65536" in floors
+            else "no floor measured: run benchmarks.train_step again",
         ),
         (
             "step, memory 64K IVF + XL / XL only (recall@32 on model keys at 64K)",

@@ -45,7 +45,7 @@ from memorizing_transformers.memory.exact import ExactSearch
 from memorizing_transformers.training.trainer import segment_loss
 
 from . import popular
-from .common import Case, interleaved, median_seconds, parse_arguments, spread, write_results
+from .common import Case, interleaved, parse_arguments, spread, write_results
 from .search import CACHE_BLOCKS
 
 REFERENCE = MemorizingConfig(
@@ -284,15 +284,59 @@ def search_products(
     return run
 
 
-def search_matmul_gflops(config: MemorizingConfig, batch: int, slots: int, device: torch.device) -> float:
-    """GFLOP/s of the product an exact search over `slots` keys runs, measured beside the steps: the
-    speed its FLOP floor in benchmarks.targets is computed at. The product is timed in two cuts, the
-    blocks ExactSearch cuts it into and cache-sized blocks of CACHE_BLOCKS scores, and the faster
-    gives the floor: large blocks write their scores out to memory and read slower, a cost of the
-    search's design that a floor on its FLOPs must not include."""
-    flops = 2.0 * batch * config.n_heads * config.segment_length * config.head_dim * slots
-    products = [search_products(config, batch, slots, device, elements, False) for elements in (None, CACHE_BLOCKS)]
-    return max(flops / median_seconds(run, repeats=3, device=device) / 1e9 for run in products)
+def floor_cases(config: MemorizingConfig, batch: int, sizes: tuple[int, ...], device: torch.device) -> list[Case]:
+    """The products an exact search over each of `sizes` keys runs, as cases timed in the steps' rounds (owner
+    "floor"), in two cuts: the blocks ExactSearch cuts it into and cache-sized blocks of CACHE_BLOCKS scores.
+    Large blocks write their scores out to memory and read slower, a cost of the search's design that a
+    floor on its FLOPs must not include: search_floors takes the faster cut of each round."""
+    cuts = {"its blocks": None, "blocks of 2^21": CACHE_BLOCKS}
+    return [
+        Case("floor", f"product {size_label(n)}, {cut}", search_products(config, batch, n, device, elements, False), 0)
+        for n in sizes
+        for cut, elements in cuts.items()
+    ]
+
+
+def search_floors(
+    cases: list[Case], times: list[list[float]], config: MemorizingConfig, batch: int, sizes: tuple[int, ...]
+) -> dict[str, dict]:
+    """For each exact memory size: its search's product alone per round (the faster cut), its speed, the floor
+    it puts under the step, (XL only + product) / XL only, and the memory row's step over that floor, per
+    round: products and steps timed in the same rounds, so a slow spell of the machine falls on both."""
+    by = {(case.owner, case.variant): t for case, t in zip(cases, times)}
+    xl = by["ours", "XL only"]
+    floors = {}
+    for size in sizes:
+        label = size_label(size)
+        cuts = [t for (owner, variant), t in by.items() if owner == "floor" and variant.startswith(f"product {label},")]
+        product = [min(cut) for cut in zip(*cuts)]  # per round
+        step = by["ours", f"memory {label}"]
+        flops = 2.0 * batch * config.n_heads * config.segment_length * config.head_dim * size
+        floors[str(size)] = {
+            "gflop": flops / 1e9,
+            "product_seconds": spread(product),
+            "product_gflops": flops / statistics.median(product) / 1e9,
+            "floor": spread([(x + p) / x for x, p in zip(xl, product)]),
+            "step_over_floor": spread([s / (x + p) for s, x, p in zip(step, xl, product)]),
+        }
+    return floors
+
+
+def floor_text(floors: dict[str, dict]) -> str:
+    """train_step.md's line on the exact searches' floors."""
+    parts = []
+    for size, f in floors.items():
+        over = f["step_over_floor"]
+        parts.append(
+            f"memory {size_label(int(size))}: {f['gflop']:.1f} GFLOP in {f['product_seconds']['median'] * 1e3:.0f} ms "
+            f"({f['product_gflops']:.0f} GFLOP/s), a floor of {f['floor']['median']:.2f}x XL only; the step "
+            f"{over['median']:.2f}x its floor ({over['low']:.2f}-{over['high']:.2f}x; "
+            f"{over['min']:.2f}-{over['max']:.2f}x)"
+        )
+    return (
+        "The exact search's product alone, timed in the same rounds (median; the step over XL only plus it, per "
+        "round: median, its 95% interval, min-max): " + "; ".join(parts) + "."
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -330,16 +374,18 @@ def main(argv: list[str] | None = None) -> None:
             exact_row = next(label for label in rows if label.startswith(f"memory {size_label(base.memory_size)}"))
             cache_blocks = dict(staggered=staggered, search=ExactSearch(CACHE_BLOCKS))
             cases.append(our_case(f"{exact_row}, blocks of 2^21", rows[exact_row], batch, device, **cache_blocks))
+            sizes = () if staggered else (base.memory_size, large)  # the exact memory rows' floors, in the rounds
+            cases += floor_cases(base, batch, sizes, device)
             if popular.available() and not staggered:
                 cases += popular_cases(base, large, batch, device, resources)
             times = interleaved(cases, rounds, calls, warmup, device)
         rows = rows_of(cases, times, "ours")
-        matmul = {str(n): search_matmul_gflops(base, batch, n, device) for n in (base.memory_size, large)}
+        floors = search_floors(cases, times, base, batch, sizes)
         results["configs"][name] = {
             "config": base.to_dict(),
             "batch_size": batch,
             "rows": rows,
-            "search_matmul_gflops": matmul,
+            "search_floors": floors,
         }
         sections.append(
             f"### {name} configuration (vocab {base.vocab_size:,}), batch {batch} x {base.segment_length}"
@@ -348,6 +394,7 @@ def main(argv: list[str] | None = None) -> None:
                 * staggered
             )
             + f"\n\n{table(rows)}"
+            + (f"\n\n{floor_text(floors)}" if floors else "")
         )
         if any(case.owner == "popular" for case in cases):
             theirs, faster = rows_of(cases, times, "popular"), speedups(cases, times)
