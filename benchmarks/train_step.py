@@ -45,7 +45,7 @@ from memorizing_transformers.memory.exact import ExactSearch
 from memorizing_transformers.training.trainer import segment_loss
 
 from . import popular
-from .common import Case, interleaved, parse_arguments, spread, write_results
+from .common import Case, interleaved, median_seconds, parse_arguments, spread, write_results
 from .search import CACHE_BLOCKS
 
 REFERENCE = MemorizingConfig(
@@ -297,14 +297,26 @@ def floor_cases(config: MemorizingConfig, batch: int, sizes: tuple[int, ...], de
     ]
 
 
+def search_matmul_gflops(config: MemorizingConfig, batch: int, slots: int, device: torch.device) -> float:
+    """GFLOP/s of the product an exact search over `slots` keys runs, timed apart after the rounds, in a loop
+    of its own: the speed its FLOP floor in benchmarks.targets, and so the goal, is computed at (the faster
+    of floor_cases' two cuts). search_floors times the same products in the steps' rounds."""
+    flops = 2.0 * batch * config.n_heads * config.segment_length * config.head_dim * slots
+    cases = floor_cases(config, batch, (slots,), device)
+    return max(flops / median_seconds(case.step, repeats=3, device=device) / 1e9 for case in cases)
+
+
 def search_floors(
     cases: list[Case], times: list[list[float]], config: MemorizingConfig, batch: int, sizes: tuple[int, ...]
 ) -> dict[str, dict]:
-    """For each exact memory size: its search's product alone per round (the faster cut), its speed, the floor
-    it puts under the step, (XL only + product) / XL only, and the memory row's step over that floor, per
-    round: products and steps timed in the same rounds, so a slow spell of the machine falls on both."""
+    """For each exact memory size: its search's product alone per round (the faster cut) and its speed; the
+    floor it puts under the memory row (no XL cache, so the vanilla step plus the product), as a ratio to XL
+    only like the rows; and the memory row's step over that floor. Each per round: products and steps timed in
+    the same rounds, so a slow spell of the machine falls on both."""
+    if not sizes:
+        return {}
     by = {(case.owner, case.variant): t for case, t in zip(cases, times)}
-    xl = by["ours", "XL only"]
+    xl, vanilla = by["ours", "XL only"], by["ours", "vanilla"]
     floors = {}
     for size in sizes:
         label = size_label(size)
@@ -316,8 +328,8 @@ def search_floors(
             "gflop": flops / 1e9,
             "product_seconds": spread(product),
             "product_gflops": flops / statistics.median(product) / 1e9,
-            "floor": spread([(x + p) / x for x, p in zip(xl, product)]),
-            "step_over_floor": spread([s / (x + p) for s, x, p in zip(step, xl, product)]),
+            "floor": spread([(v + p) / x for v, p, x in zip(vanilla, product, xl)]),
+            "step_over_floor": spread([s / (v + p) for s, v, p in zip(step, vanilla, product)]),
         }
     return floors
 
@@ -334,8 +346,9 @@ def floor_text(floors: dict[str, dict]) -> str:
             f"{over['min']:.2f}-{over['max']:.2f}x)"
         )
     return (
-        "The exact search's product alone, timed in the same rounds (median; the step over XL only plus it, per "
-        "round: median, its 95% interval, min-max): " + "; ".join(parts) + "."
+        "The exact search's product alone, timed in the same rounds (median), and the floor it puts under the "
+        "memory row (the vanilla step plus it, over XL only; the row's step over that floor per round: median, its "
+        "95% interval, min-max): " + "; ".join(parts) + "."
     )
 
 
@@ -381,11 +394,13 @@ def main(argv: list[str] | None = None) -> None:
             times = interleaved(cases, rounds, calls, warmup, device)
         rows = rows_of(cases, times, "ours")
         floors = search_floors(cases, times, base, batch, sizes)
+        matmul = {str(n): search_matmul_gflops(base, batch, n, device) for n in (base.memory_size, large)}
         results["configs"][name] = {
             "config": base.to_dict(),
             "batch_size": batch,
             "rows": rows,
-            "search_floors": floors,
+            "search_matmul_gflops": matmul,  # timed apart
+            "search_floors": floors,  # timed in the rounds
         }
         sections.append(
             f"### {name} configuration (vocab {base.vocab_size:,}), batch {batch} x {base.segment_length}"
