@@ -19,6 +19,9 @@ A row gives the median over rounds with the min-max beside it; a ratio is taken 
 (variant and XL only timed minutes apart at most) and summarised the same way. Their
 memory is wiped whole when full, so their memory rows refill it to evenly spaced shares of
 its capacity round by round: over the rounds they cover a whole fill-and-wipe cycle.
+The exact searches' products alone are timed in the same rounds too, for the floor each puts
+under its memory row (benchmarks.targets), and once more apart after the rounds, as the
+exact 64K goal was set.
 
     python -m benchmarks.train_step            # the three configurations
     python -m benchmarks.train_step --rounds 20   # more rounds: narrower intervals
