@@ -287,46 +287,59 @@ def search_products(
     return run
 
 
-def floor_cases(config: MemorizingConfig, batch: int, sizes: tuple[int, ...], device: torch.device) -> list[Case]:
-    """The products an exact search over each of `sizes` keys runs, as cases timed in the steps' rounds (owner
-    "floor"), in two cuts: the blocks ExactSearch cuts it into and cache-sized blocks of CACHE_BLOCKS scores.
-    Large blocks write their scores out to memory and read slower, a cost of the search's design that a
-    floor on its FLOPs must not include: search_floors takes the faster cut of each round."""
+def search_flops(config: MemorizingConfig, batch: int, slots: int) -> float:
+    """The FLOPs of one step's exact search over `slots` keys: each query of each (row, head) against every key."""
+    return 2.0 * batch * config.n_heads * config.segment_length * config.head_dim * slots
+
+
+def floor_cases(
+    config: MemorizingConfig, batch: int, sizes: tuple[int, ...], device: torch.device
+) -> dict[int, list[Case]]:
+    """The products an exact search over each of `sizes` keys runs, as cases (owner "floor"), in two cuts: the
+    blocks ExactSearch cuts it into and cache-sized blocks of CACHE_BLOCKS scores. Large blocks write their
+    scores out to memory and read slower, a cost of the search's design that a floor on its FLOPs must not
+    include: search_floors and search_matmul_gflops take the faster cut."""
     cuts = {"its blocks": None, "blocks of 2^21": CACHE_BLOCKS}
-    return [
-        Case("floor", f"product {size_label(n)}, {cut}", search_products(config, batch, n, device, elements, False), 0)
+    return {
+        n: [
+            Case(
+                "floor",
+                f"product {size_label(n)}, {cut}",
+                search_products(config, batch, n, device, elements, False),
+                0,
+            )
+            for cut, elements in cuts.items()
+        ]
         for n in sizes
-        for cut, elements in cuts.items()
-    ]
+    }
 
 
-def search_matmul_gflops(config: MemorizingConfig, batch: int, slots: int, device: torch.device) -> float:
-    """GFLOP/s of the product an exact search over `slots` keys runs, timed apart after the rounds, in a loop
-    of its own: the speed its FLOP floor in benchmarks.targets, and so the goal, is computed at (the faster
-    of floor_cases' two cuts). search_floors times the same products in the steps' rounds."""
-    flops = 2.0 * batch * config.n_heads * config.segment_length * config.head_dim * slots
-    cases = floor_cases(config, batch, (slots,), device)
-    return max(flops / median_seconds(case.step, repeats=3, device=device) / 1e9 for case in cases)
+def search_matmul_gflops(
+    config: MemorizingConfig, batch: int, slots: int, products: list[Case], device: torch.device
+) -> float:
+    """GFLOP/s of the products (floor_cases') an exact search over `slots` keys runs, timed apart after the
+    rounds, in a loop of their own: the speed its FLOP floor in benchmarks.targets, and so the goal, is
+    computed at (the faster cut). search_floors reads the same products timed in the steps' rounds."""
+    return max(search_flops(config, batch, slots) / median_seconds(c.step, 3, device=device) / 1e9 for c in products)
 
 
 def search_floors(
-    cases: list[Case], times: list[list[float]], config: MemorizingConfig, batch: int, sizes: tuple[int, ...]
+    cases: list[Case], times: list[list[float]], config: MemorizingConfig, batch: int, products: dict[int, list[Case]]
 ) -> dict[str, dict]:
-    """For each exact memory size: its search's product alone per round (the faster cut) and its speed; the
-    floor it puts under the memory row (no XL cache, so the vanilla step plus the product), as a ratio to XL
-    only like the rows; and the memory row's step over that floor. Each per round: products and steps timed in
-    the same rounds, so a slow spell of the machine falls on both."""
-    if not sizes:
+    """For each exact memory size that `products` (floor_cases', timed among `cases`) covers: its search's product
+    alone per round (the faster cut) and its speed; the floor it puts under the memory row (no XL cache, so the
+    vanilla step plus the product), as a ratio to XL only like the rows; and the memory row's step over that
+    floor. Each per round: products and steps timed in the same rounds, so a slow spell of the machine falls on
+    both."""
+    if not products:
         return {}
     by = {(case.owner, case.variant): t for case, t in zip(cases, times)}
     xl, vanilla = by["ours", "XL only"], by["ours", "vanilla"]
     floors = {}
-    for size in sizes:
-        label = size_label(size)
-        cuts = [t for (owner, variant), t in by.items() if owner == "floor" and variant.startswith(f"product {label},")]
-        product = [min(cut) for cut in zip(*cuts)]  # per round
-        step = by["ours", f"memory {label}"]
-        flops = 2.0 * batch * config.n_heads * config.segment_length * config.head_dim * size
+    for size, cuts in products.items():
+        product = [min(cut) for cut in zip(*(by[c.owner, c.variant] for c in cuts))]  # per round
+        step = by["ours", f"memory {size_label(size)}"]
+        flops = search_flops(config, batch, size)
         floors[str(size)] = {
             "gflop": flops / 1e9,
             "product_seconds": spread(product),
@@ -390,14 +403,16 @@ def main(argv: list[str] | None = None) -> None:
             exact_row = next(label for label in rows if label.startswith(f"memory {size_label(base.memory_size)}"))
             cache_blocks = dict(staggered=staggered, search=ExactSearch(CACHE_BLOCKS))
             cases.append(our_case(f"{exact_row}, blocks of 2^21", rows[exact_row], batch, device, **cache_blocks))
-            sizes = () if staggered else (base.memory_size, large)  # the exact memory rows' floors, in the rounds
-            cases += floor_cases(base, batch, sizes, device)
+            sizes = (base.memory_size, large)
+            in_rounds = {} if staggered else floor_cases(base, batch, sizes, device)  # the exact rows' floors
+            cases += [case for cuts in in_rounds.values() for case in cuts]
             if popular.available() and not staggered:
                 cases += popular_cases(base, large, batch, device, resources)
             times = interleaved(cases, rounds, calls, warmup, device)
         rows = rows_of(cases, times, "ours")
-        floors = search_floors(cases, times, base, batch, sizes)
-        matmul = {str(n): search_matmul_gflops(base, batch, n, device) for n in (base.memory_size, large)}
+        floors = search_floors(cases, times, base, batch, in_rounds)
+        products = in_rounds or floor_cases(base, batch, sizes, device)  # the same, timed apart
+        matmul = {str(n): search_matmul_gflops(base, batch, n, cuts, device) for n, cuts in products.items()}
         results["configs"][name] = {
             "config": base.to_dict(),
             "batch_size": batch,
@@ -427,7 +442,8 @@ def main(argv: list[str] | None = None) -> None:
                 + ". Their attention and memory: one key/value head shared by all heads (ours too in the rows "
                 f"marked '{ONE_KV_HEAD[2:]}'), HNSW, the memory wiped whole when full; ours: FIFO."
             )
-        del cases  # this configuration's models and memories, given back to the system before the next's
+        # this configuration's models, memories and score buffers, given back to the system before the next's
+        del cases, in_rounds, products
         release_freed_host_memory()
     text = "\n\n".join(sections)
     print(text)
