@@ -12,6 +12,7 @@ $(STAMP): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -r requirements.txt
 	$(BIN)/pip install --quiet --no-deps -e .
+	$(BIN)/python -c "from memorizing_transformers.memory.cpu_kernel import topk_kernel; topk_kernel()"
 	touch $(STAMP)
 
 demo: setup

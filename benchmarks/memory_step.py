@@ -40,6 +40,8 @@ SEARCH_PRODUCT = {
     "its product alone (cache-sized blocks)": False,
     "its product and one pass over its scores": True,
 }
+# The exact search with PyTorch's ops alone, as where the CPU kernel cannot be built (timed on a CPU).
+TORCH_OPS = "the same search with PyTorch ops alone"
 
 
 class KnownSlots(ExactSearch):
@@ -77,7 +79,19 @@ def part_cases(config: MemorizingConfig, backend: str, batch: int, device: torch
         Case("ours", f"{label}: gather", lambda: gathering.search(queries, config.knn_k), tokens),
         Case("ours", f"{label}: write", lambda: memory.add(segment, segment), tokens),
     ]
-    if backend == "exact":  # the search's product alone, then with one PyTorch pass over its scores
+    if (
+        backend == "exact"
+    ):  # the search without the kernel; its product alone, then with one PyTorch pass over its scores
+        if device.type == "cpu":
+            torch_ops = ExactSearch(kernel=False)
+            cases.append(
+                Case(
+                    "ours",
+                    f"{label}: {TORCH_OPS}",
+                    lambda: torch_ops.search(memory.store, queries, config.knn_k),
+                    tokens,
+                )
+            )
         for part, first_cut in SEARCH_PRODUCT.items():
             run = search_products(config, batch, config.memory_size, device, CACHE_BLOCKS, first_cut)
             cases.append(Case("ours", f"{label}: {part}", run, tokens))
@@ -94,8 +108,9 @@ def breakdown(cases: list[Case], times: list[list[float]], label: str) -> list[d
     named = [("step, XL only", xl), (f"step, {label} + XL", step), ("the memory's cost (the difference)", cost)]
     for name, t in parts.items():
         named.append((f"  {name}", t))
-        if name == "search":  # its product alone and with one pass, where timed: within the search, not beside it
-            named += [(f"    {part}", by[f"{label}: {part}"]) for part in SEARCH_PRODUCT if f"{label}: {part}" in by]
+        if name == "search":  # without the kernel, its product alone and with one pass, where timed: not in the step
+            parts_timed = (TORCH_OPS, *SEARCH_PRODUCT)
+            named += [(f"    {part}", by[f"{label}: {part}"]) for part in parts_timed if f"{label}: {part}" in by]
     named.append(("  the rest: scoring, combination, backward (by subtraction)", rest))
     rows = []
     for name, t in named:

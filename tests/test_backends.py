@@ -1,11 +1,15 @@
 """Search backends: the same neighbours as brute force, FIFO kept identical across backends."""
 
+import os
+import shutil
+
 import faiss
 import pytest
 import torch
 import torch.nn.functional as F
 
 from memorizing_transformers import KNNMemory, MemorizingConfig, MemorizingTransformer
+from memorizing_transformers.memory.cpu_kernel import topk_kernel
 from memorizing_transformers.memory.exact import ExactSearch, block_topk
 from memorizing_transformers.memory.faiss_search import FaissSearch
 from memorizing_transformers.memory.knn_memory import make_backend
@@ -18,7 +22,8 @@ def unit(*shape):
 # "faiss_ivf" with nprobe >= lists searches every list: exact, so it must agree exactly too (with float32
 # stores' lists kept in float32; in fp16, the default, see test_half_lists_of_a_float32_store).
 EXACT_BACKENDS = {
-    "exact": lambda: make_backend("exact"),
+    "exact": lambda: make_backend("exact"),  # on a CPU, the CPU kernel
+    "exact_pytorch_ops": lambda: ExactSearch(kernel=False),
     "faiss_flat": lambda: make_backend("faiss_flat"),
     "faiss_ivf_all_lists": lambda: FaissSearch(ExactSearch(), "ivf", list_size=4, nprobe=1000, half_lists=False),
 }
@@ -56,6 +61,32 @@ def test_exact_backends_return_brute_force_neighbours(backend, dtype):
             torch.testing.assert_close(found.scores[b, h], ref.values, rtol=1e-5, atol=1e-5)
             assert torch.equal(found.slots[b, h], ref.indices)
             assert torch.equal(found.values[b, h], memory.values[b, h][ref.indices])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("query_tile, slot_tile, chunks", [(256, 2048, 1), (3, 32, 1), (4, 17, 3), (1, 5, 40)])
+def test_cpu_kernel_equals_brute_force_in_any_tiles_and_chunks(dtype, query_tile, slot_tile, chunks):
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler: the exact search runs on PyTorch's ops alone")
+    kernel = topk_kernel()
+    assert kernel is not None, "a C++ compiler is present, yet the CPU kernel was not built"
+    batch, heads, dim, capacity, extent, k = 2, 3, 16, 90, 80, 6
+    keys = unit(batch, heads, capacity, dim).to(dtype)
+    valid = torch.rand(batch, capacity) > 0.3
+    valid[:, extent:] = False
+    valid[1, :] = False
+    valid[1, [2, 40, 77]] = True  # fewer entries than k
+    queries = unit(batch, heads, 7, dim)
+    scores, slots = kernel.topk_inner_product(
+        queries.flatten(0, 1), keys.flatten(0, 1), valid, heads, extent, k, query_tile, slot_tile, chunks
+    )
+    scores, slots = scores.view(batch, heads, 7, k), slots.view(batch, heads, 7, k)
+    for b in range(batch):
+        for h in range(heads):
+            ref = brute_force(keys[b, h].float(), valid[b], queries[b, h], k)
+            torch.testing.assert_close(scores[b, h], ref.values, rtol=1e-5, atol=1e-5)
+            found = torch.isfinite(ref.values)
+            assert torch.equal(slots[b, h][found], ref.indices[found]) and not slots[b, h][~found].any()
 
 
 def index_sizes(memory):

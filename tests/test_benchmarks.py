@@ -86,7 +86,7 @@ def test_train_step_benchmark_quick(tmp_path):
         "XL only, 1 kv head",
         "memory 2K + XL, 1 kv head",
         "memory 2K IVF + XL, 1 kv head",
-        "memory 512, blocks of 2^21",  # the exact search's score blocks against cache-sized ones, in the step
+        "memory 512, PyTorch ops",  # the exact search without the CPU kernel, in the step
     ]
     xl = next(r for r in rows if r["variant"] == "XL only")
     assert xl["ratio_to_xl"] == xl["ratio_to_xl_min"] == xl["ratio_to_xl_max"] == 1.0  # a ratio per round, to itself
@@ -101,7 +101,7 @@ def test_train_step_benchmark_quick(tmp_path):
         "memory 512 + XL",
         "memory 2K + XL",
         "memory 2K IVF + XL",
-        "memory 512 + XL, blocks of 2^21",
+        "memory 512 + XL, PyTorch ops",
     ]
 
 
@@ -127,11 +127,12 @@ def test_memory_step_benchmark_quick(tmp_path):
         rest = by["the rest: scoring, combination, backward (by subtraction)"]["round_seconds"]
         # The parts and the rest add up to the memory's cost in every round.
         assert all(abs(sum(p[r] for p in parts) + rest[r] - c) < 1e-9 for r, c in enumerate(cost))
-    # Within the exact search: its product alone, and with one pass over its scores, right under "search".
+    # Within the exact search, right under "search": the same search on PyTorch's ops alone (on a CPU), its
+    # product alone, and with one pass over its scores.
     parts = [r["part"] for r in backends["memory 2K"]]
     at = parts.index("  search")
-    assert parts[at + 1 : at + 3] == ["    " + name for name in memory_step.SEARCH_PRODUCT]
-    assert not any("product" in r["part"] for r in backends["memory 2K IVF"])
+    assert parts[at + 1 : at + 4] == ["    " + name for name in (memory_step.TORCH_OPS, *memory_step.SEARCH_PRODUCT)]
+    assert not any("product" in r["part"] or "PyTorch" in r["part"] for r in backends["memory 2K IVF"])
 
 
 @pytest.mark.slow

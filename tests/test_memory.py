@@ -20,18 +20,22 @@ def brute_force_topk(keys: np.ndarray, queries: np.ndarray, k: int):
     return np.take_along_axis(scores, order, axis=1), order
 
 
-def score_blocks_of(monkeypatch, elements: int) -> None:
-    """The exact search cut into blocks of `elements` scores, however narrow."""
+def exact_search_in_blocks(monkeypatch, elements: int | None) -> exact.ExactSearch:
+    """The exact search: None, the CPU kernel; else PyTorch's ops in blocks of `elements` scores, however narrow."""
+    if elements is None:
+        return exact.ExactSearch()
     monkeypatch.setattr(exact, "_BLOCK_ELEMENTS", elements)
     monkeypatch.setattr(exact, "_MIN_BLOCK_GROUPS", 0)
+    return exact.ExactSearch(kernel=False)
 
 
-# One block; blocks of two (row, head) pairs over every slot; many small blocks of slots, merged.
-@pytest.mark.parametrize("block_elements", [1 << 25, 2 * 7 * 300, 3 * 7 * 50])
+# The CPU kernel; PyTorch's ops in one block, blocks of two (row, head) pairs over every slot, many small blocks
+# of slots, merged.
+@pytest.mark.parametrize("block_elements", [None, 1 << 25, 2 * 7 * 300, 3 * 7 * 50])
 def test_search_equals_brute_force_and_faiss(monkeypatch, block_elements):
-    score_blocks_of(monkeypatch, block_elements)
+    search = exact_search_in_blocks(monkeypatch, block_elements)
     batch, heads, dim, capacity, k = 2, 3, 16, 300, 10
-    memory = KNNMemory(batch, heads, dim, capacity)
+    memory = KNNMemory(batch, heads, dim, capacity, backend=search)
     keys, values = unit(batch, heads, capacity, dim), torch.randn(batch, heads, capacity, dim)
     memory.add(keys, values)
     queries = unit(batch, heads, 7, dim)
@@ -130,11 +134,12 @@ def test_search_skips_slots_never_written():
     assert (found.slots[found.valid] < 7).all()
 
 
-@pytest.mark.parametrize("block_elements", [1 << 25, 7 * 20])  # every pair at once, and blocks of slots
+# The CPU kernel; PyTorch's ops with every pair at once, and in blocks of slots.
+@pytest.mark.parametrize("block_elements", [None, 1 << 25, 7 * 20])
 def test_search_of_partly_filled_rows_equals_brute_force_on_their_entries(monkeypatch, block_elements):
-    score_blocks_of(monkeypatch, block_elements)
+    search = exact_search_in_blocks(monkeypatch, block_elements)
     batch, heads, dim, written, k = 3, 2, 8, 40, 6
-    memory = KNNMemory(batch, heads, dim, capacity=100)
+    memory = KNNMemory(batch, heads, dim, capacity=100, backend=search)
     keys = unit(batch, heads, written, dim)
     kept = torch.ones(batch, written, dtype=torch.bool)
     kept[1, 4:] = False  # row 1 holds 4 entries (fewer than k), row 2 every other one

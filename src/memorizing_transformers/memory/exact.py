@@ -1,16 +1,20 @@
-"""Exact top-k search in torch, batched over rows and heads, on the memory's device.
+"""Exact top-k search, batched over rows and heads, on the memory's device.
 
-Inner products are computed block by block with one matmul per block: whole (row, head)
-pairs over every stored slot where that fits in a block, else blocks of slots with a running
-top-k merged across them, so the (queries x memory) score matrix is never materialised for
-a large store.
+On a CPU, the kernel of cpu_kernel.py multiplies cache-sized tiles and keeps each query's best
+k as it goes. Elsewhere (and on a CPU where the kernel cannot be built) the search is PyTorch
+ops: inner products block by block with one matmul per block, whole (row, head) pairs over
+every stored slot where that fits in a block, else blocks of slots with a running top-k merged
+across them, so the (queries x memory) score matrix is never materialised for a large store.
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .backend import Store
+from .cpu_kernel import topk_kernel
 
 # The largest score block searched at once, in (row-head pairs x queries x slots) elements, on every
 # device. On a CPU, cache-sized blocks (2**21, 8 MiB of fp32 scores) were cheaper at one thread, but
@@ -29,6 +33,9 @@ _MIN_BLOCK_GROUPS = 16
 # than its product. One token's search of 102,400 bf16 keys in 3 heads took 17 ms widened whole, 8.3 ms in
 # slices, on 2 threads (malloc keeping freed memory); the scores are the same to the bit.
 _WIDEN_ELEMENTS = 1 << 20
+# The CPU kernel's tiles: 256 queries x 2048 slots (2 MiB of scores) per product. At a training step's 64K
+# search (16 pairs x 256 queries, 64 dims) these took 314 ms where 256 x 4096 took 333 ms, and PyTorch ops 488.
+_QUERY_TILE, _SLOT_TILE = 256, 2048
 
 
 def score_blocks(pairs: int, queries: int, slots: int, k: int, elements: int | None = None) -> tuple[int, int]:
@@ -97,20 +104,41 @@ def _block_scores(queries: torch.Tensor, block: torch.Tensor, compute_dtype: tor
     return scores.float()
 
 
-class ExactSearch:
-    """Brute-force search over the store itself: no index to keep in sync. `block_elements`: the
-    largest score block searched at once (None: _BLOCK_ELEMENTS; benchmarks.search compares sizes)."""
+def kernel_search(store: Store, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The search by the CPU kernel, for a store on the CPU; None where the kernel cannot be built."""
+    if (kernel := topk_kernel()) is None:
+        return None
+    batch, heads, seq, _ = queries.shape
+    q = queries.float().flatten(0, 1).contiguous()  # (batch * heads, seq, head_dim)
+    keys = store.keys.flatten(0, 1)  # (batch * heads, capacity, head_dim)
+    full = bool(store.valid[:, : store.extent].all())
+    valid = store.valid.new_empty(0) if full else store.valid.contiguous()  # (batch, capacity), or none to read
+    # Few (pair, query tile) tasks (a generated token's search) are split along the slots as well, so
+    # that every thread has work.
+    tasks = batch * heads * math.ceil(seq / _QUERY_TILE)
+    chunks = max(1, min(math.ceil(torch.get_num_threads() / tasks), math.ceil(store.extent / _SLOT_TILE)))
+    scores, slots = kernel.topk_inner_product(q, keys, valid, heads, store.extent, k, _QUERY_TILE, _SLOT_TILE, chunks)
+    return scores.view(batch, heads, seq, k), slots.view(batch, heads, seq, k)
 
-    def __init__(self, block_elements: int | None = None) -> None:
-        self.block_elements = block_elements
+
+class ExactSearch:
+    """Brute-force search over the store itself: no index to keep in sync. `kernel`: on a CPU, search with
+    the CPU kernel where it can be built (False: PyTorch ops alone). `block_elements`: the largest score
+    block PyTorch ops search at once (None: _BLOCK_ELEMENTS; benchmarks.search compares sizes)."""
+
+    def __init__(self, block_elements: int | None = None, kernel: bool = True) -> None:
+        self.block_elements, self.kernel = block_elements, kernel
 
     def exact_scores(self, store: Store) -> bool:
         return True
 
     def __repr__(self) -> str:
-        return "ExactSearch()" if self.block_elements is None else f"ExactSearch(block_elements={self.block_elements})"
+        options = [f"block_elements={self.block_elements}"] * (self.block_elements is not None)
+        return f"ExactSearch({', '.join(options + ['kernel=False'] * (not self.kernel))})"
 
     def search(self, store: Store, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.kernel and store.device.type == "cpu" and (found := kernel_search(store, queries, k)) is not None:
+            return found
         batch, heads, seq, _ = queries.shape
         # CPUs without bf16/fp16 matrix units multiply low precision several times slower
         # than fp32: there, blocks are widened to fp32 before the product.
