@@ -8,7 +8,9 @@ search with the winners' slots already known), and the write of a segment into t
 ring buffer (with the faiss index's remove and add of every overwritten slot). What is left
 of the difference (scoring the winners, the combination with local attention, and the
 backward through the gathered entries) is given by subtraction. Every part is timed in
-the same interleaved rounds (see common.interleaved). On a GPU, the step with its memories in
+the same interleaved rounds (see common.interleaved). Within the exact search, also timed: the same
+search on PyTorch's ops alone (without the CPU kernel, on a CPU), and its product alone, with and
+without one PyTorch pass over its scores. On a GPU, the step with its memories in
 pinned host memory (searched by the CPU, `memory_device="cpu"`) is timed beside them.
 
     python -m benchmarks.memory_step            # the reference configuration
@@ -31,7 +33,7 @@ from memorizing_transformers.memory.knn_memory import make_backend
 
 from .common import Case, interleaved, parse_arguments, spread, write_results
 from .search import CACHE_BLOCKS
-from .train_step import QUICK, REFERENCE, our_case, search_products, size_label, variants
+from .train_step import QUICK, REFERENCE, our_case, search_flops, search_products, size_label, variants
 
 # The exact search's product alone, in cache-sized blocks with one block of keys reused (the cut and the
 # kernel train_step measures its FLOP floor with), and the same with each block's scores then read once by
@@ -183,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         "warmup_steps": warmup,
         "config": base.to_dict(),
         "memory_size": large,
+        "search_gflop": search_flops(base, batch, large) / 1e9,  # an exact search's product over every slot
         "backends": {label: breakdown(cases, times, label) for label in labels},
         "host_memory": host_rows(cases, times, hosted),
     }

@@ -92,14 +92,14 @@ def rows(out: Path) -> list[tuple[str, str, str, str]]:
     exact_262k = next(r for r in search["exact"] if r["memory_size"] == 262144)
     model_rows = {r["memory_size"]: r for r in search["approximate"] if r["data"].startswith("model keys")}
     recall_65k, ivf_262k = model_rows[65536]["recall_at_k"], model_rows[262144]
-    config, xl_s = steps["config"], by["XL only"]["seconds"]
+    xl_s = by["XL only"]["seconds"]
     same_run = steps.get("search_matmul_gflops", {})  # measured beside the steps (benchmarks.train_step)
 
     def search_floor(slots: int) -> tuple[str, float, str]:
         """The step's floor with exact search over `slots` keys: XL only plus the search's matmul alone, at
         the speed train_step measured beside the steps (else benchmarks.search's). Returns its description
         and, where the matmul's speed comes from another run on another device, why it is not compared."""
-        flops = 2.0 * train["batch_size"] * config["n_heads"] * config["segment_length"] * slots * config["head_dim"]
+        flops = steps["search_floors"][str(slots)]["gflop"] * 1e9
         measured = (r["matmul_gflops"] for r in search["exact"] if r["memory_size"] == slots)
         gflops = same_run.get(str(slots)) or next(measured, None)
         if gflops is None:
@@ -115,16 +115,14 @@ def rows(out: Path) -> list[tuple[str, str, str, str]]:
     # The same product timed in the steps' rounds, with the memoryless step: the floor under the row as it runs
     # there. Its interval's low end past the goal (set from the product timed apart) leaves no selection fast
     # enough to meet it.
-    in_rounds = steps.get("search_floors", {}).get("65536")
-    rounds_text, rounds_reach = "", ""
-    if in_rounds:
-        rounds_text = (
-            f"; timed in the same rounds the product alone took {in_rounds['product_seconds']['median'] * 1e3:.0f} "
-            f"ms ({in_rounds['product_gflops']:.0f} GFLOP/s); with the vanilla step, a floor of "
-            f"{shown(in_rounds['floor'])}"
-        )
-        low = interval(in_rounds["floor"])[0]
-        rounds_reach = out_of_reach(low, 1.10 * floor, True, ratio["memory 64K"]["median"], "PyTorch's product")
+    in_rounds = steps["search_floors"]["65536"]
+    rounds_text = (
+        f"; timed in the same rounds the product alone took {in_rounds['product_seconds']['median'] * 1e3:.0f} "
+        f"ms ({in_rounds['product_gflops']:.0f} GFLOP/s); with the vanilla step, a floor of "
+        f"{shown(in_rounds['floor'])}"
+    )
+    low = interval(in_rounds["floor"])[0]
+    rounds_reach = out_of_reach(low, 1.10 * floor, True, ratio["memory 64K"]["median"], "PyTorch's product")
     ivf = ratio["memory 64K IVF + XL"]
     # The floor of IVF at 64K: XL only plus the IVF search alone, as benchmarks.memory_step split the step.
     memory_step = json.loads((out / "memory_step.json").read_text())
@@ -135,12 +133,9 @@ def rows(out: Path) -> list[tuple[str, str, str, str]]:
     product = exact_parts.get("its product alone (cache-sized blocks)")
     product_text = ""
     if product is not None:
-        shape = memory_step["config"]
-        flops_64k = 2.0 * memory_step["batch_size"] * shape["n_heads"] * shape["segment_length"] * shape["head_dim"]
-        flops_64k *= memory_step["memory_size"]
         product_text = (
             f"; in benchmarks.memory_step's rounds the search took {exact_parts['search'] * 1e3:.0f} ms and its "
-            f"product alone {product * 1e3:.0f} ms ({flops_64k / product / 1e9:.0f} GFLOP/s)"
+            f"product alone {product * 1e3:.0f} ms ({memory_step['search_gflop'] / product:.0f} GFLOP/s)"
         )
     table = [
         (

@@ -2,6 +2,8 @@
 
 import os
 import shutil
+import subprocess
+import sys
 
 import faiss
 import pytest
@@ -87,6 +89,21 @@ def test_cpu_kernel_equals_brute_force_in_any_tiles_and_chunks(dtype, query_tile
             torch.testing.assert_close(scores[b, h], ref.values, rtol=1e-5, atol=1e-5)
             found = torch.isfinite(ref.values)
             assert torch.equal(slots[b, h][found], ref.indices[found]) and not slots[b, h][~found].any()
+
+
+@pytest.mark.slow
+def test_cpu_kernel_is_built_on_first_use_past_a_killed_builds_lock_then_imported_as_built(tmp_path):
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler: the exact search runs on PyTorch's ops alone")
+    env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
+    # PyTorch's builder waits for its lock file to go away: one left by a killed build must not hang the next.
+    stale_lock = "name, library = cpu_kernel.library_path(); library.parent.mkdir(parents=True); "
+    stale_lock += "(library.parent / 'lock').touch(); "
+    for setup, built in ((stale_lock, True), ("", False)):
+        code = f"from memorizing_transformers.memory import cpu_kernel; {setup}assert cpu_kernel.topk_kernel()"
+        run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr
+        assert ("compiling the exact search's CPU kernel" in run.stderr) == built, run.stderr
 
 
 def index_sizes(memory):

@@ -1,11 +1,17 @@
 """The exact search's CPU kernel (topk_kernel.cpp), compiled on first use by PyTorch's extension
-builder and cached by it (in $TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions): `make setup`
-compiles it once, about a minute. Where it cannot be built (no C++ compiler), the exact search
-runs on PyTorch ops alone, with one warning saying why.
+builder, once per source, flags, torch and Python version, into $TORCH_EXTENSIONS_DIR (else
+~/.cache/torch_extensions): `make setup` compiles it, about a minute. Where it cannot be built
+(no C++ compiler), the exact search runs on PyTorch ops alone, with one warning saying why.
+
+A build that is killed leaves no stale lock behind: builds take a lock the system releases with
+the process (filelock), and a later one goes ahead. A built kernel is imported straight from its
+library, with no lock at all.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
 import shutil
 import sys
@@ -13,41 +19,67 @@ import warnings
 from pathlib import Path
 from types import ModuleType
 
-_NAME = "memorizing_transformers_topk"
 _SOURCE = Path(__file__).with_name("topk_kernel.cpp")
+_FLAGS = ["-O3", "-fopenmp"]
 _loaded: dict[str, ModuleType | None] = {}
 
 
-def _build() -> ModuleType:
+def _import(name: str, library: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, library)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def library_path() -> tuple[str, Path]:
+    """The kernel's module name and where its library is (or will be) built."""
+    import torch
     from torch.utils import cpp_extension
 
+    identity = [_SOURCE.read_text(), *_FLAGS, torch.__version__, sys.version]
+    name = "memorizing_transformers_topk_" + hashlib.sha256("\0".join(identity).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or cpp_extension.get_default_build_root())
+    return name, root / name / f"{name}.so"
+
+
+def _build() -> ModuleType:
+    from filelock import FileLock
+    from torch.utils import cpp_extension
+
+    name, library = library_path()
+    if library.exists():
+        return _import(name, library)
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise RuntimeError("no C++ compiler on PATH (install g++, or set CXX)")
-    root = Path(os.environ.get("TORCH_EXTENSIONS_DIR", cpp_extension.get_default_build_root()))
-    if not any(root.glob(f"**/{_NAME}*.so")):
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(library.parent.with_suffix(".lock")):
+        if library.exists():  # built by another process meanwhile
+            return _import(name, library)
         print("compiling the exact search's CPU kernel, once (about a minute)", file=sys.stderr, flush=True)
-    # The ninja that PyTorch's builder runs may be the one installed beside this interpreter.
-    path = os.environ.get("PATH", "")
-    os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
-    try:
-        return cpp_extension.load(
-            _NAME, [str(_SOURCE)], extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"], verbose=False
-        )
-    finally:
-        os.environ["PATH"] = path
+        (library.parent / "lock").unlink(missing_ok=True)  # PyTorch's own lock, left by a build that was killed
+        # The ninja that PyTorch's builder runs may be the one installed beside this interpreter.
+        path = os.environ.get("PATH", "")
+        os.environ["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), path])
+        try:
+            return cpp_extension.load(
+                name, [str(_SOURCE)], extra_cflags=_FLAGS, extra_ldflags=["-fopenmp"],
+                build_directory=str(library.parent), verbose=False,
+            )  # fmt: skip
+        finally:
+            os.environ["PATH"] = path
 
 
 def topk_kernel() -> ModuleType | None:
     """The compiled kernel module, or None where it cannot be built (warned about once)."""
-    if _NAME not in _loaded:
+    if "topk" not in _loaded:
         try:
-            _loaded[_NAME] = _build()
+            _loaded["topk"] = _build()
         except Exception as error:  # a missing compiler or a failed build: the PyTorch search still works
             reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
             warnings.warn(
                 f"the exact search's CPU kernel could not be built ({reason}); "
-                "searching with PyTorch ops instead (about 1.5x slower at 64K entries)",
+                "searching with PyTorch ops instead (about 1.3x slower at 64K entries)",
                 stacklevel=2,
             )
-            _loaded[_NAME] = None
-    return _loaded[_NAME]
+            _loaded["topk"] = None
+    return _loaded["topk"]

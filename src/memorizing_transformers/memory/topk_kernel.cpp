@@ -18,6 +18,8 @@
 
 namespace {
 
+constexpr int64_t kRun = 32;  // scores compared with a heap's root at once
+
 // Push (score, slot) into a min-heap of k entries rooted at scores[0], replacing the root.
 inline void replace_root(float* scores, int64_t* slots, int64_t k, float score, int64_t slot) {
   int64_t parent = 0;
@@ -88,10 +90,18 @@ std::vector<torch::Tensor> topk_inner_product(
           int64_t* heap_slot = where + i * k;
           const float* row = score + i * width;
           float root = heap[0];
-          for (int64_t j = 0; j < width; ++j) {
-            if (row[j] > root && (!masked || ok[start + j])) {
-              replace_root(heap, heap_slot, k, row[j], start + j);
-              root = heap[0];
+          // Runs of kRun scores are first counted against the root, a loop the compiler vectorises; only a
+          // run with a score above it (rare after the first tiles) is read again one score at a time.
+          for (int64_t j = 0; j < width; j += kRun) {
+            const int64_t end = std::min(width, j + kRun);
+            int hits = 0;
+            for (int64_t t = j; t < end; ++t) hits += row[t] > root;
+            if (hits == 0) continue;
+            for (int64_t t = j; t < end; ++t) {
+              if (row[t] > root && (!masked || ok[start + t])) {
+                replace_root(heap, heap_slot, k, row[t], start + t);
+                root = heap[0];
+              }
             }
           }
         }
