@@ -189,6 +189,15 @@ def test_targets_table_reads_the_measured_figures(tmp_path):
     def faster(median, low, high):
         return {"median": median, "min": low, "max": high}
 
+    def floor(gflop, median, low, high):
+        """An exact search's product timed in the steps' rounds (0.5 s) and the floor it puts under its row."""
+        return {
+            "gflop": gflop,
+            "product_seconds": {"median": 0.5, "min": 0.45, "max": 0.55},
+            "product_gflops": gflop / 0.5,
+            "floor": {"median": median, "min": low - 0.05, "max": high + 0.05, "low": low, "high": high},
+        }
+
     (tmp_path / "train_step.json").write_text(
         json.dumps(
             {
@@ -205,6 +214,7 @@ def test_targets_table_reads_the_measured_figures(tmp_path):
                             step("memory 64K IVF + XL", 1.28, 1.20, 1.36),
                             step("memory 64K IVF", 1.2, 1.1, 1.3),
                         ],
+                        "search_floors": {"8192": floor(4.295, 0.9, 0.8, 1.0), "65536": floor(34.36, 1.0, 0.9, 1.1)},
                         "tokens_per_s_vs_popular": {
                             "memory 64K IVF + XL": faster(1.6, 1.52, 1.7),
                             "memory 64K IVF": faster(1.4, 1.3, 1.45),
@@ -252,7 +262,7 @@ def test_targets_table_reads_the_measured_figures(tmp_path):
                 {"part": "  search", "seconds": exact_s[0]},
                 {"part": "    its product alone (cache-sized blocks)", "seconds": exact_s[1]},
             ]
-            run.update(batch_size=4, memory_size=65536, config={"n_heads": 4, "segment_length": 256, "head_dim": 64})
+            run["search_gflop"] = 34.36
         (tmp_path / "memory_step.json").write_text(json.dumps(run))
         targets.main(["--out", str(tmp_path)])
         page = (tmp_path / "targets.md").read_text().splitlines()
@@ -314,14 +324,7 @@ def test_targets_table_reads_the_measured_figures(tmp_path):
     # The product timed in the steps' rounds: a floor whose interval lies past the goal (1.10 x 1.72x) puts the
     # goal out of reach of any selection; one that straddles it leaves the verdict to the rounds.
     def in_rounds(low, median, high):
-        train_json["configs"]["reference"]["search_floors"] = {
-            "65536": {
-                "gflop": 34.4,
-                "product_seconds": {"median": 0.5, "min": 0.45, "max": 0.55},
-                "product_gflops": 68.7,
-                "floor": {"median": median, "min": low - 0.05, "max": high + 0.05, "low": low, "high": high},
-            }
-        }
+        train_json["configs"]["reference"]["search_floors"]["65536"] = floor(34.36, median, low, high)
         (tmp_path / "train_step.json").write_text(json.dumps(train_json))
         return verdicts(0.1)
 
@@ -331,6 +334,12 @@ def test_targets_table_reads_the_measured_figures(tmp_path):
     assert exact_row.endswith("| no: out of reach of PyTorch's product, its floor 1.95x misses the goal |")
     page, met = in_rounds(1.85, 2.0, 2.1)
     assert met["step, memory 64K exact / XL only, against its floor"] == "no"
+    # A step below the floor PyTorch's product puts under it (1.5x under 1.72x): met, and the row says why.
+    train_json["configs"]["reference"]["rows"][3] = step("memory 64K", 1.5, 1.45, 1.55)
+    page, met = in_rounds(1.0, 1.1, 1.2)
+    exact_row = next(line for line in page if line.startswith("| step, memory 64K exact"))
+    assert "the step beats that floor: the floor is PyTorch's product timed alone" in exact_row
+    assert exact_row.endswith("| yes |")
 
 
 @pytest.mark.slow
