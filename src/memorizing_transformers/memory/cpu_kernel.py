@@ -48,13 +48,19 @@ def _build() -> ModuleType:
 
     name, library = library_path()
     if library.exists():
-        return _import(name, library)
+        try:
+            return _import(name, library)
+        except ImportError:  # a library half-written by a killed build: built again below
+            pass
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         raise RuntimeError("no C++ compiler on PATH (install g++, or set CXX)")
     library.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(library.parent.with_suffix(".lock")):
-        if library.exists():  # built by another process meanwhile
-            return _import(name, library)
+        if library.exists():  # built by another process meanwhile, or half-written by a killed build
+            try:
+                return _import(name, library)
+            except ImportError:
+                library.unlink()
         print("compiling the exact search's CPU kernel, once (about a minute)", file=sys.stderr, flush=True)
         (library.parent / "lock").unlink(missing_ok=True)  # PyTorch's own lock, left by a build that was killed
         # The ninja that PyTorch's builder runs may be the one installed beside this interpreter.
