@@ -92,13 +92,14 @@ def test_cpu_kernel_equals_brute_force_in_any_tiles_and_chunks(dtype, query_tile
 
 
 @pytest.mark.slow
-def test_cpu_kernel_is_built_on_first_use_past_a_killed_builds_lock_then_imported_as_built(tmp_path):
+def test_cpu_kernel_is_built_on_first_use_past_a_killed_builds_leftovers_then_imported_as_built(tmp_path):
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler: the exact search runs on PyTorch's ops alone")
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
-    # PyTorch's builder waits for its lock file to go away: one left by a killed build must not hang the next.
+    # PyTorch's builder waits for its lock file to go away: one left by a killed build must not hang the next;
+    # nor may the library it left half-written keep the kernel from being built.
     stale_lock = "name, library = cpu_kernel.library_path(); library.parent.mkdir(parents=True); "
-    stale_lock += "(library.parent / 'lock').touch(); "
+    stale_lock += "(library.parent / 'lock').touch(); library.write_bytes(b'half written'); "
     for setup, built in ((stale_lock, True), ("", False)):
         code = f"from memorizing_transformers.memory import cpu_kernel; {setup}assert cpu_kernel.topk_kernel()"
         run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
