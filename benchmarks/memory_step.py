@@ -81,19 +81,12 @@ def part_cases(config: MemorizingConfig, backend: str, batch: int, device: torch
         Case("ours", f"{label}: gather", lambda: gathering.search(queries, config.knn_k), tokens),
         Case("ours", f"{label}: write", lambda: memory.add(segment, segment), tokens),
     ]
-    if (
-        backend == "exact"
-    ):  # the search without the kernel; its product alone, then with one PyTorch pass over its scores
+    # Exact: the same search without the kernel; its product alone, then with one PyTorch pass over its scores.
+    if backend == "exact":
         if device.type == "cpu":
             torch_ops = ExactSearch(kernel=False)
-            cases.append(
-                Case(
-                    "ours",
-                    f"{label}: {TORCH_OPS}",
-                    lambda: torch_ops.search(memory.store, queries, config.knn_k),
-                    tokens,
-                )
-            )
+            run = lambda: torch_ops.search(memory.store, queries, config.knn_k)  # noqa: E731
+            cases.append(Case("ours", f"{label}: {TORCH_OPS}", run, tokens))
         for part, first_cut in SEARCH_PRODUCT.items():
             run = search_products(config, batch, config.memory_size, device, CACHE_BLOCKS, first_cut)
             cases.append(Case("ours", f"{label}: {part}", run, tokens))
