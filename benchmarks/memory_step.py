@@ -1,11 +1,11 @@
 """Where a memory layer's training-step time goes, at 64K entries with XL.
 
 The step of `benchmarks.train_step`'s reference configuration (batch 4 x 256, 4 heads x 64,
-k 32) with a full 64K memory, with `faiss_ivf` and with exact search, against XL only; the
+k 32) with a full 64K memory, with the `ivf` backend and with exact search, against XL only; the
 memory's share of the step is split into the parts timed on their own at the same shapes:
 the search (the backend alone), the gather of the winners' keys and values (the memory's
 search with the winners' slots already known), and the write of a segment into the full
-ring buffer (with the faiss index's remove and add of every overwritten slot). What is left
+ring buffer (with the IVF lists of the keys written). What is left
 of the difference (scoring the winners, the combination with local attention, and the
 backward through the gathered entries) is given by subtraction. Every part is timed in
 the same interleaved rounds (see common.interleaved). Within the exact search, also timed: the same
@@ -33,7 +33,7 @@ from memorizing_transformers.memory.knn_memory import make_backend
 
 from .common import Case, interleaved, parse_arguments, spread, write_results
 from .search import CACHE_BLOCKS
-from .train_step import QUICK, REFERENCE, our_case, search_flops, search_products, size_label, variants
+from .train_step import IVF, QUICK, REFERENCE, our_case, search_flops, search_products, size_label, variants
 
 # The exact search's product alone, in cache-sized blocks with one block of keys reused (the cut and the
 # kernel train_step measures its FLOP floor with), and the same with each block's scores then read once by
@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     configs = variants(base, large)
     size = size_label(large)
-    labels = {f"memory {size} IVF": "faiss_ivf", f"memory {size}": "exact"}
+    labels = {f"memory {size} IVF": IVF, f"memory {size}": "exact"}
     cases = [our_case("XL only", configs["XL only"], batch, device)]
     for label, backend in labels.items():
         cases.append(our_case(f"{label} + XL", configs[f"{label} + XL"], batch, device))

@@ -8,7 +8,7 @@ model (experiments/grid.py) at 16 rows of 128 tokens, whose rows' memories hold 
 shares of their capacity, as a stream of documents leaves them (each row emptied at its
 document's end). Elsewhere our memories are filled to capacity before timing, so every
 search covers the whole memory (steady state). Rows marked IVF use the approximate
-`faiss_ivf` backend; the others search exactly, on a CPU with the CPU kernel (memory/cpu_kernel.py),
+`ivf` backend; the others search exactly, on a CPU with the CPU kernel (memory/cpu_kernel.py),
 and the rows marked "PyTorch ops" search with PyTorch's ops alone, as where the kernel cannot be
 built (what the kernel saves is measured here, in the step itself). When memorizing-transformers-pytorch
 0.4.1 is installed (see benchmarks/popular.py), its steps are timed in the same rounds.
@@ -98,6 +98,7 @@ def size_label(n: int) -> str:
 
 
 ONE_KV_HEAD = ", 1 kv head"  # the label of our rows shaped as theirs
+IVF = "ivf"  # the backend of the rows marked IVF
 
 
 def variants(base: MemorizingConfig, large_memory: int) -> dict[str, MemorizingConfig]:
@@ -105,7 +106,7 @@ def variants(base: MemorizingConfig, large_memory: int) -> dict[str, MemorizingC
     MemorizingConfig.n_kv_heads=1), which is how the popular implementation's attention and memory are
     built: the same model as theirs, for a like-for-like comparison."""
     small, large = size_label(base.memory_size), size_label(large_memory)
-    ivf = dict(memory_size=large_memory, memory_backend="faiss_ivf")
+    ivf = dict(memory_size=large_memory, memory_backend=IVF)
     rows = {
         "vanilla": dataclasses.replace(base, xl_length=0, knn_layers=()),
         "XL only": dataclasses.replace(base, knn_layers=()),
@@ -126,7 +127,7 @@ def document_variants(base: MemorizingConfig, large_memory: int) -> dict[str, Me
         "XL only": dataclasses.replace(base, knn_layers=()),
         f"memory {small} + XL": base,
         f"memory {large} + XL": dataclasses.replace(base, memory_size=large_memory),
-        f"memory {large} IVF + XL": dataclasses.replace(base, memory_size=large_memory, memory_backend="faiss_ivf"),
+        f"memory {large} IVF + XL": dataclasses.replace(base, memory_size=large_memory, memory_backend=IVF),
     }
 
 

@@ -14,6 +14,7 @@ from memorizing_transformers import KNNMemory, MemorizingConfig, MemorizingTrans
 from memorizing_transformers.memory.cpu_kernel import topk_kernel
 from memorizing_transformers.memory.exact import ExactSearch, block_topk
 from memorizing_transformers.memory.faiss_search import FaissSearch
+from memorizing_transformers.memory.ivf import IVFSearch
 from memorizing_transformers.memory.knn_memory import make_backend
 
 
@@ -21,14 +22,23 @@ def unit(*shape):
     return F.normalize(torch.randn(*shape), dim=-1)
 
 
-# "faiss_ivf" with nprobe >= lists searches every list: exact, so it must agree exactly too (with float32
-# stores' lists kept in float32; in fp16, the default, see test_half_lists_of_a_float32_store).
+# The IVF backends with nprobe >= lists search every list: exact, so they must agree exactly too ("faiss_ivf" with
+# float32 stores' lists kept in float32; in fp16, the default, see test_half_lists_of_a_float32_store).
 EXACT_BACKENDS = {
     "exact": lambda: make_backend("exact"),  # on a CPU, the CPU kernel
     "exact_pytorch_ops": lambda: ExactSearch(kernel=False),
     "faiss_flat": lambda: make_backend("faiss_flat"),
     "faiss_ivf_all_lists": lambda: FaissSearch(ExactSearch(), "ivf", list_size=4, nprobe=1000, half_lists=False),
+    "ivf_all_lists": lambda: IVFSearch(ExactSearch(), list_size=4, nprobe=1000),
 }
+
+
+def needs_compiler():
+    if shutil.which(os.environ.get("CXX", "c++")) is None:
+        pytest.skip("no C++ compiler: the exact search runs on PyTorch's ops alone")
+    kernel = topk_kernel()
+    assert kernel is not None, "a C++ compiler is present, yet the CPU kernel was not built"
+    return kernel
 
 
 @pytest.mark.parametrize("width", [64 * 32, 64 * 32 + 5, 100])
@@ -68,10 +78,7 @@ def test_exact_backends_return_brute_force_neighbours(backend, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("query_tile, slot_tile, chunks", [(256, 2048, 1), (3, 32, 1), (4, 17, 3), (1, 5, 40)])
 def test_cpu_kernel_equals_brute_force_in_any_tiles_and_chunks(dtype, query_tile, slot_tile, chunks):
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("no C++ compiler: the exact search runs on PyTorch's ops alone")
-    kernel = topk_kernel()
-    assert kernel is not None, "a C++ compiler is present, yet the CPU kernel was not built"
+    kernel = needs_compiler()
     batch, heads, dim, capacity, extent, k = 2, 3, 16, 90, 80, 6
     keys = unit(batch, heads, capacity, dim).to(dtype)
     valid = torch.rand(batch, capacity) > 0.3
@@ -91,6 +98,52 @@ def test_cpu_kernel_equals_brute_force_in_any_tiles_and_chunks(dtype, query_tile
             assert torch.equal(slots[b, h][found], ref.indices[found]) and not slots[b, h][~found].any()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("slot_tile, chunks", [(2048, 1), (5, 1), (3, 4), (7, 50)])
+def test_cpu_ivf_kernel_equals_brute_force_over_the_probed_lists(dtype, slot_tile, chunks):
+    kernel = needs_compiler()
+    pairs, seq, dim, capacity, lists, nprobe, k = 4, 9, 16, 120, 10, 3, 6
+    index = kernel.InvertedLists(pairs, lists, capacity, dim, dtype)
+    lists_of = torch.full((pairs, capacity), -1)
+    for _ in range(3):  # slots written again and again move between lists
+        keys = unit(pairs, capacity, dim).to(dtype)
+        lists_of = torch.randint(0, lists, (pairs, capacity))
+        pair, slot = torch.meshgrid(torch.arange(pairs), torch.arange(capacity), indexing="ij")
+        index.assign(pair.flatten(), slot.flatten(), lists_of.flatten(), keys.flatten(0, 1))
+    index.clear(torch.tensor([1]))
+    lists_of[1] = -1
+    few = torch.tensor([0, 40, 80])  # pair 1 holds 3 entries: fewer than k
+    index.assign(torch.ones(3, dtype=torch.long), few, torch.zeros(3, dtype=torch.long), keys[1, few])
+    lists_of[1, few] = 0
+    assert torch.equal(index.lists_of(), lists_of) and index.sizes().tolist() == [capacity, 3, capacity, capacity]
+    queries = unit(pairs, seq, dim)
+    probes = torch.stack([torch.randperm(lists)[:nprobe] for _ in range(pairs * seq)]).view(pairs, seq, nprobe)
+    probes[1] = 0  # every probe on the same list: its entries are offered once
+    probes[2] = -1  # a pair probing nothing
+    scores, slots = index.search(queries, probes, k, slot_tile, chunks)
+    for pair in range(pairs):
+        probed = (lists_of[pair, None, :, None] == probes[pair, :, None, :]).any(-1) & (lists_of[pair] >= 0)
+        ref = (queries[pair] @ keys[pair].float().T).masked_fill(~probed, float("-inf")).topk(k, dim=-1)
+        torch.testing.assert_close(scores[pair], ref.values, rtol=1e-5, atol=1e-5)
+        found = torch.isfinite(ref.values)
+        assert torch.equal(slots[pair][found], ref.indices[found]) and not slots[pair][~found].any()
+    assert (torch.isfinite(scores[1]).sum(-1) == 3).all() and not torch.isfinite(scores[2]).any()
+
+
+def test_ivf_backend_without_its_kernel_searches_exactly(monkeypatch):
+    import memorizing_transformers.memory.ivf as ivf
+
+    monkeypatch.setattr(ivf, "topk_kernel", lambda: None)  # no compiler, or a store off the CPU
+    memory = KNNMemory(2, 2, 8, capacity=64, backend=make_backend("ivf", ivf_list_size=4, ivf_nprobe=1))
+    reference = KNNMemory(2, 2, 8, capacity=64)
+    keys = unit(2, 2, 80, 8)
+    for m in (memory, reference):
+        m.add(keys, keys)
+    assert memory.backend.trained.all()  # its lists are kept, and not used
+    queries = unit(2, 2, 6, 8)
+    assert torch.equal(memory.search(queries, 8).slots, reference.search(queries, 8).slots)
+
+
 @pytest.mark.slow
 def test_cpu_kernel_is_built_on_first_use_past_a_killed_builds_leftovers_then_imported_as_built(tmp_path):
     if shutil.which(os.environ.get("CXX", "c++")) is None:
@@ -107,12 +160,23 @@ def test_cpu_kernel_is_built_on_first_use_past_a_killed_builds_leftovers_then_im
         assert ("compiling the exact search's CPU kernel" in run.stderr) == built, run.stderr
 
 
+def trained_rows(backend):
+    """Which rows an IVF backend has trained lists for."""
+    if isinstance(backend, IVFSearch):
+        return backend.trained.tolist()
+    return [row is not None for row in backend.indices]
+
+
 def index_sizes(memory):
     """Entries in each (row, head) index; None for a row whose IVF lists are not trained yet."""
-    return [None if row is None else [index.ntotal for index in row] for row in memory.backend.indices]
+    backend = memory.backend
+    if isinstance(backend, IVFSearch):
+        held = backend.index.sizes().view(len(backend.trained), -1).tolist()  # (batch, heads)
+        return [sizes if trained else None for sizes, trained in zip(held, trained_rows(backend))]
+    return [None if row is None else [index.ntotal for index in row] for row in backend.indices]
 
 
-@pytest.mark.parametrize("backend", ["faiss_flat", "faiss_ivf_all_lists"])
+@pytest.mark.parametrize("backend", ["faiss_flat", "faiss_ivf_all_lists", "ivf_all_lists"])
 def test_fifo_wrap_around_and_resets_identical_across_backends(backend):
     batch, heads, dim, capacity, k = 3, 2, 8, 64, 5
     reference = KNNMemory(batch, heads, dim, capacity)
@@ -159,18 +223,20 @@ def clustered(n, dim, centres, generator):
     return F.normalize(centres[pick] + torch.randn(n, dim, generator=generator) / dim**0.5, dim=-1)
 
 
-def test_ivf_recall_on_clustered_keys_stays_high_through_fifo_eviction():
+@pytest.mark.parametrize("name", ["faiss_ivf", "ivf"])
+def test_ivf_recall_on_clustered_keys_stays_high_through_fifo_eviction(name):
     generator = torch.Generator().manual_seed(0)
     heads, dim, capacity, k = 2, 32, 4096, 32
     centres = F.normalize(torch.randn(64, dim, generator=generator), dim=-1)
     exact_memory = KNNMemory(1, heads, dim, capacity)
-    backend = make_backend("faiss_ivf", ivf_list_size=128, ivf_nprobe=8)  # 32 lists
+    backend = make_backend(name, ivf_list_size=128, ivf_nprobe=8)  # 32 lists
     ivf = KNNMemory(1, heads, dim, capacity, backend=backend)
     for _ in range(24):  # 6,144 writes: the ring wraps, the index follows
         keys = clustered(heads * 256, dim, centres, generator).view(1, heads, 256, dim)
         exact_memory.add(keys, keys)
         ivf.add(keys, keys)
-    assert all(isinstance(index, faiss.IndexIVFScalarQuantizer) for index in ivf.backend.indices[0])
+    if name == "faiss_ivf":
+        assert all(isinstance(index, faiss.IndexIVFScalarQuantizer) for index in ivf.backend.indices[0])
     assert ivf.backend.train_size(ivf) == 2048  # 64 keys per list: exact search until then
     assert index_sizes(ivf) == [[capacity] * heads]
     queries = clustered(heads * 64, dim, centres, generator).view(1, heads, 64, dim)
@@ -182,11 +248,12 @@ def test_ivf_recall_on_clustered_keys_stays_high_through_fifo_eviction():
     torch.testing.assert_close(b.scores, torch.einsum("bhqd,bhqkd->bhqk", queries, b.keys))
 
 
-def test_faiss_index_is_rebuilt_on_load(tmp_path):
-    memory = KNNMemory(2, 2, 8, capacity=300, dtype=torch.bfloat16, backend="faiss_ivf")
+@pytest.mark.parametrize("backend", ["faiss_ivf", "ivf"])
+def test_ivf_index_is_rebuilt_on_load(tmp_path, backend):
+    memory = KNNMemory(2, 2, 8, capacity=300, dtype=torch.bfloat16, backend=backend)
     memory.add(unit(2, 2, 400, 8), torch.randn(2, 2, 400, 8), mask=torch.rand(2, 400) > 0.3)
     memory.save(tmp_path / "m.safetensors")
-    loaded = KNNMemory.load(tmp_path / "m.safetensors", backend="faiss_ivf")
+    loaded = KNNMemory.load(tmp_path / "m.safetensors", backend=backend)
     assert index_sizes(loaded) == index_sizes(memory)
     queries = unit(2, 2, 5, 8)
     assert torch.equal(loaded.search(queries, 4).slots, memory.search(queries, 4).slots)
@@ -216,20 +283,21 @@ def test_unknown_backend_is_refused():
         KNNMemory(1, 1, 4, 8, backend="annoy")
 
 
-def test_ivf_rows_are_searched_exactly_until_they_hold_enough_keys_to_train():
-    backend = make_backend("faiss_ivf", ivf_list_size=4, ivf_nprobe=1)  # 16 lists, nprobe 1: inexact once trained
+@pytest.mark.parametrize("name", ["faiss_ivf", "ivf"])
+def test_ivf_rows_are_searched_exactly_until_they_hold_enough_keys_to_train(name):
+    backend = make_backend(name, ivf_list_size=4, ivf_nprobe=1)  # 16 lists, nprobe 1: inexact once trained
     memory = KNNMemory(2, 2, 8, capacity=64, backend=backend)
     reference = KNNMemory(2, 2, 8, capacity=64)
     keys = unit(2, 2, 40, 8)
     for m in (memory, reference):
         m.add(keys, keys)
     queries = unit(2, 2, 6, 8)
-    assert backend.indices == [None, None]
+    assert trained_rows(backend) == [False, False]
     assert torch.equal(memory.search(queries, 8).slots, reference.search(queries, 8).slots)
     more = unit(2, 2, 30, 8)
     for m in (memory, reference):
         m.add(more, more, mask=torch.tensor([[True] * 30, [False] * 30]))
-    assert backend.indices[0] is not None and backend.indices[1] is None  # row 0 now holds 64 keys
+    assert trained_rows(backend) == [True, False]  # row 0 now holds 64 keys
     a, b = reference.search(queries, 8), memory.search(queries, 8)
     assert torch.equal(a.slots[1], b.slots[1])  # row 1: still exact, searched alone over the slots it uses
     torch.testing.assert_close(a.scores[1], b.scores[1])

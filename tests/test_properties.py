@@ -58,11 +58,11 @@ operation = st.one_of(
 )
 
 
-@pytest.mark.parametrize("backend", ["exact", "faiss_flat", "faiss_ivf"])
+@pytest.mark.parametrize("backend", ["exact", "ivf", "faiss_flat", "faiss_ivf"])
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(capacity=st.integers(1, 20), operations=st.lists(operation, min_size=1, max_size=12), seed=st.integers(0, 2**16))
 def test_memory_equals_a_brute_force_model(backend, capacity, operations, seed, tmp_path):
-    # faiss_ivf with every list probed is exact too: the property holds for all three.
+    # ivf and faiss_ivf with every list probed are exact too: the property holds for all four.
     from memorizing_transformers.memory.knn_memory import make_backend
 
     torch.manual_seed(seed)

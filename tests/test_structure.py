@@ -83,9 +83,10 @@ def test_the_memory_package_needs_nothing_above_it():
         if not t.startswith("memorizing_transformers.memory")
     }
     assert outside <= {"memorizing_transformers.atomic"}
-    # Each backend knows only the interface module, and the exact search its CPU kernel, which knows nothing.
+    # Each backend knows only the interface module, and the exact and IVF searches their CPU kernel, which knows
+    # nothing.
     kernel = "memorizing_transformers.memory.cpu_kernel"
-    for backend, own in (("exact", {kernel}), ("faiss_search", set())):
+    for backend, own in (("exact", {kernel}), ("ivf", {kernel}), ("faiss_search", set())):
         assert graph[f"memorizing_transformers.memory.{backend}"] == {"memorizing_transformers.memory.backend"} | own
     assert not graph[kernel]
 

@@ -169,7 +169,7 @@ POSITIONS_HELP = (
     "(all at --fixed-distance before the query: for inputs longer than the model was trained on; RoPE models)"
 )
 FIXED_DISTANCE_HELP = "Hugging Face models with --positions fixed: the distance given to every retrieved entry (512)"
-MEMORY_BACKEND_HELP = "Hugging Face models: how the memory is searched (default exact; faiss_ivf: approximate, faster)"
+MEMORY_BACKEND_HELP = "Hugging Face models: how the memory is searched (default exact; ivf: approximate, faster)"
 MEMORY_DTYPE_HELP = "Hugging Face models: what the memory stores its keys and values in (default float32)"
 WRITE_ONLY_HELP = (
     "memorize without searching the memory: each window read as the model alone reads it, reading again the "

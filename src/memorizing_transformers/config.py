@@ -70,11 +70,12 @@ class MemorizingConfig:
     memory_size: int = 8192
     knn_k: int = 32
     memory_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    # How the memory is searched: "exact" (torch, on the model's device), "faiss_flat"
-    # (exact, faiss IndexFlatIP) or "faiss_ivf" (approximate, a faiss IVF index with
-    # memory_size / ivf_list_size lists holding the keys in half precision, ivf_nprobe of
-    # them searched per query).
-    memory_backend: Literal["exact", "faiss_flat", "faiss_ivf"] = "exact"
+    # How the memory is searched: "exact" (the CPU kernel, or torch on the model's device), "ivf"
+    # (approximate: memory_size / ivf_list_size k-means lists per row and head, ivf_nprobe of
+    # them scanned per query by the CPU kernel; exact off the CPU), "faiss_flat" (exact, faiss
+    # IndexFlatIP) or "faiss_ivf" (approximate, a faiss IVF index with the same lists and probes,
+    # holding the keys in half precision).
+    memory_backend: Literal["exact", "ivf", "faiss_flat", "faiss_ivf"] = "exact"
     ivf_list_size: int = 256
     ivf_nprobe: int = 16
     # "gate": separate softmax over the retrieved entries, mixed with local attention by a

@@ -119,7 +119,7 @@ def forward_flops_per_token(c: MemorizingConfig, memory_fill: int | None = None)
     """Multiply-adds x 2 of one token's forward pass, by part, for a document long enough that
     the XL cache (and, with `memory_fill` entries, the memory) is full. Local attention counts
     the keys a query sees on average: the cache (or the window) and half the segment. The
-    exact memory search scores every stored entry; faiss_ivf scores about nprobe / lists of
+    exact memory search scores every stored entry; ivf and faiss_ivf about nprobe / lists of
     them. Training costs about three times the forward pass, the search excepted."""
     inner = c.n_heads * c.head_dim
     keys = c.xl_compression or c.xl_length
@@ -133,7 +133,7 @@ def forward_flops_per_token(c: MemorizingConfig, memory_fill: int | None = None)
         stored = c.memory_size if memory_fill is None else memory_fill
         searched = (
             stored
-            if c.memory_backend != "faiss_ivf"
+            if c.memory_backend not in ("ivf", "faiss_ivf")
             else stored * min(1.0, c.ivf_nprobe * c.ivf_list_size / max(1, stored))
         )
         parts["memory_search"] = len(c.knn_layers) * 2.0 * inner * searched

@@ -14,7 +14,7 @@ from typing import Protocol
 
 import torch
 
-BACKENDS = ("exact", "faiss_flat", "faiss_ivf")
+BACKENDS = ("exact", "ivf", "faiss_flat", "faiss_ivf")
 
 
 @dataclass(frozen=True)
@@ -67,3 +67,15 @@ class SearchBackend(Protocol):
 
     def rebuild(self, store: Store) -> None:
         """The whole store has just been replaced (a load, or rows selected from another memory)."""
+
+
+def search_young(
+    backend: SearchBackend, store: Store, queries: torch.Tensor, k: int, young: list[int],
+    scores: torch.Tensor, slots: torch.Tensor,
+) -> None:  # fmt: skip
+    """Search the rows `young` of an index's store with `backend`, into the results scores and slots (batch, heads,
+    seq, k). Young rows hold a prefix of their slots (a reset restarts a row at slot 0, and a row that wrapped holds
+    enough keys to be indexed): searched alone, over the slots they use."""
+    if young:
+        rows = torch.tensor(young, device=store.device)
+        scores[rows], slots[rows] = backend.search(store.select(young), queries[rows], k)

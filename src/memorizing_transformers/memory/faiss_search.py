@@ -35,7 +35,7 @@ except ImportError as error:  # pragma: no cover - faiss is an optional extra
         "the faiss memory backends need faiss: pip install 'memorizing-transformers[faiss]' (or faiss-cpu)"
     ) from error
 
-from .backend import SearchBackend, Store
+from .backend import SearchBackend, Store, search_young
 
 
 class FaissSearch:
@@ -168,11 +168,9 @@ class FaissSearch:
             return self.young_rows.search(store, queries, k)
         scores_t = torch.empty((batch, heads, seq, k), device=store.device)
         slots_t = torch.empty((batch, heads, seq, k), dtype=torch.long, device=store.device)
-        if young := [row for row in range(batch) if row not in indexed]:
-            # Young rows hold a prefix of their slots (a reset restarts a row at slot 0, and a row that
-            # wrapped holds enough keys to be indexed): searched alone, over the slots they use.
-            rows = torch.tensor(young, device=store.device)
-            scores_t[rows], slots_t[rows] = self.young_rows.search(store.select(young), queries[rows], k)
+        search_young(
+            self.young_rows, store, queries, k, [row for row in range(batch) if row not in indexed], scores_t, slots_t
+        )
         host = self._host(queries[indexed])
         for i, row in enumerate(indexed):
             for head in range(heads):

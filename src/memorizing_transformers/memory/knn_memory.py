@@ -19,14 +19,18 @@ from einops import rearrange
 from .backend import BACKENDS, SearchBackend, Store
 from .exact import ExactSearch
 from .files import load_memory_file, save_memory_file
+from .ivf import IVFSearch
 
 
 def make_backend(name: str, ivf_list_size: int = 256, ivf_nprobe: int = 16) -> SearchBackend:
-    """A backend by name, with every setting a backend takes: "exact" (torch), "faiss_flat"
-    (IndexFlatIP) or "faiss_ivf" (IVF with memory_size / ivf_list_size lists, ivf_nprobe of them
-    searched per query, its rows searched exactly until they hold enough keys to train)."""
+    """A backend by name, with every setting a backend takes: "exact" (the CPU kernel or torch), "ivf"
+    (memory_size / ivf_list_size k-means lists, ivf_nprobe of them scanned per query by the CPU kernel), "faiss_flat"
+    (IndexFlatIP) or "faiss_ivf" (a faiss IVF index, lists and probes as "ivf"). The IVF backends search a row
+    exactly until it holds enough keys to train its lists."""
     if name == "exact":
         return ExactSearch()
+    if name == "ivf":
+        return IVFSearch(ExactSearch(), list_size=ivf_list_size, nprobe=ivf_nprobe)
     if name in ("faiss_flat", "faiss_ivf"):
         from .faiss_search import FaissSearch  # faiss is an optional extra
 
