@@ -1,7 +1,8 @@
-"""The exact search's CPU kernel (topk_kernel.cpp), compiled on first use by PyTorch's extension
-builder, once per source, flags, torch and Python version, into $TORCH_EXTENSIONS_DIR (else
+"""The CPU kernel of the exact and IVF searches (topk_kernel.cpp), compiled on first use by PyTorch's
+extension builder, once per source, flags, torch and Python version, into $TORCH_EXTENSIONS_DIR (else
 ~/.cache/torch_extensions): `make setup` compiles it, about a minute. Where it cannot be built
-(no C++ compiler), the exact search runs on PyTorch ops alone, with one warning saying why.
+(no C++ compiler), the exact search runs on PyTorch ops alone and the ivf backend searches exactly,
+with one warning saying why.
 
 A build that is killed leaves no stale lock behind: builds take a lock the system releases with
 the process (filelock), and a later one goes ahead. A built kernel is imported straight from its
@@ -85,7 +86,7 @@ def topk_kernel() -> ModuleType | None:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         warnings.warn(
             f"the exact search's CPU kernel could not be built ({reason}); searching with PyTorch ops "
-            "instead (1.5x slower at 64K entries, 1.9x at 262K, in benchmarks.search)",
+            "instead (1.5x slower at 64K entries, 1.9x at 262K, in benchmarks.search), and the ivf backend exactly",
             stacklevel=2,
         )
         return None

@@ -24,6 +24,21 @@ from .cpu_kernel import topk_kernel
 
 _SLOT_TILE = 2048  # keys of one list multiplied at once
 _SAMPLE_PER_LIST, _ITERATIONS = 40, 10  # k-means' training sample and iterations, faiss's defaults
+_NEAREST_BLOCK = 1 << 24  # scores of points against centroids taken at once
+
+
+def nearest(points: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """The centroid (groups, count, dim) with the largest inner product with each point (groups, n, dim): (groups, n)
+    long, the scores taken a block of points at a time (a 1M-key row's against 4,096 centroids would be 16 GiB)."""
+    groups, n, _ = points.shape
+    block = max(1, _NEAREST_BLOCK // (groups * centroids.shape[1]))
+    return torch.cat(
+        [
+            torch.matmul(points[:, first : first + block].float(), centroids.transpose(1, 2)).argmax(dim=-1)
+            for first in range(0, n, block)
+        ],
+        dim=1,
+    )
 
 
 def kmeans(points: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
@@ -36,9 +51,9 @@ def kmeans(points: torch.Tensor, count: int, generator: torch.Generator) -> torc
         points = points[:, torch.randperm(n, generator=generator)[: _SAMPLE_PER_LIST * count]]
     centroids = points[:, torch.randperm(points.shape[1], generator=generator)[:count]].clone()  # (groups, count, dim)
     for _ in range(_ITERATIONS):
-        nearest = torch.matmul(points, centroids.transpose(1, 2)).argmax(dim=-1)  # (groups, n)
-        sums = torch.zeros_like(centroids).scatter_add_(1, nearest[..., None].expand(-1, -1, dim), points)
-        counts = torch.zeros(groups, count).scatter_add_(1, nearest, torch.ones(nearest.shape))[..., None]
+        owner = nearest(points, centroids)  # (groups, n)
+        sums = torch.zeros_like(centroids).scatter_add_(1, owner[..., None].expand(-1, -1, dim), points)
+        counts = torch.zeros(groups, count).scatter_add_(1, owner, torch.ones(owner.shape))[..., None]
         centroids = torch.where(counts > 0, sums / counts.clamp(min=1), centroids)  # an empty list keeps its centroid
     return centroids
 
@@ -83,7 +98,7 @@ class IVFSearch:
         if self.index is None:  # no kernel: every row is searched by young_rows
             return
         keys = store.keys[row][:, slots]  # (heads, n, head_dim)
-        lists = torch.matmul(keys.float(), self.centroids[row].transpose(1, 2)).argmax(dim=-1)  # (heads, n)
+        lists = nearest(keys, self.centroids[row])  # (heads, n)
         heads = store.num_heads
         pairs = (row * heads + torch.arange(heads))[:, None].expand(-1, len(slots))  # (heads, n)
         self.index.assign(pairs.flatten(), slots.expand(heads, -1).flatten(), lists.flatten(), keys.flatten(0, 1))
