@@ -3,7 +3,7 @@ measured bytes per stored token (its JSON), scaled to a preset's memory layers.
 
 A row's memories take, per memory layer, memory_size x 2 x heads x head_dim x bytes (keys and
 values), times the overhead memory_use measured for that dtype and backend at its largest size
-(the faiss_ivf backend keeps a second copy of the keys in its lists). What else a process holds
+(the ivf and faiss_ivf backends keep a second copy of the keys in their lists). What else a process holds
 (weights, optimizer state, activations) comes on top and is not counted here.
 
     python -m benchmarks.fits                     # reads docs/benchmarks/memory_use.json
@@ -35,8 +35,8 @@ def table(memory_use: dict, preset: str = "paper") -> str:
         f"The `{preset}` preset: {layers} memory layer(s) of {config.n_heads} heads x {config.head_dim}; rows of "
         "memory that fit each device (memories alone), from the overheads measured by `python -m "
         f"benchmarks.memory_use` on {memory_use['device']}. On a GPU the store is on the device and a "
-        "`faiss_ivf` index (faiss-cpu) keeps its copy of the keys in host memory: there the device holds what "
-        "the `exact` row of the same dtype says.",
+        "`faiss_ivf` index (faiss-cpu) keeps its copy of the keys in host memory, and the `ivf` backend searches "
+        "exactly, with no lists: there the device holds what the `exact` row of the same dtype says.",
         "",
         "| memory size | dtype | backend | MiB per row | " + " | ".join(DEVICES) + " |",
         "|---:|---|---|---:|" + "---:|" * len(DEVICES),

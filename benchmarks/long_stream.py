@@ -8,7 +8,7 @@ time per segment as the memory fills (median per fill range), the XL-only model'
 per segment measured in the same run as the baseline, the exact backend's time per
 segment on the full memory, and the process's peak resident memory.
 
-    python -m benchmarks.long_stream                       # faiss_ivf backend, metamath
+    python -m benchmarks.long_stream                       # ivf backend, metamath
     python -m benchmarks.long_stream --quick               # 4K memory, random tokens
 """
 
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> None:
         "small",
         memory_size=capacity,
         memory_dtype="bfloat16",
-        memory_backend="faiss_ivf",
+        memory_backend="ivf",
         ivf_list_size=1024,
         **(dict(vocab_size=512, d_model=64, d_ff=128) if args.quick else {}),
     )
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     lines = [
         f"{tokens:,} tokens of one document, batch 1, segments of {length}, memory {capacity:,} tokens per head "
-        f"({config.n_heads} heads x {config.head_dim}, bf16, `faiss_ivf` with {config.ivf_list_size} keys per list, "
+        f"({config.n_heads} heads x {config.head_dim}, bf16, `ivf` with {config.ivf_list_size} keys per list, "
         f"nprobe {config.ivf_nprobe}), filled to {results['memory_fill']:,}; "
         f"{total:.0f} s in all ({results['tokens_per_s']:,.0f} tokens/s).",
         "",

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     spawn = multiprocessing.get_context("spawn")
     for capacity in sizes:
         for dtype in ("float32", "bfloat16"):
-            for backend in ("exact", "faiss_ivf"):
+            for backend in ("exact", "ivf", "faiss_ivf"):
                 with spawn.Pool(1) as pool:
                     resident, peak = pool.apply(measure_one, (capacity, dtype, backend, str(device)))
                 store = 2 * HEADS * DIM * torch.finfo(getattr(torch, dtype)).bits // 8

@@ -34,16 +34,16 @@ GENERATED = 16  # tokens generated after the memorized input
 
 
 def setups(layers: int) -> dict[str, dict]:
-    """Memory in every layer, or in every 5th; exact search in float32, or faiss IVF over bfloat16 keys."""
+    """Memory in every layer, or in every 5th; exact search in float32, or IVF over bfloat16 keys."""
     every_fifth = list(range(layers - 1, -1, -5))[::-1]
     return {
         "all layers, exact": dict(knn_layers=list(range(layers))),
-        "all layers, faiss_ivf, bf16": dict(
-            knn_layers=list(range(layers)), memory_backend="faiss_ivf", memory_dtype=torch.bfloat16
+        "all layers, ivf, bf16": dict(
+            knn_layers=list(range(layers)), memory_backend="ivf", memory_dtype=torch.bfloat16
         ),
         f"layers {every_fifth}, exact": dict(knn_layers=every_fifth),
-        f"layers {every_fifth}, faiss_ivf, bf16": dict(
-            knn_layers=every_fifth, memory_backend="faiss_ivf", memory_dtype=torch.bfloat16
+        f"layers {every_fifth}, ivf, bf16": dict(
+            knn_layers=every_fifth, memory_backend="ivf", memory_dtype=torch.bfloat16
         ),
     }
 

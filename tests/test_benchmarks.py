@@ -141,8 +141,10 @@ def test_memory_use_benchmark_quick(tmp_path):
     rows = json.loads((tmp_path / "memory_use-quick.json").read_text())["rows"]
     assert [(r["dtype"], r["backend"]) for r in rows] == [
         ("float32", "exact"),
+        ("float32", "ivf"),
         ("float32", "faiss_ivf"),
         ("bfloat16", "exact"),
+        ("bfloat16", "ivf"),
         ("bfloat16", "faiss_ivf"),
     ]
     # A memory can never take less than its keys and values, nor peak below what stays resident.

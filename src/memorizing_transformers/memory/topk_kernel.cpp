@@ -235,6 +235,7 @@ class InvertedLists {
     TORCH_CHECK(queries.scalar_type() == torch::kFloat && queries.is_contiguous(), "queries: contiguous float32");
     TORCH_CHECK(probes.scalar_type() == torch::kLong && probes.is_contiguous() && probes.size(0) == pairs_ &&
                 probes.size(1) == queries.size(1), "probes: contiguous (pairs, seq, nprobe) long");
+    TORCH_CHECK(probes.numel() == 0 || probes.max().item<int64_t>() < lists_, "probes: lists out of range");
     TORCH_CHECK(k > 0 && slot_tile > 0 && chunks > 0, "bad sizes");
     const int64_t seq = queries.size(1), nprobe = probes.size(2);
     // Per pair, its (query, probe) entries grouped by the list probed.
