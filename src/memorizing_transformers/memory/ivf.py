@@ -10,7 +10,8 @@ query that probes it, and its scores are the stored keys' own products in float3
 
 Rows holding fewer keys than training takes are searched by `young_rows` (memory.knn_memory.make_backend gives the
 exact search), so a young memory, or one just reset, loses no recall; a reset empties a row's lists and keeps its
-centroids. Off the CPU, or where the kernel cannot be built, every row is searched by `young_rows`.
+centroids. Off the CPU, or where the kernel cannot be built, every row is searched by `young_rows`, and no lists
+are kept or trained.
 """
 
 from __future__ import annotations
@@ -85,8 +86,8 @@ class IVFSearch:
 
     def _ensure(self, store: Store) -> None:
         batch, heads, capacity, dim = shape = store.keys.shape
-        if self.shape != (*shape, store.dtype):
-            self.shape = (*shape, store.dtype)
+        if self.shape != (*shape, store.dtype, store.device, self.list_size):
+            self.shape = (*shape, store.dtype, store.device, self.list_size)
             self.centroids = torch.zeros(batch, heads, self.lists(store), dim, device=store.device)
             self.trained = torch.zeros(batch, dtype=torch.bool, device=store.device)
             kernel = topk_kernel() if store.device.type == "cpu" else None
@@ -95,8 +96,6 @@ class IVFSearch:
 
     def _file(self, store: Store, row: int, slots: torch.Tensor) -> None:
         """File a trained row's keys at `slots` (n,) in the lists of their nearest centroids."""
-        if self.index is None:  # no kernel: every row is searched by young_rows
-            return
         keys = store.keys[row][:, slots]  # (heads, n, head_dim)
         lists = nearest(keys, self.centroids[row])  # (heads, n)
         heads = store.num_heads
@@ -113,11 +112,12 @@ class IVFSearch:
         self._file(store, row, slots)
 
     def _clear(self, store: Store, row: int) -> None:
-        if self.index is not None:
-            self.index.clear(row * store.num_heads + torch.arange(store.num_heads))
+        self.index.clear(row * store.num_heads + torch.arange(store.num_heads))
 
     def written(self, store: Store, rows: torch.Tensor, slots: torch.Tensor) -> None:
         self._ensure(store)
+        if self.index is None:  # no kernel: every row is searched by young_rows, no lists kept or trained
+            return
         for row in rows.unique().tolist():
             if self.trained[row]:
                 self._file(store, row, slots[rows == row])
@@ -126,12 +126,16 @@ class IVFSearch:
 
     def reset(self, store: Store, rows: torch.Tensor) -> None:
         self._ensure(store)
+        if self.index is None:
+            return
         for row in rows.nonzero().squeeze(1).tolist():
             self._clear(store, row)  # the rows keep their centroids
 
     def rebuild(self, store: Store) -> None:
         self.shape = None  # new state: a copy of this backend (KNNMemory.select) shares the old one
         self._ensure(store)
+        if self.index is None:
+            return
         for row in (store.fill >= self.train_size(store)).nonzero().squeeze(1).tolist():
             self._train(store, row)
 
