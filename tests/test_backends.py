@@ -351,3 +351,23 @@ def test_half_lists_of_a_float32_store_find_brute_forces_neighbours_and_report_e
     found_keys = torch.stack([memory.keys[0, h][b.slots[0, h]] for h in range(heads)])[None]  # (1, heads, q, k, dim)
     torch.testing.assert_close(b.scores, torch.einsum("bhqd,bhqkd->bhqk", queries, found_keys))
     assert (b.scores[..., :-1] >= b.scores[..., 1:]).all()
+
+
+def test_ivf_rows_selected_keep_their_lists_and_find_what_their_source_rows_find():
+    # Beam search selects rows at every step: the IVF backend gives them their source rows' centroids, no k-means.
+    generator = torch.Generator().manual_seed(3)
+    centres = F.normalize(torch.randn(8, 16, generator=generator), dim=-1)
+    memory = KNNMemory(2, 2, 16, capacity=256, backend=make_backend("ivf", ivf_list_size=16, ivf_nprobe=2))
+    keys = clustered(2 * 2 * 300, 16, centres, generator).view(2, 2, 300, 16)
+    memory.add(keys, keys)  # both rows wrap: trained on their first 256 keys
+    memory.reset([1])
+    memory.add(keys[:, :, :40], keys[:, :, :40])  # row 1 young again, its centroids kept
+    selected = memory.select_rows([1, 0, 0])
+    assert selected.backend.trained.tolist() == [True, True, True]
+    assert torch.equal(selected.backend.centroids, memory.backend.centroids[[1, 0, 0]])
+    assert index_sizes(selected) == [[40, 40], [256, 256], [256, 256]]
+    queries = clustered(2 * 2 * 9, 16, centres, generator).view(2, 2, 9, 16)
+    a, b = memory.search(queries, 5), selected.search(queries[[1, 0, 0]], 5)
+    assert torch.equal(b.slots, a.slots[[1, 0, 0]])
+    torch.testing.assert_close(b.scores, a.scores[[1, 0, 0]])
+    assert index_sizes(memory) == [[256, 256], [40, 40]]  # the source is left as it was

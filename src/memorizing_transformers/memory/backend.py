@@ -4,7 +4,8 @@ A `KNNMemory` owns the stored keys and values (a ring buffer per row) and asks i
 for the slots of the top-k entries; the memory gathers the entries itself, so every backend
 returns the same `SearchResult`. A backend reads only a `Store` (the stored keys and which
 slots hold an entry), never the memory: data in, data out. Backends that keep an index of
-their own hear of every write and reset, and rebuild it from the store after a load.
+their own hear of every write and reset, rebuild it from the store after a load, and give a
+backend for rows selected from their store.
 """
 
 from __future__ import annotations
@@ -66,7 +67,11 @@ class SearchBackend(Protocol):
         """The rows of the bool mask `rows` (batch,) have just been emptied."""
 
     def rebuild(self, store: Store) -> None:
-        """The whole store has just been replaced (a load, or rows selected from another memory)."""
+        """The whole store has just been replaced (a load)."""
+
+    def select(self, store: Store, rows: torch.Tensor) -> "SearchBackend":
+        """A backend for `store`, which holds rows `rows` (long, may repeat) of this backend's store, in that order
+        (KNNMemory.select_rows, as beam search reorders its beams); this backend is left as it was."""
 
 
 def search_young(

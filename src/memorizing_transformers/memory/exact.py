@@ -178,3 +178,6 @@ class ExactSearch:
 
     def rebuild(self, store: Store) -> None:
         pass
+
+    def select(self, store: Store, rows: torch.Tensor) -> "ExactSearch":
+        return self  # nothing of its own to select

@@ -25,6 +25,8 @@ faiss computes in float32 on the CPU: queries are copied to the host and results
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
@@ -155,6 +157,11 @@ class FaissSearch:
                 self._add(store, row, store.valid[row].nonzero().squeeze(1))
             elif int(store.valid[row].sum()) >= self.train_size(store):
                 self._train(store, row)
+
+    def select(self, store: Store, rows: torch.Tensor) -> "FaissSearch":
+        selected = copy.copy(self)  # its indices are built anew from the selected rows' keys
+        selected.rebuild(store)
+        return selected
 
     def search(self, store: Store, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         self._ensure(store)

@@ -16,6 +16,7 @@ are kept or trained.
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -138,6 +139,19 @@ class IVFSearch:
             return
         for row in (store.fill >= self.train_size(store)).nonzero().squeeze(1).tolist():
             self._train(store, row)
+
+    def select(self, store: Store, rows: torch.Tensor) -> "IVFSearch":
+        """The selected rows keep their centroids and lists (copied): no k-means, no key filed again."""
+        selected = copy.copy(self)
+        selected.shape = None
+        selected._ensure(store)
+        if self.index is None or selected.index is None:
+            return selected
+        selected.centroids = self.centroids.index_select(0, rows.to(self.centroids.device))
+        selected.trained = self.trained.index_select(0, rows.to(self.trained.device))
+        heads = store.num_heads
+        selected.index = self.index.select((rows.cpu()[:, None] * heads + torch.arange(heads)).flatten())
+        return selected
 
     def search(self, store: Store, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         self._ensure(store)

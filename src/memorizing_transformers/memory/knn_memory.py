@@ -200,8 +200,7 @@ class KNNMemory:
         selected.batch_size = index.numel()
         for name in ("keys", "values", "valid", "next_slot"):
             setattr(selected, name, getattr(self, name).index_select(0, index))
-        selected.backend = copy.copy(self.backend)
-        selected.backend.rebuild(selected.store)
+        selected.backend = self.backend.select(selected.store, index)
         return selected
 
     # ------------------------------------------------------------------ read

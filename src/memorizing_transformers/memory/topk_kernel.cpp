@@ -215,6 +215,23 @@ class InvertedLists {
     }
   }
 
+  // New lists whose pair i is a copy of this one's pair pairs[i] (long (m,), pairs may repeat).
+  InvertedLists select(const torch::Tensor& pairs) const {
+    auto pair = pairs.to(torch::kLong).contiguous();
+    const int64_t count = pair.numel();
+    TORCH_CHECK(count > 0, "select at least one pair");
+    InvertedLists selected(count, lists_, capacity_, dim_, dtype_);
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t p = pair.data_ptr<int64_t>()[i];
+      TORCH_CHECK(0 <= p && p < pairs_, "pair out of range");
+      std::copy_n(slots_.begin() + p * lists_, lists_, selected.slots_.begin() + i * lists_);
+      std::copy_n(keys_.begin() + p * lists_, lists_, selected.keys_.begin() + i * lists_);
+      std::copy_n(list_of_.begin() + p * capacity_, capacity_, selected.list_of_.begin() + i * capacity_);
+      std::copy_n(position_.begin() + p * capacity_, capacity_, selected.position_.begin() + i * capacity_);
+    }
+    return selected;
+  }
+
   // Entries held per pair: (pairs,) long.
   torch::Tensor sizes() const {
     auto out = torch::zeros({pairs_}, torch::kLong);
@@ -345,6 +362,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
       .def(pybind11::init<int64_t, int64_t, int64_t, int64_t, at::ScalarType>())
       .def("assign", &InvertedLists::assign, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("clear", &InvertedLists::clear, pybind11::call_guard<pybind11::gil_scoped_release>())
+      .def("select", &InvertedLists::select, pybind11::call_guard<pybind11::gil_scoped_release>())
       .def("sizes", &InvertedLists::sizes)
       .def("lists_of", &InvertedLists::lists_of)
       .def("search", &InvertedLists::search, pybind11::call_guard<pybind11::gil_scoped_release>());
