@@ -70,7 +70,7 @@ class IVFSearch:
         self.centroids: torch.Tensor | None = None  # (batch, heads, lists, head_dim) float32
         self.trained: torch.Tensor | None = None  # (batch,) bool: rows whose centroids are trained
         self.index = None  # the kernel's InvertedLists, one set per (row, head) pair; None without the kernel
-        self.shape: tuple | None = None  # the store's (batch, heads, capacity, head_dim, dtype) the state is for
+        self.shape: tuple | None = None  # the store's shape, dtype and device, and the list size, of the state
 
     def __repr__(self) -> str:
         return f"IVFSearch(list_size={self.list_size}, nprobe={self.nprobe})"
@@ -133,7 +133,7 @@ class IVFSearch:
             self._clear(store, row)  # the rows keep their centroids
 
     def rebuild(self, store: Store) -> None:
-        self.shape = None  # new state: a copy of this backend (KNNMemory.select) shares the old one
+        self.shape = None  # new state, trained on the store loaded
         self._ensure(store)
         if self.index is None:
             return
