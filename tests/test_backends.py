@@ -33,9 +33,13 @@ EXACT_BACKENDS = {
 }
 
 
-def needs_compiler():
+def skip_without_compiler():
     if shutil.which(os.environ.get("CXX", "c++")) is None:
         pytest.skip("no C++ compiler: the exact search runs on PyTorch's ops alone")
+
+
+def needs_compiler():
+    skip_without_compiler()
     kernel = topk_kernel()
     assert kernel is not None, "a C++ compiler is present, yet the CPU kernel was not built"
     return kernel
@@ -146,8 +150,7 @@ def test_ivf_backend_without_its_kernel_searches_exactly(monkeypatch):
 
 @pytest.mark.slow
 def test_cpu_kernel_is_built_on_first_use_past_a_killed_builds_leftovers_then_imported_as_built(tmp_path):
-    if shutil.which(os.environ.get("CXX", "c++")) is None:
-        pytest.skip("no C++ compiler: the exact search runs on PyTorch's ops alone")
+    skip_without_compiler()
     env = {**os.environ, "TORCH_EXTENSIONS_DIR": str(tmp_path)}
     # PyTorch's builder waits for its lock file to go away: one left by a killed build must not hang the next;
     # nor may the library it left half-written keep the kernel from being built.

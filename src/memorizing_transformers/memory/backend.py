@@ -74,6 +74,17 @@ class SearchBackend(Protocol):
         (KNNMemory.select_rows, as beam search reorders its beams); this backend is left as it was."""
 
 
+def ivf_lists(store: Store, list_size: int) -> int:
+    """The lists of an IVF index over one (row, head) of the store: capacity / list_size."""
+    return max(1, store.capacity // list_size)
+
+
+def ivf_train_size(store: Store, list_size: int) -> int:
+    """Keys a row must hold for its IVF lists to be trained (64 a list, as faiss asks), and to be searched through
+    them: until then the IVF backends search the row exactly."""
+    return min(store.capacity, 64 * ivf_lists(store, list_size))
+
+
 def search_young(
     backend: SearchBackend, store: Store, queries: torch.Tensor, k: int, young: list[int],
     scores: torch.Tensor, slots: torch.Tensor,

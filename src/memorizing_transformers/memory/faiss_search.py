@@ -37,7 +37,7 @@ except ImportError as error:  # pragma: no cover - faiss is an optional extra
         "the faiss memory backends need faiss: pip install 'memorizing-transformers[faiss]' (or faiss-cpu)"
     ) from error
 
-from .backend import SearchBackend, Store, search_young
+from .backend import SearchBackend, Store, ivf_lists, ivf_train_size, search_young
 
 
 class FaissSearch:
@@ -73,12 +73,8 @@ class FaissSearch:
         are scored by faiss's scalar-quantizer kernels, a little off the stored keys' products."""
         return self.kind == "flat" or self._codes(store) == torch.float32
 
-    def _lists(self, store: Store) -> int:
-        return max(1, store.capacity // self.list_size)
-
     def train_size(self, store: Store) -> int:
-        """Keys a row must hold for its IVF index to be trained, and to be searched through it."""
-        return min(store.capacity, 64 * self._lists(store))
+        return ivf_train_size(store, self.list_size)
 
     def _ensure(self, store: Store) -> None:
         if len(self.indices) != store.batch_size:
@@ -90,7 +86,7 @@ class FaissSearch:
 
     def _ivf(self, store: Store) -> faiss.Index:
         """An untrained IVF index whose lists hold keys in `_codes`' dtype."""
-        quantizer, dim, lists = faiss.IndexFlatIP(store.head_dim), store.head_dim, self._lists(store)
+        quantizer, dim, lists = faiss.IndexFlatIP(store.head_dim), store.head_dim, ivf_lists(store, self.list_size)
         if self._codes(store) == torch.float32:
             return faiss.IndexIVFFlat(quantizer, dim, lists, faiss.METRIC_INNER_PRODUCT)
         codes = {torch.bfloat16: faiss.ScalarQuantizer.QT_bf16, torch.float16: faiss.ScalarQuantizer.QT_fp16}

@@ -21,7 +21,7 @@ import math
 
 import torch
 
-from .backend import SearchBackend, Store, search_young
+from .backend import SearchBackend, Store, ivf_lists, ivf_train_size, search_young
 from .cpu_kernel import topk_kernel
 
 _SLOT_TILE = 2048  # keys of one list multiplied at once
@@ -70,7 +70,7 @@ class IVFSearch:
         self.centroids: torch.Tensor | None = None  # (batch, heads, lists, head_dim) float32
         self.trained: torch.Tensor | None = None  # (batch,) bool: rows whose centroids are trained
         self.index = None  # the kernel's InvertedLists, one set per (row, head) pair; None without the kernel
-        self.shape: tuple | None = None  # the store's shape, dtype and device, and the list size, of the state
+        self.shape: tuple | None = None  # the _key of the store the state is for
 
     def __repr__(self) -> str:
         return f"IVFSearch(list_size={self.list_size}, nprobe={self.nprobe})"
@@ -78,21 +78,21 @@ class IVFSearch:
     def exact_scores(self, store: Store) -> bool:
         return True
 
-    def lists(self, store: Store) -> int:
-        return max(1, store.capacity // self.list_size)
-
     def train_size(self, store: Store) -> int:
-        """Keys a row must hold for its lists to be trained, and to be searched through them."""
-        return min(store.capacity, 64 * self.lists(store))
+        return ivf_train_size(store, self.list_size)
+
+    def _key(self, store: Store) -> tuple:
+        """What the state is for: the store's shape, dtype and device, and the list size."""
+        return (*store.keys.shape, store.dtype, store.device, self.list_size)
 
     def _ensure(self, store: Store) -> None:
-        batch, heads, capacity, dim = shape = store.keys.shape
-        if self.shape != (*shape, store.dtype, store.device, self.list_size):
-            self.shape = (*shape, store.dtype, store.device, self.list_size)
-            self.centroids = torch.zeros(batch, heads, self.lists(store), dim, device=store.device)
+        batch, heads, capacity, dim = store.keys.shape
+        if self.shape != self._key(store):
+            self.shape = self._key(store)
+            self.centroids = torch.zeros(batch, heads, ivf_lists(store, self.list_size), dim, device=store.device)
             self.trained = torch.zeros(batch, dtype=torch.bool, device=store.device)
             kernel = topk_kernel() if store.device.type == "cpu" else None
-            lists = (batch * heads, self.lists(store), capacity, dim, store.dtype)
+            lists = (batch * heads, ivf_lists(store, self.list_size), capacity, dim, store.dtype)
             self.index = kernel.InvertedLists(*lists) if kernel is not None else None
 
     def _file(self, store: Store, row: int, slots: torch.Tensor) -> None:
@@ -107,7 +107,9 @@ class IVFSearch:
         """Train a row's centroids on its stored keys, and file every key in its list."""
         slots = store.valid[row].nonzero().squeeze(1)  # (n,)
         generator = torch.Generator().manual_seed(row)  # the same keys give the same lists
-        self.centroids[row] = kmeans(store.keys[row][:, slots].cpu(), self.lists(store), generator).to(store.device)
+        self.centroids[row] = kmeans(store.keys[row][:, slots].cpu(), ivf_lists(store, self.list_size), generator).to(
+            store.device
+        )
         self.trained[row] = True
         self._clear(store, row)
         self._file(store, row, slots)
@@ -143,10 +145,10 @@ class IVFSearch:
     def select(self, store: Store, rows: torch.Tensor) -> "IVFSearch":
         """The selected rows keep their centroids and lists (copied): no k-means, no key filed again."""
         selected = copy.copy(self)
-        selected.shape = None
-        selected._ensure(store)
-        if self.index is None or selected.index is None:
+        if self.index is None:  # no lists to copy: the state is made for the new store on first use
+            selected.shape = None
             return selected
+        selected.shape = self._key(store)
         selected.centroids = self.centroids.index_select(0, rows.to(self.centroids.device))
         selected.trained = self.trained.index_select(0, rows.to(self.trained.device))
         heads = store.num_heads
@@ -160,10 +162,14 @@ class IVFSearch:
             return self.young_rows.search(store, queries, k)
         batch, heads, seq, _ = queries.shape
         q = queries.float()  # (batch, heads, seq, head_dim)
-        probes = torch.matmul(q, self.centroids.transpose(-1, -2)).topk(min(self.nprobe, self.lists(store))).indices
+        probes = (
+            torch.matmul(q, self.centroids.transpose(-1, -2))
+            .topk(min(self.nprobe, ivf_lists(store, self.list_size)))
+            .indices
+        )
         probes[~indexed] = -1  # young rows probe nothing here: they are searched below
         # Few (row, head) pairs (batch 1) are split along the lists as well, so that every thread has work.
-        chunks = max(1, min(math.ceil(torch.get_num_threads() / (batch * heads)), self.lists(store)))
+        chunks = max(1, min(math.ceil(torch.get_num_threads() / (batch * heads)), ivf_lists(store, self.list_size)))
         scores, slots = self.index.search(q.flatten(0, 1).contiguous(), probes.flatten(0, 1), k, _SLOT_TILE, chunks)
         scores, slots = scores.view(batch, heads, seq, k), slots.view(batch, heads, seq, k)
         search_young(self.young_rows, store, queries, k, (~indexed).nonzero().squeeze(1).tolist(), scores, slots)
