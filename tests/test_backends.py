@@ -103,10 +103,12 @@ def test_cpu_kernel_equals_brute_force_in_any_tiles_and_chunks(dtype, query_tile
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("slot_tile, chunks", [(2048, 1), (5, 1), (3, 4), (7, 50)])
+@pytest.mark.parametrize("slot_tile, chunks", [(2048, 1), (16, 1), (17, 4), (5, 50)])  # tiles: whole blocks of 16
 def test_cpu_ivf_kernel_equals_brute_force_over_the_probed_lists(dtype, slot_tile, chunks):
     kernel = needs_compiler()
-    pairs, seq, dim, capacity, lists, nprobe, k = 4, 9, 16, 120, 10, 3, 6
+    # Lists of about 40 keys (blocks of 16, the last one part-filled, shrinking and growing as slots move), 9
+    # queries (the product's groups of 4 padded), 13 dimensions (no whole vector).
+    pairs, seq, dim, capacity, lists, nprobe, k = 4, 9, 13, 240, 6, 3, 6
     index = kernel.InvertedLists(pairs, lists, capacity, dim, dtype)
     lists_of = torch.full((pairs, capacity), -1)
     for _ in range(3):  # slots written again and again move between lists

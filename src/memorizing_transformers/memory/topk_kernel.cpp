@@ -4,95 +4,238 @@
 // and faiss's IndexFlatIP (a matmul per block, then heaps) is 2-3x slower than a plain matmul at
 // these shapes (docs/benchmarks/search.md). Each task multiplies a tile of queries by a tile of
 // keys into a buffer that stays in cache (PyTorch's own matmul, single-threaded inside the task),
-// then reads the scores once, keeping each query's best k in a min-heap: a score below the heap's
-// root, nearly every score after the first tiles, costs one comparison. The score matrix never
+// then reads the scores once, keeping each query's best k candidates: a score below its k-th best so
+// far, nearly every score after the first tiles, costs one comparison. The score matrix never
 // reaches main memory, which PyTorch's separate passes over it (memory/exact.py) cannot avoid.
 // faiss's IVF scan goes query by query, each key read alone; the IVF search here (memory/ivf.py)
-// goes list by list, one product per list for all the queries that probe it.
+// goes list by list, one product per list for all the queries that probe it. Those products are
+// small (a few queries by a few hundred keys), where a BLAS call spends more time packing its
+// operands and dispatching than multiplying; the lists' keys are therefore stored in the layout a
+// register-blocked product reads directly (blocks of kBlock keys, dimension by dimension), and
+// multiplied by the few lines of `block_product` below, vectorised for the CPU at hand.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
+#include <functional>
 #include <limits>
 #include <numeric>
+#include <utility>
 #include <vector>
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#define MT_X86_DISPATCH 1
+#endif
 
 namespace {
 
-constexpr int64_t kRun = 32;  // scores compared with a heap's root at once
+constexpr int64_t kRoom = 4;  // a query's candidates held, in multiples of k, before they are cut to k
+constexpr int64_t kRun = 32;  // scores compared with a query's k-th best at once
+constexpr int64_t kBlock = 16;  // keys of a list stored together, dimension by dimension
+constexpr int64_t kRowGroup = 4;  // queries multiplied at once by a list's keys (the lists' products pad to it)
 
-// Push (score, slot) into a min-heap of k entries rooted at scores[0], replacing the root.
-inline void replace_root(float* scores, int64_t* slots, int64_t k, float score, int64_t slot) {
-  int64_t parent = 0;
-  while (true) {
-    int64_t child = 2 * parent + 1;
-    if (child >= k) break;
-    if (child + 1 < k && scores[child + 1] < scores[child]) ++child;
-    if (scores[child] >= score) break;
-    scores[parent] = scores[child];
-    slots[parent] = slots[child];
-    parent = child;
+// The best k entries offered to each of `queries` queries, in `sets` sets searched apart (the chunks of a search)
+// and merged at the end. Kept loosely: an entry above a query's floor is appended to its buffer of kRoom x k (and
+// kRun more), and a buffer too full for the next run of scores is cut to its best k, the floor rising to the k-th
+// best score. An entry costs an append without a branch, where a heap of k costs a sift: many entries are kept when
+// a query sees few keys (an IVF search's probed lists).
+class Collector {
+ public:
+  Collector(int64_t sets, int64_t queries, int64_t k)
+      : queries_(queries), k_(k), room_(kRoom * k + kRun), scores_(sets * queries * room_), slots_(sets * queries * room_),
+        counts_(sets * queries, 0), floors_(sets * queries, -std::numeric_limits<float>::infinity()) {}
+
+  // Offer a row of `width` scores to query `query` of set `set`, score t for slot slot_of(t) (-1: no entry there,
+  // skipped). Runs of kRun scores are first counted against the floor, a loop the compiler vectorises; only a run
+  // with a score above it (rare after the first keys) is appended, each score moving the count on if it is kept.
+  template <typename SlotOf>
+  void offer(int64_t set, int64_t query, const float* row, int64_t width, SlotOf slot_of) {
+    const int64_t at = set * queries_ + query;
+    float* scores = scores_.data() + at * room_;
+    int64_t* slots = slots_.data() + at * room_;
+    for (int64_t j = 0; j < width; j += kRun) {
+      const int64_t end = std::min(width, j + kRun);
+      const float floor = floors_[at];
+      int hits = 0;
+      for (int64_t t = j; t < end; ++t) hits += row[t] > floor;
+      if (hits == 0) continue;
+      if (counts_[at] + (end - j) > room_) cut(at);  // the run may not fit: hold k, raising the floor
+      const float kept_above = floors_[at];
+      int64_t count = counts_[at];
+      for (int64_t t = j; t < end; ++t) {  // without a branch: which scores are kept is unpredictable
+        const int64_t slot = slot_of(t);
+        scores[count] = row[t];
+        slots[count] = slot;
+        count += (row[t] > kept_above) & (slot >= 0);
+      }
+      counts_[at] = count;
+    }
   }
-  scores[parent] = score;
-  slots[parent] = slot;
+
+  // Each query's best k over every set: scores (queries, k) float32 best first, ties in slot order, -inf where fewer
+  // than k entries were found, and their slots (queries, k) long (0 there).
+  std::vector<torch::Tensor> merge() const {
+    const int64_t sets = static_cast<int64_t>(counts_.size()) / std::max<int64_t>(queries_, 1);
+    auto out_scores = torch::full({queries_, k_}, -std::numeric_limits<float>::infinity());
+    auto out_slots = torch::zeros({queries_, k_}, torch::kLong);
+    float* result_scores = out_scores.data_ptr<float>();
+    int64_t* result_slots = out_slots.data_ptr<int64_t>();
+    at::parallel_for(0, queries_, 64, [&](int64_t begin, int64_t end) {
+      std::vector<std::pair<float, int64_t>> found;
+      for (int64_t query = begin; query < end; ++query) {
+        found.clear();
+        for (int64_t set = 0; set < sets; ++set) {
+          const int64_t at = set * queries_ + query;
+          for (int64_t i = 0; i < counts_[at]; ++i) {
+            found.emplace_back(scores_[at * room_ + i], slots_[at * room_ + i]);
+          }
+        }
+        const int64_t kept = std::min<int64_t>(k_, found.size());
+        std::partial_sort(found.begin(), found.begin() + kept, found.end(), [](const auto& a, const auto& b) {
+          return a.first > b.first || (a.first == b.first && a.second < b.second);  // ties in slot order
+        });
+        for (int64_t i = 0; i < kept; ++i) {
+          result_scores[query * k_ + i] = found[i].first;
+          result_slots[query * k_ + i] = found[i].second;
+        }
+      }
+    });
+    return {out_scores, out_slots};
+  }
+
+ private:
+  // Cut buffer `at` (holding more than k) to its best k (ties to the lower slots), and raise its floor to the k-th
+  // best score.
+  void cut(int64_t at) {
+    const int64_t count = counts_[at];
+    thread_local std::vector<float> sorted;
+    thread_local std::vector<int64_t> ties;
+    float* scores = scores_.data() + at * room_;
+    int64_t* slots = slots_.data() + at * room_;
+    sorted.assign(scores, scores + count);
+    std::nth_element(sorted.begin(), sorted.begin() + k_ - 1, sorted.end(), std::greater<float>());
+    const float floor = sorted[k_ - 1];
+    ties.resize(count);
+    int64_t kept = 0, tied = 0;  // entries above the floor move to the front, the slots of those at it aside
+    for (int64_t i = 0; i < count; ++i) {  // without a branch: which entries stay is unpredictable
+      const float score = scores[i];
+      const int64_t slot = slots[i];
+      scores[kept] = score;
+      slots[kept] = slot;
+      kept += score > floor;
+      ties[tied] = slot;
+      tied += score == floor;
+    }
+    std::sort(ties.begin(), ties.begin() + tied);  // more than one only where scores tie
+    for (int64_t i = 0; kept < k_; ++i) {
+      scores[kept] = floor;
+      slots[kept++] = ties[i];
+    }
+    counts_[at] = k_;
+    floors_[at] = floor;
+  }
+
+  int64_t queries_, k_, room_;  // room: kRoom x k
+  std::vector<float> scores_;  // [(set * queries + query) * 2k + i]: a query's kept scores
+  std::vector<int64_t> slots_;  // their slots
+  std::vector<int64_t> counts_;  // [set * queries + query]: how many are kept
+  std::vector<float> floors_;  // the score an entry must beat to be kept
+};
+
+template <int W>
+struct Lanes {
+  typedef float type __attribute__((vector_size(4 * W), aligned(4)));  // W floats, loaded from any float's address
+};
+
+// out (R, NB * kBlock), rows `stride` apart = queries (R, dim) x the keys of NB blocks (block b's dimension d at
+// keys[(b * dim + d) * kBlock]), its R x NB * kBlock scores held in registers as vectors of W floats.
+template <int W, int R, int NB>
+__attribute__((always_inline)) inline void block_product(const float* __restrict queries, int64_t dim,
+                                                         const float* __restrict keys, float* __restrict out,
+                                                         int64_t stride) {
+  typedef typename Lanes<W>::type Vector;
+  constexpr int N = NB * kBlock / W;  // vectors in a row of scores
+  Vector sums[R][N];
+  for (int r = 0; r < R; ++r) for (int n = 0; n < N; ++n) sums[r][n] = Vector{};
+  for (int64_t d = 0; d < dim; ++d) {
+    Vector key[N];
+    for (int n = 0; n < N; ++n) {
+      key[n] = *reinterpret_cast<const Vector*>(keys + (n * W / kBlock * dim + d) * kBlock + n * W % kBlock);
+    }
+    for (int r = 0; r < R; ++r) {
+      const float query = queries[r * dim + d];
+      for (int n = 0; n < N; ++n) sums[r][n] += query * key[n];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int n = 0; n < N; ++n) *reinterpret_cast<Vector*>(out + r * stride + n * W) = sums[r][n];
+  }
 }
 
-// Offer a row of `width` scores to a query's min-heap of k entries (scores, slots), score t for slot slot_of(t)
-// (-1: no entry there, skipped). Runs of kRun scores are first counted against the root, a loop the compiler
-// vectorises; only a run with a score above it (rare after the first tiles) is read again one score at a time.
-template <typename SlotOf>
-inline void offer(float* heap, int64_t* heap_slot, int64_t k, const float* row, int64_t width, SlotOf slot_of) {
-  float root = heap[0];
-  for (int64_t j = 0; j < width; j += kRun) {
-    const int64_t end = std::min(width, j + kRun);
-    int hits = 0;
-    for (int64_t t = j; t < end; ++t) hits += row[t] > root;
-    if (hits == 0) continue;
-    for (int64_t t = j; t < end; ++t) {
-      if (row[t] <= root) continue;
-      const int64_t slot = slot_of(t);
-      if (slot < 0) continue;
-      replace_root(heap, heap_slot, k, row[t], slot);
-      root = heap[0];
+// scores (rows, blocks * kBlock), rows `stride` apart = queries (rows, dim), rows a multiple of R, x `blocks` blocks
+// of keys; R queries by NB blocks at a time.
+template <int W, int R, int NB>
+__attribute__((always_inline)) inline void blocked_product(const float* queries, int64_t rows, int64_t dim,
+                                                           const float* keys, int64_t blocks, float* scores,
+                                                           int64_t stride) {
+  for (int64_t row = 0; row < rows; row += R) {
+    int64_t block = 0;
+    for (; block + NB <= blocks; block += NB) {
+      block_product<W, R, NB>(queries + row * dim, dim, keys + block * dim * kBlock,
+                              scores + row * stride + block * kBlock, stride);
+    }
+    for (; block < blocks; ++block) {
+      block_product<W, R, 1>(queries + row * dim, dim, keys + block * dim * kBlock,
+                             scores + row * stride + block * kBlock, stride);
     }
   }
 }
 
-// Each query's heaps of k, one per chunk (chunks, ..., k), merged into its best k (..., k), best first and ties
-// in slot order; -inf and slot 0 where fewer than k entries were found.
-std::vector<torch::Tensor> merge(const torch::Tensor& heap_scores, const torch::Tensor& heap_slots, int64_t k) {
-  const int64_t chunks = heap_scores.size(0), queries = heap_scores[0].numel() / k;
-  const float lowest = -std::numeric_limits<float>::infinity();
-  const float* all_scores = heap_scores.data_ptr<float>();
-  const int64_t* all_slots = heap_slots.data_ptr<int64_t>();
-  auto out_scores = torch::empty_like(heap_scores[0]);
-  auto out_slots = torch::empty_like(heap_slots[0]);
-  float* result_scores = out_scores.data_ptr<float>();
-  int64_t* result_slots = out_slots.data_ptr<int64_t>();
-  at::parallel_for(0, queries, 64, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> order(chunks * k);
-    std::vector<float> candidate_scores(chunks * k);
-    std::vector<int64_t> candidate_slots(chunks * k);
-    for (int64_t query = begin; query < end; ++query) {
-      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
-        const int64_t from = (chunk * queries + query) * k;
-        std::copy(all_scores + from, all_scores + from + k, candidate_scores.begin() + chunk * k);
-        std::copy(all_slots + from, all_slots + from + k, candidate_slots.begin() + chunk * k);
-      }
-      std::iota(order.begin(), order.end(), 0);
-      std::partial_sort(order.begin(), order.begin() + k, order.end(), [&](int64_t a, int64_t b) {
-        if (candidate_scores[a] != candidate_scores[b]) return candidate_scores[a] > candidate_scores[b];
-        return candidate_slots[a] < candidate_slots[b];
-      });
-      for (int64_t i = 0; i < k; ++i) {
-        const bool found = candidate_scores[order[i]] > lowest;
-        result_scores[query * k + i] = candidate_scores[order[i]];
-        result_slots[query * k + i] = found ? candidate_slots[order[i]] : 0;
-      }
-    }
-  });
-  return {out_scores, out_slots};
+// One build serves every x86 CPU: the product is compiled for AVX-512, AVX2 and the baseline, picked at load time.
+using Product = void (*)(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t);
+#ifdef MT_X86_DISPATCH
+__attribute__((target("avx512f"))) void product_avx512(const float* queries, int64_t rows, int64_t dim,
+                                                       const float* keys, int64_t blocks, float* scores,
+                                                       int64_t stride) {
+  blocked_product<16, kRowGroup, 2>(queries, rows, dim, keys, blocks, scores, stride);
+}
+__attribute__((target("avx2,fma"))) void product_avx2(const float* queries, int64_t rows, int64_t dim,
+                                                      const float* keys, int64_t blocks, float* scores,
+                                                      int64_t stride) {
+  blocked_product<8, kRowGroup, 1>(queries, rows, dim, keys, blocks, scores, stride);
+}
+#endif
+void product_baseline(const float* queries, int64_t rows, int64_t dim, const float* keys, int64_t blocks,
+                      float* scores, int64_t stride) {
+  blocked_product<4, kRowGroup / 2, 1>(queries, rows, dim, keys, blocks, scores, stride);
+}
+
+Product pick_product() {
+#ifdef MT_X86_DISPATCH
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) return product_avx512;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return product_avx2;
+#endif
+  return product_baseline;
+}
+
+const Product list_product = pick_product();
+
+int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+// Tasks [0, count) on PyTorch's threads: `body(next)` runs once on each thread, and next() gives it the next task
+// not yet taken (-1 when none is left). Tasks differ in cost (a memory's rows fill unequally, lists differ in size),
+// and at::parallel_for would give each thread a fixed range of them.
+template <typename Body>
+void dynamic_for(int64_t count, Body body) {
+  std::atomic<int64_t> taken{0};
+  auto next = [&] {
+    const int64_t task = taken++;
+    return task < count ? task : int64_t{-1};
+  };
+  at::parallel_for(0, std::min<int64_t>(count, at::get_num_threads()), 1, [&](int64_t, int64_t) { body(next); });
 }
 
 }  // namespace
@@ -101,7 +244,7 @@ std::vector<torch::Tensor> merge(const torch::Tensor& heap_scores, const torch::
 // valid (rows, capacity) bool or an empty tensor for "every slot below extent", pair p reading row p / heads.
 // Returns scores (pairs, seq, k) float32 best first (ties by slot), -inf where fewer than k entries exist,
 // and slots (pairs, seq, k) long (0 there). Slots [0, extent) are searched in `chunks` ranges, each with
-// heaps of its own, merged at the end: more tasks than (pair, query tile) pairs when those are few.
+// candidates of its own, merged at the end: more tasks than (pair, query tile) pairs when those are few.
 std::vector<torch::Tensor> topk_inner_product(
     const torch::Tensor& queries, const torch::Tensor& keys, const torch::Tensor& valid, int64_t heads,
     int64_t extent, int64_t k, int64_t query_tile, int64_t slot_tile, int64_t chunks) {
@@ -115,25 +258,18 @@ std::vector<torch::Tensor> topk_inner_product(
   const bool masked = valid.numel() > 0;
   const bool* valid_data = masked ? valid.data_ptr<bool>() : nullptr;
   const int64_t valid_stride = masked ? valid.stride(0) : 0;
-  const float lowest = -std::numeric_limits<float>::infinity();
-  auto heap_scores = torch::full({chunks, pairs, seq, k}, lowest, queries.options());
-  auto heap_slots = torch::zeros({chunks, pairs, seq, k}, queries.options().dtype(torch::kLong));
-  float* all_scores = heap_scores.data_ptr<float>();
-  int64_t* all_slots = heap_slots.data_ptr<int64_t>();
+  Collector best(chunks, pairs * seq, k);
 
-  at::parallel_for(0, chunks * pairs * query_tiles, 1, [&](int64_t begin, int64_t end) {
+  dynamic_for(chunks * pairs * query_tiles, [&](auto next) {
     auto buffer = torch::empty({query_tile * slot_tile}, queries.options());  // (query tile, slot tile) scores
     auto widened = torch::empty({slot_tile, dim}, queries.options());  // a tile of low-precision keys in float32
-    for (int64_t task = begin; task < end; ++task) {
+    for (int64_t task = next(); task >= 0; task = next()) {
       const int64_t chunk = task / (pairs * query_tiles), pair = task / query_tiles % pairs;
       const int64_t first_query = task % query_tiles * query_tile;
       const int64_t rows = std::min(query_tile, seq - first_query);
       auto tile_queries = queries[pair].narrow(0, first_query, rows);  // (rows, dim)
       auto pair_keys = keys[pair];  // (capacity, dim)
       const bool* ok = masked ? valid_data + (pair / heads) * valid_stride : nullptr;
-      const int64_t offset = (chunk * pairs + pair) * seq + first_query;  // the first query's heap
-      float* best = all_scores + offset * k;
-      int64_t* where = all_slots + offset * k;
       const int64_t stop = std::min(extent, (chunk + 1) * tiles_per_chunk * slot_tile);
       for (int64_t start = chunk * tiles_per_chunk * slot_tile; start < stop; start += slot_tile) {
         const int64_t width = std::min(slot_tile, stop - start);
@@ -145,14 +281,15 @@ std::vector<torch::Tensor> topk_inner_product(
         at::mm_out(scores, tile_queries, tile_keys.t());
         const float* score = scores.data_ptr<float>();
         for (int64_t i = 0; i < rows; ++i) {
-          offer(best + i * k, where + i * k, k, score + i * width, width,
-                [&](int64_t t) { return !masked || ok[start + t] ? start + t : int64_t{-1}; });
+          best.offer(chunk, pair * seq + first_query + i, score + i * width, width,
+                     [&](int64_t t) { return !masked || ok[start + t] ? start + t : int64_t{-1}; });
         }
       }
     }
   });
 
-  return merge(heap_scores, heap_slots, k);
+  auto found = best.merge();
+  return {found[0].view({pairs, seq, k}), found[1].view({pairs, seq, k})};
 }
 
 // Items 0..n-1 sorted by their group (groups[i] in [0, count), or negative: left out), stably: bounds (count + 1)
@@ -166,15 +303,19 @@ void group_by(const int64_t* groups, int64_t n, int64_t count, int64_t* bounds, 
 }
 
 // The inverted lists of an IVF index, one set of `lists` per (row, head) pair of a memory: each list's keys held
-// contiguous, in the store's dtype, with their slots, so that a list is scanned as one product. faiss's IVF lists
+// together, in the store's dtype, with their slots, so that a list is scanned as one product. faiss's IVF lists
 // are scanned query by query, each key read alone; here each list is multiplied at once by every query that
-// probes it, and the scores offered to those queries' heaps. A slot moves between lists as it is written: it
-// leaves its list (the list's last entry takes its place) and joins the end of its new one.
+// probes it, and the scores offered to those queries. A list's keys are stored in blocks of kBlock keys, each
+// block dimension by dimension (key i's dimension d at (i / kBlock * dim + d) * kBlock + i % kBlock), the layout
+// `list_product` reads; the last block's unused columns are multiplied too, and their scores never offered. A slot
+// moves between lists as it is written: it leaves its list (the list's last entry takes its place) and joins the
+// end of its new one.
 class InvertedLists {
  public:
   InvertedLists(int64_t pairs, int64_t lists, int64_t capacity, int64_t dim, at::ScalarType dtype)
       : pairs_(pairs), lists_(lists), capacity_(capacity), dim_(dim), dtype_(dtype),
-        row_bytes_(dim * c10::elementSize(dtype)), slots_(pairs * lists), keys_(pairs * lists),
+        element_bytes_(c10::elementSize(dtype)), row_bytes_(dim * element_bytes_), slots_(pairs * lists),
+        keys_(pairs * lists),
         list_of_(pairs * capacity, -1), position_(pairs * capacity, -1) {
     TORCH_CHECK(pairs > 0 && lists > 0 && capacity > 0 && dim > 0, "bad sizes");
   }
@@ -194,10 +335,15 @@ class InvertedLists {
       TORCH_CHECK(0 <= p && p < pairs_ && 0 <= s && s < capacity_ && 0 <= l && l < lists_, "index out of range");
       remove(p, s);
       const int64_t id = p * lists_ + l;
-      position_[p * capacity_ + s] = static_cast<int64_t>(slots_[id].size());
+      const int64_t position = static_cast<int64_t>(slots_[id].size());
+      position_[p * capacity_ + s] = position;
       list_of_[p * capacity_ + s] = l;
       slots_[id].push_back(s);
-      keys_[id].insert(keys_[id].end(), bytes + i * row_bytes_, bytes + (i + 1) * row_bytes_);
+      if (position % kBlock == 0) keys_[id].resize(keys_[id].size() + kBlock * row_bytes_);  // a new block
+      for (int64_t d = 0; d < dim_; ++d) {
+        const char* number = bytes + i * row_bytes_ + d * element_bytes_;
+        std::copy_n(number, element_bytes_, keys_[id].data() + offset_of(position, d));
+      }
     }
   }
 
@@ -243,12 +389,14 @@ class InvertedLists {
   torch::Tensor lists_of() const { return torch::tensor(list_of_).view({pairs_, capacity_}); }
 
   // The best k entries of the probed lists for queries (pairs, seq, dim) float32, probes (pairs, seq, nprobe) long
-  // (negative: none). The lists are cut into `chunks` ranges, each with heaps of its own, merged at the end. Returns
+  // (negative: none). A list's keys are multiplied `slot_tile` at a time (rounded up to whole blocks). The lists are
+  // cut into `chunks` ranges, each with candidates of its own, merged at the end. Returns
   // their scores (pairs, seq, k) float32, the keys' products in float32, best first (ties by slot), -inf where fewer
   // than k were found, and their slots (pairs, seq, k) long (0 there).
   std::vector<torch::Tensor> search(const torch::Tensor& queries, const torch::Tensor& probes, int64_t k,
                                     int64_t slot_tile, int64_t chunks) const {
-    TORCH_CHECK(queries.dim() == 3 && queries.size(0) == pairs_ && queries.size(2) == dim_, "queries: (pairs, seq, dim)");
+    TORCH_CHECK(queries.dim() == 3 && queries.size(0) == pairs_ && queries.size(2) == dim_,
+                "queries: (pairs, seq, dim)");
     TORCH_CHECK(queries.scalar_type() == torch::kFloat && queries.is_contiguous(), "queries: contiguous float32");
     TORCH_CHECK(probes.scalar_type() == torch::kLong && probes.is_contiguous() && probes.size(0) == pairs_ &&
                 probes.size(1) == queries.size(1), "probes: contiguous (pairs, seq, nprobe) long");
@@ -265,22 +413,20 @@ class InvertedLists {
       }
     });
     const int64_t lists_per_chunk = (lists_ + chunks - 1) / chunks;
-    auto heap_scores = torch::full({chunks, pairs_, seq, k}, -std::numeric_limits<float>::infinity(),
-                                   queries.options());
-    auto heap_slots = torch::zeros({chunks, pairs_, seq, k}, probes.options());
+    const int64_t tile_width = round_up(slot_tile, kBlock);
+    Collector best(chunks, pairs_ * seq, k);
     const float* query_data = queries.data_ptr<float>();
 
-    at::parallel_for(0, chunks * pairs_, 1, [&](int64_t begin, int64_t end) {
-      auto tile_queries = torch::empty({seq, dim_}, queries.options());  // the queries probing a list
-      auto tile_keys = torch::empty({slot_tile, dim_}, queries.options());  // a tile of its keys, in float32
-      auto buffer = torch::empty({seq * slot_tile}, queries.options());  // their scores
+    dynamic_for(chunks * pairs_, [&](auto next) {
+      // The queries probing a list, in whole groups of kRowGroup (the last group's other rows: earlier queries).
+      std::vector<float> tile_queries(round_up(seq, kRowGroup) * dim_);
+      std::vector<float> tile_keys(tile_width * dim_);  // a tile of its keys, in float32 (for other dtypes)
+      std::vector<float> buffer(round_up(seq, kRowGroup) * tile_width);  // their scores
       std::vector<int64_t> asking(seq);  // the queries probing the list
-      for (int64_t task = begin; task < end; ++task) {
+      for (int64_t task = next(); task >= 0; task = next()) {
         const int64_t chunk = task / pairs_, pair = task % pairs_;
         const int64_t* prober = probers[pair].data_ptr<int64_t>();
         const int64_t* prober_bound = prober_bounds[pair].data_ptr<int64_t>();
-        float* best = heap_scores[chunk][pair].data_ptr<float>();
-        int64_t* where = heap_slots[chunk][pair].data_ptr<int64_t>();
         const int64_t stop = std::min(lists_, (chunk + 1) * lists_per_chunk);
         for (int64_t list = chunk * lists_per_chunk; list < stop; ++list) {
           const std::vector<int64_t>& members = slots_[pair * lists_ + list];
@@ -291,27 +437,26 @@ class InvertedLists {
             if (rows == 0 || asking[rows - 1] != query) asking[rows++] = query;
           }
           if (rows == 0) continue;
-          float* gathered = tile_queries.data_ptr<float>();
           for (int64_t i = 0; i < rows; ++i) {
-            std::copy_n(query_data + (pair * seq + asking[i]) * dim_, dim_, gathered + i * dim_);
+            std::copy_n(query_data + (pair * seq + asking[i]) * dim_, dim_, tile_queries.data() + i * dim_);
           }
           const char* list_keys = keys_[pair * lists_ + list].data();
-          for (int64_t first = 0; first < size; first += slot_tile) {
-            const int64_t width = std::min(slot_tile, size - first);
-            auto keys = tile(list_keys + first * row_bytes_, width, tile_keys);  // (width, dim) float32
-            auto scores = buffer.narrow(0, 0, rows * width).view({rows, width});
-            at::mm_out(scores, tile_queries.narrow(0, 0, rows), keys.t());
-            const float* score = scores.data_ptr<float>();
+          for (int64_t first = 0; first < size; first += tile_width) {  // first: a multiple of kBlock
+            const int64_t width = std::min(tile_width, size - first), blocks = (width + kBlock - 1) / kBlock;
+            const float* keys = tile(list_keys + first * row_bytes_, blocks * kBlock, tile_keys);
+            const int64_t stride = blocks * kBlock;  // (rows, stride) scores
+            list_product(tile_queries.data(), round_up(rows, kRowGroup), dim_, keys, blocks, buffer.data(), stride);
             const int64_t* slots = members.data() + first;
             for (int64_t i = 0; i < rows; ++i) {
-              offer(best + asking[i] * k, where + asking[i] * k, k, score + i * width, width,
-                    [&](int64_t t) { return slots[t]; });
+              best.offer(chunk, pair * seq + asking[i], buffer.data() + i * stride, width,
+                         [&](int64_t t) { return slots[t]; });
             }
           }
         }
       }
     });
-    return merge(heap_scores, heap_slots, k);
+    auto found = best.merge();
+    return {found[0].view({pairs_, seq, k}), found[1].view({pairs_, seq, k})};
   }
 
  private:
@@ -325,32 +470,37 @@ class InvertedLists {
     if (position != last) {  // the list's last entry takes the leaving one's place
       slots[position] = slots[last];
       position_[pair * capacity_ + slots[last]] = position;
-      std::copy_n(keys.data() + last * row_bytes_, row_bytes_, keys.data() + position * row_bytes_);
+      for (int64_t d = 0; d < dim_; ++d) {
+        std::copy_n(keys.data() + offset_of(last, d), element_bytes_, keys.data() + offset_of(position, d));
+      }
     }
     slots.pop_back();
-    keys.resize(last * row_bytes_);
+    if (last % kBlock == 0) keys.resize(last * row_bytes_);  // its last block is empty
     list_of_[at] = -1;
   }
 
-  // `count` keys of the lists' dtype at `bytes` as a float32 (count, dim) tensor: the bytes themselves for float32,
-  // else widened into `target`.
-  torch::Tensor tile(const char* bytes, int64_t count, torch::Tensor& target) const {
-    if (dtype_ == torch::kFloat) {
-      return torch::from_blob(const_cast<char*>(bytes), {count, dim_}, target.options());
-    }
-    float* out = target.data_ptr<float>();
+  // Where key `position` of a list has its dimension d: a byte offset into the list's keys.
+  int64_t offset_of(int64_t position, int64_t d) const {
+    return ((position / kBlock * dim_ + d) * kBlock + position % kBlock) * element_bytes_;
+  }
+
+  // `count` keys (whole blocks) of the lists' dtype at `bytes`, in float32: the bytes themselves for float32, else
+  // widened into `target`.
+  const float* tile(const char* bytes, int64_t count, std::vector<float>& target) const {
+    if (dtype_ == torch::kFloat) return reinterpret_cast<const float*>(bytes);
+    float* out = target.data();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype_, "tile", [&] {
       const scalar_t* in = reinterpret_cast<const scalar_t*>(bytes);
       for (int64_t i = 0; i < count * dim_; ++i) out[i] = static_cast<float>(in[i]);
     });
-    return target.narrow(0, 0, count);
+    return out;
   }
 
   int64_t pairs_, lists_, capacity_, dim_;
   at::ScalarType dtype_;
-  int64_t row_bytes_;  // one key's bytes
+  int64_t element_bytes_, row_bytes_;  // one number's bytes, one key's
   std::vector<std::vector<int64_t>> slots_;  // [pair * lists + list]: the list's slots
-  std::vector<std::vector<char>> keys_;  // [pair * lists + list]: their keys, row after row
+  std::vector<std::vector<char>> keys_;  // [pair * lists + list]: their keys, in blocks (see above)
   std::vector<int64_t> list_of_;  // [pair * capacity + slot]: the slot's list, -1 for none
   std::vector<int64_t> position_;  // [pair * capacity + slot]: its place in that list
 };
