@@ -45,6 +45,17 @@ def needs_compiler():
     return kernel
 
 
+@pytest.fixture(params=["avx512", "avx2", "baseline"])
+def kernel(request):
+    """The CPU kernel, its product and scan compiled for each instruction set (those this CPU lacks skipped)."""
+    kernel = needs_compiler()
+    if request.param not in kernel.instruction_sets():
+        pytest.skip(f"this CPU has no {request.param}")
+    kernel.use_instructions(request.param)
+    yield kernel
+    kernel.use_instructions(kernel.instruction_sets()[0])
+
+
 @pytest.mark.parametrize("width", [64 * 32, 64 * 32 + 5, 100])
 def test_block_topk_equals_topk(width):
     scores = torch.randn(3, 2, 5, width)
@@ -81,8 +92,7 @@ def test_exact_backends_return_brute_force_neighbours(backend, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("query_tile, slot_tile, chunks", [(256, 2048, 1), (3, 32, 1), (4, 17, 3), (1, 5, 40)])
-def test_cpu_kernel_equals_brute_force_in_any_tiles_and_chunks(dtype, query_tile, slot_tile, chunks):
-    kernel = needs_compiler()
+def test_cpu_kernel_equals_brute_force_in_any_tiles_and_chunks(kernel, dtype, query_tile, slot_tile, chunks):
     batch, heads, dim, capacity, extent, k = 2, 3, 16, 90, 80, 6
     keys = unit(batch, heads, capacity, dim).to(dtype)
     valid = torch.rand(batch, capacity) > 0.3
@@ -102,10 +112,23 @@ def test_cpu_kernel_equals_brute_force_in_any_tiles_and_chunks(dtype, query_tile
             assert torch.equal(slots[b, h][found], ref.indices[found]) and not slots[b, h][~found].any()
 
 
+@pytest.mark.parametrize("query_tile, slot_tile, chunks", [(256, 2048, 1), (3, 32, 1), (4, 17, 3)])
+def test_cpu_kernel_breaks_ties_by_slot(kernel, query_tile, slot_tile, chunks):
+    """Keys that repeat score alike: the lowest slots win, however many candidates were cut along the way."""
+    keys = unit(1, 1, 1, 8).expand(1, 2, 300, 8).contiguous()  # every key the same
+    valid = torch.ones(1, 300, dtype=torch.bool)
+    valid[0, ::3] = False
+    queries = unit(1, 2, 5, 8)
+    scores, slots = kernel.topk_inner_product(
+        queries.flatten(0, 1), keys.flatten(0, 1), valid, 2, 300, 4, query_tile, slot_tile, chunks
+    )
+    assert slots.tolist() == [[[1, 2, 4, 5]] * 5] * 2
+    torch.testing.assert_close(scores, (queries.flatten(0, 1) @ keys[0, 0, 0])[..., None].expand(-1, -1, 4))
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("slot_tile, chunks", [(2048, 1), (16, 1), (17, 4), (5, 50)])  # tiles: whole blocks of 16
-def test_cpu_ivf_kernel_equals_brute_force_over_the_probed_lists(dtype, slot_tile, chunks):
-    kernel = needs_compiler()
+def test_cpu_ivf_kernel_equals_brute_force_over_the_probed_lists(kernel, dtype, slot_tile, chunks):
     # Lists of about 40 keys (blocks of 16, the last one part-filled, shrinking and growing as slots move), 9
     # queries (the product's groups of 4 padded), 13 dimensions (no whole vector).
     pairs, seq, dim, capacity, lists, nprobe, k = 4, 9, 13, 240, 6, 3, 6

@@ -33,9 +33,9 @@ _MIN_BLOCK_GROUPS = 16
 # than its product. One token's search of 102,400 bf16 keys in 3 heads took 17 ms widened whole, 8.3 ms in
 # slices, on 2 threads (malloc keeping freed memory); the scores are the same to the bit.
 _WIDEN_ELEMENTS = 1 << 20
-# The CPU kernel's tiles: 256 queries x 2048 slots (2 MiB of scores) per product. At a training step's 64K
-# search (16 pairs x 256 queries, 64 dims) these took 314 ms where 256 x 4096 took 333 ms and PyTorch ops 488, in
-# one process on 2 threads, before the kernel compared runs of scores with the heap's root at once (251 ms since).
+# The CPU kernel's tiles: 256 queries x 2048 slots (2 MiB of scores) per task. At a training step's 64K search (16
+# pairs x 256 queries, 64 dims, random keys) these took 227 ms where 128 x 1024 took 241 ms and 64 x 512 280, in one
+# process on 2 threads (with a BLAS product per tile: 272, 295 and 338 ms; PyTorch ops took 488 before).
 _QUERY_TILE, _SLOT_TILE = 256, 2048
 
 

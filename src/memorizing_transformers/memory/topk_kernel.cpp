@@ -2,17 +2,20 @@
 //
 // Written by hand because no maintained library offers it: PyTorch has no fused matmul + top-k,
 // and faiss's IndexFlatIP (a matmul per block, then heaps) is 2-3x slower than a plain matmul at
-// these shapes (docs/benchmarks/search.md). Each task multiplies a tile of queries by a tile of
-// keys into a buffer that stays in cache (PyTorch's own matmul, single-threaded inside the task),
-// then reads the scores once, keeping each query's best k candidates: a score below its k-th best so
-// far, nearly every score after the first tiles, costs one comparison. The score matrix never
-// reaches main memory, which PyTorch's separate passes over it (memory/exact.py) cannot avoid.
-// faiss's IVF scan goes query by query, each key read alone; the IVF search here (memory/ivf.py)
-// goes list by list, one product per list for all the queries that probe it. Those products are
-// small (a few queries by a few hundred keys), where a BLAS call spends more time packing its
-// operands and dispatching than multiplying; the lists' keys are therefore stored in the layout a
-// register-blocked product reads directly (blocks of kBlock keys, dimension by dimension), and
-// multiplied by the few lines of `block_product` below, vectorised for the CPU at hand.
+// these shapes (docs/benchmarks/search.md). Each task multiplies a few queries by a tile of keys
+// into a buffer that stays in cache, then reads the scores once, keeping each query's best k
+// candidates: a score below its k-th best so far, nearly every score after the first tiles, costs
+// one vector comparison. The score matrix never reaches main memory, which PyTorch's separate
+// passes over it (memory/exact.py) cannot avoid. faiss's IVF scan goes query by query, each key
+// read alone; the IVF search here (memory/ivf.py) goes list by list, one product per list for
+// all the queries that probe it.
+//
+// The products are small (an IVF list: a few queries by a few hundred keys), where a BLAS call
+// spends more time packing its operands and dispatching than multiplying (MKL took 7.8 us for an
+// 8 x 32 x 256 product that `block_product` below does in 1.2). Keys are therefore multiplied in
+// the layout a register-blocked product reads directly, blocks of kBlock keys stored dimension by
+// dimension: the IVF lists are kept so, and the exact search lays out each tile of keys so as it
+// reads it. The product is compiled for AVX-512, AVX2 and the baseline, one picked at load time.
 
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -22,19 +25,145 @@
 #include <functional>
 #include <limits>
 #include <numeric>
+#include <string>
 #include <utility>
 #include <vector>
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#if defined(__GNUC__) && defined(__x86_64__)
 #define MT_X86_DISPATCH 1
+#include <immintrin.h>
 #endif
 
 namespace {
 
 constexpr int64_t kRoom = 4;  // a query's candidates held, in multiples of k, before they are cut to k
-constexpr int64_t kRun = 32;  // scores compared with a query's k-th best at once
+constexpr int64_t kRun = 32;  // scores appended at once from the first above a query's floor
 constexpr int64_t kBlock = 16;  // keys of a list stored together, dimension by dimension
 constexpr int64_t kRowGroup = 4;  // queries multiplied at once by a list's keys (the lists' products pad to it)
+
+template <int W>
+struct Lanes {
+  typedef float type __attribute__((vector_size(4 * W), aligned(4)));  // W floats, loaded from any float's address
+};
+
+// out (R, NB * kBlock), rows `stride` apart = queries (R, dim) x the keys of NB blocks (block b's dimension d at
+// keys[(b * dim + d) * kBlock]), its R x NB * kBlock scores held in registers as vectors of W floats.
+template <int W, int R, int NB>
+__attribute__((always_inline)) inline void block_product(const float* __restrict queries, int64_t dim,
+                                                         const float* __restrict keys, float* __restrict out,
+                                                         int64_t stride) {
+  typedef typename Lanes<W>::type Vector;
+  constexpr int N = NB * kBlock / W;  // vectors in a row of scores
+  Vector sums[R][N];
+  for (int r = 0; r < R; ++r) for (int n = 0; n < N; ++n) sums[r][n] = Vector{};
+  for (int64_t d = 0; d < dim; ++d) {
+    Vector key[N];
+    for (int n = 0; n < N; ++n) {
+      key[n] = *reinterpret_cast<const Vector*>(keys + (n * W / kBlock * dim + d) * kBlock + n * W % kBlock);
+    }
+    for (int r = 0; r < R; ++r) {
+      const float query = queries[r * dim + d];
+      for (int n = 0; n < N; ++n) sums[r][n] += query * key[n];
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    for (int n = 0; n < N; ++n) *reinterpret_cast<Vector*>(out + r * stride + n * W) = sums[r][n];
+  }
+}
+
+// scores (rows, blocks * kBlock), rows `stride` apart = queries (rows, dim), rows a multiple of R, x `blocks` blocks
+// of keys; R queries by NB blocks at a time.
+template <int W, int R, int NB>
+__attribute__((always_inline)) inline void blocked_product(const float* queries, int64_t rows, int64_t dim,
+                                                           const float* keys, int64_t blocks, float* scores,
+                                                           int64_t stride) {
+  for (int64_t row = 0; row < rows; row += R) {
+    int64_t block = 0;
+    for (; block + NB <= blocks; block += NB) {
+      block_product<W, R, NB>(queries + row * dim, dim, keys + block * dim * kBlock,
+                              scores + row * stride + block * kBlock, stride);
+    }
+    for (; block < blocks; ++block) {
+      block_product<W, R, 1>(queries + row * dim, dim, keys + block * dim * kBlock,
+                             scores + row * stride + block * kBlock, stride);
+    }
+  }
+}
+
+// One build serves every x86 CPU: the product is compiled for AVX-512, AVX2 and the baseline, picked at load time.
+using Product = void (*)(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t);
+#ifdef MT_X86_DISPATCH
+__attribute__((target("avx512f"))) void product_avx512(const float* queries, int64_t rows, int64_t dim,
+                                                       const float* keys, int64_t blocks, float* scores,
+                                                       int64_t stride) {
+  blocked_product<16, kRowGroup, 2>(queries, rows, dim, keys, blocks, scores, stride);
+}
+__attribute__((target("avx2,fma"))) void product_avx2(const float* queries, int64_t rows, int64_t dim,
+                                                      const float* keys, int64_t blocks, float* scores,
+                                                      int64_t stride) {
+  blocked_product<8, kRowGroup, 1>(queries, rows, dim, keys, blocks, scores, stride);
+}
+#endif
+void product_baseline(const float* queries, int64_t rows, int64_t dim, const float* keys, int64_t blocks,
+                      float* scores, int64_t stride) {
+  blocked_product<4, kRowGroup / 2, 1>(queries, rows, dim, keys, blocks, scores, stride);
+}
+
+// The first t in [from, width) with row[t] > floor, else width: the scan for the few scores a query keeps, most of
+// the scores read (each compared once), 16, 8 or 4 at a time as the CPU allows.
+using Scan = int64_t (*)(const float*, int64_t, int64_t, float);
+int64_t scan_baseline(const float* row, int64_t from, int64_t width, float floor) {
+  int64_t t = from;
+#ifdef MT_X86_DISPATCH
+  const __m128 bar = _mm_set1_ps(floor);
+  for (; t + 4 <= width && !_mm_movemask_ps(_mm_cmpgt_ps(_mm_loadu_ps(row + t), bar)); t += 4) {}
+#endif
+  for (; t < width && !(row[t] > floor); ++t) {}
+  return t;
+}
+#ifdef MT_X86_DISPATCH
+__attribute__((target("avx512f"))) int64_t scan_avx512(const float* row, int64_t from, int64_t width, float floor) {
+  const __m512 bar = _mm512_set1_ps(floor);
+  int64_t t = from;
+  for (; t + 16 <= width; t += 16) {
+    const __mmask16 above = _mm512_cmp_ps_mask(_mm512_loadu_ps(row + t), bar, _CMP_GT_OQ);
+    if (above) return t + __builtin_ctz(above);
+  }
+  return scan_baseline(row, t, width, floor);
+}
+__attribute__((target("avx2"))) int64_t scan_avx2(const float* row, int64_t from, int64_t width, float floor) {
+  const __m256 bar = _mm256_set1_ps(floor);
+  int64_t t = from;
+  for (; t + 8 <= width; t += 8) {
+    const int above = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + t), bar, _CMP_GT_OQ));
+    if (above) return t + __builtin_ctz(above);
+  }
+  return scan_baseline(row, t, width, floor);
+}
+#endif
+
+// The product and the scan compiled for each instruction set this CPU has, best first.
+struct Instructions {
+  std::string name;
+  Product product;
+  Scan scan;
+};
+
+std::vector<Instructions> supported() {
+  std::vector<Instructions> sets;
+#ifdef MT_X86_DISPATCH
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f")) sets.push_back({"avx512", product_avx512, scan_avx512});
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    sets.push_back({"avx2", product_avx2, scan_avx2});
+  }
+#endif
+  sets.push_back({"baseline", product_baseline, scan_baseline});
+  return sets;
+}
+
+Product list_product = supported().front().product;
+Scan first_above = supported().front().scan;
 
 // The best k entries offered to each of `queries` queries, in `sets` sets searched apart (the chunks of a search)
 // and merged at the end. Kept loosely: an entry above a query's floor is appended to its buffer of kRoom x k (and
@@ -44,23 +173,21 @@ constexpr int64_t kRowGroup = 4;  // queries multiplied at once by a list's keys
 class Collector {
  public:
   Collector(int64_t sets, int64_t queries, int64_t k)
-      : queries_(queries), k_(k), room_(kRoom * k + kRun), scores_(sets * queries * room_), slots_(sets * queries * room_),
+      : queries_(queries), k_(k), room_(kRoom * k + kRun), scores_(sets * queries * room_),
+        slots_(sets * queries * room_),
         counts_(sets * queries, 0), floors_(sets * queries, -std::numeric_limits<float>::infinity()) {}
 
   // Offer a row of `width` scores to query `query` of set `set`, score t for slot slot_of(t) (-1: no entry there,
-  // skipped). Runs of kRun scores are first counted against the floor, a loop the compiler vectorises; only a run
-  // with a score above it (rare after the first keys) is appended, each score moving the count on if it is kept.
+  // skipped). The row is scanned for a score above the floor (rare after the first keys), and the run of kRun scores
+  // from there appended, each score moving the count on if it is kept.
   template <typename SlotOf>
   void offer(int64_t set, int64_t query, const float* row, int64_t width, SlotOf slot_of) {
     const int64_t at = set * queries_ + query;
     float* scores = scores_.data() + at * room_;
     int64_t* slots = slots_.data() + at * room_;
-    for (int64_t j = 0; j < width; j += kRun) {
+    for (int64_t j = first_above(row, 0, width, floors_[at]); j < width;
+         j = first_above(row, j + kRun, width, floors_[at])) {
       const int64_t end = std::min(width, j + kRun);
-      const float floor = floors_[at];
-      int hits = 0;
-      for (int64_t t = j; t < end; ++t) hits += row[t] > floor;
-      if (hits == 0) continue;
       if (counts_[at] + (end - j) > room_) cut(at);  // the run may not fit: hold k, raising the floor
       const float kept_above = floors_[at];
       int64_t count = counts_[at];
@@ -144,85 +271,6 @@ class Collector {
   std::vector<float> floors_;  // the score an entry must beat to be kept
 };
 
-template <int W>
-struct Lanes {
-  typedef float type __attribute__((vector_size(4 * W), aligned(4)));  // W floats, loaded from any float's address
-};
-
-// out (R, NB * kBlock), rows `stride` apart = queries (R, dim) x the keys of NB blocks (block b's dimension d at
-// keys[(b * dim + d) * kBlock]), its R x NB * kBlock scores held in registers as vectors of W floats.
-template <int W, int R, int NB>
-__attribute__((always_inline)) inline void block_product(const float* __restrict queries, int64_t dim,
-                                                         const float* __restrict keys, float* __restrict out,
-                                                         int64_t stride) {
-  typedef typename Lanes<W>::type Vector;
-  constexpr int N = NB * kBlock / W;  // vectors in a row of scores
-  Vector sums[R][N];
-  for (int r = 0; r < R; ++r) for (int n = 0; n < N; ++n) sums[r][n] = Vector{};
-  for (int64_t d = 0; d < dim; ++d) {
-    Vector key[N];
-    for (int n = 0; n < N; ++n) {
-      key[n] = *reinterpret_cast<const Vector*>(keys + (n * W / kBlock * dim + d) * kBlock + n * W % kBlock);
-    }
-    for (int r = 0; r < R; ++r) {
-      const float query = queries[r * dim + d];
-      for (int n = 0; n < N; ++n) sums[r][n] += query * key[n];
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    for (int n = 0; n < N; ++n) *reinterpret_cast<Vector*>(out + r * stride + n * W) = sums[r][n];
-  }
-}
-
-// scores (rows, blocks * kBlock), rows `stride` apart = queries (rows, dim), rows a multiple of R, x `blocks` blocks
-// of keys; R queries by NB blocks at a time.
-template <int W, int R, int NB>
-__attribute__((always_inline)) inline void blocked_product(const float* queries, int64_t rows, int64_t dim,
-                                                           const float* keys, int64_t blocks, float* scores,
-                                                           int64_t stride) {
-  for (int64_t row = 0; row < rows; row += R) {
-    int64_t block = 0;
-    for (; block + NB <= blocks; block += NB) {
-      block_product<W, R, NB>(queries + row * dim, dim, keys + block * dim * kBlock,
-                              scores + row * stride + block * kBlock, stride);
-    }
-    for (; block < blocks; ++block) {
-      block_product<W, R, 1>(queries + row * dim, dim, keys + block * dim * kBlock,
-                             scores + row * stride + block * kBlock, stride);
-    }
-  }
-}
-
-// One build serves every x86 CPU: the product is compiled for AVX-512, AVX2 and the baseline, picked at load time.
-using Product = void (*)(const float*, int64_t, int64_t, const float*, int64_t, float*, int64_t);
-#ifdef MT_X86_DISPATCH
-__attribute__((target("avx512f"))) void product_avx512(const float* queries, int64_t rows, int64_t dim,
-                                                       const float* keys, int64_t blocks, float* scores,
-                                                       int64_t stride) {
-  blocked_product<16, kRowGroup, 2>(queries, rows, dim, keys, blocks, scores, stride);
-}
-__attribute__((target("avx2,fma"))) void product_avx2(const float* queries, int64_t rows, int64_t dim,
-                                                      const float* keys, int64_t blocks, float* scores,
-                                                      int64_t stride) {
-  blocked_product<8, kRowGroup, 1>(queries, rows, dim, keys, blocks, scores, stride);
-}
-#endif
-void product_baseline(const float* queries, int64_t rows, int64_t dim, const float* keys, int64_t blocks,
-                      float* scores, int64_t stride) {
-  blocked_product<4, kRowGroup / 2, 1>(queries, rows, dim, keys, blocks, scores, stride);
-}
-
-Product pick_product() {
-#ifdef MT_X86_DISPATCH
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f")) return product_avx512;
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return product_avx2;
-#endif
-  return product_baseline;
-}
-
-const Product list_product = pick_product();
-
 int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
 // Tasks [0, count) on PyTorch's threads: `body(next)` runs once on each thread, and next() gives it the next task
@@ -250,6 +298,7 @@ std::vector<torch::Tensor> topk_inner_product(
     int64_t extent, int64_t k, int64_t query_tile, int64_t slot_tile, int64_t chunks) {
   TORCH_CHECK(queries.dim() == 3 && keys.dim() == 3 && queries.size(0) == keys.size(0), "bad shapes");
   TORCH_CHECK(queries.scalar_type() == torch::kFloat && queries.is_contiguous(), "queries: contiguous float32");
+  TORCH_CHECK(keys.stride(2) == 1, "keys: each key's numbers contiguous");
   TORCH_CHECK(k > 0 && extent <= keys.size(1) && query_tile > 0 && slot_tile > 0 && chunks > 0, "bad sizes");
   const int64_t pairs = queries.size(0), seq = queries.size(1), dim = queries.size(2);
   const int64_t query_tiles = (seq + query_tile - 1) / query_tile;
@@ -260,28 +309,33 @@ std::vector<torch::Tensor> topk_inner_product(
   const int64_t valid_stride = masked ? valid.stride(0) : 0;
   Collector best(chunks, pairs * seq, k);
 
+  const int64_t tile_width = round_up(slot_tile, kBlock), key_stride = keys.stride(1);
   dynamic_for(chunks * pairs * query_tiles, [&](auto next) {
-    auto buffer = torch::empty({query_tile * slot_tile}, queries.options());  // (query tile, slot tile) scores
-    auto widened = torch::empty({slot_tile, dim}, queries.options());  // a tile of low-precision keys in float32
+    std::vector<float> tile_queries(round_up(query_tile, kRowGroup) * dim);  // in whole groups of kRowGroup
+    std::vector<float> tile_keys(tile_width * dim);  // a tile of keys in float32, in blocks (see InvertedLists)
+    std::vector<float> buffer(round_up(query_tile, kRowGroup) * tile_width);  // their scores
     for (int64_t task = next(); task >= 0; task = next()) {
       const int64_t chunk = task / (pairs * query_tiles), pair = task / query_tiles % pairs;
       const int64_t first_query = task % query_tiles * query_tile;
       const int64_t rows = std::min(query_tile, seq - first_query);
-      auto tile_queries = queries[pair].narrow(0, first_query, rows);  // (rows, dim)
-      auto pair_keys = keys[pair];  // (capacity, dim)
+      std::copy_n(queries[pair].data_ptr<float>() + first_query * dim, rows * dim, tile_queries.data());
       const bool* ok = masked ? valid_data + (pair / heads) * valid_stride : nullptr;
       const int64_t stop = std::min(extent, (chunk + 1) * tiles_per_chunk * slot_tile);
       for (int64_t start = chunk * tiles_per_chunk * slot_tile; start < stop; start += slot_tile) {
-        const int64_t width = std::min(slot_tile, stop - start);
-        auto tile_keys = pair_keys.narrow(0, start, width);  // (width, dim)
-        if (tile_keys.scalar_type() != torch::kFloat) {
-          tile_keys = widened.narrow(0, 0, width).copy_(tile_keys);
-        }
-        auto scores = buffer.narrow(0, 0, rows * width).view({rows, width});
-        at::mm_out(scores, tile_queries, tile_keys.t());
-        const float* score = scores.data_ptr<float>();
+        const int64_t width = std::min(slot_tile, stop - start), blocks = (width + kBlock - 1) / kBlock;
+        AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, keys.scalar_type(), "block", [&] {
+          const scalar_t* from = keys[pair].data_ptr<scalar_t>() + start * key_stride;
+          for (int64_t i = 0; i < width; ++i) {
+            for (int64_t d = 0; d < dim; ++d) {
+              tile_keys[(i / kBlock * dim + d) * kBlock + i % kBlock] = static_cast<float>(from[i * key_stride + d]);
+            }
+          }
+        });
+        const int64_t stride = blocks * kBlock;
+        list_product(tile_queries.data(), round_up(rows, kRowGroup), dim, tile_keys.data(), blocks, buffer.data(),
+                     stride);
         for (int64_t i = 0; i < rows; ++i) {
-          best.offer(chunk, pair * seq + first_query + i, score + i * width, width,
+          best.offer(chunk, pair * seq + first_query + i, buffer.data() + i * stride, width,
                      [&](int64_t t) { return !masked || ok[start + t] ? start + t : int64_t{-1}; });
         }
       }
@@ -505,7 +559,28 @@ class InvertedLists {
   std::vector<int64_t> position_;  // [pair * capacity + slot]: its place in that list
 };
 
+// The instruction sets the kernel can use on this CPU, best first: the first is used unless told otherwise.
+std::vector<std::string> instruction_sets() {
+  std::vector<std::string> names;
+  for (const Instructions& set : supported()) names.push_back(set.name);
+  return names;
+}
+
+// Use the product and scan of one of `instruction_sets()`, so that the tests check each on a CPU that has it.
+void use_instructions(const std::string& name) {
+  for (const Instructions& set : supported()) {
+    if (set.name == name) {
+      list_product = set.product;
+      first_above = set.scan;
+      return;
+    }
+  }
+  TORCH_CHECK(false, "no instruction set ", name, " on this CPU");
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
+  module.def("instruction_sets", &instruction_sets, "The instruction sets usable here, best (the default) first");
+  module.def("use_instructions", &use_instructions, "Search with the product and scan of this instruction set");
   module.def("topk_inner_product", &topk_inner_product, "Exact top-k inner products, selected inside the product",
              pybind11::call_guard<pybind11::gil_scoped_release>());
   pybind11::class_<InvertedLists>(module, "InvertedLists")
