@@ -273,6 +273,14 @@ class Collector {
 
 int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
 
+// Resize `items` to `size`, reserving an eighth more (at least `step`) when it must grow: the IVF lists hold a copy
+// of a memory's keys, and std::vector's doubling would leave up to as much again allocated and unused.
+template <typename T>
+void grow(std::vector<T>& items, size_t size, size_t step) {
+  if (size > items.capacity()) items.reserve(size + std::max(size / 8, step));
+  items.resize(size);
+}
+
 // Tasks [0, count) on PyTorch's threads: `body(next)` runs once on each thread, and next() gives it the next task
 // not yet taken (-1 when none is left). Tasks differ in cost (a memory's rows fill unequally, lists differ in size),
 // and at::parallel_for would give each thread a fixed range of them.
@@ -392,8 +400,9 @@ class InvertedLists {
       const int64_t position = static_cast<int64_t>(slots_[id].size());
       position_[p * capacity_ + s] = position;
       list_of_[p * capacity_ + s] = l;
-      slots_[id].push_back(s);
-      if (position % kBlock == 0) keys_[id].resize(keys_[id].size() + kBlock * row_bytes_);  // a new block
+      grow(slots_[id], position + 1, kBlock);
+      slots_[id][position] = s;
+      if (position % kBlock == 0) grow(keys_[id], keys_[id].size() + kBlock * row_bytes_, kBlock * row_bytes_);
       for (int64_t d = 0; d < dim_; ++d) {
         const char* number = bytes + i * row_bytes_ + d * element_bytes_;
         std::copy_n(number, element_bytes_, keys_[id].data() + offset_of(position, d));
