@@ -178,6 +178,23 @@ def test_streams_go_on_where_the_last_one_ended_also_after_save_and_load(name, t
     assert handle.position == 0
 
 
+def test_the_ivf_settings_reach_the_memories_and_their_file(tmp_path):
+    model = tiny_llama()
+    handle = add_memory(model, knn_layers=[1], memory_size=64, knn_k=4, memory_backend="ivf", ivf_list_size=8,
+                        ivf_nprobe=3)  # fmt: skip
+    with torch.no_grad():
+        model(torch.randint(0, 97, (1, 20)))
+    backend = model.model.layers[1].self_attn.knn_memory.memory.backend
+    assert (backend.list_size, backend.nprobe) == (8, 3)
+    handle.save(tmp_path / "kb.safetensors")
+    settings = memory_file_settings(tmp_path / "kb.safetensors")
+    assert (settings["memory_backend"], settings["ivf_list_size"], settings["ivf_nprobe"]) == ("ivf", 8, 3)
+    with pytest.raises(ValueError, match="ivf list_size and nprobe must be positive"):
+        add_memory(tiny_llama(), memory_backend="ivf", ivf_nprobe=0)
+    with pytest.raises(ValueError, match="unknown memory backend 'annoy'"):
+        add_memory(tiny_llama(), memory_backend="annoy")
+
+
 @pytest.mark.parametrize("name", ["llama-gqa", "gpt2"])
 @pytest.mark.parametrize(
     "settings",

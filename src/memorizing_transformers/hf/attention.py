@@ -16,7 +16,7 @@ from torch import nn
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.models.llama.modeling_llama import rotate_half
 
-from ..memory.knn_memory import KNNMemory
+from ..memory.knn_memory import KNNMemory, make_backend
 from ..model.attention import Retrieved, memory_attention, retrieved_logits
 
 ATTENTION_NAME = "memorizing"
@@ -46,6 +46,8 @@ class LayerMemory:
     combine: Literal["joint", "gate"]
     dtype: torch.dtype
     backend: str
+    ivf_list_size: int = 256  # the IVF backends' settings (see memory.knn_memory.make_backend)
+    ivf_nprobe: int = 16
     # Where retrieved entries stand: "true", at their own positions (keys stored as rotated, so a
     # score is full attention's logit); "fixed", all at `distance` tokens before the query (keys
     # stored unrotated, the query rotated by `distance`), with the frequencies of the model's
@@ -96,7 +98,8 @@ class LayerMemory:
         if memory is None or (memory.batch_size != batch_size and not bool(memory.valid.any())):
             shape = (batch_size, self.num_kv_heads, self.head_dim, self.capacity)
             where = self.memory_device or device
-            self.memory = KNNMemory(*shape, dtype=self.dtype, device=where, backend=self.backend, beside=device)
+            backend = make_backend(self.backend, self.ivf_list_size, self.ivf_nprobe)
+            self.memory = KNNMemory(*shape, dtype=self.dtype, device=where, backend=backend, beside=device)
             self.expanded = None
             return self.memory
         if memory.batch_size == batch_size:

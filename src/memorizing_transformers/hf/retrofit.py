@@ -43,6 +43,7 @@ from torch import nn
 from transformers import AttentionInterface, PreTrainedModel
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
+from ..memory.knn_memory import make_backend
 from .attention import ATTENTION_NAME, POSITIONS, LayerMemory, memorizing_attention
 from .handle import MemoryHandle
 
@@ -84,6 +85,8 @@ def add_memory(
     memory_gate_init: float = -3.0,
     memory_dtype: torch.dtype = torch.float32,
     memory_backend: str = "exact",
+    ivf_list_size: int = 256,
+    ivf_nprobe: int = 16,
     sink_tokens: int = 0,
     positions: str = "true",
     fixed_distance: int = 512,
@@ -94,7 +97,9 @@ def add_memory(
     loads. The arguments are named as `MemorizingConfig`'s fields: `knn_k` entries retrieved per
     query, combined by `memory_combine` ("joint": one softmax with the layer's own keys, the
     zero-training default; "gate": the paper's gate, a new parameter `memory_gate` per head
-    starting at `memory_gate_init`, -3 so that the model starts as it was).
+    starting at `memory_gate_init`, -3 so that the model starts as it was). `memory_backend`
+    searches the memory ("exact", "ivf", "faiss_flat" or "faiss_ivf"); the IVF backends keep
+    memory_size / `ivf_list_size` lists per row and head and scan `ivf_nprobe` of them a query.
 
     `positions`: where a retrieved entry stands for the query that reads it. "true" (the
     default): at its own position, so under RoPE its score is exactly the logit full attention
@@ -119,6 +124,7 @@ def add_memory(
         raise ValueError(f"positions must be one of {list(POSITIONS)}, got {positions!r}")
     if fixed_distance < 0:
         raise ValueError(f"fixed_distance must be >= 0, got {fixed_distance}")
+    make_backend(memory_backend, ivf_list_size, ivf_nprobe)  # refuses an unknown name or bad settings now
     if getattr(model.config, "_attn_implementation", None) == ATTENTION_NAME:
         raise ValueError("this model already has memory: add_memory was called on it before")
     modules = _attention_modules(model)
@@ -143,6 +149,8 @@ def add_memory(
             memory_combine,
             memory_dtype,
             memory_backend,
+            ivf_list_size,
+            ivf_nprobe,
             positions=positions,
             distance=fixed_distance,
             rotary=rotary,
@@ -171,6 +179,8 @@ def add_memory(
         "memory_dtype": str(memory_dtype).removeprefix("torch."),
         "memory_backend": memory_backend,
     }
+    if memory_backend in ("ivf", "faiss_ivf"):
+        settings.update(ivf_list_size=ivf_list_size, ivf_nprobe=ivf_nprobe)
     if sink_tokens:
         settings["sink_tokens"] = sink_tokens
     if positions != "true":
