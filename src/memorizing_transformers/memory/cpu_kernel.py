@@ -86,7 +86,7 @@ def topk_kernel() -> ModuleType | None:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         warnings.warn(
             f"the exact search's CPU kernel could not be built ({reason}); searching with PyTorch ops "
-            "instead (1.5x slower at 64K entries, 1.9x at 262K, in benchmarks.search), and the ivf backend exactly",
+            "instead (1.7x slower at 64K entries, 2.5x at 262K, in benchmarks.search), and the ivf backend exactly",
             stacklevel=2,
         )
         return None

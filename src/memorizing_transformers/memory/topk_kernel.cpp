@@ -43,7 +43,7 @@ constexpr int64_t kRowGroup = 4;  // queries multiplied at once by a list's keys
 
 template <int W>
 struct Lanes {
-  typedef float type __attribute__((vector_size(4 * W), aligned(4)));  // W floats, loaded from any float's address
+  typedef float type __attribute__((vector_size(4 * W), aligned(4), may_alias));  // W floats, from any float
 };
 
 // out (R, NB * kBlock), rows `stride` apart = queries (R, dim) x the keys of NB blocks (block b's dimension d at
