@@ -41,13 +41,19 @@ constexpr int64_t kRun = 32;  // scores appended at once from the first above a 
 constexpr int64_t kBlock = 16;  // keys of a list stored together, dimension by dimension
 constexpr int64_t kRowGroup = 4;  // queries multiplied at once by a list's keys (the lists' products pad to it)
 
+// Where the product reads key i's dimension d among keys laid out in blocks of kBlock keys, each block dimension by
+// dimension: the layout of the IVF lists, and of the exact search's tiles.
+constexpr int64_t block_offset(int64_t i, int64_t d, int64_t dim) {
+  return (i / kBlock * dim + d) * kBlock + i % kBlock;
+}
+
 template <int W>
 struct Lanes {
   typedef float type __attribute__((vector_size(4 * W), aligned(4), may_alias));  // W floats, from any float
 };
 
-// out (R, NB * kBlock), rows `stride` apart = queries (R, dim) x the keys of NB blocks (block b's dimension d at
-// keys[(b * dim + d) * kBlock]), its R x NB * kBlock scores held in registers as vectors of W floats.
+// out (R, NB * kBlock), rows `stride` apart = queries (R, dim) x the keys of NB blocks (see block_offset), its
+// R x NB * kBlock scores held in registers as vectors of W floats.
 template <int W, int R, int NB>
 __attribute__((always_inline)) inline void block_product(const float* __restrict queries, int64_t dim,
                                                          const float* __restrict keys, float* __restrict out,
@@ -59,7 +65,7 @@ __attribute__((always_inline)) inline void block_product(const float* __restrict
   for (int64_t d = 0; d < dim; ++d) {
     Vector key[N];
     for (int n = 0; n < N; ++n) {
-      key[n] = *reinterpret_cast<const Vector*>(keys + (n * W / kBlock * dim + d) * kBlock + n * W % kBlock);
+      key[n] = *reinterpret_cast<const Vector*>(keys + block_offset(n * W, d, dim));
     }
     for (int r = 0; r < R; ++r) {
       const float query = queries[r * dim + d];
@@ -264,8 +270,8 @@ class Collector {
     floors_[at] = floor;
   }
 
-  int64_t queries_, k_, room_;  // room: kRoom x k
-  std::vector<float> scores_;  // [(set * queries + query) * 2k + i]: a query's kept scores
+  int64_t queries_, k_, room_;  // room: a query's buffer, kRoom x k + kRun
+  std::vector<float> scores_;  // [(set * queries + query) * room + i]: a query's kept scores
   std::vector<int64_t> slots_;  // their slots
   std::vector<int64_t> counts_;  // [set * queries + query]: how many are kept
   std::vector<float> floors_;  // the score an entry must beat to be kept
@@ -326,16 +332,16 @@ std::vector<torch::Tensor> topk_inner_product(
       const int64_t chunk = task / (pairs * query_tiles), pair = task / query_tiles % pairs;
       const int64_t first_query = task % query_tiles * query_tile;
       const int64_t rows = std::min(query_tile, seq - first_query);
-      std::copy_n(queries[pair].data_ptr<float>() + first_query * dim, rows * dim, tile_queries.data());
+      std::copy_n(queries.data_ptr<float>() + (pair * seq + first_query) * dim, rows * dim, tile_queries.data());
       const bool* ok = masked ? valid_data + (pair / heads) * valid_stride : nullptr;
       const int64_t stop = std::min(extent, (chunk + 1) * tiles_per_chunk * slot_tile);
       for (int64_t start = chunk * tiles_per_chunk * slot_tile; start < stop; start += slot_tile) {
         const int64_t width = std::min(slot_tile, stop - start), blocks = (width + kBlock - 1) / kBlock;
         AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, keys.scalar_type(), "block", [&] {
-          const scalar_t* from = keys[pair].data_ptr<scalar_t>() + start * key_stride;
+          const scalar_t* from = keys.data_ptr<scalar_t>() + pair * keys.stride(0) + start * key_stride;
           for (int64_t i = 0; i < width; ++i) {
             for (int64_t d = 0; d < dim; ++d) {
-              tile_keys[(i / kBlock * dim + d) * kBlock + i % kBlock] = static_cast<float>(from[i * key_stride + d]);
+              tile_keys[block_offset(i, d, dim)] = static_cast<float>(from[i * key_stride + d]);
             }
           }
         });
@@ -368,10 +374,9 @@ void group_by(const int64_t* groups, int64_t n, int64_t count, int64_t* bounds, 
 // together, in the store's dtype, with their slots, so that a list is scanned as one product. faiss's IVF lists
 // are scanned query by query, each key read alone; here each list is multiplied at once by every query that
 // probes it, and the scores offered to those queries. A list's keys are stored in blocks of kBlock keys, each
-// block dimension by dimension (key i's dimension d at (i / kBlock * dim + d) * kBlock + i % kBlock), the layout
-// `list_product` reads; the last block's unused columns are multiplied too, and their scores never offered. A slot
-// moves between lists as it is written: it leaves its list (the list's last entry takes its place) and joins the
-// end of its new one.
+// block dimension by dimension (block_offset), the layout `list_product` reads; the last block's unused columns
+// are multiplied too, and their scores never offered. A slot moves between lists as it is written: it leaves its
+// list (the list's last entry takes its place) and joins the end of its new one.
 class InvertedLists {
  public:
   InvertedLists(int64_t pairs, int64_t lists, int64_t capacity, int64_t dim, at::ScalarType dtype)
@@ -544,7 +549,7 @@ class InvertedLists {
 
   // Where key `position` of a list has its dimension d: a byte offset into the list's keys.
   int64_t offset_of(int64_t position, int64_t d) const {
-    return ((position / kBlock * dim_ + d) * kBlock + position % kBlock) * element_bytes_;
+    return block_offset(position, d, dim_) * element_bytes_;
   }
 
   // `count` keys (whole blocks) of the lists' dtype at `bytes`, in float32: the bytes themselves for float32, else
